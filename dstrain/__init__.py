@@ -1,0 +1,2 @@
+"""dstrain: distributed DeepSpeech-style CTC training."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Launch helpers around horovodrun and mpirun."""

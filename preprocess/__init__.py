@@ -1,0 +1,1 @@
+"""Corpus importers and feature-store writing."""

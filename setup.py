@@ -1,0 +1,42 @@
+"""dstrain: distributed DeepSpeech-style training with Horovod.
+
+The TensorFlow flavour is chosen when installing: tensorflow-cpu by default,
+``DSTRAIN_TF=gpu`` selects ``tensorflow[and-cuda]`` for GPU hosts.
+Horovod 0.28.1 must be built from source against that TensorFlow
+(``tools/install.sh`` does it and caches the wheel).
+"""
+import os
+
+from setuptools import find_packages, setup
+
+TF = {
+    "cpu": "tensorflow-cpu==2.15.*",
+    "gpu": "tensorflow[and-cuda]==2.15.*",
+}
+flavour = os.environ.get("DSTRAIN_TF", "cpu")
+if flavour not in TF:
+    raise SystemExit(f"DSTRAIN_TF={flavour!r}: expected one of {sorted(TF)}")
+
+setup(
+    name="dstrain",
+    version="0.1.0",
+    description="Distributed DeepSpeech-style CTC training with Horovod",
+    python_requires=">=3.10,<3.12",
+    packages=find_packages(include=["dstrain", "dstrain.*", "preprocess", "preprocess.*", "launch", "launch.*"]),
+    package_data={"dstrain": ["data/*.wav", "data/*.txt"]},
+    install_requires=[
+        TF[flavour],
+        "numpy>=1.23,<2",
+        "horovod==0.28.1",
+        "mpi4py>=3.1",
+        "soundfile>=0.12",
+        "pyarrow>=14",
+        "fsspec>=2023.6",
+        "kenlm",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2"],
+    },
+    entry_points={"console_scripts": ["dstrain = dstrain.cli:main"]},
+)

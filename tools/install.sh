@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up on a fresh Debian machine with Python 3.11:
+# apt packages, .venv, TensorFlow 2.15, Horovod 0.28.1 built from source once
+# (wheel cached outside the checkout, so a second fresh .venv reuses it), dstrain.
+#
+#   DSTRAIN_TF=gpu tools/install.sh   # tensorflow[and-cuda] instead of tensorflow-cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+DSTRAIN_TF=${DSTRAIN_TF:-cpu}
+CACHE=${DSTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dstrain}
+STAMP="$VENV/.dstrain-installed"
+APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 cmake g++ make zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+# --- apt: only when something is missing, so a second run costs nothing.
+missing=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' $APT_PACKAGES 2>/dev/null | awk '$1!="ii"{print $2}' || true)
+for p in $APT_PACKAGES; do dpkg-query -W "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "${missing// /}" ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  log "apt-get install:$missing"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# --- up to date? The stamp records the inputs that decide what the venv holds.
+want="$(sha256sum setup.py tools/install.sh | sha256sum | cut -c1-16)-$DSTRAIN_TF"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c 'import horovod.tensorflow, dstrain' 2>/dev/null; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade 'pip<25' 'setuptools<70' wheel
+
+if [ "$DSTRAIN_TF" = gpu ]; then TF_REQ='tensorflow[and-cuda]==2.15.*'; else TF_REQ='tensorflow-cpu==2.15.*'; fi
+log "installing $TF_REQ"
+$PIP install -q "$TF_REQ" 'numpy<2'
+
+# --- Horovod: built against the installed TensorFlow (no build isolation), cached by
+# Python, TensorFlow and Horovod versions so it is built once per machine.
+pyver=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
+tfver=$("$VENV/bin/python" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)
+HVD_CACHE="$CACHE/wheels/horovod-0.28.1-$pyver-tf$tfver-$DSTRAIN_TF"
+if ! ls "$HVD_CACHE"/horovod-*.whl >/dev/null 2>&1; then
+  log "building Horovod 0.28.1 against TensorFlow $tfver (about 5 minutes on 2 cores)"
+  mkdir -p "$HVD_CACHE.tmp"
+  # Debian's cmake 3.25 first: pip's cmake 4.x rejects Horovod's bundled Gloo.
+  PATH="/usr/bin:$PATH" CMAKE_POLICY_VERSION_MINIMUM=3.5 \
+  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+  MAKEFLAGS="-j$(nproc)" \
+    $PIP wheel -q --no-build-isolation --no-deps -w "$HVD_CACHE.tmp" horovod==0.28.1
+  rm -rf "$HVD_CACHE"; mv "$HVD_CACHE.tmp" "$HVD_CACHE"
+fi
+$PIP install -q --no-deps "$HVD_CACHE"/horovod-*.whl
+# Horovod's own runtime needs, without letting pip touch TensorFlow.
+$PIP install -q cloudpickle psutil pyyaml packaging cffi
+
+log "installing dstrain (editable) and test tools"
+DSTRAIN_TF=$DSTRAIN_TF $PIP install -q --no-build-isolation -e '.[test]'
+echo "$want" > "$STAMP"
+log "ready: $VENV"
