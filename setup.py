@@ -30,7 +30,8 @@ setup(
         "horovod==0.28.1",
         "mpi4py>=3.1",
         "soundfile>=0.12",
-        "pyarrow>=14",
+        "soxr>=0.3",
+        "pyarrow>=17,<22",  # 22+ needs NumPy 2; TensorFlow 2.15 needs NumPy 1
         "fsspec>=2023.6",
         "kenlm",
         "tqdm>=4.60",

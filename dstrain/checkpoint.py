@@ -1,0 +1,68 @@
+"""Checkpoints: model, optimizer and progress counters in one tf.train.Checkpoint.
+
+``CHECKPOINT_DIR/train`` keeps the latest ``max_to_keep`` epoch checkpoints (resume point);
+``CHECKPOINT_DIR/best_dev`` keeps the one with the lowest dev loss (what export uses).
+``CHECKPOINT_DIR/config.json`` records the resolved configuration of the last run.
+Only rank 0 constructs a :class:`Checkpoints`: other ranks receive state by broadcast.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+
+@dataclass
+class Progress:
+    """Counters saved with the weights."""
+
+    epoch: tf.Variable
+    step: tf.Variable
+    best_dev_loss: tf.Variable
+
+    @classmethod
+    def new(cls) -> "Progress":
+        return cls(
+            epoch=tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch"),
+            step=tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step"),
+            best_dev_loss=tf.Variable(float("inf"), dtype=tf.float64, trainable=False, name="best_dev_loss"),
+        )
+
+    def variables(self) -> list[tf.Variable]:
+        return [self.epoch, self.step, self.best_dev_loss]
+
+
+class Checkpoints:
+    def __init__(self, directory: str, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5):
+        self.directory = directory
+        self.ckpt = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, epoch=progress.epoch, step=progress.step, best_dev_loss=progress.best_dev_loss
+        )
+        self.latest = tf.train.CheckpointManager(self.ckpt, os.path.join(directory, "train"), max_to_keep=max_to_keep)
+        self.best = tf.train.CheckpointManager(self.ckpt, os.path.join(directory, "best_dev"), max_to_keep=1)
+
+    def restore_latest(self) -> str | None:
+        path = self.latest.latest_checkpoint
+        if path:
+            self.ckpt.restore(path).assert_existing_objects_matched()
+        return path
+
+    def restore_best(self) -> str | None:
+        path = self.best.latest_checkpoint
+        if path:
+            self.ckpt.restore(path).assert_existing_objects_matched()
+        return path
+
+    def save(self, step: int, best: bool) -> str:
+        path = self.latest.save(checkpoint_number=step)
+        if best:
+            self.best.save(checkpoint_number=step)
+        return path
+
+    def write_config(self, config: dict) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")

@@ -1,0 +1,171 @@
+"""``dstrain <subcommand>``: one entry point, DeepSpeech's flag names where DeepSpeech had the flag."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _files(value: str) -> tuple[str, ...]:
+    return tuple(v for v in value.split(",") if v)
+
+
+def _flag(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    """absl-style boolean: --name, --noname, --name=false."""
+    p.add_argument(f"--{name}", type=_bool, nargs="?", const=True, default=default, help=help)
+    p.add_argument(f"--no{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="turn a corpus into DeepSpeech CSVs")
+    which = p.add_subparsers(dest="corpus", required=True)
+    ldc = which.add_parser("ldc93s1", help="the bundled LDC93S1 sample")
+    ldc.add_argument("target_dir")
+
+
+def _add_preprocess(sub) -> None:
+    p = sub.add_parser("preprocess", help="CSVs -> sharded Parquet feature store")
+    p.add_argument("--csv", required=True, type=_files, help="DeepSpeech CSV file(s), comma-separated")
+    p.add_argument("--alphabet", "--alphabet_config_path", dest="alphabet", required=True, help="alphabet.txt")
+    p.add_argument("--output", required=True, help="store location: path or fsspec URL (memory://, s3://, ...)")
+    p.add_argument("--shard_size_mb", type=float, default=256.0, help="target shard size in MiB (default 256)")
+    p.add_argument("--feature_dtype", choices=("float32", "float16"), default="float32", help="stored feature precision")
+    p.add_argument("--max_duration", type=float, default=0.0, help="reject longer samples, in seconds; 0 means no limit")
+    p.add_argument("--workers", type=int, default=1, help="processes on this node (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a store that is already complete")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train (launch with horovodrun/mpirun for several processes)")
+    p.add_argument("--train_files", type=_files, required=True, help="feature store(s), comma-separated")
+    p.add_argument("--dev_files", type=_files, default=(), help="dev feature store(s): dev loss each epoch, best checkpoint")
+    p.add_argument("--test_files", type=_files, default=(), help="test feature store(s): WER/CER after training")
+    p.add_argument("--alphabet_config_path", required=True, help="alphabet.txt the stores were preprocessed with")
+    p.add_argument("--epochs", type=int, default=75, help="total epochs; a resumed run continues to this count")
+    p.add_argument("--learning_rate", type=float, default=0.001, help="Adam learning rate per worker")
+    _flag(p, "scale_lr", True, "multiply the learning rate by the number of workers (default true)")
+    p.add_argument("--train_batch_size", type=int, default=1, help="utterances per step per worker")
+    p.add_argument("--dev_batch_size", type=int, default=1)
+    p.add_argument("--test_batch_size", type=int, default=1)
+    p.add_argument("--n_hidden", type=int, default=2048, help="layer width")
+    p.add_argument("--n_context", type=int, default=9, help="context frames each side")
+    p.add_argument("--relu_clip", type=float, default=20.0)
+    p.add_argument("--dropout_rate", type=float, default=0.05)
+    p.add_argument("--checkpoint_dir", default="", help="save and resume here (rank 0 writes)")
+    p.add_argument("--max_to_keep", type=int, default=5, help="epoch checkpoints kept")
+    p.add_argument("--export_dir", default="", help="export the trained model here (rank 0 writes)")
+    p.add_argument("--summary_dir", default="", help="TensorBoard summaries (default CHECKPOINT_DIR/summaries)")
+    _flag(p, "automatic_mixed_precision", False, "float16 compute with loss scaling (GPUs)")
+    _flag(p, "shuffle", True, "shuffle training samples each epoch")
+    p.add_argument("--random_seed", type=int, default=4568)
+    p.add_argument("--report_count", type=int, default=5, help="test transcripts to print")
+    p.add_argument("--inter_op_parallelism_threads", type=int, default=0, help="0 means TensorFlow's choice")
+    p.add_argument("--intra_op_parallelism_threads", type=int, default=0, help="0 means TensorFlow's choice")
+
+
+def _add_transcribe(sub) -> None:
+    p = sub.add_parser("transcribe", help="print the transcript of audio files")
+    p.add_argument("--model", required=True, help="export directory (dstrain train --export_dir)")
+    p.add_argument("--audio", required=True, nargs="+", help="audio file(s): WAV, FLAC, MP3; any rate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dstrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_import(sub)
+    _add_preprocess(sub)
+    _add_train(sub)
+    _add_transcribe(sub)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "import":
+        from preprocess.importers.ldc93s1 import import_ldc93s1
+
+        print(import_ldc93s1(args.target_dir))
+        return 0
+    if args.command == "preprocess":
+        from preprocess.pipeline import PreprocessConfig, preprocess
+
+        cfg = PreprocessConfig(
+            csv_files=args.csv,
+            alphabet_path=args.alphabet,
+            output=args.output,
+            shard_size_mb=args.shard_size_mb,
+            feature_dtype=args.feature_dtype,
+            max_duration=args.max_duration,
+            workers=args.workers,
+            overwrite=args.overwrite,
+        )
+        m = preprocess(cfg, progress=sys.stderr.isatty())
+        print(f"{m.utterances} utterances ({m.hours * 3600:.1f} s) in {len(m.shards)} shard(s) at {args.output}")
+        rejected = m.rejects.get("count", 0)
+        print(f"{rejected} rejected" + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
+              + (f" (see {os.path.join(args.output, 'rejects.csv')})" if rejected else ""))
+        return 0
+    if args.command == "train":
+        from dstrain.model import ModelConfig
+        from dstrain.train import TrainConfig, train
+
+        cfg = TrainConfig(
+            train_files=args.train_files,
+            dev_files=args.dev_files,
+            test_files=args.test_files,
+            alphabet_config_path=args.alphabet_config_path,
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            scale_lr=args.scale_lr,
+            train_batch_size=args.train_batch_size,
+            dev_batch_size=args.dev_batch_size,
+            test_batch_size=args.test_batch_size,
+            checkpoint_dir=args.checkpoint_dir,
+            max_to_keep=args.max_to_keep,
+            export_dir=args.export_dir,
+            summary_dir=args.summary_dir,
+            automatic_mixed_precision=args.automatic_mixed_precision,
+            random_seed=args.random_seed,
+            shuffle=args.shuffle,
+            report_count=args.report_count,
+            inter_op_parallelism_threads=args.inter_op_parallelism_threads,
+            intra_op_parallelism_threads=args.intra_op_parallelism_threads,
+            model=ModelConfig(
+                n_hidden=args.n_hidden, n_context=args.n_context, relu_clip=args.relu_clip, dropout_rate=args.dropout_rate
+            ),
+        )
+        train(cfg)
+        return 0
+    if args.command == "transcribe":
+        from dstrain.export import load_model
+        from dstrain.transcribe import transcribe
+
+        model = load_model(args.model)
+        for path in args.audio:
+            text = transcribe(model, path)
+            print(text if len(args.audio) == 1 else f"{path}: {text}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(run(args))
+    except (ValueError, FileNotFoundError) as e:
+        # Configuration errors: one clear line, no traceback (bad samples never get here).
+        print(f"dstrain {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

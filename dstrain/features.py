@@ -1,0 +1,153 @@
+"""DeepSpeech features, computed exactly as TensorFlow's ``AudioSpectrogram`` + ``Mfcc`` kernels do.
+
+The pipeline is split where training-time augmentation wants it:
+
+    samples --spectrogram--> |X|^2 (257 bins) --mel--> log filterbank (40) --dct--> MFCC (26)
+
+The feature store keeps the log mel filterbank; the DCT (a 40x26 matrix product) runs in the input
+pipeline (:func:`dct_matrix`). Constants and algorithms follow tensorflow/core/kernels/spectrogram.cc,
+mfcc_mel_filterbank.cc and mfcc_dct.cc, in float64 as those kernels compute.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+_FILTERBANK_FLOOR = 1e-12  # Mfcc::Compute's kFilterbankFloor, before the log
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Feature parameters; stored in every shard manifest and export."""
+
+    sample_rate: int = 16000
+    """Audio sample rate in Hz after normalisation (DeepSpeech's --audio_sample_rate)."""
+    window_ms: float = 32.0
+    """Spectrogram window length in milliseconds (--feature_win_len)."""
+    step_ms: float = 20.0
+    """Spectrogram window step in milliseconds (--feature_win_step)."""
+    n_mel: int = 40
+    """Mel filterbank channels (TensorFlow Mfcc's filterbank_channel_count)."""
+    lower_hz: float = 20.0
+    """Lowest filterbank frequency in Hz."""
+    upper_hz: float = 8000.0
+    """Highest filterbank frequency in Hz (DeepSpeech uses sample_rate / 2)."""
+    n_mfcc: int = 26
+    """MFCC coefficients fed to the model (DeepSpeech's n_input)."""
+
+    def __post_init__(self) -> None:
+        if self.window_samples * 1000 != self.window_ms * self.sample_rate:
+            raise ValueError(f"window_ms={self.window_ms} is not a whole number of samples at {self.sample_rate} Hz")
+        if self.step_samples * 1000 != self.step_ms * self.sample_rate:
+            raise ValueError(f"step_ms={self.step_ms} is not a whole number of samples at {self.sample_rate} Hz")
+        if not 0 <= self.lower_hz < self.upper_hz <= self.sample_rate / 2:
+            raise ValueError(f"need 0 <= lower_hz < upper_hz <= sample_rate/2, got {self.lower_hz}, {self.upper_hz}")
+        if not 0 < self.n_mfcc <= self.n_mel:
+            raise ValueError(f"n_mfcc={self.n_mfcc} must be in 1..n_mel={self.n_mel}")
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_ms * self.sample_rate / 1000))
+
+    @property
+    def step_samples(self) -> int:
+        return int(round(self.step_ms * self.sample_rate / 1000))
+
+    @property
+    def fft_length(self) -> int:
+        return 1 << (self.window_samples - 1).bit_length()
+
+    @property
+    def n_bins(self) -> int:
+        return self.fft_length // 2 + 1
+
+    def n_frames(self, n_samples: int) -> int:
+        if n_samples < self.window_samples:
+            return 0
+        return 1 + (n_samples - self.window_samples) // self.step_samples
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def power_spectrogram(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """``|FFT|^2`` of periodic-Hann windowed frames: float32 ``[frames, n_bins]`` (AudioSpectrogram)."""
+    samples = np.asarray(samples, dtype=np.float64).reshape(-1)
+    n = cfg.n_frames(samples.shape[0])
+    if n == 0:
+        return np.zeros((0, cfg.n_bins), dtype=np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(samples, cfg.window_samples)[:: cfg.step_samples][:n]
+    spectrum = np.fft.rfft(frames * _hann(cfg.window_samples), n=cfg.fft_length, axis=1)
+    # The kernel hands float32 to the Mfcc op; keep that rounding so the two paths agree.
+    return (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+
+
+def log_mel(power: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Log mel filterbank, float32 ``[frames, n_mel]``; TensorFlow's Mfcc before its DCT.
+
+    TensorFlow's filterbank weighs the *magnitude* (sqrt of the power) spectrum.
+    """
+    magnitude = np.sqrt(power.astype(np.float64))
+    energies = magnitude @ _mel_matrix(cfg)
+    return np.log(np.maximum(energies, _FILTERBANK_FLOOR)).astype(np.float32)
+
+
+def mfcc_from_log_mel(logmel: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    return (logmel.astype(np.float64) @ dct_matrix(cfg)).astype(np.float32)
+
+
+def mfcc(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """DeepSpeech's input features, float32 ``[frames, n_mfcc]``."""
+    return mfcc_from_log_mel(log_mel(power_spectrogram(samples, cfg), cfg), cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _hann(length: int) -> np.ndarray:
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)
+
+
+def _freq_to_mel(freq: np.ndarray | float) -> np.ndarray:
+    return 1127.0 * np.log1p(np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_matrix(cfg: FeatureConfig) -> np.ndarray:
+    """``[n_bins, n_mel]`` weights reproducing MfccMelFilterbank's band mapper and tapers."""
+    n_bins, n_mel = cfg.n_bins, cfg.n_mel
+    mel_low, mel_high = _freq_to_mel(cfg.lower_hz), _freq_to_mel(cfg.upper_hz)
+    spacing = (mel_high - mel_low) / (n_mel + 1)
+    centers = mel_low + spacing * np.arange(1, n_mel + 2)  # one extra: the top edge of the last triangle
+    hz_per_bin = 0.5 * cfg.sample_rate / (n_bins - 1)
+    start = int(1.5 + cfg.lower_hz / hz_per_bin)  # DC is always excluded, as HTK does
+    end = int(cfg.upper_hz / hz_per_bin)
+
+    weights = np.zeros((n_bins, n_mel), dtype=np.float64)
+    channel = 0
+    for i in range(start, end + 1):
+        melf = float(_freq_to_mel(i * hz_per_bin))
+        while channel < n_mel and centers[channel] < melf:
+            channel += 1
+        band = channel - 1  # the channel whose right (falling) side holds bin i; may be -1
+        if band >= 0:
+            w = (centers[band + 1] - melf) / (centers[band + 1] - centers[band])
+            weights[i, band] += w
+        else:
+            w = (centers[0] - melf) / (centers[0] - mel_low)
+        if band + 1 < n_mel:
+            weights[i, band + 1] += 1.0 - w
+    return weights
+
+
+@functools.lru_cache(maxsize=8)
+def _dct(n_in: int, n_out: int) -> np.ndarray:
+    i = np.arange(n_out)[:, None]
+    j = np.arange(n_in)[None, :]
+    cosines = np.sqrt(2.0 / n_in) * np.cos(i * (np.pi / n_in) * (j + 0.5))
+    return cosines.T.copy()  # [n_in, n_out]
+
+
+def dct_matrix(cfg: FeatureConfig) -> np.ndarray:
+    """``[n_mel, n_mfcc]`` DCT-II matrix of TensorFlow's MfccDct (no 0th-coefficient scaling)."""
+    return _dct(cfg.n_mel, cfg.n_mfcc)

@@ -1,0 +1,86 @@
+"""DeepSpeech's acoustic model in TF2 Keras: context window, 3 clipped-ReLU dense layers, one LSTM,
+a fifth dense layer and a softmax-ready output of ``alphabet + 1`` classes (CTC blank last)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_hidden: int = 2048
+    """Units in each dense layer and the LSTM (--n_hidden)."""
+    n_context: int = 9
+    """Frames of context on each side of the current one (--n_context): 2*9+1 = 19 frames per step."""
+    relu_clip: float = 20.0
+    """ReLU activations are clipped at this value (--relu_clip)."""
+    dropout_rate: float = 0.05
+    """Dropout on dense layers 1, 2, 3 and 5 during training (--dropout_rate); 0 disables it."""
+
+    def __post_init__(self) -> None:
+        if self.n_hidden < 1:
+            raise ValueError(f"n_hidden must be >= 1, got {self.n_hidden}")
+        if self.n_context < 0:
+            raise ValueError(f"n_context must be >= 0, got {self.n_context}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.relu_clip <= 0:
+            raise ValueError(f"relu_clip must be > 0, got {self.relu_clip}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DeepSpeech(tf.keras.Model):
+    """``call((features [B,T,n_input], lengths [B]))`` -> logits ``[B, T, n_classes]`` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, n_input: int, n_classes: int):
+        super().__init__(name="deepspeech")
+        self.cfg, self.n_input, self.n_classes = cfg, n_input, n_classes
+        self.dense = [tf.keras.layers.Dense(cfg.n_hidden, name=f"layer_{i}") for i in (1, 2, 3)]
+        self.lstm = tf.keras.layers.LSTM(cfg.n_hidden, return_sequences=True, name="layer_4")
+        self.dense5 = tf.keras.layers.Dense(cfg.n_hidden, name="layer_5")
+        # Float32 output keeps softmax and CTC stable under mixed precision.
+        self.out = tf.keras.layers.Dense(n_classes, name="layer_6", dtype="float32")
+        self.dropout = tf.keras.layers.Dropout(cfg.dropout_rate)
+
+    def context_window(self, features: tf.Tensor) -> tf.Tensor:
+        """Each frame with ``n_context`` frames either side, zero-padded at the edges: [B, T, (2C+1)*n_input]."""
+        c = self.cfg.n_context
+        padded = tf.pad(features, [[0, 0], [c, c], [0, 0]])
+        windows = tf.signal.frame(padded, 2 * c + 1, 1, axis=1)  # [B, T, 2C+1, n_input]
+        return tf.reshape(windows, [tf.shape(features)[0], -1, (2 * c + 1) * self.n_input])
+
+    def _clipped(self, layer: tf.keras.layers.Layer, x: tf.Tensor, training: bool) -> tf.Tensor:
+        x = tf.minimum(tf.nn.relu(layer(x)), tf.cast(self.cfg.relu_clip, x.dtype))
+        return self.dropout(x, training=training)
+
+    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
+        features, lengths = inputs
+        x = self.context_window(features)
+        for layer in self.dense:
+            x = self._clipped(layer, x, training)
+        mask = tf.sequence_mask(lengths, maxlen=tf.shape(features)[1])
+        x = self.lstm(x, mask=mask, training=training)
+        x = self._clipped(self.dense5, x, training)
+        return self.out(x)
+
+
+def sparse_labels(labels: tf.Tensor, label_lengths: tf.Tensor) -> tf.SparseTensor:
+    """Padded ``[B, L]`` labels to the SparseTensor CTC wants; padding never leaks in (label 0 is valid)."""
+    mask = tf.sequence_mask(label_lengths, maxlen=tf.shape(labels)[1])
+    indices = tf.where(mask)
+    return tf.SparseTensor(indices, tf.gather_nd(labels, indices), tf.shape(labels, out_type=tf.int64))
+
+
+def ctc_loss(logits: tf.Tensor, logit_lengths: tf.Tensor, labels: tf.Tensor, label_lengths: tf.Tensor) -> tf.Tensor:
+    """Per-utterance CTC negative log likelihood, blank = last class (DeepSpeech's convention)."""
+    return tf.nn.ctc_loss(
+        labels=sparse_labels(labels, label_lengths),
+        logits=tf.cast(logits, tf.float32),
+        label_length=None,
+        logit_length=logit_lengths,
+        logits_time_major=False,
+        blank_index=-1,
+    )

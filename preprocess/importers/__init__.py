@@ -1,0 +1,1 @@
+"""Corpus importers: each turns a corpus layout into DeepSpeech CSVs."""
