@@ -45,6 +45,9 @@ class DeepSpeech(tf.keras.Model):
         self.out = tf.keras.layers.Dense(n_classes, name="layer_6", dtype="float32")
         self.dropout = tf.keras.layers.Dropout(cfg.dropout_rate)
 
+    def get_config(self) -> dict:
+        return {"cfg": self.cfg.to_dict(), "n_input": self.n_input, "n_classes": self.n_classes}
+
     def context_window(self, features: tf.Tensor) -> tf.Tensor:
         """Each frame with ``n_context`` frames either side, zero-padded at the edges: [B, T, (2C+1)*n_input]."""
         c = self.cfg.n_context

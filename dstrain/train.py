@@ -102,6 +102,7 @@ def setup_logging(rank: int, checkpoint_dir: str) -> None:
     root = logging.getLogger("dstrain")
     root.handlers.clear()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False  # TensorFlow's absl handler on the root logger would print every line twice
     fmt = logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler()
     console.setFormatter(fmt)

@@ -1,0 +1,13 @@
+# Two user-facing targets; each sets everything up first (apt packages, .venv, Horovod built once).
+#   make demo   LDC93S1: import -> shards -> horovodrun -np 2 training on CPU -> export -> transcript
+#   make test   the whole test suite
+.PHONY: demo test
+SHELL := /bin/bash
+
+demo:
+	@tools/install.sh
+	@launch/run_ldc93s1.sh
+
+test:
+	@tools/install.sh
+	@.venv/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,116 @@
+import csv
+import json
+import os
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DATA
+from dstrain.audio import read_audio
+from dstrain.features import FeatureConfig, log_mel, power_spectrogram
+from dstrain.store import StoreError, file_sha256, join, read_manifest, read_shard
+from preprocess.importers.ldc93s1 import normalise_transcript
+from preprocess.pipeline import PreprocessConfig, ctc_min_frames, preprocess
+
+TRANSCRIPT = "she had your dark suit in greasy wash water all year"
+
+
+def test_ldc93s1_importer_writes_deepspeech_csv(ldc93s1_csv):
+    with open(ldc93s1_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["wav_filename", "wav_filesize", "transcript"]
+    wav, size, transcript = rows[1]
+    assert os.path.isabs(wav) and int(size) == os.path.getsize(wav) == 93638
+    assert transcript == TRANSCRIPT
+    assert normalise_transcript("0 46797 She had your dark suit in greasy wash water all year.\n") == TRANSCRIPT
+
+
+def test_store_layout_manifest_and_checksums(ldc93s1_store):
+    m = read_manifest(ldc93s1_store)
+    assert m.utterances == 1 and len(m.shards) == 1
+    assert abs(m.hours * 3600 - 46797 / 16000) < 0.01
+    assert m.rejects == {"count": 0, "by_reason": {}}
+    shard = m.shards[0]
+    assert file_sha256(join(ldc93s1_store, shard.path)) == shard.sha256
+    assert os.path.getsize(join(ldc93s1_store, shard.path)) == shard.bytes
+    manifest = json.load(open(join(ldc93s1_store, "manifest.json")))
+    assert manifest["totals"]["utterances"] == 1 and manifest["schema_version"] == 1
+    # Plain pyarrow opens the shards; stored features are TF's log mel filterbank.
+    table = pq.read_table(join(ldc93s1_store, shard.path))
+    assert table.column("transcript").to_pylist() == [TRANSCRIPT]
+    (u,) = read_shard(join(ldc93s1_store, shard.path), 40)
+    cfg = FeatureConfig()
+    expected = log_mel(power_spectrogram(read_audio(str(DATA / "LDC93S1.wav")), cfg), cfg)
+    np.testing.assert_array_equal(u.features, expected)
+    assert m.get_alphabet().decode(u.labels) == TRANSCRIPT
+
+
+def test_memory_filesystem_round_trip(ldc93s1_csv, alphabet_path):
+    url = "memory://dstrain-test/store"
+    m = preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=url), progress=False)
+    again = read_manifest(url)
+    assert again.shards == m.shards
+    (u,) = read_shard(join(url, m.shards[0].path), 40)
+    assert u.transcript == TRANSCRIPT
+    assert fsspec.filesystem("memory").exists("/dstrain-test/store/manifest.json")
+
+
+def test_existing_store_needs_overwrite(ldc93s1_csv, alphabet_path, tmp_path):
+    cfg = PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(tmp_path / "s"))
+    preprocess(cfg, progress=False)
+    with pytest.raises(StoreError, match="--overwrite"):
+        preprocess(cfg, progress=False)
+
+
+def test_bad_samples_are_rejected_with_reasons(tmp_path, ldc93s1_csv, alphabet_path):
+    wav = open(ldc93s1_csv).read().splitlines()[1].split(",")[0]
+    (tmp_path / "garbage.wav").write_bytes(b"not a wav file at all")
+    rows = [
+        (wav, TRANSCRIPT),  # good
+        (wav, "she had your dark suit in greasy wash water all year!"),  # '!' not in alphabet
+        ("missing.wav", "hello"),
+        ("garbage.wav", "hello"),
+        (wav, " "),
+        (wav, "x" * 200),  # 145 frames cannot carry 200 labels
+    ]
+    csv_path = tmp_path / "bad.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["wav_filename", "wav_filesize", "transcript"])
+        for path, text in rows:
+            w.writerow([path, 0, text])
+    out = tmp_path / "store"
+    m = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(out), max_duration=0), progress=False)
+    assert m.utterances == 1
+    assert m.rejects["by_reason"] == {"alphabet": 1, "empty_transcript": 1, "missing_file": 1, "too_short": 1, "unreadable_audio": 1}
+    with open(out / "rejects.csv", newline="") as f:
+        rejects = list(csv.DictReader(f))
+    assert len(rejects) == 5
+    assert any(r["reason"] == "alphabet" and "'!'" in r["detail"] for r in rejects)
+    # Too long
+    m = preprocess(
+        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "s2"), max_duration=1.0),
+        progress=False,
+    )
+    assert m.utterances == 0 and m.rejects["by_reason"]["too_long"] == 2  # the good and the too-short one
+
+
+def test_ctc_min_frames_counts_repeats():
+    assert ctc_min_frames([1, 2, 3]) == 3
+    assert ctc_min_frames([1, 1, 2, 2, 2]) == 8
+    assert ctc_min_frames([]) == 0
+
+
+def test_workers_give_identical_store(ldc93s1_csv, alphabet_path, tmp_path):
+    csv_path = tmp_path / "many.csv"
+    line = open(ldc93s1_csv).read().splitlines()[1]
+    csv_path.write_text("wav_filename,wav_filesize,transcript\n" + "\n".join([line] * 5) + "\n")
+    a = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "a"), shard_size_mb=0.05), progress=False)
+    b = preprocess(
+        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "b"), shard_size_mb=0.05, workers=2),
+        progress=False,
+    )
+    assert len(a.shards) > 1
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
