@@ -129,6 +129,12 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.intra_op_parallelism_threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.intra_op_parallelism_threads)
     setup_logging(rank, cfg.checkpoint_dir)
+    log.info(
+        "Horovod: %d process(es), %s controller, %s",
+        world,
+        "gloo" if hvd.gloo_enabled() else "mpi",
+        f"{len(gpus)} GPU(s) visible" if gpus else "CPU only",
+    )
     if cfg.automatic_mixed_precision:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
     tf.random.set_seed(cfg.random_seed + rank)  # dropout differs per rank; weights come from rank 0
@@ -191,10 +197,14 @@ def train(cfg: TrainConfig) -> dict:
         logits = model((x, x_len), training=False)
         return ctc_loss(logits, x_len, y, y_len), tf.argmax(logits, axis=-1, output_type=tf.int32)
 
-    def evaluate(ds_: _DataSet, batch_size: int, epoch: int, decode: bool) -> dict:
-        plan = epoch_plan([r.rows for r in ds_.refs], rank, world, epoch, cfg.random_seed, shuffle=False, pad=False)
+    def eval_dataset(ds_: _DataSet, batch_size: int) -> tf.data.Dataset:
+        # Same plan every epoch (no shuffling), so build the pipeline once.
+        plan = epoch_plan([r.rows for r in ds_.refs], rank, world, 0, cfg.random_seed, shuffle=False, pad=False)
+        return make_dataset(ds_.refs, plan, features, batch_size, world)
+
+    def evaluate(dataset: tf.data.Dataset, decode: bool) -> dict:
         total, count, pairs = 0.0, 0, []
-        for x, x_len, y, y_len in make_dataset(ds_.refs, plan, features, batch_size, world):
+        for x, x_len, y, y_len in dataset:
             losses, best = eval_step(x, x_len, y, y_len)
             total += float(tf.reduce_sum(losses))
             count += int(losses.shape[0])
@@ -212,6 +222,7 @@ def train(cfg: TrainConfig) -> dict:
             result["pairs"] = all_pairs
         return result
 
+    dev_data = eval_dataset(dev_set, cfg.dev_batch_size) if dev_set.refs else None
     start_epoch = int(progress.epoch)
     if start_epoch >= cfg.epochs:
         log.info("Training already complete: %d of %d epochs done", start_epoch, cfg.epochs)
@@ -228,7 +239,7 @@ def train(cfg: TrainConfig) -> dict:
         is_best = False
         dev_loss = None
         if dev_set.refs:
-            dev_loss = evaluate(dev_set, cfg.dev_batch_size, epoch, decode=False)["loss"]
+            dev_loss = evaluate(dev_data, decode=False)["loss"]
             is_best = dev_loss < float(progress.best_dev_loss)
             if is_best:
                 progress.best_dev_loss.assign(dev_loss)
@@ -247,7 +258,7 @@ def train(cfg: TrainConfig) -> dict:
 
     results: dict = {"epochs_done": int(progress.epoch), "weights_sha256": digest}
     if test_set.refs:
-        test = evaluate(test_set, cfg.test_batch_size, 0, decode=True)
+        test = evaluate(eval_dataset(test_set, cfg.test_batch_size), decode=True)
         log.info("Test: WER %.4f, CER %.4f, loss %.4f (%d samples)", test["wer"], test["cer"], test["loss"], test["samples"])
         for ref, hyp in test["pairs"][: cfg.report_count]:
             log.info("  ref: %s\n  hyp: %s", ref, hyp)

@@ -1,0 +1,108 @@
+"""2-process training through the real launchers, as users run it (Horovod's CI does the same on CPU).
+
+Each rank runs under strace, so "only rank 0 writes" is checked at the system-call level: TensorFlow
+writes checkpoints and SavedModels from C++, where no Python hook would see them.
+"""
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tool
+
+pytestmark = pytest.mark.slow
+
+WRITE = re.compile(r'(?:openat|open|creat)\(.*?"([^"]+)".*?(O_WRONLY|O_RDWR|O_CREAT)|(?:mkdir|mkdirat|rename|renameat2?|unlink|unlinkat)\(.*?"([^"]+)"')
+
+
+def writes_under(trace_file: str, roots: list[str]) -> list[str]:
+    """Lines of an strace log that create or change files below any of ``roots``."""
+    hits = []
+    with open(trace_file, errors="replace") as f:
+        for line in f:
+            m = WRITE.search(line)
+            if not m:
+                continue
+            path = m.group(1) or m.group(3)
+            if any(os.path.abspath(path).startswith(r + os.sep) or os.path.abspath(path) == r for r in roots):
+                hits.append(line.strip())
+    return hits
+
+
+def wrapper(tmp_path) -> str:
+    if not shutil.which("strace"):
+        pytest.fail("strace is missing: tools/install.sh installs it")
+    traces = tmp_path / "traces"
+    traces.mkdir(exist_ok=True)
+    script = tmp_path / "traced.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'rank=${HOROVOD_RANK:-${OMPI_COMM_WORLD_RANK:-unknown}}\n'
+        f'exec strace -f -qq --seccomp-bpf -e trace=open,openat,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat -o "{traces}/trace.$rank" "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def train_args(store: str, alphabet: str, work, epochs: int) -> list[str]:
+    return [
+        tool("dstrain"), "train",
+        "--train_files", store, "--dev_files", store, "--test_files", store,
+        "--alphabet_config_path", alphabet,
+        "--n_hidden", "16", "--epochs", str(epochs), "--learning_rate", "0.001",
+        "--checkpoint_dir", str(work / "ckpt"), "--export_dir", str(work / "export"),
+        "--inter_op_parallelism_threads", "1", "--intra_op_parallelism_threads", "1",
+    ]  # fmt: skip
+
+
+def launch(launcher: str, args: list[str], tmp_path) -> str:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    traced = [wrapper(tmp_path)] + args
+    if launcher == "horovodrun":
+        cmd = [tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"] + traced
+    else:
+        cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        for var in ("PATH", "TF_CPP_MIN_LOG_LEVEL"):
+            cmd += ["-x", var]
+        cmd += ["-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"] + traced
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_two_process_training_resume_and_rank0_only_writes(launcher, ldc93s1_store, alphabet_path, tmp_path):
+    work = tmp_path / "work"
+    roots = [str(work / "ckpt"), str(work / "export")]
+
+    out = launch(launcher, train_args(ldc93s1_store, alphabet_path, work, epochs=2), tmp_path)
+    assert f"{'gloo' if launcher == 'horovodrun' else 'mpi'} controller" in out
+    assert "Horovod: 2 process(es)" in out
+    digests = dict(re.findall(r"rank (\d)/2: final weights sha256 ([0-9a-f]{64})", out))
+    assert set(digests) == {"0", "1"}, out[-3000:]
+    assert digests["0"] == digests["1"], "ranks diverged"
+    assert "epoch 2/2" in out and "No checkpoint" in out
+
+    traces = tmp_path / "traces"
+    assert writes_under(str(traces / "trace.0"), roots), "rank 0's trace shows no checkpoint writes: tracing is broken"
+    assert writes_under(str(traces / "trace.1"), roots) == []
+    assert (work / "ckpt" / "train.log").exists() and (work / "ckpt" / "config.json").exists()
+    assert {"saved_model.pb", "alphabet.txt", "dstrain_export.json"} <= set(os.listdir(work / "export"))
+
+    # A second launch of the same job continues where the checkpoint left off.
+    for f in traces.iterdir():
+        f.unlink()
+    out = launch(launcher, train_args(ldc93s1_store, alphabet_path, work, epochs=4), tmp_path)
+    assert "Resuming from checkpoint" in out and "epoch 2 done" in out
+    assert "epoch 3/4" in out and "epoch 4/4" in out and "epoch 1/4" not in out
+    digests = dict(re.findall(r"rank (\d)/2: final weights sha256 ([0-9a-f]{64})", out))
+    assert digests["0"] == digests["1"]
+    assert writes_under(str(traces / "trace.1"), roots) == []
+    log = (work / "ckpt" / "train.log").read_text()
+    assert "Resuming from checkpoint" in log and "epoch 4/4" in log
