@@ -1,0 +1,1 @@
+"""DeepSpeech-compatible CTC decoding (scorer packages, beam search)."""
