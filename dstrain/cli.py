@@ -44,6 +44,14 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="rebuild a store that is already complete")
 
 
+def _add_shards(sub) -> None:
+    p = sub.add_parser("shards", help="inspect feature stores")
+    which = p.add_subparsers(dest="shards_command", required=True)
+    info = which.add_parser("info", help="totals per store; verifies every shard's sha256")
+    info.add_argument("stores", nargs="+", help="store path(s) or URL(s)")
+    info.add_argument("--no_verify", action="store_true", help="skip reading the shards to check their checksums")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train (launch with horovodrun/mpirun for several processes)")
     p.add_argument("--train_files", type=_files, required=True, help="feature store(s), comma-separated")
@@ -78,11 +86,36 @@ def _add_transcribe(sub) -> None:
     p.add_argument("--audio", required=True, nargs="+", help="audio file(s): WAV, FLAC, MP3; any rate")
 
 
+def _shards_info(stores: list[str], verify_checksums: bool) -> int:
+    from dstrain.store import read_manifest, verify
+
+    bad = 0
+    for store in stores:
+        m = read_manifest(store)
+        fc = m.feature_config()
+        print(f"{store}")
+        print(f"  utterances {m.utterances}, hours {m.hours:.3f}, shards {len(m.shards)}, "
+              f"bytes {sum(s.bytes for s in m.shards)}, frames {sum(s.frames for s in m.shards)}")
+        print(f"  features: {m.stored} {m.feature_dtype}, {fc.n_mel} mel -> {fc.n_mfcc} MFCC, "
+              f"{fc.sample_rate} Hz, window {fc.window_ms} ms, step {fc.step_ms} ms")
+        print(f"  alphabet: {len(m.alphabet)} labels, sha256 {m.alphabet_sha256[:16]}…")
+        rejects = m.rejects.get("by_reason", {})
+        print(f"  rejected at preprocessing: {m.rejects.get('count', 0)}" + "".join(f", {n} {r}" for r, n in rejects.items()))
+        if verify_checksums:
+            problems = verify(store, m)
+            bad += len(problems)
+            print("  checksums: " + ("all shards OK" if not problems else f"{len(problems)} problem(s)"))
+            for p in problems:
+                print(f"    {p}")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dstrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_import(sub)
     _add_preprocess(sub)
+    _add_shards(sub)
     _add_train(sub)
     _add_transcribe(sub)
     return parser
@@ -113,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{rejected} rejected" + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
               + (f" (see {os.path.join(args.output, 'rejects.csv')})" if rejected else ""))
         return 0
+    if args.command == "shards":
+        return _shards_info(args.stores, verify_checksums=not args.no_verify)
     if args.command == "train":
         from dstrain.model import ModelConfig
         from dstrain.train import TrainConfig, train

@@ -174,6 +174,21 @@ def read_shard(url: str, n_mel: int) -> Iterator[Utterance]:
         )
 
 
+def verify(store: str, manifest: Manifest) -> list[str]:
+    """Problems with the shard files (missing, wrong size or checksum); empty when the store is intact."""
+    problems = []
+    for shard in manifest.shards:
+        url = join(store, shard.path)
+        try:
+            digest = file_sha256(url)
+        except FileNotFoundError:
+            problems.append(f"{shard.path}: missing")
+            continue
+        if digest != shard.sha256:
+            problems.append(f"{shard.path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…")
+    return problems
+
+
 def check_compatible(manifest: Manifest, alphabet: Alphabet, where: str) -> None:
     if manifest.alphabet_sha256 != alphabet.sha256():
         raise StoreError(

@@ -114,3 +114,21 @@ def test_workers_give_identical_store(ldc93s1_csv, alphabet_path, tmp_path):
     )
     assert len(a.shards) > 1
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_shards_info_reports_totals_and_catches_corruption(ldc93s1_csv, alphabet_path, tmp_path, capsys):
+    from dstrain.cli import main
+
+    out = tmp_path / "s"
+    preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(out)), progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["shards", "info", str(out)])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "utterances 1" in text and "all shards OK" in text
+    shard = next(out.glob("shard-*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        main(["shards", "info", str(out)])
+    assert e.value.code == 1 and "differs from the manifest" in capsys.readouterr().out
