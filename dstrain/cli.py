@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -30,6 +31,19 @@ def _add_import(sub) -> None:
     which = p.add_subparsers(dest="corpus", required=True)
     ldc = which.add_parser("ldc93s1", help="the bundled LDC93S1 sample")
     ldc.add_argument("target_dir")
+    cv = which.add_parser("cv2", help="a Common Voice release: train/dev/test.tsv + clips/*.mp3 -> clips/*.csv")
+    cv.add_argument("language_dir", help="the extracted language folder (holds clips/ and the .tsv files)")
+    cv.add_argument("--filter_alphabet", help="refuse sentences with characters outside this alphabet")
+    cv.add_argument("--wav", action="store_true", help="also convert clips to 16 kHz WAV and reference those")
+    cv.add_argument("--normalize", action="store_true", help="NFKD-normalise sentences and keep ASCII only")
+    libri = which.add_parser("librispeech", help="LibriSpeech subsets (FLAC + *.trans.txt) -> SUBSET.csv")
+    libri.add_argument("root", help="folder holding the subsets (or one subset folder)")
+    libri.add_argument("--output_dir", help="where the CSVs go (default: ROOT)")
+    dcsv = which.add_parser("csv", help="existing DeepSpeech CSVs: absolute paths, sizes filled in, optional filtering")
+    dcsv.add_argument("csv_files", type=_files, help="CSV file(s), comma-separated")
+    dcsv.add_argument("--output_dir", required=True)
+    dcsv.add_argument("--filter_alphabet", help="refuse transcripts with characters outside this alphabet")
+    dcsv.add_argument("--normalize", action="store_true", help="apply the English label normalisation")
 
 
 def _add_preprocess(sub) -> None:
@@ -40,7 +54,8 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--shard_size_mb", type=float, default=256.0, help="target shard size in MiB (default 256)")
     p.add_argument("--feature_dtype", choices=("float32", "float16"), default="float32", help="stored feature precision")
     p.add_argument("--max_duration", type=float, default=0.0, help="reject longer samples, in seconds; 0 means no limit")
-    p.add_argument("--workers", type=int, default=1, help="processes on this node (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="processes on this node (default 1); across nodes use mpirun")
+    p.add_argument("--chunk_rows", type=int, default=2000, help="input rows per unit of work (default 2000)")
     p.add_argument("--overwrite", action="store_true", help="rebuild a store that is already complete")
 
 
@@ -86,6 +101,28 @@ def _add_transcribe(sub) -> None:
     p.add_argument("--audio", required=True, nargs="+", help="audio file(s): WAV, FLAC, MP3; any rate")
 
 
+def _import(args: argparse.Namespace) -> int:
+    if args.corpus == "ldc93s1":
+        from preprocess.importers.ldc93s1 import import_ldc93s1
+
+        print(import_ldc93s1(args.target_dir))
+        return 0
+    if args.corpus == "cv2":
+        from preprocess.importers.cv2 import import_cv2
+
+        report = import_cv2(args.language_dir, args.filter_alphabet, wav=args.wav, ascii_only=args.normalize)
+    elif args.corpus == "librispeech":
+        from preprocess.importers.librispeech import import_librispeech
+
+        report = import_librispeech(args.root, args.output_dir)
+    else:
+        from preprocess.importers.csv_import import import_csv
+
+        report = import_csv(args.csv_files, args.output_dir, args.filter_alphabet, normalise=args.normalize)
+    print(report.summary())
+    return 0
+
+
 def _shards_info(stores: list[str], verify_checksums: bool) -> int:
     from dstrain.store import read_manifest, verify
 
@@ -123,10 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "import":
-        from preprocess.importers.ldc93s1 import import_ldc93s1
-
-        print(import_ldc93s1(args.target_dir))
-        return 0
+        return _import(args)
     if args.command == "preprocess":
         from preprocess.pipeline import PreprocessConfig, preprocess
 
@@ -138,9 +172,12 @@ def run(args: argparse.Namespace) -> int:
             feature_dtype=args.feature_dtype,
             max_duration=args.max_duration,
             workers=args.workers,
+            chunk_rows=args.chunk_rows,
             overwrite=args.overwrite,
         )
         m = preprocess(cfg, progress=sys.stderr.isatty())
+        if m is None:  # an MPI rank other than 0: rank 0 reports
+            return 0
         print(f"{m.utterances} utterances ({m.hours * 3600:.1f} s) in {len(m.shards)} shard(s) at {args.output}")
         rejected = m.rejects.get("count", 0)
         print(f"{rejected} rejected" + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
@@ -191,9 +228,20 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _console_logging() -> None:
+    logger = logging.getLogger("dstrain")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    _console_logging()
     try:
         sys.exit(run(args))
     except (ValueError, FileNotFoundError) as e:

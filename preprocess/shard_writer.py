@@ -25,14 +25,15 @@ class ShardWriter:
     A shard is complete once its file exists: it is written in one piece from memory.
     """
 
-    def __init__(self, store: str, shard_size_mb: float = 256.0, feature_dtype: str = "float32", first_index: int = 0):
+    def __init__(self, store: str, shard_size_mb: float = 256.0, feature_dtype: str = "float32", pattern: str = SHARD_PATTERN):
         if shard_size_mb <= 0:
             raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
         self.store = store
         self.target_bytes = int(shard_size_mb * 1024 * 1024)
         self.feature_dtype = feature_dtype
         self.schema = shard_schema(feature_dtype)
-        self.next_index = first_index
+        self.pattern = pattern
+        self.next_index = 0
         self.shards: list[ShardInfo] = []
         self._rows: list[dict] = []
         self._bytes = 0
@@ -67,7 +68,7 @@ class ShardWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", row_group_size=256)
         data = buf.getvalue()
-        name = SHARD_PATTERN % self.next_index
+        name = self.pattern % self.next_index
         with fsspec.open(join(self.store, name), "wb") as f:
             f.write(data)
         self.shards.append(

@@ -107,13 +107,14 @@ def test_workers_give_identical_store(ldc93s1_csv, alphabet_path, tmp_path):
     csv_path = tmp_path / "many.csv"
     line = open(ldc93s1_csv).read().splitlines()[1]
     csv_path.write_text("wav_filename,wav_filesize,transcript\n" + "\n".join([line] * 5) + "\n")
-    a = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "a"), shard_size_mb=0.05), progress=False)
+    a = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "a"), shard_size_mb=0.05, chunk_rows=2), progress=False)
     b = preprocess(
-        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "b"), shard_size_mb=0.05, workers=2),
+        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "b"), shard_size_mb=0.05, chunk_rows=2, workers=2),
         progress=False,
     )
-    assert len(a.shards) > 1
+    assert len(a.shards) == 3  # 5 rows in chunks of 2
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
 
 
 def test_shards_info_reports_totals_and_catches_corruption(ldc93s1_csv, alphabet_path, tmp_path, capsys):

@@ -12,7 +12,7 @@ VENV=${VENV:-.venv}
 DSTRAIN_TF=${DSTRAIN_TF:-cpu}
 CACHE=${DSTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dstrain}
 STAMP="$VENV/.dstrain-installed"
-APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 strace cmake g++ make zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"
+APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 strace espeak-ng sox lame cmake g++ make zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
