@@ -37,9 +37,13 @@ def test_store_layout_manifest_and_checksums(ldc93s1_store):
     assert os.path.getsize(join(ldc93s1_store, shard.path)) == shard.bytes
     manifest = json.load(open(join(ldc93s1_store, "manifest.json")))
     assert manifest["totals"]["utterances"] == 1 and manifest["schema_version"] == 1
-    # Plain pyarrow opens the shards; stored features are TF's log mel filterbank.
+    # Plain pyarrow and pandas open the shards; stored features are TF's log mel filterbank.
     table = pq.read_table(join(ldc93s1_store, shard.path))
     assert table.column("transcript").to_pylist() == [TRANSCRIPT]
+    import pandas
+
+    frame = pandas.read_parquet(join(ldc93s1_store, shard.path))
+    assert frame["n_frames"].tolist() == [145] and len(frame["features"][0]) == 145 * 40
     (u,) = read_shard(join(ldc93s1_store, shard.path), 40)
     cfg = FeatureConfig()
     expected = log_mel(power_spectrogram(read_audio(str(DATA / "LDC93S1.wav")), cfg), cfg)
@@ -57,6 +61,19 @@ def test_memory_filesystem_round_trip(ldc93s1_csv, alphabet_path):
     assert fsspec.filesystem("memory").exists("/dstrain-test/store/manifest.json")
 
 
+def test_remote_audio_and_csv_through_fsspec(tmp_path, alphabet_path):
+    from preprocess.importers.csv_import import import_csv
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/remote/audio/a.wav", (DATA / "LDC93S1.wav").read_bytes())
+    mem.pipe("/remote/list.csv", f"wav_filename,wav_filesize,transcript\naudio/a.wav,0,{TRANSCRIPT}\n".encode())
+    report = import_csv(("memory://remote/list.csv",), str(tmp_path))
+    (row,) = list(csv.DictReader(open(tmp_path / "list.csv")))
+    assert row["wav_filename"] == "memory://remote/audio/a.wav" and int(row["wav_filesize"]) == 93638
+    m = preprocess(PreprocessConfig(csv_files=("memory://remote/list.csv",), alphabet_path=alphabet_path, output=str(tmp_path / "s")), progress=False)
+    assert m.utterances == 1 and report.rejected == {}
+
+
 def test_existing_store_needs_overwrite(ldc93s1_csv, alphabet_path, tmp_path):
     cfg = PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(tmp_path / "s"))
     preprocess(cfg, progress=False)
@@ -67,6 +84,9 @@ def test_existing_store_needs_overwrite(ldc93s1_csv, alphabet_path, tmp_path):
 def test_bad_samples_are_rejected_with_reasons(tmp_path, ldc93s1_csv, alphabet_path):
     wav = open(ldc93s1_csv).read().splitlines()[1].split(",")[0]
     (tmp_path / "garbage.wav").write_bytes(b"not a wav file at all")
+    import soundfile
+
+    soundfile.write(str(tmp_path / "empty.wav"), np.zeros(0, np.int16), 16000)
     rows = [
         (wav, TRANSCRIPT),  # good
         (wav, "she had your dark suit in greasy wash water all year!"),  # '!' not in alphabet
@@ -74,6 +94,7 @@ def test_bad_samples_are_rejected_with_reasons(tmp_path, ldc93s1_csv, alphabet_p
         ("garbage.wav", "hello"),
         (wav, " "),
         (wav, "x" * 200),  # 145 frames cannot carry 200 labels
+        ("empty.wav", "hello"),
     ]
     csv_path = tmp_path / "bad.csv"
     with open(csv_path, "w", newline="") as f:
@@ -84,10 +105,12 @@ def test_bad_samples_are_rejected_with_reasons(tmp_path, ldc93s1_csv, alphabet_p
     out = tmp_path / "store"
     m = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(out), max_duration=0), progress=False)
     assert m.utterances == 1
-    assert m.rejects["by_reason"] == {"alphabet": 1, "empty_transcript": 1, "missing_file": 1, "too_short": 1, "unreadable_audio": 1}
+    assert m.rejects["by_reason"] == {
+        "alphabet": 1, "empty_audio": 1, "empty_transcript": 1, "missing_file": 1, "too_short": 1, "unreadable_audio": 1,
+    }  # fmt: skip
     with open(out / "rejects.csv", newline="") as f:
         rejects = list(csv.DictReader(f))
-    assert len(rejects) == 5
+    assert len(rejects) == 6
     assert any(r["reason"] == "alphabet" and "'!'" in r["detail"] for r in rejects)
     # Too long
     m = preprocess(
