@@ -19,8 +19,12 @@ class Progress:
     """Counters saved with the weights."""
 
     epoch: tf.Variable
+    """Epochs fully done."""
     step: tf.Variable
+    """Training steps done in all."""
     best_dev_loss: tf.Variable
+    epoch_step: tf.Variable
+    """Steps done in the unfinished epoch ``epoch`` (non-zero only in a checkpoint taken on preemption)."""
 
     @classmethod
     def new(cls) -> "Progress":
@@ -28,17 +32,23 @@ class Progress:
             epoch=tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch"),
             step=tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step"),
             best_dev_loss=tf.Variable(float("inf"), dtype=tf.float64, trainable=False, name="best_dev_loss"),
+            epoch_step=tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_step"),
         )
 
     def variables(self) -> list[tf.Variable]:
-        return [self.epoch, self.step, self.best_dev_loss]
+        return [self.epoch, self.step, self.best_dev_loss, self.epoch_step]
 
 
 class Checkpoints:
     def __init__(self, directory: str, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5):
         self.directory = directory
         self.ckpt = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, epoch=progress.epoch, step=progress.step, best_dev_loss=progress.best_dev_loss
+            model=model,
+            optimizer=optimizer,
+            epoch=progress.epoch,
+            step=progress.step,
+            best_dev_loss=progress.best_dev_loss,
+            epoch_step=progress.epoch_step,
         )
         self.latest = tf.train.CheckpointManager(self.ckpt, os.path.join(directory, "train"), max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(self.ckpt, os.path.join(directory, "best_dev"), max_to_keep=1)

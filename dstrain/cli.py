@@ -95,6 +95,20 @@ def _add_train(sub) -> None:
     p.add_argument("--intra_op_parallelism_threads", type=int, default=0, help="0 means TensorFlow's choice")
 
 
+def _add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="run a command on N ranks through horovodrun or mpirun (hosts from SLURM or a hostfile)")
+    p.add_argument("--launcher", choices=("horovodrun", "mpirun"), default="horovodrun")
+    p.add_argument("--np", type=int, default=0, help="processes in all; 0 means one per host slot")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hosts", help="h1:4,h2:4 (default: the SLURM allocation, else localhost:NP)")
+    where.add_argument("--hostfile", help="MPI (host slots=N) or Horovod (host:N) hostfile")
+    p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="horovodrun's controller")
+    p.add_argument("--log_dir", default="", help="per-rank stdout/stderr files here")
+    p.add_argument("--threads_per_rank", type=int, default=0, help="0: cores per node / ranks per node")
+    p.add_argument("--dry_run", action="store_true", help="print the command, do not run it")
+    p.add_argument("rank_command", nargs=argparse.REMAINDER, help="-- then the per-rank command")
+
+
 def _add_transcribe(sub) -> None:
     p = sub.add_parser("transcribe", help="print the transcript of audio files")
     p.add_argument("--model", required=True, help="export directory (dstrain train --export_dir)")
@@ -154,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(sub)
     _add_shards(sub)
     _add_train(sub)
+    _add_launch(sub)
     _add_transcribe(sub)
     return parser
 
@@ -183,11 +198,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"{rejected} rejected" + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
               + (f" (see {os.path.join(args.output, 'rejects.csv')})" if rejected else ""))
         return 0
+    if args.command == "launch":
+        from launch.launcher import LaunchConfig, hosts_from_hostfile, hosts_from_slurm, launch, parse_hosts
+
+        if args.hosts:
+            hosts = parse_hosts(args.hosts)
+        elif args.hostfile:
+            hosts = hosts_from_hostfile(args.hostfile)
+        elif "SLURM_JOB_NODELIST" in os.environ and not args.np:
+            hosts = hosts_from_slurm(dict(os.environ))
+        else:
+            hosts = ()
+        command = args.rank_command[1:] if args.rank_command[:1] == ["--"] else args.rank_command
+        cfg = LaunchConfig(
+            command=tuple(command), launcher=args.launcher, np=args.np, hosts=hosts, controller=args.controller,
+            log_dir=args.log_dir, threads_per_rank=args.threads_per_rank,
+        )  # fmt: skip
+        return launch(cfg, dry_run=args.dry_run)
     if args.command == "shards":
         return _shards_info(args.stores, verify_checksums=not args.no_verify)
     if args.command == "train":
         from dstrain.model import ModelConfig
-        from dstrain.train import TrainConfig, train
+        from dstrain.train import Preempted, TrainConfig, train
 
         cfg = TrainConfig(
             train_files=args.train_files,
@@ -214,7 +246,10 @@ def run(args: argparse.Namespace) -> int:
                 n_hidden=args.n_hidden, n_context=args.n_context, relu_clip=args.relu_clip, dropout_rate=args.dropout_rate
             ),
         )
-        train(cfg)
+        try:
+            train(cfg)
+        except Preempted as e:
+            return e.exit_code
         return 0
     if args.command == "transcribe":
         from dstrain.export import load_model

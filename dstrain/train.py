@@ -21,6 +21,7 @@ from dstrain.export import export_model
 from dstrain.features import FeatureConfig
 from dstrain.metrics import error_rates
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
+from dstrain.preemption import EXIT_PREEMPTED, StopRequest
 from dstrain.store import StoreError, check_compatible, read_manifest
 
 log = logging.getLogger("dstrain.train")
@@ -69,6 +70,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving a resumable checkpoint."""
+
+    exit_code = EXIT_PREEMPTED
 
 
 @dataclass
@@ -180,8 +187,8 @@ def train(cfg: TrainConfig) -> dict:
         tf.TensorSpec([None], tf.int32),
     )
 
-    @tf.function(input_signature=spec)
-    def train_step(x, x_len, y, y_len):
+    @tf.function(input_signature=spec + (tf.TensorSpec([], tf.float32),))
+    def train_step(x, x_len, y, y_len, stop):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(ctc_loss(model((x, x_len), training=True), x_len, y, y_len))
             scaled = optimizer.get_scaled_loss(loss) if cfg.automatic_mixed_precision else loss
@@ -190,7 +197,9 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.automatic_mixed_precision:
             grads = optimizer.get_unscaled_gradients(grads)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return hvd.allreduce(loss)  # Horovod: the mean loss over all ranks, for the log
+        # Horovod: one allreduce carries the loss for the log and whether any rank was asked to stop.
+        summed = hvd.allreduce(tf.stack([tf.cast(loss, tf.float32), stop]), op=hvd.Sum)
+        return summed[0] / world, summed[1] > 0
 
     @tf.function(input_signature=spec)
     def eval_step(x, x_len, y, y_len):
@@ -223,22 +232,40 @@ def train(cfg: TrainConfig) -> dict:
         return result
 
     dev_data = eval_dataset(dev_set, cfg.dev_batch_size) if dev_set.refs else None
-    start_epoch = int(progress.epoch)
-    if start_epoch >= cfg.epochs:
-        log.info("Training already complete: %d of %d epochs done", start_epoch, cfg.epochs)
-    for epoch in range(start_epoch, cfg.epochs):
+
+    def _train_epoch(epoch: int) -> None:
         t0 = time.time()
         plan = epoch_plan([r.rows for r in train_set.refs], rank, world, epoch, cfg.random_seed, cfg.shuffle, pad=True)
         if plan.repeats:
             log.info("epoch %d: rank %d repeats %d sample(s) to stay in step with the other ranks", epoch, rank, plan.repeats)
-        losses = [float(train_step(*batch)) for batch in make_dataset(train_set.refs, plan, features, cfg.train_batch_size, world)]
-        progress.step.assign_add(len(losses))
+        data = make_dataset(train_set.refs, plan, features, cfg.train_batch_size, world)
+        skip = int(progress.epoch_step)
+        if skip:  # resuming a preempted epoch: the plan is the same, so skip what was done
+            log.info("epoch %d: resuming after step %d of the epoch", epoch + 1, skip)
+            data = data.skip(skip)
+        losses = []
+        for batch in data:
+            loss, stop = train_step(*batch, tf.constant(1.0 if stop_request.requested else 0.0))
+            losses.append(float(loss))
+            progress.step.assign_add(1)
+            progress.epoch_step.assign_add(1)
+            if bool(stop):
+                if checkpoints is not None:
+                    path = checkpoints.save(int(progress.step), best=False)
+                    log.warning(
+                        "Stop requested (%s): saved %s at epoch %d, step %d of the epoch; exiting with %d to be resumed",
+                        stop_request.signal_name or "on another rank", path, epoch + 1, int(progress.epoch_step), EXIT_PREEMPTED,
+                    )
+                raise Preempted()
         progress.epoch.assign(epoch + 1)
+        progress.epoch_step.assign(0)
         train_loss = float(np.mean(losses)) if losses else math.nan
         message = f"epoch {epoch + 1}/{cfg.epochs} train loss {train_loss:.4f} ({len(losses)} steps, {time.time() - t0:.1f} s)"
+        if skip:
+            message += f" after resuming at step {skip}"
         is_best = False
         dev_loss = None
-        if dev_set.refs:
+        if dev_data is not None:
             dev_loss = evaluate(dev_data, decode=False)["loss"]
             is_best = dev_loss < float(progress.best_dev_loss)
             if is_best:
@@ -251,8 +278,16 @@ def train(cfg: TrainConfig) -> dict:
                 if dev_loss is not None:
                     tf.summary.scalar("loss/dev", dev_loss)
         if checkpoints is not None:
-            checkpoints.save(int(progress.step), best=is_best or not dev_set.refs)
-
+            checkpoints.save(int(progress.step), best=is_best or dev_data is None)
+    start_epoch = int(progress.epoch)
+    if start_epoch >= cfg.epochs:
+        log.info("Training already complete: %d of %d epochs done", start_epoch, cfg.epochs)
+    stop_request = StopRequest()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            _train_epoch(epoch)
+    finally:
+        stop_request.restore()
     digest = weights_digest(model)
     print(f"rank {rank}/{world}: final weights sha256 {digest}", flush=True)
 

@@ -60,17 +60,12 @@ def train_args(store: str, alphabet: str, work, epochs: int) -> list[str]:
 
 
 def launch(launcher: str, args: list[str], tmp_path) -> str:
+    """Through ``dstrain launch``, exactly as the README, sbatch scripts and k8s launcher pod run training."""
+    from launch.launcher import launch_argv
+
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    traced = [wrapper(tmp_path)] + args
-    if launcher == "horovodrun":
-        cmd = [tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"] + traced
-    else:
-        cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"]
-        if os.geteuid() == 0:
-            cmd.append("--allow-run-as-root")
-        for var in ("PATH", "TF_CPP_MIN_LOG_LEVEL"):
-            cmd += ["-x", var]
-        cmd += ["-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"] + traced
+    cmd = launch_argv(launcher, [wrapper(tmp_path)] + args, np=2)
+    cmd[0] = tool("dstrain")
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:]
     return proc.stdout

@@ -1,0 +1,202 @@
+"""Thin helpers around ``horovodrun`` and ``mpirun``: hosts from SLURM or a hostfile, per-rank environment
+defaults, per-rank log files. The launcher process is replaced by horovodrun/mpirun (exec), so signals reach the
+ranks and the exit status is theirs; both abort every rank when one fails.
+
+    dstrain launch --np 2 -- dstrain train --train_files ...
+    dstrain launch --launcher mpirun --hostfile hosts -- dstrain train ...
+    dstrain launch --dry_run ...            # print the command instead of running it
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+LAUNCHERS = ("horovodrun", "mpirun")
+
+# Defaults for every rank; a variable already set in the environment wins.
+HOROVOD_DEFAULTS = {
+    # DeepSpeech's dense layers hold ~47M parameters at n_hidden 2048: fuse gradients into 128 MiB buffers.
+    "HOROVOD_FUSION_THRESHOLD": str(128 * 1024 * 1024),
+    "HOROVOD_CYCLE_TIME": "1",  # ms between fusion cycles
+    "NCCL_DEBUG": "WARN",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    slots: int
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    command: tuple[str, ...]
+    """The per-rank command, e.g. ``("dstrain", "train", ...)``."""
+    launcher: str = "horovodrun"
+    np: int = 0
+    """Processes in all; 0 means one per slot of ``hosts``."""
+    hosts: tuple[Host, ...] = ()
+    controller: str = "gloo"
+    """horovodrun's controller: gloo or mpi (mpirun always uses MPI)."""
+    log_dir: str = ""
+    """Per-rank stdout/stderr files go here (empty: ranks print to the console)."""
+    threads_per_rank: int = 0
+    """OpenMP/TensorFlow intra-op threads per rank; 0: the node's cores divided by its ranks."""
+    env: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.controller not in ("gloo", "mpi"):
+            raise ValueError(f"controller must be gloo or mpi, got {self.controller!r}")
+        if not self.command:
+            raise ValueError("command: give the per-rank command after --, e.g. -- dstrain train ...")
+        if self.np < 0:
+            raise ValueError(f"np must be >= 0, got {self.np}")
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list: ``gpu[01-03,07],login1`` -> ``[gpu01, gpu02, gpu03, gpu07, login1]``."""
+    hosts: list[str] = []
+    for prefix, ranges, suffix_sep in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?(,|$)", nodelist):
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                hosts.append(prefix + part)
+    return hosts
+
+
+def expand_tasks_per_node(spec: str, n_nodes: int) -> list[int]:
+    """``SLURM_TASKS_PER_NODE`` such as ``4(x2),2`` -> ``[4, 4, 2]``; a single number applies to every node."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"cannot read tasks per node {spec!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if len(counts) == 1 and n_nodes > 1:
+        counts *= n_nodes
+    return counts
+
+
+def hosts_from_slurm(env: dict[str, str]) -> tuple[Host, ...]:
+    """Hosts and slots of the current SLURM allocation (one slot per task, i.e. per GPU with --gpus-per-task)."""
+    nodes = expand_nodelist(env["SLURM_JOB_NODELIST"])
+    spec = env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE")
+    if not spec:
+        gpus = env.get("SLURM_GPUS_ON_NODE")
+        spec = gpus if gpus else "1"
+    counts = expand_tasks_per_node(spec, len(nodes))
+    if len(counts) != len(nodes):
+        raise ValueError(f"{len(nodes)} nodes but tasks per node {spec!r}")
+    return tuple(Host(n, c) for n, c in zip(nodes, counts))
+
+
+def hosts_from_hostfile(path: str) -> tuple[Host, ...]:
+    """MPI hostfile (``host slots=4``) or Horovod's (``host:4``); a bare host has one slot. ``#`` comments."""
+    hosts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            m = re.fullmatch(r"(\S+?)(?::(\d+))?(?:\s+slots\s*=\s*(\d+))?(?:\s+.*)?", line)
+            if not m:
+                raise ValueError(f"{path}: cannot read host line {line!r}")
+            hosts.append(Host(m.group(1), int(m.group(2) or m.group(3) or 1)))
+    if not hosts:
+        raise ValueError(f"{path}: no hosts")
+    return tuple(hosts)
+
+
+def parse_hosts(spec: str) -> tuple[Host, ...]:
+    """``h1:4,h2:4`` (horovodrun's -H)."""
+    out = []
+    for item in spec.split(","):
+        name, _, slots = item.partition(":")
+        out.append(Host(name, int(slots or 1)))
+    return tuple(out)
+
+
+def rank_environment(cfg: LaunchConfig, base: dict[str, str], cores_per_node: int) -> dict[str, str]:
+    """Variables every rank gets (only those not already in ``base``)."""
+    ranks_per_node = max(h.slots for h in cfg.hosts) if cfg.hosts else max(cfg.np, 1)
+    threads = cfg.threads_per_rank or max(1, cores_per_node // max(ranks_per_node, 1))
+    wanted = dict(HOROVOD_DEFAULTS)
+    wanted.update({"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "2"})
+    wanted.update(cfg.env)
+    return {k: v for k, v in wanted.items() if k not in base or k in cfg.env}
+
+
+def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: int) -> tuple[list[str], dict[str, str]]:
+    """The launcher argv and the environment to run it with."""
+    hosts = cfg.hosts or (Host("localhost", cfg.np or 1),)
+    np_ = cfg.np or sum(h.slots for h in hosts)
+    extra = rank_environment(dataclasses.replace(cfg, hosts=hosts), base_env, cores_per_node)
+    env = {**base_env, **extra}
+    host_arg = ",".join(f"{h.name}:{h.slots}" for h in hosts)
+    if cfg.launcher == "horovodrun":
+        argv = ["horovodrun", "-np", str(np_), "-H", host_arg, f"--{cfg.controller}"]
+        if cfg.log_dir:
+            argv += ["--output-filename", cfg.log_dir]
+    else:
+        argv = ["mpirun", "-np", str(np_), "-H", host_arg, "--bind-to", "none", "--map-by", "slot"]
+        if os.geteuid() == 0:
+            argv.append("--allow-run-as-root")
+        if cfg.log_dir:
+            argv += ["--output-filename", cfg.log_dir]
+        # mpirun passes only what it is told to the ranks (remote ones included).
+        for name in sorted(set(extra) | {"PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV"}):
+            if name in env:
+                argv += ["-x", name]
+        argv += ["-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]
+    return argv + list(cfg.command), env
+
+
+def _executable(name: str) -> str:
+    """The launcher beside this Python (the venv's horovodrun) first, then PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found beside {sys.executable} nor on PATH (install dstrain with tools/install.sh)")
+    return found
+
+
+def launch(cfg: LaunchConfig, dry_run: bool = False) -> int:
+    argv, env = build_command(cfg, dict(os.environ), os.cpu_count() or 1)
+    argv[0] = _executable(argv[0])
+    # Ranks started by the launcher find dstrain and Python beside it, activated or not.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if cfg.log_dir:
+        os.makedirs(cfg.log_dir, exist_ok=True)
+    print("+ " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    if dry_run:
+        return 0
+    os.execvpe(argv[0], argv, env)  # never returns
+    return 127
+
+
+def launch_argv(launcher: str, rank_command: list[str], np: int = 0, hostfile: str = "", log_dir: str = "") -> list[str]:
+    """The ``dstrain launch`` command line for a job: what the k8s launcher pod, the sbatch scripts' docs and the
+    tests all run, so the three cannot drift apart."""
+    argv = ["dstrain", "launch", "--launcher", launcher]
+    if np:
+        argv += ["--np", str(np)]
+    if hostfile:
+        argv += ["--hostfile", hostfile]
+    if log_dir:
+        argv += ["--log_dir", log_dir]
+    return argv + ["--"] + list(rank_command)
