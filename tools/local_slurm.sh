@@ -51,6 +51,7 @@ SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
 SlurmctldPort=$(( 6817 + RANDOM % 1000 ))
 SlurmdPort=$(( 7817 + RANDOM % 1000 ))
+GresTypes=gpu
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -61,9 +62,15 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 MinJobAge=600
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:${FAKE_GPUS:-4} State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+
+# Stand-in GPUs (character devices like /dev/null): the project's sbatch scripts keep their --gres=gpu lines on
+# a CPU-only machine. SLURM only counts them and sets CUDA_VISIBLE_DEVICES; TensorFlow finds no GPU and uses CPUs.
+gpus=${FAKE_GPUS:-4}
+for i in $(seq 0 $((gpus - 1))); do [ -e "$dir/fakegpu$i" ] || mknod "$dir/fakegpu$i" c 1 3; done
+echo "NodeName=$host Name=gpu File=$dir/fakegpu[0-$((gpus - 1))]" > "$dir/gres.conf"
 
 slurmctld -c -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
@@ -73,5 +80,5 @@ for _ in $(seq 60); do
   sleep 0.5
 done
 echo "$0: the node did not come up; see $dir/log" >&2
-tail -5 "$dir"/log/*.log >&2
+tail -n 5 "$dir"/log/*.log >&2
 exit 1

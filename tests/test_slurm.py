@@ -1,0 +1,117 @@
+"""The project's own sbatch scripts on a real one-node SLURM cluster started on localhost (tools/local_slurm.sh)."""
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO
+from test_preprocess_scale import many_rows_csv, store_digest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (CI runs as root)")
+    for exe in ("slurmctld", "slurmd", "munged", "sbatch"):
+        if not shutil.which(exe):
+            pytest.fail(f"{exe} missing: `make test` installs slurm-wlm and munge (tools/install.sh --test)")
+    state = tmp_path_factory.mktemp("slurm")
+    subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "start", str(state)], check=True, capture_output=True, timeout=120)
+    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"))
+    yield env
+    subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "stop", str(state)], capture_output=True, timeout=60)
+
+
+def job_env(slurm: dict, **params) -> dict:
+    venv = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("dstrain") or "")))
+    return {**slurm, "DSTRAIN_HOME": str(REPO), "DSTRAIN_VENV": os.environ.get("VIRTUAL_ENV") or venv, **params}
+
+
+def scontrol_job(slurm: dict, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job], env=slurm, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+SBATCH_2_RANKS = ["--nodes=1", "--ntasks-per-node=2", "--gres=gpu:2", "--cpus-per-task=1", "--time=15"]
+
+
+def test_training_job(slurm, ldc93s1_store, alphabet_path, tmp_path):
+    env = job_env(slurm, TRAIN_FILES=ldc93s1_store, DEV_FILES=ldc93s1_store, TEST_FILES=ldc93s1_store,
+                  ALPHABET=alphabet_path, CHECKPOINT_DIR=str(tmp_path / "ckpt"), EXPORT_DIR=str(tmp_path / "export"))  # fmt: skip
+    proc = subprocess.run(
+        ["sbatch", "--wait", *SBATCH_2_RANKS, str(REPO / "slurm" / "train.sbatch"), "--n_hidden", "16", "--epochs", "3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    (log,) = tmp_path.glob("dstrain-train-*.out")
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "Horovod: 2 process(es), mpi controller" in text
+    digests = dict(re.findall(r"rank (\d)/2: final weights sha256 ([0-9a-f]{64})", text))
+    assert set(digests) == {"0", "1"} and len(set(digests.values())) == 1
+    assert "epoch 3/3" in text and "finished with status 0" in text
+    # One writer's files, nothing else: rank 1 would have left a second log or clashing checkpoint names.
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["best_dev", "config.json", "summaries", "train", "train.log"]
+    assert sorted(os.listdir(tmp_path / "ckpt" / "train")) == ["checkpoint"] + [f"ckpt-{i}.{ext}" for i in (1, 2, 3) for ext in ("data-00000-of-00001", "index")]
+    assert (tmp_path / "export" / "saved_model.pb").exists()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm, ldc93s1_store, alphabet_path, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    env = job_env(slurm, TRAIN_FILES=ldc93s1_store, ALPHABET=alphabet_path, CHECKPOINT_DIR=str(ckpt))
+    out = subprocess.run(
+        ["sbatch", "--parsable", *SBATCH_2_RANKS, str(REPO / "slurm" / "train.sbatch"), "--n_hidden", "16", "--epochs", "400"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    job = out.strip().split(";")[0]
+    train_log = ckpt / "train.log"
+    wait_for(lambda: train_log.exists() and re.search(r"epoch (1\d|[2-9]\d)/400", train_log.read_text()), 300, "training to run")
+    # As SLURM does before a time limit with --signal=USR1@secs: signal every rank of the job's steps.
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    info = wait_for(lambda: (i := scontrol_job(slurm, job)).get("Restarts") == "1" and i.get("JobState") == "PENDING" and i, 120, "the requeue")
+    assert info["Requeue"] == "1"
+    # SLURM holds a requeued job for 2 minutes before it is eligible again; start it sooner, but only once the
+    # first run's step daemon has exited (it outlives the requeue by a few seconds, and the new run reuses its
+    # step id and PMIx socket).
+    step_gone = lambda: subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\.0\]"], capture_output=True).returncode != 0
+    wait_for(step_gone, 120, "the first run's step to exit")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    wait_for(lambda: scontrol_job(slurm, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the resumed job")
+    assert scontrol_job(slurm, job)["JobState"] == "COMPLETED"
+    (log,) = tmp_path.glob("dstrain-train-*.out")
+    text = log.read_text()
+    assert "Stop requested (SIGUSR1)" in text and "requeueing job" in text
+    assert "restart 1" in text and "Resuming from checkpoint" in text
+    stopped_at = int(re.search(r"Stop requested \(SIGUSR1\): saved \S+ at epoch (\d+)", text).group(1))
+    assert f"epoch {stopped_at}: resuming after step" in text or f"epoch {stopped_at + 1}/400" in text
+    assert "epoch 400/400" in text and "epoch 1/400" in text and text.count("epoch 1/400 ") == 1
+
+
+def test_preprocessing_job_over_mpi_ranks(slurm, alphabet_path, tmp_path):
+    src = many_rows_csv(tmp_path, 30)
+    local = tmp_path / "local"
+    subprocess.run(["dstrain", "preprocess", "--csv", src, "--alphabet", alphabet_path, "--output", str(local), "--chunk_rows", "4"],
+                   check=True, capture_output=True, env=job_env(slurm))  # fmt: skip
+    env = job_env(slurm, CSV=src, ALPHABET=alphabet_path, OUTPUT=str(tmp_path / "slurm_store"))
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", str(REPO / "slurm" / "preprocess.sbatch"), "--chunk_rows", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    (log,) = tmp_path.glob("dstrain-preprocess-*.out")
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "2 rank(s)" in log.read_text()
+    assert store_digest(tmp_path / "slurm_store") == store_digest(local)
