@@ -9,5 +9,5 @@ demo:
 	@launch/run_ldc93s1.sh
 
 test:
-	@tools/install.sh
+	@tools/install.sh --test
 	@.venv/bin/python -m pytest $(PYTEST_ARGS)

@@ -37,7 +37,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "pandas>=2,<2.3"],  # pandas 2.3+ wheels want NumPy 2
+        "test": ["pytest>=7", "pytest-timeout>=2", "pandas>=2,<2.3", "jsonschema>=4", "kubernetes-validate>=1.28", "pyyaml>=6"],  # pandas 2.3+ wheels want NumPy 2
     },
     entry_points={"console_scripts": ["dstrain = dstrain.cli:main"]},
 )

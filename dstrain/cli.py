@@ -109,6 +109,24 @@ def _add_launch(sub) -> None:
     p.add_argument("rank_command", nargs=argparse.REMAINDER, help="-- then the per-rank command")
 
 
+def _add_k8s(sub) -> None:
+    p = sub.add_parser("k8s", help="Kubernetes manifests: MPIJob training, preprocessing Job, shared volume")
+    which = p.add_subparsers(dest="k8s_command", required=True)
+    r = which.add_parser("render", help="print the manifests as YAML (kubectl apply -f -)")
+    r.add_argument("--name", default="dstrain")
+    r.add_argument("--workers", type=int, default=2, help="worker pods (nodes)")
+    r.add_argument("--gpus", type=int, default=8, help="GPUs per worker (= ranks per worker)")
+    r.add_argument("--image", default="dstrain:latest", help="image built from k8s/Dockerfile")
+    r.add_argument("--data", default="/data", help="mount path of the shared ReadWriteMany volume")
+    r.add_argument("--volume_size", default="1Ti")
+    r.add_argument("--storage_class", default="", help="ReadWriteMany storage class; empty: cluster default")
+    r.add_argument("--cpus", type=int, default=64, help="CPUs per worker")
+    r.add_argument("--memory", default="480Gi", help="memory per worker")
+    r.add_argument("--shm_size", default="16Gi", help="/dev/shm per worker (NCCL)")
+    r.add_argument("--preprocess_csv", default="", help="also render a preprocessing Job for these CSV(s)")
+    r.add_argument("--train_args", default="", help="extra dstrain train flags, one string")
+
+
 def _add_transcribe(sub) -> None:
     p = sub.add_parser("transcribe", help="print the transcript of audio files")
     p.add_argument("--model", required=True, help="export directory (dstrain train --export_dir)")
@@ -169,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards(sub)
     _add_train(sub)
     _add_launch(sub)
+    _add_k8s(sub)
     _add_transcribe(sub)
     return parser
 
@@ -215,6 +234,16 @@ def run(args: argparse.Namespace) -> int:
             log_dir=args.log_dir, threads_per_rank=args.threads_per_rank,
         )  # fmt: skip
         return launch(cfg, dry_run=args.dry_run)
+    if args.command == "k8s":
+        import shlex
+
+        from launch.k8s import K8sConfig, render, to_yaml
+
+        fields = {k: getattr(args, k) for k in ("name", "workers", "gpus", "image", "data", "volume_size", "storage_class", "cpus", "memory", "shm_size", "preprocess_csv")}
+        if args.train_args:
+            fields["train_args"] = tuple(shlex.split(args.train_args))
+        print(to_yaml(render(K8sConfig(**fields))), end="")
+        return 0
     if args.command == "shards":
         return _shards_info(args.stores, verify_checksums=not args.no_verify)
     if args.command == "train":

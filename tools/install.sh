@@ -4,6 +4,7 @@
 # (wheel cached outside the checkout, so a second fresh .venv reuses it), dstrain.
 #
 #   DSTRAIN_TF=gpu tools/install.sh   # tensorflow[and-cuda] instead of tensorflow-cpu
+#   tools/install.sh --test           # also what the test suite drives: SLURM, munge, strace, TTS for corpora
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,11 @@ VENV=${VENV:-.venv}
 DSTRAIN_TF=${DSTRAIN_TF:-cpu}
 CACHE=${DSTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dstrain}
 STAMP="$VENV/.dstrain-installed"
-APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 strace espeak-ng sox lame cmake g++ make zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"
+APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 cmake g++ make zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"
+
+if [ "${1:-}" = --test ]; then
+  APT_PACKAGES="$APT_PACKAGES strace espeak-ng sox lame slurm-wlm munge"
+fi
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
