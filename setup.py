@@ -3,10 +3,12 @@
 The TensorFlow flavour is chosen when installing: tensorflow-cpu by default,
 ``DSTRAIN_TF=gpu`` selects ``tensorflow[and-cuda]`` for GPU hosts.
 Horovod 0.28.1 must be built from source against that TensorFlow
-(``tools/install.sh`` does it and caches the wheel).
+(``tools/install.sh`` does it and caches the wheel). Building needs pybind11 installed first (the CTC decoder's
+compiled search).
 """
 import os
 
+from pybind11.setup_helpers import Pybind11Extension
 from setuptools import find_packages, setup
 
 TF = {
@@ -37,7 +39,16 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        "bench": ["pyctcdecode"],
         "test": ["pytest>=7", "pytest-timeout>=2", "pandas>=2,<2.3", "jsonschema>=4", "kubernetes-validate>=1.28", "pyyaml>=6"],  # pandas 2.3+ wheels want NumPy 2
     },
+    ext_modules=[
+        Pybind11Extension(
+            "dstrain.decoder._ctc_search",
+            ["dstrain/decoder/_ctc_search.cpp"],
+            cxx_std=17,
+            extra_compile_args=["-O3"],
+        )
+    ],
     entry_points={"console_scripts": ["dstrain = dstrain.cli:main"]},
 )

@@ -121,11 +121,11 @@ def setup_logging(rank: int, checkpoint_dir: str) -> None:
         root.addHandler(fh)
 
 
-def train(cfg: TrainConfig) -> dict:
+def _init_horovod(cfg: TrainConfig):
+    """Horovod and the devices it runs on; everything else in this module gets ``hvd`` from here."""
     import horovod.tensorflow as hvd
 
     hvd.init()  # Horovod: one process per device
-    rank, world = hvd.rank(), hvd.size()
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:  # Horovod: pin one GPU per process, by local rank
         for g in gpus:
@@ -135,175 +135,207 @@ def train(cfg: TrainConfig) -> dict:
         tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_parallelism_threads)
     if cfg.intra_op_parallelism_threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.intra_op_parallelism_threads)
-    setup_logging(rank, cfg.checkpoint_dir)
-    log.info(
-        "Horovod: %d process(es), %s controller, %s",
-        world,
-        "gloo" if hvd.gloo_enabled() else "mpi",
-        f"{len(gpus)} GPU(s) visible" if gpus else "CPU only",
-    )
-    if cfg.automatic_mixed_precision:
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
-    tf.random.set_seed(cfg.random_seed + rank)  # dropout differs per rank; weights come from rank 0
+    return hvd, len(gpus)
 
-    alphabet = Alphabet.from_file(cfg.alphabet_config_path)
-    train_set, features = _load_stores(cfg.train_files, alphabet, "train")
-    dev_set, dev_features = _load_stores(cfg.dev_files, alphabet, "dev")
-    test_set, test_features = _load_stores(cfg.test_files, alphabet, "test")
-    for name, fc in (("dev", dev_features), ("test", test_features)):
-        if fc is not None and fc != features:
-            raise StoreError(f"--{name}_files were preprocessed with other feature parameters than --train_files")
-    assert features is not None
 
-    model = DeepSpeech(cfg.model, features.n_mfcc, len(alphabet) + 1)
-    model((tf.zeros([1, 1, features.n_mfcc]), tf.ones([1], tf.int32)))
-    lr = cfg.learning_rate * (world if cfg.scale_lr else 1)  # Horovod: scale the step with the global batch
-    optimizer = tf.keras.optimizers.Adam(learning_rate=lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
-    if cfg.automatic_mixed_precision:
-        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    progress = Progress.new()
+class Trainer:
+    """One rank's view of a training run: data, model, optimizer, checkpoints, and the steps over them."""
 
-    checkpoints = None
-    if rank == 0 and cfg.checkpoint_dir:
-        checkpoints = Checkpoints(cfg.checkpoint_dir, model, optimizer, progress, cfg.max_to_keep)
-        resumed = checkpoints.restore_latest()
-        if resumed:
-            log.info("Resuming from checkpoint %s (epoch %d done, step %d)", resumed, int(progress.epoch), int(progress.step))
-        else:
-            log.info("No checkpoint in %s: starting from random weights", cfg.checkpoint_dir)
-        checkpoints.write_config({"train": cfg.to_dict(), "features": features.to_dict(), "world_size": world})
-    # Horovod: every rank starts from rank 0's weights, optimizer state and counters.
-    hvd.broadcast_variables(model.variables + optimizer.variables + progress.variables(), root_rank=0)
+    def __init__(self, cfg: TrainConfig, hvd, n_gpus: int):
+        self.cfg, self.hvd = cfg, hvd
+        self.rank, self.world = hvd.rank(), hvd.size()
+        log.info("Horovod: %d process(es), %s controller, %s", self.world, "gloo" if hvd.gloo_enabled() else "mpi",
+                 f"{n_gpus} GPU(s) visible" if n_gpus else "CPU only")  # fmt: skip
+        if cfg.automatic_mixed_precision:
+            tf.keras.mixed_precision.set_global_policy("mixed_float16")
+        tf.random.set_seed(cfg.random_seed + self.rank)  # dropout differs per rank; weights come from rank 0
 
-    summaries = None
-    if rank == 0 and (cfg.summary_dir or cfg.checkpoint_dir):
-        summaries = tf.summary.create_file_writer(cfg.summary_dir or os.path.join(cfg.checkpoint_dir, "summaries"))
+        self.alphabet = Alphabet.from_file(cfg.alphabet_config_path)
+        self.train_set, features = _load_stores(cfg.train_files, self.alphabet, "train")
+        self.dev_set, dev_features = _load_stores(cfg.dev_files, self.alphabet, "dev")
+        self.test_set, test_features = _load_stores(cfg.test_files, self.alphabet, "test")
+        for name, fc in (("dev", dev_features), ("test", test_features)):
+            if fc is not None and fc != features:
+                raise StoreError(f"--{name}_files were preprocessed with other feature parameters than --train_files")
+        assert features is not None
+        self.features = features
 
-    spec = (
-        tf.TensorSpec([None, None, features.n_mfcc], tf.float32),
-        tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([None, None], tf.int32),
-        tf.TensorSpec([None], tf.int32),
-    )
+        self.model = DeepSpeech(cfg.model, features.n_mfcc, len(self.alphabet) + 1)
+        self.model((tf.zeros([1, 1, features.n_mfcc]), tf.ones([1], tf.int32)))
+        lr = cfg.learning_rate * (self.world if cfg.scale_lr else 1)  # Horovod: scale the step with the global batch
+        self.optimizer = tf.keras.optimizers.Adam(learning_rate=lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+        if cfg.automatic_mixed_precision:
+            self.optimizer = tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer)
+        self.optimizer.build(self.model.trainable_variables)
+        self.progress = Progress.new()
+        self.checkpoints = None
+        if self.rank == 0 and cfg.checkpoint_dir:
+            self.checkpoints = Checkpoints(cfg.checkpoint_dir, self.model, self.optimizer, self.progress, cfg.max_to_keep)
+        self.summaries = None
+        if self.rank == 0 and (cfg.summary_dir or cfg.checkpoint_dir):
+            self.summaries = tf.summary.create_file_writer(cfg.summary_dir or os.path.join(cfg.checkpoint_dir, "summaries"))
+        self.stop_request = StopRequest()
 
-    @tf.function(input_signature=spec + (tf.TensorSpec([], tf.float32),))
-    def train_step(x, x_len, y, y_len, stop):
+        spec = (
+            tf.TensorSpec([None, None, features.n_mfcc], tf.float32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+        )
+        self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([], tf.float32),))
+        self.eval_step = tf.function(self._eval_step, input_signature=spec)
+        self.dev_data = self._eval_dataset(self.dev_set, cfg.dev_batch_size) if self.dev_set.refs else None
+
+    # --- state
+    def restore_and_broadcast(self) -> None:
+        if self.checkpoints is not None:
+            resumed = self.checkpoints.restore_latest()
+            p = self.progress
+            if resumed:
+                log.info("Resuming from checkpoint %s (epoch %d done, step %d)", resumed, int(p.epoch), int(p.step))
+            else:
+                log.info("No checkpoint in %s: starting from random weights", self.cfg.checkpoint_dir)
+            self.checkpoints.write_config({"train": self.cfg.to_dict(), "features": self.features.to_dict(), "world_size": self.world})
+        # Horovod: every rank starts from rank 0's weights, optimizer state and counters.
+        variables = self.model.variables + self.optimizer.variables + self.progress.variables()
+        self.hvd.broadcast_variables(variables, root_rank=0)
+
+    # --- steps (traced once by tf.function)
+    def _train_step(self, x, x_len, y, y_len, stop):
+        model, optimizer, amp = self.model, self.optimizer, self.cfg.automatic_mixed_precision
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(ctc_loss(model((x, x_len), training=True), x_len, y, y_len))
-            scaled = optimizer.get_scaled_loss(loss) if cfg.automatic_mixed_precision else loss
-        tape = hvd.DistributedGradientTape(tape)  # Horovod: average gradients across ranks
+            scaled = optimizer.get_scaled_loss(loss) if amp else loss
+        tape = self.hvd.DistributedGradientTape(tape)  # Horovod: average gradients across ranks
         grads = tape.gradient(scaled, model.trainable_variables)
-        if cfg.automatic_mixed_precision:
+        if amp:
             grads = optimizer.get_unscaled_gradients(grads)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         # Horovod: one allreduce carries the loss for the log and whether any rank was asked to stop.
-        summed = hvd.allreduce(tf.stack([tf.cast(loss, tf.float32), stop]), op=hvd.Sum)
-        return summed[0] / world, summed[1] > 0
+        summed = self.hvd.allreduce(tf.stack([tf.cast(loss, tf.float32), stop]), op=self.hvd.Sum)
+        return summed[0] / self.world, summed[1] > 0
 
-    @tf.function(input_signature=spec)
-    def eval_step(x, x_len, y, y_len):
-        logits = model((x, x_len), training=False)
+    def _eval_step(self, x, x_len, y, y_len):
+        logits = self.model((x, x_len), training=False)
         return ctc_loss(logits, x_len, y, y_len), tf.argmax(logits, axis=-1, output_type=tf.int32)
 
-    def eval_dataset(ds_: _DataSet, batch_size: int) -> tf.data.Dataset:
-        # Same plan every epoch (no shuffling), so build the pipeline once.
-        plan = epoch_plan([r.rows for r in ds_.refs], rank, world, 0, cfg.random_seed, shuffle=False, pad=False)
-        return make_dataset(ds_.refs, plan, features, batch_size, world)
+    # --- evaluation
+    def _eval_dataset(self, data: _DataSet, batch_size: int) -> tf.data.Dataset:
+        # Same plan every epoch (no shuffling), so the pipeline is built once.
+        plan = epoch_plan([r.rows for r in data.refs], self.rank, self.world, 0, self.cfg.random_seed, shuffle=False, pad=False)
+        return make_dataset(data.refs, plan, self.features, batch_size, self.world)
 
-    def evaluate(dataset: tf.data.Dataset, decode: bool) -> dict:
+    def evaluate(self, dataset: tf.data.Dataset, decode: bool) -> dict:
         total, count, pairs = 0.0, 0, []
         for x, x_len, y, y_len in dataset:
-            losses, best = eval_step(x, x_len, y, y_len)
+            losses, best = self.eval_step(x, x_len, y, y_len)
             total += float(tf.reduce_sum(losses))
             count += int(losses.shape[0])
             if decode:
                 for b in range(best.shape[0]):
-                    ref = alphabet.decode(y[b, : y_len[b]].numpy())
-                    pairs.append((ref, greedy_decode(best[b, : x_len[b]].numpy(), alphabet)))
+                    ref = self.alphabet.decode(y[b, : y_len[b]].numpy())
+                    pairs.append((ref, greedy_decode(best[b, : x_len[b]].numpy(), self.alphabet)))
         # Horovod: ranks hold different numbers of samples here; sum, then divide.
-        sums = hvd.allreduce(tf.constant([total, float(count)], tf.float64), op=hvd.Sum).numpy()
+        sums = self.hvd.allreduce(tf.constant([total, float(count)], tf.float64), op=self.hvd.Sum).numpy()
         result = {"loss": sums[0] / max(sums[1], 1.0), "samples": int(sums[1])}
         if decode:
-            gathered = hvd.allgather_object(pairs)  # Horovod: every rank's transcripts, for corpus-level WER
-            all_pairs = [p for part in gathered for p in part]
-            result["wer"], result["cer"] = error_rates(all_pairs)
-            result["pairs"] = all_pairs
+            gathered = self.hvd.allgather_object(pairs)  # Horovod: every rank's transcripts, for corpus-level WER
+            result["pairs"] = [p for part in gathered for p in part]
+            result["wer"], result["cer"] = error_rates(result["pairs"])
         return result
 
-    dev_data = eval_dataset(dev_set, cfg.dev_batch_size) if dev_set.refs else None
-
-    def _train_epoch(epoch: int) -> None:
+    # --- training
+    def run_epoch(self, epoch: int) -> None:
+        cfg, progress = self.cfg, self.progress
         t0 = time.time()
-        plan = epoch_plan([r.rows for r in train_set.refs], rank, world, epoch, cfg.random_seed, cfg.shuffle, pad=True)
+        plan = epoch_plan([r.rows for r in self.train_set.refs], self.rank, self.world, epoch, cfg.random_seed, cfg.shuffle, pad=True)
         if plan.repeats:
-            log.info("epoch %d: rank %d repeats %d sample(s) to stay in step with the other ranks", epoch, rank, plan.repeats)
-        data = make_dataset(train_set.refs, plan, features, cfg.train_batch_size, world)
+            log.info("epoch %d: rank %d repeats %d sample(s) to stay in step with the other ranks", epoch, self.rank, plan.repeats)
+        data = make_dataset(self.train_set.refs, plan, self.features, cfg.train_batch_size, self.world)
         skip = int(progress.epoch_step)
         if skip:  # resuming a preempted epoch: the plan is the same, so skip what was done
             log.info("epoch %d: resuming after step %d of the epoch", epoch + 1, skip)
             data = data.skip(skip)
         losses = []
         for batch in data:
-            loss, stop = train_step(*batch, tf.constant(1.0 if stop_request.requested else 0.0))
+            loss, stop = self.train_step(*batch, tf.constant(1.0 if self.stop_request.requested else 0.0))
             losses.append(float(loss))
             progress.step.assign_add(1)
             progress.epoch_step.assign_add(1)
             if bool(stop):
-                if checkpoints is not None:
-                    path = checkpoints.save(int(progress.step), best=False)
-                    log.warning(
-                        "Stop requested (%s): saved %s at epoch %d, step %d of the epoch; exiting with %d to be resumed",
-                        stop_request.signal_name or "on another rank", path, epoch + 1, int(progress.epoch_step), EXIT_PREEMPTED,
-                    )
-                raise Preempted()
+                self._save_and_stop(epoch)
         progress.epoch.assign(epoch + 1)
         progress.epoch_step.assign(0)
         train_loss = float(np.mean(losses)) if losses else math.nan
         message = f"epoch {epoch + 1}/{cfg.epochs} train loss {train_loss:.4f} ({len(losses)} steps, {time.time() - t0:.1f} s)"
         if skip:
             message += f" after resuming at step {skip}"
-        is_best = False
-        dev_loss = None
-        if dev_data is not None:
-            dev_loss = evaluate(dev_data, decode=False)["loss"]
+        dev_loss, is_best = None, False
+        if self.dev_data is not None:
+            dev_loss = self.evaluate(self.dev_data, decode=False)["loss"]
             is_best = dev_loss < float(progress.best_dev_loss)
             if is_best:
                 progress.best_dev_loss.assign(dev_loss)
             message += f", dev loss {dev_loss:.4f}" + (" (best)" if is_best else "")
         log.info(message)
-        if summaries is not None:
-            with summaries.as_default(step=int(progress.step)):
+        if self.summaries is not None:
+            with self.summaries.as_default(step=int(progress.step)):
                 tf.summary.scalar("loss/train", train_loss)
                 if dev_loss is not None:
                     tf.summary.scalar("loss/dev", dev_loss)
-        if checkpoints is not None:
-            checkpoints.save(int(progress.step), best=is_best or dev_data is None)
-    start_epoch = int(progress.epoch)
-    if start_epoch >= cfg.epochs:
-        log.info("Training already complete: %d of %d epochs done", start_epoch, cfg.epochs)
-    stop_request = StopRequest()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            _train_epoch(epoch)
-    finally:
-        stop_request.restore()
-    digest = weights_digest(model)
-    print(f"rank {rank}/{world}: final weights sha256 {digest}", flush=True)
+        if self.checkpoints is not None:
+            self.checkpoints.save(int(progress.step), best=is_best or self.dev_data is None)
 
-    results: dict = {"epochs_done": int(progress.epoch), "weights_sha256": digest}
-    if test_set.refs:
-        test = evaluate(eval_dataset(test_set, cfg.test_batch_size), decode=True)
-        log.info("Test: WER %.4f, CER %.4f, loss %.4f (%d samples)", test["wer"], test["cer"], test["loss"], test["samples"])
-        for ref, hyp in test["pairs"][: cfg.report_count]:
+    def _save_and_stop(self, epoch: int) -> None:
+        if self.checkpoints is not None:
+            path = self.checkpoints.save(int(self.progress.step), best=False)
+            log.warning(
+                "Stop requested (%s): saved %s at epoch %d, step %d of the epoch; exiting with %d to be resumed",
+                self.stop_request.signal_name or "on another rank", path, epoch + 1, int(self.progress.epoch_step), EXIT_PREEMPTED,
+            )  # fmt: skip
+        raise Preempted()
+
+    def fit(self) -> None:
+        start = int(self.progress.epoch)
+        if start >= self.cfg.epochs:
+            log.info("Training already complete: %d of %d epochs done", start, self.cfg.epochs)
+        try:
+            for epoch in range(start, self.cfg.epochs):
+                self.run_epoch(epoch)
+        finally:
+            self.stop_request.restore()
+
+    # --- after training
+    def test(self) -> dict | None:
+        if not self.test_set.refs:
+            return None
+        result = self.evaluate(self._eval_dataset(self.test_set, self.cfg.test_batch_size), decode=True)
+        log.info("Test: WER %.4f, CER %.4f, loss %.4f (%d samples)", result["wer"], result["cer"], result["loss"], result["samples"])
+        for ref, hyp in result["pairs"][: self.cfg.report_count]:
             log.info("  ref: %s\n  hyp: %s", ref, hyp)
-        results["test"] = {k: v for k, v in test.items() if k != "pairs"}
+        return {k: v for k, v in result.items() if k != "pairs"}
 
-    if rank == 0 and cfg.export_dir:
+    def export(self) -> None:
+        if self.rank != 0 or not self.cfg.export_dir:
+            return
         source = "final weights"
-        if checkpoints is not None and dev_set.refs and checkpoints.best.latest_checkpoint:
-            source = checkpoints.restore_best() or source
-        export_model(cfg.export_dir, model, alphabet, features, {"epochs": int(progress.epoch), "weights_from": source})
-        log.info("Exported %s to %s", source, cfg.export_dir)
+        if self.checkpoints is not None and self.dev_set.refs and self.checkpoints.best.latest_checkpoint:
+            source = self.checkpoints.restore_best() or source
+        info = {"epochs": int(self.progress.epoch), "weights_from": source}
+        export_model(self.cfg.export_dir, self.model, self.alphabet, self.features, info)
+        log.info("Exported %s to %s", source, self.cfg.export_dir)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train on every rank; returns this rank's summary. Raises :class:`Preempted` after a stop request."""
+    hvd, n_gpus = _init_horovod(cfg)
+    setup_logging(hvd.rank(), cfg.checkpoint_dir)
+    trainer = Trainer(cfg, hvd, n_gpus)
+    trainer.restore_and_broadcast()
+    trainer.fit()
+    digest = weights_digest(trainer.model)
+    print(f"rank {trainer.rank}/{trainer.world}: final weights sha256 {digest}", flush=True)
+    results = {"epochs_done": int(trainer.progress.epoch), "weights_sha256": digest, "test": trainer.test()}
+    trainer.export()
     hvd.join()  # Horovod: nobody leaves while rank 0 still exports
     return results

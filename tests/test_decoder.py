@@ -141,3 +141,53 @@ def test_hot_words_change_the_result(alphabet_path):
     assert ctc_beam_search_decoder(probs, alphabet, beam_size=50, scorer=scorer)[0][1] == "the man"
     hot = ctc_beam_search_decoder(probs, alphabet, beam_size=50, scorer=scorer, hot_words={"men": 5.0})
     assert hot[0][1] == "the men"
+
+
+def noisy_spelling(text: str, alphabet: Alphabet, rng: np.random.Generator) -> np.ndarray:
+    """Posteriors for ``text`` with random confusions and blank runs, like a half-trained model's."""
+    frames = []
+    for ch in text:
+        for _ in range(rng.integers(1, 3)):
+            p = rng.dirichlet(np.full(len(alphabet) + 1, 0.3))
+            p[alphabet.encode(ch)[0]] += rng.uniform(0.5, 3.0)
+            frames.append(p / p.sum())
+        for _ in range(rng.integers(0, 3)):
+            p = rng.dirichlet(np.full(len(alphabet) + 1, 0.3))
+            p[alphabet.blank_index] += 3.0
+            frames.append(p / p.sum())
+    return np.array(frames)
+
+
+@pytest.mark.parametrize("with_scorer", [False, True])
+def test_compiled_search_matches_the_reference(with_scorer, alphabet_path):
+    from dstrain.decoder.ctc import reference_beam_search
+
+    if with_scorer and not SCORER.exists():
+        pytest.skip("../shared/data/scorer not present")
+    alphabet = Alphabet.from_file(alphabet_path)
+    scorer = Scorer(0.75, 1.85, str(SCORER), alphabet) if with_scorer else None
+    rng = np.random.default_rng(5)
+    sentences = ["she had your dark suit", "the man had a car", "far from here", "i think so"]
+    for i in range(8):
+        probs = noisy_spelling(sentences[i % len(sentences)], alphabet, rng)
+        kwargs = dict(beam_size=16, scorer=scorer, num_results=5, hot_words={"far": 2.0} if i == 2 else None)
+        compiled = ctc_beam_search_decoder(probs, alphabet, **kwargs)
+        reference = reference_beam_search(probs, alphabet, **kwargs)
+        # float32 (as DeepSpeech) against float64: same transcripts in the same order, scores within rounding.
+        assert [t for _, t in compiled] == [t for _, t in reference]
+        np.testing.assert_allclose([s for s, _ in compiled], [s for s, _ in reference], rtol=1e-4, atol=1e-3)
+
+
+@needs_scorer
+def test_batch_in_processes_matches_single(alphabet_path):
+    alphabet = Alphabet.from_file(alphabet_path)
+    scorer = Scorer(0.75, 1.85, str(SCORER), alphabet)
+    rng = np.random.default_rng(1)
+    utterances = [noisy_spelling(s, alphabet, rng) for s in ("the man", "she had your dark suit", "far from here")]
+    lengths = [len(u) for u in utterances]
+    batch = np.zeros((3, max(lengths), len(alphabet) + 1))
+    for i, u in enumerate(utterances):
+        batch[i, : len(u)] = u
+    parallel = ctc_beam_search_decoder_batch(batch, lengths, alphabet, 20, num_processes=2, scorer=scorer)
+    single = [ctc_beam_search_decoder(u, alphabet, 20, scorer=scorer) for u in utterances]
+    assert parallel == single

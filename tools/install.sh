@@ -39,7 +39,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade 'pip<25' 'setuptools<70' wheel
+$PIP install -q --upgrade 'pip<25' 'setuptools<70' wheel 'pybind11>=2.11' 
 
 if [ "$DSTRAIN_TF" = gpu ]; then TF_REQ='tensorflow[and-cuda]==2.15.*'; else TF_REQ='tensorflow-cpu==2.15.*'; fi
 log "installing $TF_REQ"

@@ -1,5 +1,8 @@
 """CTC prefix beam search with an optional KenLM scorer, as DeepSpeech's native_client/ctcdecode.
 
+The search runs in C++ (``_ctc_search.cpp``, built by setup.py); :func:`reference_beam_search` is the same
+algorithm in Python, the specification the compiled one is tested against.
+
 Prefixes live in a trie (one node per prefix); each holds the log probabilities of ending in blank and in
 non-blank at the previous and current frame. With a scorer, prefixes are constrained to the scorer's vocabulary
 trie, and at each word boundary (a space) ``alpha * ln P_lm(word | history) + beta`` is added; the unfinished last
@@ -215,6 +218,51 @@ class _Search:
         return [(score, prefix.labels()) for score, prefix in scored[:num_results]]
 
 
+def _check(probs_seq: np.ndarray, alphabet: Alphabet) -> np.ndarray:
+    probs_seq = np.ascontiguousarray(probs_seq, dtype=np.float64)
+    if probs_seq.ndim != 2 or probs_seq.shape[1] != len(alphabet) + 1:
+        raise ValueError(f"probs_seq must be [time, {len(alphabet) + 1}] (alphabet + blank), got {probs_seq.shape}")
+    return probs_seq
+
+
+def reference_beam_search(
+    probs_seq: np.ndarray, alphabet: Alphabet, beam_size: int, cutoff_prob: float = 1.0, cutoff_top_n: int = 40,
+    scorer: Scorer | None = None, hot_words: dict[str, float] | None = None, num_results: int = 1,
+) -> list[tuple[float, str]]:  # fmt: skip
+    """The search in pure Python (float64): the specification of the compiled decoder, ~50x slower."""
+    probs_seq = _check(probs_seq, alphabet)
+    search = _Search(alphabet, beam_size, cutoff_prob, cutoff_top_n, scorer, hot_words or {})
+    for frame in probs_seq:
+        search.step(frame)
+    return [(score, alphabet.decode(labels)) for score, labels in search.results(num_results)]
+
+
+def _compiled(alphabet: Alphabet, scorer: Scorer | None):
+    from dstrain.decoder import _ctc_search
+
+    if scorer is None:
+        return _ctc_search.Decoder(list(alphabet.labels), alphabet.blank_index, _space(alphabet))
+    # One compiled decoder per scorer and alphabet: it holds the vocabulary trie and the LM score cache.
+    key = alphabet.labels
+    decoder = scorer.compiled.get(key)
+    if decoder is None:
+        decoder = _ctc_search.Decoder(list(alphabet.labels), alphabet.blank_index, _space(alphabet))
+        fst = scorer.fst
+        state_of_arc = np.repeat(np.arange(len(fst.states)), fst.states["narcs"].astype(np.int64))
+        order = np.lexsort((fst.arcs["ilabel"], state_of_arc))  # arcs sorted by label within each state
+        decoder.set_dictionary(
+            fst.start, fst.states["pos"].astype(np.int64), fst.states["narcs"].astype(np.int64),
+            np.ascontiguousarray(fst.arcs["ilabel"][order]), np.ascontiguousarray(fst.arcs["nextstate"][order]),
+            np.isfinite(fst.states["final"]).astype(np.uint8),
+        )  # fmt: skip
+        scorer.compiled[key] = decoder
+    return decoder
+
+
+def _space(alphabet: Alphabet) -> int:
+    return -1 if alphabet.space_index is None else alphabet.space_index
+
+
 def ctc_beam_search_decoder(
     probs_seq: np.ndarray,
     alphabet: Alphabet,
@@ -226,13 +274,33 @@ def ctc_beam_search_decoder(
     num_results: int = 1,
 ) -> list[tuple[float, str]]:
     """Best transcripts of ``probs_seq`` ``[T, len(alphabet)+1]`` (softmax outputs, blank last) as (score, text)."""
-    probs_seq = np.asarray(probs_seq, dtype=np.float64)
-    if probs_seq.ndim != 2 or probs_seq.shape[1] != len(alphabet) + 1:
-        raise ValueError(f"probs_seq must be [time, {len(alphabet) + 1}] (alphabet + blank), got {probs_seq.shape}")
-    search = _Search(alphabet, beam_size, cutoff_prob, cutoff_top_n, scorer, hot_words or {})
-    for frame in probs_seq:
-        search.step(frame)
-    return [(score, alphabet.decode(labels)) for score, labels in search.results(num_results)]
+    probs_seq = _check(probs_seq, alphabet)
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    decoder = _compiled(alphabet, scorer)
+    lm = scorer.log_cond_prob if scorer is not None else None
+    results = decoder.decode(
+        probs_seq, beam_size, cutoff_prob, cutoff_top_n, lm,
+        scorer.alpha if scorer else 0.0, scorer.beta if scorer else 0.0, scorer.max_order if scorer else 0,
+        dict(hot_words or {}), num_results,
+    )  # fmt: skip
+    return [(score, alphabet.decode(labels)) for score, labels in results]
+
+
+# Per worker process: the scorer, loaded once by the pool's initializer.
+_WORKER_SCORER: Scorer | None = None
+
+
+def _init_worker(scorer_args: tuple | None, alphabet: Alphabet) -> None:
+    global _WORKER_SCORER
+    if scorer_args is not None:
+        path, alpha, beta = scorer_args
+        _WORKER_SCORER = Scorer(alpha, beta, path, alphabet)
+
+
+def _decode_one(job: tuple) -> list[tuple[float, str]]:
+    probs, alphabet, beam_size, cutoff_prob, cutoff_top_n, hot_words, num_results = job
+    return ctc_beam_search_decoder(probs, alphabet, beam_size, cutoff_prob, cutoff_top_n, _WORKER_SCORER, hot_words, num_results)
 
 
 def ctc_beam_search_decoder_batch(
@@ -247,12 +315,19 @@ def ctc_beam_search_decoder_batch(
     hot_words: dict[str, float] | None = None,
     num_results: int = 1,
 ) -> list[list[tuple[float, str]]]:
-    """Decode ``probs_seq`` ``[B, T, C]`` with per-item lengths. (Parallel decoding: see the decoder issue notes.)"""
+    """Decode ``probs_seq`` ``[B, T, C]`` with per-item lengths, on ``num_processes`` processes."""
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if len(seq_lengths) != len(probs_seq):
         raise ValueError("need one sequence length per batch element")
-    return [
-        ctc_beam_search_decoder(p[:n], alphabet, beam_size, cutoff_prob, cutoff_top_n, scorer, hot_words, num_results)
-        for p, n in zip(probs_seq, seq_lengths)
-    ]
+    items = [np.ascontiguousarray(p[:n]) for p, n in zip(probs_seq, seq_lengths)]
+    if num_processes == 1 or len(items) < 2:
+        return [ctc_beam_search_decoder(p, alphabet, beam_size, cutoff_prob, cutoff_top_n, scorer, hot_words, num_results) for p in items]
+    import multiprocessing
+
+    # Each worker loads the scorer itself (a KenLM model does not pickle); spawn keeps workers clear of
+    # TensorFlow's threads in the parent.
+    scorer_args = (scorer.path, scorer.alpha, scorer.beta) if scorer is not None else None
+    jobs = [(p, alphabet, beam_size, cutoff_prob, cutoff_top_n, dict(hot_words or {}), num_results) for p in items]
+    with multiprocessing.get_context("spawn").Pool(min(num_processes, len(items)), _init_worker, (scorer_args, alphabet)) as pool:
+        return pool.map(_decode_one, jobs, chunksize=max(1, len(jobs) // (4 * num_processes)))

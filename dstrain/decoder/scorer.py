@@ -18,6 +18,7 @@ class Scorer:
     def __init__(self, alpha: float | None = None, beta: float | None = None, scorer_path: str = "", alphabet: Alphabet | None = None):
         if not scorer_path:
             raise ScorerError("scorer_path is empty (--scorer_path)")
+        self.path = scorer_path
         self.package = read_scorer_package(scorer_path)
         if self.package.utf8:
             raise ScorerError(f"{scorer_path}: UTF-8 (bytes output) mode scorers are not supported by this dstrain yet")
@@ -30,6 +31,8 @@ class Scorer:
         self.max_order = self.model.order
         self.fst = self.package.fst
         self._cache: dict[tuple[bool, tuple[str, ...]], float] = {}
+        self.compiled: dict = {}
+        """Compiled decoders by alphabet labels (dstrain.decoder.ctc fills it)."""
 
     def reset_params(self, alpha: float, beta: float) -> None:
         self.alpha, self.beta = float(alpha), float(beta)
