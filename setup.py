@@ -35,7 +35,7 @@ setup(
         "soxr>=0.3",
         "pyarrow>=17,<22",  # 22+ needs NumPy 2; TensorFlow 2.15 needs NumPy 1
         "fsspec>=2023.6",
-        "kenlm",
+        "kenlm==0.3.0",  # tools/install.sh builds lmplz/build_binary from the same source
         "tqdm>=4.60",
     ],
     extras_require={

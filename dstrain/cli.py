@@ -127,6 +127,25 @@ def _add_k8s(sub) -> None:
     r.add_argument("--train_args", default="", help="extra dstrain train flags, one string")
 
 
+def _add_scorer(sub) -> None:
+    p = sub.add_parser("scorer", help="language models and DeepSpeech .scorer packages")
+    which = p.add_subparsers(dest="scorer_command", required=True)
+    b = which.add_parser("build", help="KenLM binary + vocabulary -> .scorer (DeepSpeech's generate_scorer_package)")
+    b.add_argument("--alphabet", help="alphabet.txt (not needed with --force_bytes_output_mode)")
+    b.add_argument("--lm", required=True, help="KenLM binary model (dstrain scorer lm writes one)")
+    b.add_argument("--vocab", required=True, help="words separated by whitespace")
+    b.add_argument("--package", required=True, help="the .scorer to write")
+    b.add_argument("--default_alpha", type=float, required=True)
+    b.add_argument("--default_beta", type=float, required=True)
+    b.add_argument("--force_bytes_output_mode", action="store_true", help="UTF-8 bytes trie instead of the alphabet")
+    lm = which.add_parser("lm", help="text corpus -> KenLM binary model and vocabulary (DeepSpeech's generate_lm.py)")
+    lm.add_argument("--text", required=True, help="one normalised sentence per line")
+    lm.add_argument("--output_dir", required=True)
+    lm.add_argument("--order", type=int, default=5)
+    lm.add_argument("--top_k", type=int, default=500000, help="vocabulary size")
+    lm.add_argument("--prune", type=int, nargs="*", default=[0, 0, 1], help="lmplz pruning thresholds per order")
+
+
 def _add_transcribe(sub) -> None:
     p = sub.add_parser("transcribe", help="print the transcript of audio files")
     p.add_argument("--model", required=True, help="export directory (dstrain train --export_dir)")
@@ -152,6 +171,25 @@ def _import(args: argparse.Namespace) -> int:
 
         report = import_csv(args.csv_files, args.output_dir, args.filter_alphabet, normalise=args.normalize)
     print(report.summary())
+    return 0
+
+
+def _scorer(args: argparse.Namespace) -> int:
+    if args.scorer_command == "lm":
+        from dstrain.decoder.lm_build import LmConfig, build_lm
+
+        binary, vocab = build_lm(LmConfig(args.text, args.output_dir, args.order, args.top_k, tuple(args.prune)))
+        print(f"{binary}\n{vocab}")
+        return 0
+    from dstrain.alphabet import Alphabet
+    from dstrain.decoder.scorer_build import build_package
+
+    alphabet = Alphabet.from_file(args.alphabet) if args.alphabet else None
+    report = build_package(args.lm, args.vocab, args.package, alphabet, args.default_alpha, args.default_beta, args.force_bytes_output_mode)
+    print(f"{args.package}: {report.words} words, trie of {report.states} states and {report.arcs} arcs")
+    if report.skipped:
+        print(f"{len(report.skipped)} word(s) skipped, characters outside the alphabet: {' '.join(report.skipped[:20])}"
+              + (" ..." if len(report.skipped) > 20 else ""))
     return 0
 
 
@@ -188,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_launch(sub)
     _add_k8s(sub)
+    _add_scorer(sub)
     _add_transcribe(sub)
     return parser
 
@@ -244,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
             fields["train_args"] = tuple(shlex.split(args.train_args))
         print(to_yaml(render(K8sConfig(**fields))), end="")
         return 0
+    if args.command == "scorer":
+        return _scorer(args)
     if args.command == "shards":
         return _shards_info(args.stores, verify_checksums=not args.no_verify)
     if args.command == "train":

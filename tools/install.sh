@@ -65,6 +65,22 @@ $PIP install -q --no-deps "$HVD_CACHE"/horovod-*.whl
 # Horovod's own runtime needs, without letting pip touch TensorFlow.
 $PIP install -q cloudpickle psutil pyyaml packaging cffi
 
+# --- KenLM's lmplz and build_binary (dstrain scorer lm), from the same kenlm source as the Python module.
+KENLM_VERSION=0.3.0
+KENLM_BIN="$CACHE/kenlm-$KENLM_VERSION-bin"
+if [ ! -x "$KENLM_BIN/lmplz" ] || [ ! -x "$KENLM_BIN/build_binary" ]; then
+  log "building KenLM $KENLM_VERSION lmplz and build_binary (about a minute)"
+  src=$(mktemp -d)
+  $PIP download -q --no-deps --no-binary :all: -d "$src" "kenlm==$KENLM_VERSION"
+  tar xzf "$src"/kenlm-*.tar.gz -C "$src"
+  (cd "$src"/kenlm-*/ && mkdir -p build && cd build \
+     && PATH="/usr/bin:$PATH" cmake .. -DCMAKE_BUILD_TYPE=Release -DKENLM_MAX_ORDER=6 >/dev/null \
+     && make -j"$(nproc)" lmplz build_binary >/dev/null)
+  mkdir -p "$KENLM_BIN.tmp" && cp "$src"/kenlm-*/build/bin/lmplz "$src"/kenlm-*/build/bin/build_binary "$KENLM_BIN.tmp/"
+  rm -rf "$KENLM_BIN" "$src"; mv "$KENLM_BIN.tmp" "$KENLM_BIN"
+fi
+cp "$KENLM_BIN/lmplz" "$KENLM_BIN/build_binary" "$VENV/bin/"
+
 log "installing dstrain (editable) and test tools"
 DSTRAIN_TF=$DSTRAIN_TF $PIP install -q --no-build-isolation -e '.[test]'
 echo "$want" > "$STAMP"

@@ -1,0 +1,73 @@
+"""Text corpus -> KenLM binary language model, as DeepSpeech's data/lm/generate_lm.py: keep the ``top_k`` most
+frequent words, estimate an n-gram model with KenLM's ``lmplz`` restricted to them, quantise it into a trie binary
+with ``build_binary``. The two programs are built from the kenlm source on PyPI by tools/install.sh."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LmConfig:
+    text: str
+    """Training text, one sentence per line, already normalised like the transcripts (lower case, alphabet only)."""
+    output_dir: str
+    order: int = 5
+    top_k: int = 500000
+    """Vocabulary size: the most frequent words; the others become <unk>."""
+    prune: tuple[int, ...] = (0, 0, 1)
+    """lmplz --prune thresholds per order (DeepSpeech: 0 0 1)."""
+    memory: str = "50%"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.order <= 6:
+            raise ValueError(f"order must be in 2..6 (KenLM is built with KENLM_MAX_ORDER=6), got {self.order}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+def kenlm_tool(name: str) -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"KenLM's {name} not found beside {sys.executable} nor on PATH: run tools/install.sh")
+    return found
+
+
+def build_lm(cfg: LmConfig) -> tuple[str, str]:
+    """Returns (binary model path, vocabulary path)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    counts: Counter[str] = Counter()
+    with open(cfg.text, encoding="utf-8") as f:
+        for line in f:
+            counts.update(line.split())
+    if not counts:
+        raise ValueError(f"{cfg.text}: no words")
+    vocab = [w for w, _ in counts.most_common(cfg.top_k)]
+    vocab_path = os.path.join(cfg.output_dir, f"vocab-{len(vocab)}.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        f.write(" ".join(vocab) + "\n")
+    arpa = os.path.join(cfg.output_dir, "lm.arpa")
+    prune = [str(p) for p in cfg.prune[: cfg.order]]
+    lmplz = [
+        kenlm_tool("lmplz"), "--order", str(cfg.order), "--memory", cfg.memory, "--temp_prefix", cfg.output_dir,
+        "--text", cfg.text, "--arpa", arpa, "--limit_vocab_file", vocab_path, "--skip_symbols",
+        "--discount_fallback",  # small corpora lack the counts-of-counts Kneser-Ney discounts need
+    ] + (["--prune", *prune] if prune else [])  # fmt: skip
+    _run(lmplz)
+    binary = os.path.join(cfg.output_dir, "lm.binary")
+    _run([kenlm_tool("build_binary"), "-a", "255", "-q", "8", "-v", "trie", arpa, binary])
+    os.remove(arpa)
+    return binary, vocab_path
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(argv[0])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
