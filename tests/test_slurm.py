@@ -3,11 +3,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tool
 from test_preprocess_scale import many_rows_csv, store_digest
 
 pytestmark = pytest.mark.slow
@@ -28,8 +29,9 @@ def slurm(tmp_path_factory):
 
 
 def job_env(slurm: dict, **params) -> dict:
-    venv = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("dstrain") or "")))
-    return {**slurm, "DSTRAIN_HOME": str(REPO), "DSTRAIN_VENV": os.environ.get("VIRTUAL_ENV") or venv, **params}
+    # The venv running these tests (its bin/python is a link: do not resolve it out of the venv).
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    return {**slurm, "DSTRAIN_HOME": str(REPO), "DSTRAIN_VENV": venv, **params}
 
 
 def scontrol_job(slurm: dict, job: str) -> dict[str, str]:
@@ -104,7 +106,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, ldc93s1_store, alphabet_pa
 def test_preprocessing_job_over_mpi_ranks(slurm, alphabet_path, tmp_path):
     src = many_rows_csv(tmp_path, 30)
     local = tmp_path / "local"
-    subprocess.run(["dstrain", "preprocess", "--csv", src, "--alphabet", alphabet_path, "--output", str(local), "--chunk_rows", "4"],
+    subprocess.run([tool("dstrain"), "preprocess", "--csv", src, "--alphabet", alphabet_path, "--output", str(local), "--chunk_rows", "4"],
                    check=True, capture_output=True, env=job_env(slurm))  # fmt: skip
     env = job_env(slurm, CSV=src, ALPHABET=alphabet_path, OUTPUT=str(tmp_path / "slurm_store"))
     proc = subprocess.run(
