@@ -37,6 +37,7 @@ setup(
         "fsspec>=2023.6",
         "kenlm==0.3.0",  # tools/install.sh builds lmplz/build_binary from the same source
         "tqdm>=4.60",
+        "optuna>=3",
     ],
     extras_require={
         "bench": ["pyctcdecode"],

@@ -91,6 +91,7 @@ def _add_train(sub) -> None:
     _flag(p, "shuffle", True, "shuffle training samples each epoch")
     p.add_argument("--random_seed", type=int, default=4568)
     p.add_argument("--report_count", type=int, default=5, help="test transcripts to print")
+    _decoder_flags(p)
     p.add_argument("--inter_op_parallelism_threads", type=int, default=0, help="0 means TensorFlow's choice")
     p.add_argument("--intra_op_parallelism_threads", type=int, default=0, help="0 means TensorFlow's choice")
 
@@ -144,6 +145,34 @@ def _add_scorer(sub) -> None:
     lm.add_argument("--order", type=int, default=5)
     lm.add_argument("--top_k", type=int, default=500000, help="vocabulary size")
     lm.add_argument("--prune", type=int, nargs="*", default=[0, 0, 1], help="lmplz pruning thresholds per order")
+
+
+def _decoder_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scorer_path", default="", help="DeepSpeech .scorer package; empty decodes without one")
+    p.add_argument("--lm_alpha", type=float, default=None, help="language model weight (default: the package's)")
+    p.add_argument("--lm_beta", type=float, default=None, help="word insertion bonus (default: the package's)")
+    p.add_argument("--beam_width", type=int, default=1024)
+    p.add_argument("--cutoff_prob", type=float, default=1.0, help="1.0 means no cumulative-probability pruning")
+    p.add_argument("--cutoff_top_n", type=int, default=300)
+
+
+def _add_evaluate(sub) -> None:
+    for name, help_ in (("evaluate", "WER/CER of a checkpoint or export on test stores"),
+                        ("lm-optimize", "search lm_alpha/lm_beta on a dev set with optuna")):  # fmt: skip
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--test_files", type=_files, required=True, help="feature store(s), comma-separated")
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--checkpoint_dir", help="a training run's checkpoints (best dev, else latest)")
+        src.add_argument("--model", help="an export directory")
+        p.add_argument("--test_batch_size", type=int, default=8)
+        _decoder_flags(p)
+        if name == "evaluate":
+            p.add_argument("--report_count", type=int, default=5, help="best/median/worst samples to print")
+            p.add_argument("--test_output_file", default="", help="per-sample results as JSON")
+        else:
+            p.add_argument("--n_trials", type=int, default=2400)
+            p.add_argument("--lm_alpha_max", type=float, default=5.0)
+            p.add_argument("--lm_beta_max", type=float, default=5.0)
 
 
 def _add_transcribe(sub) -> None:
@@ -227,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(sub)
     _add_k8s(sub)
     _add_scorer(sub)
+    _add_evaluate(sub)
     _add_transcribe(sub)
     return parser
 
@@ -283,11 +313,27 @@ def run(args: argparse.Namespace) -> int:
             fields["train_args"] = tuple(shlex.split(args.train_args))
         print(to_yaml(render(K8sConfig(**fields))), end="")
         return 0
+    if args.command in ("evaluate", "lm-optimize"):
+        from dstrain.evaluate import DecoderConfig, EvalConfig, evaluate, optimize_lm
+
+        dec = DecoderConfig(args.beam_width, args.scorer_path, args.lm_alpha, args.lm_beta, args.cutoff_prob, args.cutoff_top_n)
+        cfg = EvalConfig(
+            test_files=args.test_files, checkpoint_dir=args.checkpoint_dir or "", model=args.model or "",
+            test_batch_size=args.test_batch_size, decoder=dec,
+            report_count=getattr(args, "report_count", 5), test_output_file=getattr(args, "test_output_file", ""),
+        )  # fmt: skip
+        if args.command == "evaluate":
+            evaluate(cfg)
+        else:
+            alpha, beta, wer = optimize_lm(cfg, args.n_trials, args.lm_alpha_max, args.lm_beta_max)
+            print(f"Best params: lm_alpha={alpha:.6f} and lm_beta={beta:.6f} with WER={wer:.6f}")
+        return 0
     if args.command == "scorer":
         return _scorer(args)
     if args.command == "shards":
         return _shards_info(args.stores, verify_checksums=not args.no_verify)
     if args.command == "train":
+        from dstrain.evaluate import DecoderConfig
         from dstrain.model import ModelConfig
         from dstrain.train import Preempted, TrainConfig, train
 
@@ -315,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
             model=ModelConfig(
                 n_hidden=args.n_hidden, n_context=args.n_context, relu_clip=args.relu_clip, dropout_rate=args.dropout_rate
             ),
+            decoder=DecoderConfig(args.beam_width, args.scorer_path, args.lm_alpha, args.lm_beta, args.cutoff_prob, args.cutoff_top_n),
         )
         try:
             train(cfg)

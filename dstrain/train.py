@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from dstrain.alphabet import Alphabet, greedy_decode
+from dstrain.alphabet import Alphabet
 from dstrain.checkpoint import Checkpoints, Progress
 from dstrain.data import ShardRef, epoch_plan, make_dataset, shard_refs
+from dstrain.decoder.ctc import ctc_beam_search_decoder
+from dstrain.evaluate import DecoderConfig
 from dstrain.export import export_model
 from dstrain.features import FeatureConfig
 from dstrain.metrics import error_rates
@@ -56,6 +58,8 @@ class TrainConfig:
     inter_op_parallelism_threads: int = 0
     intra_op_parallelism_threads: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """Beam search (and scorer) for the test set after training."""
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -217,7 +221,7 @@ class Trainer:
 
     def _eval_step(self, x, x_len, y, y_len):
         logits = self.model((x, x_len), training=False)
-        return ctc_loss(logits, x_len, y, y_len), tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return ctc_loss(logits, x_len, y, y_len), tf.nn.softmax(logits)
 
     # --- evaluation
     def _eval_dataset(self, data: _DataSet, batch_size: int) -> tf.data.Dataset:
@@ -227,14 +231,18 @@ class Trainer:
 
     def evaluate(self, dataset: tf.data.Dataset, decode: bool) -> dict:
         total, count, pairs = 0.0, 0, []
+        dec = self.cfg.decoder
+        scorer = dec.scorer(self.alphabet) if decode else None
         for x, x_len, y, y_len in dataset:
-            losses, best = self.eval_step(x, x_len, y, y_len)
+            losses, probs = self.eval_step(x, x_len, y, y_len)
             total += float(tf.reduce_sum(losses))
             count += int(losses.shape[0])
             if decode:
-                for b in range(best.shape[0]):
+                for b in range(probs.shape[0]):
                     ref = self.alphabet.decode(y[b, : y_len[b]].numpy())
-                    pairs.append((ref, greedy_decode(best[b, : x_len[b]].numpy(), self.alphabet)))
+                    p = probs[b, : x_len[b]].numpy().astype(np.float64)
+                    hyp = ctc_beam_search_decoder(p, self.alphabet, dec.beam_width, dec.cutoff_prob, dec.cutoff_top_n, scorer)[0][1]
+                    pairs.append((ref, hyp))
         # Horovod: ranks hold different numbers of samples here; sum, then divide.
         sums = self.hvd.allreduce(tf.constant([total, float(count)], tf.float64), op=self.hvd.Sum).numpy()
         result = {"loss": sums[0] / max(sums[1], 1.0), "samples": int(sums[1])}

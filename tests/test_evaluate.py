@@ -1,0 +1,83 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tool
+from dstrain.alphabet import Alphabet
+from dstrain.evaluate import DecoderConfig, EvalConfig, Posteriors, decode_all, optimize_lm, sample_report, summarize
+from dstrain.metrics import error_rates
+from test_decoder import SCORER, needs_scorer, spell
+
+
+def test_numbers_checked_by_hand():
+    post = Posteriors(["u1", "u2"], ["a b c", "d e"], [np.zeros((1, 1))] * 2, [2.0, 4.0])
+    samples = sample_report(post, ["a x c", "d e f"])
+    # words: 1 substitution of 3, 1 insertion over 2 -> 2 / 5; chars: "b"->"x" 1, " f" inserted 2 -> 3 / 8.
+    summary = summarize(samples, report_count=1)
+    assert summary["wer"] == pytest.approx(2 / 5) and summary["cer"] == pytest.approx(3 / 8)
+    assert summary["loss"] == 3.0 and summary["samples"] == 2
+    assert [s["wer"] for s in samples] == pytest.approx([1 / 3, 1 / 2])
+    assert summary["best"][0]["wav_filename"] == "u1" and summary["worst"][0]["wav_filename"] == "u2"
+
+
+def test_config_needs_one_model_source():
+    with pytest.raises(ValueError, match="exactly one"):
+        EvalConfig(test_files=("s",))
+    with pytest.raises(ValueError, match="beam_width"):
+        DecoderConfig(beam_width=0)
+
+
+@needs_scorer
+def test_lm_optimize_finds_parameters_that_reproduce_its_wer(monkeypatch, alphabet_path):
+    import dstrain.evaluate as ev
+
+    alphabet = Alphabet.from_file(alphabet_path)
+    refs = ["the man had a dark suit", "she had your dark suit", "the men had far"]
+    confused = [spell("the man had a dark suit", alphabet, {5: {"q": 0.5, "a": 0.4}}), spell("she had your dark suit", alphabet),
+                spell("the men had far", alphabet, {5: {"a": 0.45, "e": 0.4}})]  # fmt: skip
+    post = Posteriors(["1", "2", "3"], refs, confused, [0.0] * 3)
+    monkeypatch.setattr(ev, "posteriors", lambda cfg, rank=0, world=1: (alphabet, post))
+    cfg = EvalConfig(test_files=("x",), model="m", decoder=DecoderConfig(beam_width=32, scorer_path=str(SCORER)))
+    alpha, beta, wer = optimize_lm(cfg, n_trials=15, alpha_max=3, beta_max=3)
+    scorer = cfg.decoder.scorer(alphabet)
+    scorer.reset_params(alpha, beta)
+    assert error_rates(list(zip(refs, decode_all(post, alphabet, cfg.decoder, scorer))))[0] == wer
+    scorer.reset_params(0.75, 1.85)
+    assert wer <= error_rates(list(zip(refs, decode_all(post, alphabet, cfg.decoder, scorer))))[0]
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoint_export_and_two_ranks_agree(tmp_path, ldc93s1_csv, alphabet_path):
+    from preprocess.pipeline import PreprocessConfig, preprocess
+
+    rows = open(ldc93s1_csv).read().splitlines()
+    (tmp_path / "three.csv").write_text("\n".join([rows[0]] + [rows[1]] * 3) + "\n")
+    store = str(tmp_path / "store")
+    preprocess(PreprocessConfig(csv_files=(str(tmp_path / "three.csv"),), alphabet_path=alphabet_path, output=store), progress=False)
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    subprocess.run([tool("dstrain"), "train", "--train_files", store, "--dev_files", store, "--alphabet_config_path", alphabet_path,
+                    "--n_hidden", "16", "--epochs", "3", "--checkpoint_dir", str(tmp_path / "ckpt"), "--export_dir", str(tmp_path / "export")],
+                   check=True, capture_output=True, env=env)  # fmt: skip
+    common = ["--test_files", store, "--beam_width", "20", "--scorer_path", str(SCORER), "--report_count", "1"]
+
+    def run(prefix: list[str], source: list[str], out: str) -> tuple[dict, list[dict]]:
+        proc = subprocess.run(prefix + [tool("dstrain"), "evaluate", *source, *common, "--test_output_file", str(tmp_path / out)],
+                              capture_output=True, text=True, env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = re.search(r"WER: ([\d.]+), CER: ([\d.]+), loss: ([\d.]+), (\d+) samples", proc.stdout)
+        return {"wer": float(m[1]), "cer": float(m[2]), "loss": float(m[3]), "n": int(m[4])}, json.load(open(tmp_path / out))
+
+    ckpt, per_sample = run([], ["--checkpoint_dir", str(tmp_path / "ckpt")], "a.json")
+    export, _ = run([], ["--model", str(tmp_path / "export")], "b.json")
+    ranks, per_sample2 = run([tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"], ["--checkpoint_dir", str(tmp_path / "ckpt")], "c.json")
+    assert ckpt["n"] == export["n"] == ranks["n"] == 3 and len(per_sample) == len(per_sample2) == 3
+    assert ckpt["loss"] == pytest.approx(export["loss"], rel=1e-4) == pytest.approx(ranks["loss"], rel=1e-4)
+    assert ckpt["wer"] == ranks["wer"] and ckpt["cer"] == ranks["cer"]
+    # The corpus figures are the per-sample edit counts pooled, not the mean of per-sample rates.
+    wer, cer = error_rates([(s["src"], s["res"]) for s in per_sample])
+    assert ckpt["wer"] == pytest.approx(wer, abs=1e-6) and ckpt["cer"] == pytest.approx(cer, abs=1e-6)
