@@ -91,6 +91,10 @@ class Alphabet:
     def decode(self, labels: Iterable[int]) -> str:
         return "".join(self.labels[i] for i in labels)
 
+    def label_bytes(self) -> list[bytes]:
+        """Labels as the UTF-8 bytes the compiled decoder builds words from."""
+        return [label.encode("utf-8") for label in self.labels]
+
     def serialize(self) -> str:
         """The alphabet as a DeepSpeech alphabet file."""
         lines = ["\\#" if label == "#" else label for label in self.labels]
@@ -110,3 +114,35 @@ def greedy_decode(best_path: Sequence[int], alphabet: Alphabet) -> str:
             out.append(label)
         previous = label
     return alphabet.decode(out)
+
+
+class UTF8Alphabet:
+    """DeepSpeech's bytes-output alphabet: labels 0..254 are the bytes 1..255 of the UTF-8 transcript, so any
+    language fits in 255 outputs (+ blank). Decoding joins the bytes and reads them as UTF-8."""
+
+    labels: tuple[str, ...] = tuple(chr(b) for b in range(1, 256))  # one label per byte value, as latin-1 text
+
+    def __len__(self) -> int:
+        return 255
+
+    @property
+    def blank_index(self) -> int:
+        return 255
+
+    @property
+    def space_index(self) -> int:
+        return ord(" ") - 1
+
+    def missing(self, transcript: str) -> list[str]:
+        return ["\0"] if "\0" in transcript else []
+
+    def encode(self, transcript: str) -> list[int]:
+        if "\0" in transcript:
+            raise AlphabetError(f"transcript {transcript!r} holds a NUL byte, which has no label")
+        return [b - 1 for b in transcript.encode("utf-8")]
+
+    def decode(self, labels: Iterable[int]) -> str:
+        return bytes(int(i) + 1 for i in labels).decode("utf-8", errors="replace")
+
+    def label_bytes(self) -> list[bytes]:
+        return [bytes([i + 1]) for i in range(255)]

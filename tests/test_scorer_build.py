@@ -84,3 +84,46 @@ def test_bytes_output_mode_package_and_clear_errors(tmp_path, alphabet_path):
     (tmp_path / "lm.arpa").write_text("\\data\\\nngram 1=1\n")
     with pytest.raises(ScorerError, match="not a KenLM binary"):
         build_package(str(tmp_path / "lm.arpa"), str(tmp_path / "words.txt"), str(tmp_path / "x.scorer"), None, 0.5, 1.0, utf8=True)
+
+
+def byte_posteriors(text: str, confusions: dict[int, dict[int, float]] | None = None) -> np.ndarray:
+    """UTF-8 mode posteriors (255 byte labels + blank): one frame per byte, then a blank frame per character."""
+    frames = []
+    for ch in text:
+        for b in ch.encode("utf-8"):
+            p = np.full(256, 1e-4)
+            for byte, mass in (confusions or {}).get(len(frames), {b: 0.9}).items():
+                p[byte - 1] = mass
+            p[255] = 0.05
+            frames.append(p / p.sum())
+        blank = np.full(256, 1e-4)
+        blank[255] = 1.0
+        frames.append(blank / blank.sum())
+    return np.array(frames)
+
+
+def test_utf8_mode_with_a_bytes_scorer(tmp_path):
+    """DeepSpeech's bytes output mode: a character-level LM (each character a "word"), a trie of characters,
+    LM scores at every completed codepoint."""
+    import subprocess
+
+    from dstrain.alphabet import UTF8Alphabet
+
+    words = ["бедняга", "ребят", "должен", "месте", "быть", "бедняга", "была", "нога", "дорога"]
+    (tmp_path / "chars.txt").write_text("\n".join(" ".join(w) for w in words * 20) + "\n")
+    out = subprocess.run([tool("dstrain"), "scorer", "lm", "--text", str(tmp_path / "chars.txt"), "--output_dir", str(tmp_path), "--order", "3"],
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    binary, vocab = out
+    report = build_package(binary, vocab, str(tmp_path / "ru.scorer"), None, 2.0, 0.0, utf8=True)
+    assert report.words == len(set("".join(words)))
+    alphabet = UTF8Alphabet()
+    scorer = Scorer(None, None, str(tmp_path / "ru.scorer"), alphabet)
+    # "бедняга" with its last letter's second byte confusable: а = D0 B0, о = D0 BE. Byte frames: 2 per letter
+    # plus a blank, so the last letter's second byte is frame 3 * 6 + 1.
+    probs = byte_posteriors("бедняга", {19: {0xBE: 0.5, 0xB0: 0.4}})
+    assert ctc_beam_search_decoder(probs, alphabet, 30)[0][1] == "бедняго"
+    assert ctc_beam_search_decoder(probs, alphabet, 30, scorer=scorer)[0][1] == "бедняга"
+    # A character outside the trie cannot be produced with the scorer: "ж" (D0 B6) is not in the corpus.
+    probs = byte_posteriors("нога", {1: {0xB6: 0.6, 0xBD: 0.3}})  # frame 1: second byte of н (D0 BD)
+    assert ctc_beam_search_decoder(probs, alphabet, 30)[0][1] == "жога"
+    assert ctc_beam_search_decoder(probs, alphabet, 30, scorer=scorer)[0][1] == "нога"

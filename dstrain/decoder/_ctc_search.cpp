@@ -53,10 +53,10 @@ struct Dictionary {
 
 class Search {
  public:
-  Search(int blank, int space, size_t beam, double cutoff_prob, size_t cutoff_top_n, const Dictionary* dict,
+  Search(int blank, int space, bool utf8, size_t beam, double cutoff_prob, size_t cutoff_top_n, const Dictionary* dict,
          py::object lm, float alpha, float beta, int max_order, const std::vector<std::string>* labels,
          const std::unordered_map<std::string, float>* hot_words, std::unordered_map<std::string, float>* cache)
-      : blank_(blank), space_(space), beam_(beam), cutoff_prob_(cutoff_prob), cutoff_top_n_(cutoff_top_n),
+      : blank_(blank), space_(space), utf8_(utf8), beam_(beam), cutoff_prob_(cutoff_prob), cutoff_top_n_(cutoff_top_n),
         dict_(dict), lm_(std::move(lm)), alpha_(alpha), beta_(beta), max_order_(max_order), labels_(labels),
         hot_words_(hot_words), cache_(cache) {
     nodes_.emplace_back();
@@ -96,7 +96,14 @@ class Search {
         } else {
           log_p = log_prob_c + pre.score;
         }
-        if (scoring() && c == space_) log_p += word_score(p);
+        // Character mode scores the word a space completes; UTF-8 mode scores every completed codepoint.
+        if (scoring()) {
+          if (utf8_) {
+            if (ends_codepoint(child)) log_p += word_score(child);
+          } else if (c == space_) {
+            log_p += word_score(p);
+          }
+        }
         nodes_[child].nb_cur = log_sum_exp(nodes_[child].nb_cur, log_p);
       }
     }
@@ -114,7 +121,9 @@ class Search {
     for (size_t i = 0; i < prefixes_.size(); ++i) {
       int p = prefixes_[i];
       float s = nodes_[p].score;
-      if (scoring() && i < beam_ && nodes_[p].parent >= 0 && nodes_[p].character != space_) s += word_score(p);
+      // The unfinished last word (or, in UTF-8 mode, an incomplete codepoint: out of vocabulary) is scored too.
+      bool done = utf8_ ? ends_codepoint(p) : nodes_[p].character == space_;
+      if (scoring() && i < beam_ && nodes_[p].parent >= 0 && !done) s += word_score(p);
       scored.emplace_back(s, p);
     }
     std::stable_sort(scored.begin(), scored.end(), [this](const auto& a, const auto& b) {
@@ -216,8 +225,27 @@ class Search {
     return out;
   }
 
-  // Up to max_order words ending at node i, oldest first (DeepSpeech's make_ngram).
+  // UTF-8 mode: labels are bytes (label + 1). A byte starts a codepoint unless it is 10xxxxxx.
+  unsigned char byte_of(int i) const { return static_cast<unsigned char>(nodes_[i].character + 1); }
+  static bool starts_codepoint(unsigned char b) { return (b & 0xC0) != 0x80; }
+
+  // Whether node i ends a complete codepoint (DeepSpeech's is_scoring_boundary in UTF-8 mode).
+  bool ends_codepoint(int i) const {
+    int distance = 1, j = i;
+    while (!starts_codepoint(byte_of(j))) {
+      j = nodes_[j].parent;
+      if (j <= 0) return false;  // a continuation byte with no lead byte: not a boundary
+      ++distance;
+    }
+    unsigned char first = byte_of(j);
+    int needed = (first >> 3) == 0x1E ? 4 : (first >> 4) == 0x0E ? 3 : (first >> 5) == 0x06 ? 2 : (first >> 7) == 0 ? 1 : -1;
+    return distance == needed;
+  }
+
+  // Up to max_order words ending at node i, oldest first (DeepSpeech's make_ngram); in UTF-8 mode a "word" is
+  // one codepoint (get_prev_grapheme), the unit of a character-level language model.
   std::vector<std::string> ngram(int i) const {
+    if (utf8_) return codepoint_ngram(i);
     std::vector<std::string> words;
     int current = i;
     for (int order = 0; order < max_order_; ++order) {
@@ -236,6 +264,23 @@ class Search {
     return words;
   }
 
+  std::vector<std::string> codepoint_ngram(int i) const {
+    std::vector<std::string> words;
+    int current = i;
+    for (int order = 0; order < max_order_ && current > 0; ++order) {
+      std::string cp;
+      while (current > 0) {
+        cp.insert(cp.begin(), static_cast<char>(byte_of(current)));
+        bool first = starts_codepoint(byte_of(current));
+        current = nodes_[current].parent;
+        if (first) break;
+      }
+      words.push_back(cp);
+    }
+    std::reverse(words.begin(), words.end());
+    return words;
+  }
+
   float word_score(int i) {
     std::vector<std::string> words = ngram(i);
     bool bos = static_cast<int>(words.size()) < max_order_;
@@ -247,7 +292,7 @@ class Search {
       lm = hit->second;
     } else {
       py::tuple t(words.size());
-      for (size_t k = 0; k < words.size(); ++k) t[k] = py::str(words[k]);
+      for (size_t k = 0; k < words.size(); ++k) t[k] = py::bytes(words[k]);  // may hold a partial codepoint
       lm = lm_(t, bos).cast<float>();
       cache_->emplace(std::move(key), lm);
     }
@@ -262,6 +307,7 @@ class Search {
   }
 
   int blank_, space_;
+  bool utf8_;
   size_t beam_;
   double cutoff_prob_;
   size_t cutoff_top_n_;
@@ -279,7 +325,8 @@ class Search {
 
 class Decoder {
  public:
-  Decoder(std::vector<std::string> labels, int blank, int space) : labels_(std::move(labels)), blank_(blank), space_(space) {}
+  Decoder(std::vector<std::string> labels, int blank, int space, bool utf8)
+      : labels_(std::move(labels)), blank_(blank), space_(space), utf8_(utf8) {}
 
   void set_dictionary(int start, py::array_t<int64_t> pos, py::array_t<int64_t> narcs, py::array_t<int32_t> ilabel,
                       py::array_t<int32_t> next, py::array_t<uint8_t> final) {
@@ -301,7 +348,7 @@ class Decoder {
     if (probs.ndim() != 2) throw std::invalid_argument("probs must be [time, classes]");
     if (beam < 1) throw std::invalid_argument("beam_size must be >= 1");
     const Dictionary none;
-    Search search(blank_, space_, beam, cutoff_prob, cutoff_top_n, lm.is_none() ? &none : &dict_, lm, alpha, beta,
+    Search search(blank_, space_, utf8_, beam, cutoff_prob, cutoff_top_n, lm.is_none() ? &none : &dict_, lm, alpha, beta,
                   max_order, &labels_, &hot_words, &cache_);
     const double* data = probs.data();
     int t_max = static_cast<int>(probs.shape(0)), n = static_cast<int>(probs.shape(1));
@@ -312,6 +359,7 @@ class Decoder {
  private:
   std::vector<std::string> labels_;
   int blank_, space_;
+  bool utf8_;
   Dictionary dict_;
   std::unordered_map<std::string, float> cache_;
 };
@@ -321,7 +369,8 @@ class Decoder {
 PYBIND11_MODULE(_ctc_search, m) {
   m.doc() = "Compiled CTC prefix beam search (see dstrain.decoder.ctc)";
   py::class_<Decoder>(m, "Decoder")
-      .def(py::init<std::vector<std::string>, int, int>(), py::arg("labels"), py::arg("blank"), py::arg("space"))
+      .def(py::init<std::vector<std::string>, int, int, bool>(), py::arg("labels"), py::arg("blank"), py::arg("space"),
+           py::arg("utf8"))
       .def("set_dictionary", &Decoder::set_dictionary)
       .def("clear_cache", &Decoder::clear_cache)
       .def("decode", &Decoder::decode, py::arg("probs"), py::arg("beam"), py::arg("cutoff_prob"), py::arg("cutoff_top_n"),

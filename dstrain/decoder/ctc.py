@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dstrain.alphabet import Alphabet
+from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.decoder.scorer import Scorer
 
 NEG_INF = -math.inf
@@ -229,7 +229,9 @@ def reference_beam_search(
     probs_seq: np.ndarray, alphabet: Alphabet, beam_size: int, cutoff_prob: float = 1.0, cutoff_top_n: int = 40,
     scorer: Scorer | None = None, hot_words: dict[str, float] | None = None, num_results: int = 1,
 ) -> list[tuple[float, str]]:  # fmt: skip
-    """The search in pure Python (float64): the specification of the compiled decoder, ~50x slower."""
+    """The search in pure Python (float64): the specification of the compiled decoder in character mode."""
+    if isinstance(alphabet, UTF8Alphabet):
+        raise ValueError("the reference search covers character mode; UTF-8 mode is in the compiled decoder only")
     probs_seq = _check(probs_seq, alphabet)
     search = _Search(alphabet, beam_size, cutoff_prob, cutoff_top_n, scorer, hot_words or {})
     for frame in probs_seq:
@@ -240,13 +242,14 @@ def reference_beam_search(
 def _compiled(alphabet: Alphabet, scorer: Scorer | None):
     from dstrain.decoder import _ctc_search
 
+    utf8 = isinstance(alphabet, UTF8Alphabet)
     if scorer is None:
-        return _ctc_search.Decoder(list(alphabet.labels), alphabet.blank_index, _space(alphabet))
+        return _ctc_search.Decoder(alphabet.label_bytes(), alphabet.blank_index, _space(alphabet), utf8)
     # One compiled decoder per scorer and alphabet: it holds the vocabulary trie and the LM score cache.
     key = alphabet.labels
     decoder = scorer.compiled.get(key)
     if decoder is None:
-        decoder = _ctc_search.Decoder(list(alphabet.labels), alphabet.blank_index, _space(alphabet))
+        decoder = _ctc_search.Decoder(alphabet.label_bytes(), alphabet.blank_index, _space(alphabet), utf8)
         fst = scorer.fst
         state_of_arc = np.repeat(np.arange(len(fst.states)), fst.states["narcs"].astype(np.int64))
         order = np.lexsort((fst.arcs["ilabel"], state_of_arc))  # arcs sorted by label within each state
@@ -278,7 +281,10 @@ def ctc_beam_search_decoder(
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     decoder = _compiled(alphabet, scorer)
-    lm = scorer.log_cond_prob if scorer is not None else None
+    lm = None
+    if scorer is not None:
+        # Words arrive as bytes (in UTF-8 mode possibly a partial codepoint, which KenLM then calls OOV).
+        lm = lambda words, bos: scorer.log_cond_prob(tuple(w.decode("utf-8", "replace") for w in words), bos)  # noqa: E731
     results = decoder.decode(
         probs_seq, beam_size, cutoff_prob, cutoff_top_n, lm,
         scorer.alpha if scorer else 0.0, scorer.beta if scorer else 0.0, scorer.max_order if scorer else 0,

@@ -5,7 +5,7 @@ import math
 
 import kenlm
 
-from dstrain.alphabet import Alphabet
+from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.decoder.scorer_package import ScorerError, read_scorer_package
 
 OOV_SCORE = -1000.0
@@ -15,15 +15,20 @@ _LOG10_E = math.log10(math.e)  # KenLM scores are log10; the search works in nat
 class Scorer:
     """DeepSpeech's ``Scorer(alpha, beta, scorer_path, alphabet)``: word-level LM scoring at word boundaries."""
 
-    def __init__(self, alpha: float | None = None, beta: float | None = None, scorer_path: str = "", alphabet: Alphabet | None = None):
+    def __init__(
+        self, alpha: float | None = None, beta: float | None = None, scorer_path: str = "",
+        alphabet: Alphabet | UTF8Alphabet | None = None,
+    ):  # fmt: skip
         if not scorer_path:
             raise ScorerError("scorer_path is empty (--scorer_path)")
         self.path = scorer_path
         self.package = read_scorer_package(scorer_path)
         if self.package.utf8:
-            raise ScorerError(f"{scorer_path}: UTF-8 (bytes output) mode scorers are not supported by this dstrain yet")
-        if alphabet is None:
-            raise ValueError("an alphabet is needed for a character-mode scorer")
+            alphabet = alphabet or UTF8Alphabet()
+            if not isinstance(alphabet, UTF8Alphabet):
+                raise ScorerError(f"{scorer_path} is a UTF-8 (bytes output) scorer: decode with UTF8Alphabet()")
+        elif alphabet is None or isinstance(alphabet, UTF8Alphabet):
+            raise ScorerError(f"{scorer_path} is a character-mode scorer: decode with the alphabet it was built for")
         self.alphabet = alphabet
         self.alpha = self.package.alpha if alpha is None else float(alpha)
         self.beta = self.package.beta if beta is None else float(beta)
