@@ -19,24 +19,11 @@ import numpy as np
 from dstrain.alphabet import Alphabet
 from dstrain.decoder.ctc import ctc_beam_search_decoder, ctc_beam_search_decoder_batch
 from dstrain.decoder.scorer import Scorer
+from dstrain.decoder.synthetic import noisy_posteriors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared", "data")
 ALPHABET = os.path.join(HERE, "..", "dstrain", "data", "alphabet.txt")
-
-
-def posteriors(text: str, alphabet: Alphabet, rng: np.random.Generator) -> np.ndarray:
-    frames = []
-    for ch in text:
-        for _ in range(rng.integers(1, 3)):
-            p = rng.dirichlet(np.full(len(alphabet) + 1, 0.3))
-            p[alphabet.encode(ch)[0]] += rng.uniform(0.5, 3.0)
-            frames.append(p / p.sum())
-        for _ in range(rng.integers(0, 2)):
-            p = rng.dirichlet(np.full(len(alphabet) + 1, 0.3))
-            p[alphabet.blank_index] += 3.0
-            frames.append(p / p.sum())
-    return np.array(frames)
 
 
 def utterances(alphabet: Alphabet, n: int = 40) -> list[np.ndarray]:
@@ -47,7 +34,7 @@ def utterances(alphabet: Alphabet, n: int = 40) -> list[np.ndarray]:
     while len(out) < n:
         line = lines[rng.integers(len(lines))]
         words = line.split()[: rng.integers(8, 16)]
-        p = posteriors(" ".join(words), alphabet, rng)
+        p = noisy_posteriors(" ".join(words), alphabet, rng, max_blanks=1)
         if 126 <= len(p) <= 215:
             out.append(p)
     return out

@@ -12,9 +12,10 @@ import dataclasses
 import os
 import re
 import shlex
-import shutil
 import sys
 from dataclasses import dataclass, field
+
+from dstrain.executables import find_executable
 
 LAUNCHERS = ("horovodrun", "mpirun")
 
@@ -164,20 +165,9 @@ def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: i
     return argv + list(cfg.command), env
 
 
-def _executable(name: str) -> str:
-    """The launcher beside this Python (the venv's horovodrun) first, then PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), name)
-    if os.access(beside, os.X_OK):
-        return beside
-    found = shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found beside {sys.executable} nor on PATH (install dstrain with tools/install.sh)")
-    return found
-
-
 def launch(cfg: LaunchConfig, dry_run: bool = False) -> int:
     argv, env = build_command(cfg, dict(os.environ), os.cpu_count() or 1)
-    argv[0] = _executable(argv[0])
+    argv[0] = find_executable(argv[0])
     # Ranks started by the launcher find dstrain and Python beside it, activated or not.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if cfg.log_dir:

@@ -144,18 +144,9 @@ def test_hot_words_change_the_result(alphabet_path):
 
 
 def noisy_spelling(text: str, alphabet: Alphabet, rng: np.random.Generator) -> np.ndarray:
-    """Posteriors for ``text`` with random confusions and blank runs, like a half-trained model's."""
-    frames = []
-    for ch in text:
-        for _ in range(rng.integers(1, 3)):
-            p = rng.dirichlet(np.full(len(alphabet) + 1, 0.3))
-            p[alphabet.encode(ch)[0]] += rng.uniform(0.5, 3.0)
-            frames.append(p / p.sum())
-        for _ in range(rng.integers(0, 3)):
-            p = rng.dirichlet(np.full(len(alphabet) + 1, 0.3))
-            p[alphabet.blank_index] += 3.0
-            frames.append(p / p.sum())
-    return np.array(frames)
+    from dstrain.decoder.synthetic import noisy_posteriors
+
+    return noisy_posteriors(text, alphabet, rng, max_blanks=2)
 
 
 @pytest.mark.parametrize("with_scorer", [False, True])

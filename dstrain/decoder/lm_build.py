@@ -4,11 +4,11 @@ with ``build_binary``. The two programs are built from the kenlm source on PyPI 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
+
+from dstrain.executables import find_executable
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,7 @@ class LmConfig:
 
 
 def kenlm_tool(name: str) -> str:
-    beside = os.path.join(os.path.dirname(sys.executable), name)
-    if os.access(beside, os.X_OK):
-        return beside
-    found = shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"KenLM's {name} not found beside {sys.executable} nor on PATH: run tools/install.sh")
-    return found
+    return find_executable(name)
 
 
 def build_lm(cfg: LmConfig) -> tuple[str, str]:
