@@ -31,8 +31,9 @@ if [ -n "${missing// /}" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-# --- up to date? The stamp records the inputs that decide what the venv holds.
-want="$(sha256sum setup.py tools/install.sh | sha256sum | cut -c1-16)-$DSTRAIN_TF"
+# --- up to date? The stamp records the inputs that decide what the venv holds (the decoder's C++ included:
+# the editable install compiles it in place).
+want="$(sha256sum setup.py tools/install.sh dstrain/decoder/*.cpp | sha256sum | cut -c1-16)-$DSTRAIN_TF"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c 'import horovod.tensorflow, dstrain' 2>/dev/null; then
   exit 0
 fi
