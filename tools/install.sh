@@ -72,11 +72,13 @@ KENLM_BIN="$CACHE/kenlm-$KENLM_VERSION-bin"
 if [ ! -x "$KENLM_BIN/lmplz" ] || [ ! -x "$KENLM_BIN/build_binary" ]; then
   log "building KenLM $KENLM_VERSION lmplz and build_binary (about a minute)"
   src=$(mktemp -d)
-  $PIP download -q --no-deps --no-binary :all: -d "$src" "kenlm==$KENLM_VERSION"
+  # --no-build-isolation: reading the sdist's metadata with our setuptools, not building cmake from source.
+  $PIP download -q --no-deps --no-build-isolation --no-binary :all: -d "$src" "kenlm==$KENLM_VERSION"
   tar xzf "$src"/kenlm-*.tar.gz -C "$src"
   (cd "$src"/kenlm-*/ && mkdir -p build && cd build \
-     && PATH="/usr/bin:$PATH" cmake .. -DCMAKE_BUILD_TYPE=Release -DKENLM_MAX_ORDER=6 >/dev/null \
-     && make -j"$(nproc)" lmplz build_binary >/dev/null)
+     && PATH="/usr/bin:$PATH" cmake .. -DCMAKE_BUILD_TYPE=Release -DKENLM_MAX_ORDER=6 \
+     && make -j"$(nproc)" lmplz build_binary) > "$src/build.log" 2>&1 \
+    || { tail -30 "$src/build.log" >&2; log "KenLM build failed (log above)"; exit 1; }
   mkdir -p "$KENLM_BIN.tmp" && cp "$src"/kenlm-*/build/bin/lmplz "$src"/kenlm-*/build/bin/build_binary "$KENLM_BIN.tmp/"
   rm -rf "$KENLM_BIN" "$src"; mv "$KENLM_BIN.tmp" "$KENLM_BIN"
 fi
