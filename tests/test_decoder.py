@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import DATA, SHARED
+from conftest import SHARED
 from dstrain.alphabet import Alphabet
 from dstrain.decoder.ctc import ctc_beam_search_decoder, ctc_beam_search_decoder_batch, pruned_log_probs
 from dstrain.decoder.scorer import Scorer

@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import soundfile
 
@@ -43,7 +42,7 @@ def cv_corpus(tmp_path_factory) -> str:
         f.write(f"x\t{clip}\tRoom 101 is here\t2\t0\t\t\t\n")
         f.write(f"x\t{clip}\tthe café is open\t2\t0\t\t\t\n")
         f.write(f"x\t{clip}\tWell-known, isn't it?\t2\t0\t\t\t\n")
-        f.write(f"x\tnot_there.mp3\thello\t2\t0\t\t\t\n")
+        f.write("x\tnot_there.mp3\thello\t2\t0\t\t\t\n")
     return str(out)
 
 
