@@ -156,6 +156,13 @@ def _decoder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cutoff_top_n", type=int, default=300)
 
 
+def _decoder_config(args: argparse.Namespace):
+    """The DecoderConfig of the flags _decoder_flags adds (train, evaluate, lm-optimize)."""
+    from dstrain.evaluate import DecoderConfig
+
+    return DecoderConfig(args.beam_width, args.scorer_path, args.lm_alpha, args.lm_beta, args.cutoff_prob, args.cutoff_top_n)
+
+
 def _add_evaluate(sub) -> None:
     for name, help_ in (("evaluate", "WER/CER of a checkpoint or export on test stores"),
                         ("lm-optimize", "search lm_alpha/lm_beta on a dev set with optuna")):  # fmt: skip
@@ -314,9 +321,9 @@ def run(args: argparse.Namespace) -> int:
         print(to_yaml(render(K8sConfig(**fields))), end="")
         return 0
     if args.command in ("evaluate", "lm-optimize"):
-        from dstrain.evaluate import DecoderConfig, EvalConfig, evaluate, optimize_lm
+        from dstrain.evaluate import EvalConfig, evaluate, optimize_lm
 
-        dec = DecoderConfig(args.beam_width, args.scorer_path, args.lm_alpha, args.lm_beta, args.cutoff_prob, args.cutoff_top_n)
+        dec = _decoder_config(args)
         cfg = EvalConfig(
             test_files=args.test_files, checkpoint_dir=args.checkpoint_dir or "", model=args.model or "",
             test_batch_size=args.test_batch_size, decoder=dec,
@@ -333,7 +340,6 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "shards":
         return _shards_info(args.stores, verify_checksums=not args.no_verify)
     if args.command == "train":
-        from dstrain.evaluate import DecoderConfig
         from dstrain.model import ModelConfig
         from dstrain.train import Preempted, TrainConfig, train
 
@@ -361,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
             model=ModelConfig(
                 n_hidden=args.n_hidden, n_context=args.n_context, relu_clip=args.relu_clip, dropout_rate=args.dropout_rate
             ),
-            decoder=DecoderConfig(args.beam_width, args.scorer_path, args.lm_alpha, args.lm_beta, args.cutoff_prob, args.cutoff_top_n),
+            decoder=_decoder_config(args),
         )
         try:
             train(cfg)

@@ -90,9 +90,9 @@ def load_probs_fn(cfg: EvalConfig):
     features = FeatureConfig(**saved["features"])
     model = DeepSpeech(ModelConfig(**saved["train"]["model"]), features.n_mfcc, len(alphabet) + 1)
     model((tf.zeros([1, 1, features.n_mfcc]), tf.ones([1], tf.int32)))
-    ckpt = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(cfg.checkpoint_dir, "best_dev"), 1)
-    latest = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), os.path.join(cfg.checkpoint_dir, "train"), 1)
-    source = ckpt.latest_checkpoint or latest.latest_checkpoint
+    source = tf.train.latest_checkpoint(os.path.join(cfg.checkpoint_dir, "best_dev")) or tf.train.latest_checkpoint(
+        os.path.join(cfg.checkpoint_dir, "train")
+    )
     if not source:
         raise FileNotFoundError(f"{cfg.checkpoint_dir}: no checkpoint to evaluate")
     tf.train.Checkpoint(model=model).restore(source).expect_partial()
