@@ -24,7 +24,7 @@ setup(
     version="0.1.0",
     description="Distributed DeepSpeech-style CTC training with Horovod",
     python_requires=">=3.10,<3.12",
-    packages=find_packages(include=["dstrain", "dstrain.*", "preprocess", "preprocess.*", "launch", "launch.*"]),
+    packages=find_packages(include=["dstrain", "dstrain.*"]),
     package_data={"dstrain": ["data/*.wav", "data/*.txt"]},
     install_requires=[
         TF[flavour],
@@ -38,6 +38,9 @@ setup(
         "kenlm==0.3.0",  # tools/install.sh builds lmplz/build_binary from the same source
         "tqdm>=4.60",
         "optuna>=3",
+        "rapidfuzz>=3,<4",
+        "matplotlib>=3.7,<4",  # dstrain report
+        "webrtcvad-wheels>=2.0.11",  # dstrain transcribe: long recordings split at pauses
     ],
     extras_require={
         "bench": ["pyctcdecode"],

@@ -1,70 +1,85 @@
-"""Evaluation: posteriors from a checkpoint or an export, beam search with an optional scorer, WER/CER.
+"""Evaluation, the one implementation behind training's dev and test phases, ``dstrain evaluate`` and
+``dstrain lm-optimize``: posteriors of a model over feature stores, CTC loss, beam search with an optional
+scorer, WER/CER.
 
 WER and CER are corpus-level, as DeepSpeech reports them: edit distance summed over samples divided by the summed
-reference length. Samples are dealt out over Horovod ranks and gathered to rank 0, which reports and writes.
+reference length. Samples are dealt out over the ranks of the :class:`~dstrain.distributed.World` and gathered.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from dstrain.alphabet import Alphabet
-from dstrain.data import epoch_plan, make_dataset, shard_refs
-from dstrain.decoder.ctc import ctc_beam_search_decoder
+from dstrain.config import option, parse_list
+from dstrain.decoder.config import DecoderConfig
 from dstrain.decoder.scorer import Scorer
+from dstrain.distributed import World
 from dstrain.features import FeatureConfig
+from dstrain.loader.pipeline import epoch_plan, make_dataset, shard_refs
 from dstrain.metrics import edit_distance, error_rates
 from dstrain.model import ctc_loss
-from dstrain.store import check_compatible, read_manifest
+from dstrain.store import FeatureStore
+
+LogitsFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+"""(MFCC [B,T,F], lengths [B]) -> logits or log-probabilities [B,T,C], blank last (CTC's loss is the same for both)."""
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
-    beam_width: int = 1024
-    """Beam width (--beam_width, DeepSpeech's default 1024)."""
-    scorer_path: str = ""
-    """DeepSpeech .scorer package (--scorer_path); empty decodes without a language model."""
-    lm_alpha: float | None = None
-    """Language model weight (--lm_alpha); None takes the package's default."""
-    lm_beta: float | None = None
-    """Word insertion bonus (--lm_beta); None takes the package's default."""
-    cutoff_prob: float = 1.0
-    cutoff_top_n: int = 300
+class EvaluationSetConfig:
+    """Test set"""
+
+    test_files: tuple[str, ...] = option((), parse=parse_list)
+    """Test feature store(s), comma-separated: WER/CER after training, or what dstrain evaluate scores."""
+    test_batch_size: int = 8
+    """Utterances per evaluation step on each worker."""
+    report_count: int = 5
+    """Best, median and worst samples to print."""
+    test_output_file: str = ""
+    """Per-sample results as JSON (rank 0 writes)."""
 
     def __post_init__(self) -> None:
-        if self.beam_width < 1:
-            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
-
-    def scorer(self, alphabet: Alphabet) -> Scorer | None:
-        return Scorer(self.lm_alpha, self.lm_beta, self.scorer_path, alphabet) if self.scorer_path else None
+        if self.test_batch_size < 1:
+            raise ValueError(f"test_batch_size must be >= 1, got {self.test_batch_size}")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    test_files: tuple[str, ...]
+    """dstrain evaluate: WER/CER of a checkpoint or an export on test stores"""
+
     checkpoint_dir: str = ""
-    """Evaluate the best-dev (else latest) checkpoint of a training run ..."""
+    """A training run: its best-dev checkpoint, else the latest."""
     model: str = ""
-    """... or an export directory."""
-    test_batch_size: int = 8
-    report_count: int = 5
-    test_output_file: str = ""
+    """An export directory (instead of --checkpoint_dir)."""
+    test: EvaluationSetConfig = field(default_factory=EvaluationSetConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
-        if not self.test_files:
+        if not self.test.test_files:
             raise ValueError("test_files: give at least one feature store (--test_files)")
         if bool(self.checkpoint_dir) == bool(self.model):
             raise ValueError("give exactly one of --checkpoint_dir and --model")
 
 
+@dataclass(frozen=True)
+class LmOptimizeConfig(EvalConfig):
+    """dstrain lm-optimize: search lm_alpha/lm_beta on a dev set with optuna"""
+
+    n_trials: int = 2400
+    """Trials of optuna's TPE sampler (DeepSpeech's lm_optimizer.py default)."""
+    lm_alpha_max: float = 5.0
+    """Upper end of the lm_alpha search range."""
+    lm_beta_max: float = 5.0
+    """Upper end of the lm_beta search range."""
+
+
 @dataclass
 class Posteriors:
-    """What the acoustic model said about each sample; decoding runs on these (again, for lm-optimize)."""
+    """What the acoustic model said about each sample of this rank; decoding runs on these (again, for lm-optimize)."""
 
     ids: list[str]
     references: list[str]
@@ -72,61 +87,44 @@ class Posteriors:
     losses: list[float]
 
 
-def load_probs_fn(cfg: EvalConfig):
-    """(alphabet, features, fn(mfcc [B,T,F], lengths [B]) -> probs [B,T,C])."""
-    if cfg.model:
-        from dstrain.export import load_model
-
-        loaded = load_model(cfg.model)
-        return loaded.alphabet, loaded.features, lambda x, n: loaded.module.probs(x, n)["probs"]
-    from dstrain.model import DeepSpeech, ModelConfig
-
-    path = os.path.join(cfg.checkpoint_dir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{cfg.checkpoint_dir}: no config.json; not a dstrain checkpoint directory")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    alphabet = Alphabet.from_file(saved["train"]["alphabet_config_path"])
-    features = FeatureConfig(**saved["features"])
-    model = DeepSpeech(ModelConfig(**saved["train"]["model"]), features.n_mfcc, len(alphabet) + 1)
-    model((tf.zeros([1, 1, features.n_mfcc]), tf.ones([1], tf.int32)))
-    source = tf.train.latest_checkpoint(os.path.join(cfg.checkpoint_dir, "best_dev")) or tf.train.latest_checkpoint(
-        os.path.join(cfg.checkpoint_dir, "train")
-    )
-    if not source:
-        raise FileNotFoundError(f"{cfg.checkpoint_dir}: no checkpoint to evaluate")
-    tf.train.Checkpoint(model=model).restore(source).expect_partial()
-    return alphabet, features, lambda x, n: tf.nn.softmax(model((x, n), training=False))
+def open_stores(urls: Sequence[str], alphabet: Alphabet) -> list[FeatureStore]:
+    stores = [FeatureStore.open(url) for url in urls]
+    for s in stores:
+        s.check_alphabet(alphabet)
+    return stores
 
 
-def posteriors(cfg: EvalConfig, rank: int = 0, world: int = 1):
-    """This rank's share of the test samples: posteriors, references and CTC losses."""
-    alphabet, features, probs_fn = load_probs_fn(cfg)
-    stores = []
-    for url in cfg.test_files:
-        m = read_manifest(url)
-        check_compatible(m, alphabet, url)
-        stores.append((url, m))
-    refs = shard_refs(stores)
-    plan = epoch_plan([r.rows for r in refs], rank, world, 0, 0, shuffle=False, pad=False)
-    ids = [f"{refs[s].url}#{row}" for s, row in plan.items]
-    out = Posteriors(ids, [], [], [])
-    for x, x_len, y, y_len in make_dataset(refs, plan, features, cfg.test_batch_size, world):
-        probs = probs_fn(x, x_len)
-        # softmax(log p) = p: the CTC loss of the posteriors is the model's loss.
-        losses = ctc_loss(tf.math.log(tf.maximum(probs, 1e-30)), x_len, y, y_len).numpy()
-        for b in range(probs.shape[0]):
-            out.probs.append(probs[b, : x_len[b]].numpy().astype(np.float64))
-            out.references.append(alphabet.decode(y[b, : y_len[b]].numpy()))
-            out.losses.append(float(losses[b]))
-    return alphabet, out
+class EvalSet:
+    """A fixed set of samples (dev or test) dealt out over the ranks, batched once."""
+
+    def __init__(self, stores: Sequence[FeatureStore], features: FeatureConfig, batch_size: int, world: World):
+        refs = shard_refs(stores)
+        plan = epoch_plan([r.rows for r in refs], world.rank, world.size, 0, 0, shuffle=False, pad=False)
+        self.ids = [f"{refs[s].url}#{row}" for s, row in plan.items]
+        self.dataset = make_dataset(refs, plan, features, batch_size, world.size)
+        self.world = world
+
+    def posteriors(self, logits_fn: LogitsFn, alphabet: Alphabet) -> Posteriors:
+        out = Posteriors(list(self.ids), [], [], [])
+        for x, x_len, y, y_len in self.dataset:
+            logits = logits_fn(x, x_len)
+            losses = ctc_loss(logits, x_len, y, y_len).numpy()
+            probs = tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
+            for b in range(probs.shape[0]):
+                out.probs.append(probs[b, : x_len[b]].astype(np.float64))
+                out.references.append(alphabet.decode(y[b, : y_len[b]].numpy()))
+                out.losses.append(float(losses[b]))
+        return out
+
+
+def global_loss(post: Posteriors, world: World) -> tuple[float, int]:
+    """Mean loss over every rank's samples (ranks hold different numbers of them: sum, then divide)."""
+    total, count = world.allreduce([sum(post.losses), len(post.losses)])
+    return float(total / max(count, 1.0)), int(count)
 
 
 def decode_all(post: Posteriors, alphabet: Alphabet, dec: DecoderConfig, scorer: Scorer | None) -> list[str]:
-    return [
-        ctc_beam_search_decoder(p, alphabet, dec.beam_width, dec.cutoff_prob, dec.cutoff_top_n, scorer)[0][1]
-        for p in post.probs
-    ]
+    return [dec.decode(p, alphabet, scorer) for p in post.probs]
 
 
 def sample_report(post: Posteriors, hypotheses: list[str]) -> list[dict]:
@@ -161,44 +159,79 @@ def print_report(name: str, summary: dict) -> None:
             print(f"WER: {s['wer']:.6f}, CER: {s['cer']:.6f}, loss: {s['loss']:.6f}\n - src: \"{s['src']}\"\n - res: \"{s['res']}\"")
 
 
-def evaluate(cfg: EvalConfig) -> dict | None:
-    """Runs on every Horovod rank (or alone); rank 0 returns the summary, others None."""
-    import horovod.tensorflow as hvd
-
-    hvd.init()  # Horovod: ranks split the samples; decoding is per rank
-    rank, world = hvd.rank(), hvd.size()
-    alphabet, post = posteriors(cfg, rank, world)
-    scorer = cfg.decoder.scorer(alphabet)
-    samples = sample_report(post, decode_all(post, alphabet, cfg.decoder, scorer))
-    gathered = hvd.allgather_object(samples)  # Horovod: every rank's samples to everyone
-    if rank != 0:
+def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetConfig, dec: DecoderConfig, world: World) -> dict | None:
+    """Decode this rank's samples, gather all ranks', report and write on rank 0 (which returns the summary)."""
+    samples = sample_report(post, decode_all(post, alphabet, dec, dec.scorer(alphabet)))
+    gathered = world.allgather_object(samples)
+    if not world.is_root:
         return None
     every = [s for part in gathered for s in part]
-    summary = summarize(every, cfg.report_count)
-    print_report(",".join(cfg.test_files), summary)
-    if cfg.test_output_file:
-        with open(cfg.test_output_file, "w", encoding="utf-8") as f:
+    summary = summarize(every, test.report_count)
+    print_report(",".join(test.test_files), summary)
+    if test.test_output_file:
+        with open(test.test_output_file, "w", encoding="utf-8") as f:
             json.dump(every, f, indent=2, ensure_ascii=False)
     return summary
 
 
-def optimize_lm(cfg: EvalConfig, n_trials: int, alpha_max: float, beta_max: float, seed: int = 0) -> tuple[float, float, float]:
-    """Alpha/beta search on ``cfg.test_files`` (a dev set) with optuna's TPE, as DeepSpeech's lm_optimizer.py.
+def load_logits_fn(cfg: EvalConfig) -> tuple[Alphabet, FeatureConfig, LogitsFn]:
+    """The model to evaluate: an export, or a run directory's best (else latest) checkpoint."""
+    if cfg.model:
+        from dstrain.export import load_model
+
+        loaded = load_model(cfg.model)
+        return loaded.alphabet, loaded.features, lambda x, n: tf.math.log(tf.maximum(loaded.module.probs(x, n)["probs"], 1e-30))
+    from dstrain.train.rundir import RunDir
+
+    model, info, _ = RunDir(cfg.checkpoint_dir).restore_model()
+    return info.alphabet, info.features, lambda x, n: model((x, n), training=False)
+
+
+def posteriors(cfg: EvalConfig, world: World) -> tuple[Alphabet, Posteriors]:
+    """This rank's share of the test samples: posteriors, references and CTC losses."""
+    alphabet, features, logits_fn = load_logits_fn(cfg)
+    stores = open_stores(cfg.test.test_files, alphabet)
+    return alphabet, EvalSet(stores, features, cfg.test.test_batch_size, world).posteriors(logits_fn, alphabet)
+
+
+def evaluate(cfg: EvalConfig, world: World) -> dict | None:
+    """Runs on every rank (or alone); rank 0 returns the summary, others None."""
+    alphabet, post = posteriors(cfg, world)
+    return report_test_set(post, alphabet, cfg.test, cfg.decoder, world)
+
+
+def optimize_lm(cfg: LmOptimizeConfig, world: World, seed: int = 0) -> tuple[float, float, float]:
+    """Alpha/beta search on ``test_files`` (a dev set) with optuna's TPE, as DeepSpeech's lm_optimizer.py.
     The acoustic model runs once; every trial re-decodes its posteriors. Returns (alpha, beta, WER)."""
     import optuna
 
     if not cfg.decoder.scorer_path:
         raise ValueError("lm-optimize needs --scorer_path")
-    alphabet, post = posteriors(cfg)
+    alphabet, post = posteriors(cfg, world)
     scorer = cfg.decoder.scorer(alphabet)
     assert scorer is not None
 
     def objective(trial: "optuna.Trial") -> float:
-        scorer.reset_params(trial.suggest_float("lm_alpha", 0.0, alpha_max), trial.suggest_float("lm_beta", 0.0, beta_max))
+        scorer.reset_params(trial.suggest_float("lm_alpha", 0.0, cfg.lm_alpha_max), trial.suggest_float("lm_beta", 0.0, cfg.lm_beta_max))
         hyps = decode_all(post, alphabet, cfg.decoder, scorer)
         return error_rates(list(zip(post.references, hyps)))[0]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.optimize(objective, n_trials=n_trials)
+    study.optimize(objective, n_trials=cfg.n_trials)
     return study.best_params["lm_alpha"], study.best_params["lm_beta"], study.best_value
+
+
+def run_evaluate(cfg: EvalConfig) -> int:
+    """``dstrain evaluate``: every rank of a launch (or one process) takes part."""
+    from dstrain.distributed import start_horovod
+
+    evaluate(cfg, start_horovod())
+    return 0
+
+
+def run_lm_optimize(cfg: LmOptimizeConfig) -> int:
+    """``dstrain lm-optimize`` (one process: the trials re-decode the same posteriors)."""
+    alpha, beta, wer = optimize_lm(cfg, World())
+    print(f"Best params: lm_alpha={alpha:.6f} and lm_beta={beta:.6f} with WER={wer:.6f}")
+    return 0

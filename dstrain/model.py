@@ -9,6 +9,8 @@ import tensorflow as tf
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Acoustic model geometry (DeepSpeech's)"""
+
     n_hidden: int = 2048
     """Units in each dense layer and the LSTM (--n_hidden)."""
     n_context: int = 9
@@ -44,6 +46,11 @@ class DeepSpeech(tf.keras.Model):
         # Float32 output keeps softmax and CTC stable under mixed precision.
         self.out = tf.keras.layers.Dense(n_classes, name="layer_6", dtype="float32")
         self.dropout = tf.keras.layers.Dropout(cfg.dropout_rate)
+
+    def build_for(self) -> "DeepSpeech":
+        """Creates the weights now (Keras creates them on the first call), e.g. before restoring a checkpoint."""
+        self((tf.zeros([1, 1, self.n_input]), tf.ones([1], tf.int32)))
+        return self
 
     def get_config(self) -> dict:
         return {"cfg": self.cfg.to_dict(), "n_input": self.n_input, "n_classes": self.n_classes}

@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL=2
 ALPHABET=dstrain/data/alphabet.txt
 
 dstrain import ldc93s1 "$WORK/data" >/dev/null
-if [ ! -f "$WORK/shards/manifest.json" ]; then
+if [ ! -f "$WORK/shards/_manifest.json" ]; then
   dstrain preprocess --csv "$WORK/data/ldc93s1.csv" --alphabet "$ALPHABET" --output "$WORK/shards"
 fi
 # DeepSpeech's bin/run-ldc93s1.sh flags; one TensorFlow thread per rank since the ranks share the cores.

@@ -20,14 +20,14 @@ def alphabet_path() -> str:
 
 @pytest.fixture(scope="session")
 def ldc93s1_csv(tmp_path_factory) -> str:
-    from preprocess.importers.ldc93s1 import import_ldc93s1
+    from dstrain.prep.importers.ldc93s1 import import_ldc93s1
 
     return import_ldc93s1(str(tmp_path_factory.mktemp("ldc93s1")))
 
 
 @pytest.fixture(scope="session")
 def ldc93s1_store(tmp_path_factory, ldc93s1_csv, alphabet_path) -> str:
-    from preprocess.pipeline import PreprocessConfig, preprocess
+    from dstrain.prep.pipeline import PreprocessConfig, preprocess
 
     out = str(tmp_path_factory.mktemp("store") / "shards")
     preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=out), progress=False)

@@ -3,8 +3,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dstrain.data import ShardRef, epoch_plan, make_dataset
-from dstrain.store import join, read_manifest
+from dstrain.loader.pipeline import ShardRef, epoch_plan, make_dataset
+from dstrain.store import FeatureStore
 
 
 @pytest.mark.parametrize("rows,world", [([5, 3, 4, 7], 2), ([10, 10, 1], 3), ([4], 2), ([1], 2), ([3, 2], 4), ([6, 6, 6, 6, 2], 4)])
@@ -39,10 +39,10 @@ def test_shuffle_changes_with_epoch_and_is_reproducible():
 
 
 def test_dataset_batches_mfcc(ldc93s1_store):
-    m = read_manifest(ldc93s1_store)
-    refs = [ShardRef(join(ldc93s1_store, s.path), s.rows) for s in m.shards]
+    store = FeatureStore.open(ldc93s1_store)
+    refs = [ShardRef(url, s.rows) for url, s in zip(store.shard_urls(), store.manifest.shards)]
     plan = epoch_plan([r.rows for r in refs], 0, 1, 0, seed=0, shuffle=False, pad=True)
-    (x, x_len, y, y_len), = list(make_dataset(refs, plan, m.feature_config(), batch_size=4, world=1))
+    (x, x_len, y, y_len), = list(make_dataset(refs, plan, store.features, batch_size=4, world=1))
     assert x.shape == (1, 145, 26) and int(x_len[0]) == 145
-    assert int(y_len[0]) == 52 and m.get_alphabet().decode(y[0].numpy()) == "she had your dark suit in greasy wash water all year"
+    assert int(y_len[0]) == 52 and store.manifest.get_alphabet().decode(y[0].numpy()) == "she had your dark suit in greasy wash water all year"
     assert np.isfinite(x.numpy()).all()

@@ -9,7 +9,9 @@ import pytest
 
 from conftest import tool
 from dstrain.alphabet import Alphabet
-from dstrain.evaluate import DecoderConfig, EvalConfig, Posteriors, decode_all, optimize_lm, sample_report, summarize
+from dstrain.decoder.config import DecoderConfig
+from dstrain.distributed import World
+from dstrain.evaluate import EvalConfig, EvaluationSetConfig, LmOptimizeConfig, Posteriors, decode_all, optimize_lm, sample_report, summarize
 from dstrain.metrics import error_rates
 from test_decoder import SCORER, needs_scorer, spell
 
@@ -27,7 +29,7 @@ def test_numbers_checked_by_hand():
 
 def test_config_needs_one_model_source():
     with pytest.raises(ValueError, match="exactly one"):
-        EvalConfig(test_files=("s",))
+        EvalConfig(test=EvaluationSetConfig(test_files=("s",)))
     with pytest.raises(ValueError, match="beam_width"):
         DecoderConfig(beam_width=0)
 
@@ -41,9 +43,10 @@ def test_lm_optimize_finds_parameters_that_reproduce_its_wer(monkeypatch, alphab
     confused = [spell("the man had a dark suit", alphabet, {5: {"q": 0.5, "a": 0.4}}), spell("she had your dark suit", alphabet),
                 spell("the men had far", alphabet, {5: {"a": 0.45, "e": 0.4}})]  # fmt: skip
     post = Posteriors(["1", "2", "3"], refs, confused, [0.0] * 3)
-    monkeypatch.setattr(ev, "posteriors", lambda cfg, rank=0, world=1: (alphabet, post))
-    cfg = EvalConfig(test_files=("x",), model="m", decoder=DecoderConfig(beam_width=32, scorer_path=str(SCORER)))
-    alpha, beta, wer = optimize_lm(cfg, n_trials=15, alpha_max=3, beta_max=3)
+    monkeypatch.setattr(ev, "posteriors", lambda cfg, world: (alphabet, post))
+    cfg = LmOptimizeConfig(test=EvaluationSetConfig(test_files=("x",)), model="m", decoder=DecoderConfig(beam_width=32, scorer_path=str(SCORER)),
+                           n_trials=15, lm_alpha_max=3, lm_beta_max=3)  # fmt: skip
+    alpha, beta, wer = optimize_lm(cfg, World())
     scorer = cfg.decoder.scorer(alphabet)
     scorer.reset_params(alpha, beta)
     assert error_rates(list(zip(refs, decode_all(post, alphabet, cfg.decoder, scorer))))[0] == wer
@@ -53,7 +56,7 @@ def test_lm_optimize_finds_parameters_that_reproduce_its_wer(monkeypatch, alphab
 
 @pytest.mark.slow
 def test_evaluate_checkpoint_export_and_two_ranks_agree(tmp_path, ldc93s1_csv, alphabet_path):
-    from preprocess.pipeline import PreprocessConfig, preprocess
+    from dstrain.prep.pipeline import PreprocessConfig, preprocess
 
     rows = open(ldc93s1_csv).read().splitlines()
     (tmp_path / "three.csv").write_text("\n".join([rows[0]] + [rows[1]] * 3) + "\n")

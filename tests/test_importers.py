@@ -8,11 +8,11 @@ import pytest
 import soundfile
 
 from conftest import DATA, SHARED
-from preprocess.importers.csv_import import import_csv
-from preprocess.importers.cv2 import import_cv2
-from preprocess.importers.librispeech import import_librispeech
-from preprocess.importers.text import normalise_english
-from preprocess.pipeline import PreprocessConfig, preprocess
+from dstrain.prep.importers.csv_import import import_csv
+from dstrain.prep.importers.cv2 import import_cv2
+from dstrain.prep.importers.librispeech import import_librispeech
+from dstrain.prep.importers.text import normalise_english
+from dstrain.prep.pipeline import PreprocessConfig, preprocess
 
 SYNTH = SHARED / "tools" / "synth_cv_corpus.py"
 

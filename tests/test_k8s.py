@@ -9,8 +9,9 @@ import yaml
 
 from conftest import REPO, SHARED
 from dstrain.cli import build_parser
-from launch.k8s import HOSTFILE, K8sConfig, render, train_command
-from launch.launcher import launch_argv
+from dstrain.config import from_args
+from dstrain.launch.k8s import HOSTFILE, K8sConfig, render, train_command
+from dstrain.launch.launcher import LaunchConfig, launch_argv
 
 CRD = SHARED / "k8s" / "kubeflow.org_mpijobs.yaml"
 K8S_VERSION = "1.30"
@@ -96,9 +97,10 @@ def test_launcher_runs_the_tested_command():
     assert launcher == launch_argv("mpirun", rank_command, hostfile=HOSTFILE) == train_command(cfg)
     # Every flag is one dstrain knows: the launch command and the per-rank train command both parse.
     args = build_parser().parse_args(launcher[1:])
-    assert args.command == "launch" and args.launcher == "mpirun" and args.hostfile == HOSTFILE
+    assert args._command == ("launch",) and args.launcher == "mpirun" and args.hostfile == HOSTFILE
+    assert from_args(LaunchConfig, args).command == tuple(rank_command)
     train = build_parser().parse_args(rank_command[1:])
-    assert train.command == "train" and train.automatic_mixed_precision is True and train.n_hidden == 2048
+    assert train._command == ("train",) and train.automatic_mixed_precision is True and train.n_hidden == 2048
 
 
 def test_checked_in_examples_match_the_generator(mpijob_schema, tmp_path):

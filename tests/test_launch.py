@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from conftest import tool
-from launch.launcher import (
+from dstrain.launch.launcher import (
     Host, LaunchConfig, build_command, expand_nodelist, expand_tasks_per_node, hosts_from_hostfile, hosts_from_slurm,
 )  # fmt: skip
 
@@ -31,7 +31,7 @@ def test_hostfiles(tmp_path):
 
 
 def test_commands_and_environment():
-    cfg = LaunchConfig(command=("dstrain", "train"), launcher="mpirun", hosts=(Host("a", 2), Host("b", 2)))
+    cfg = LaunchConfig(command=("dstrain", "train"), launcher="mpirun", hosts="a:2,b:2")
     argv, env = build_command(cfg, {"PATH": "/bin", "NCCL_DEBUG": "INFO"}, cores_per_node=16)
     assert argv[:5] == ["mpirun", "-np", "4", "-H", "a:2,b:2"]
     assert argv[-2:] == ["dstrain", "train"]

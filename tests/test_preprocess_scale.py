@@ -13,8 +13,8 @@ import soundfile
 
 from conftest import DATA, tool
 from dstrain.audio import read_audio
-from dstrain.store import join, read_manifest, read_shard
-from preprocess.pipeline import PreprocessConfig, preprocess
+from dstrain.store import FeatureStore
+from dstrain.prep.pipeline import PreprocessConfig, preprocess
 
 
 def store_digest(store) -> dict[str, str]:
@@ -71,7 +71,7 @@ def test_store_identical_for_workers_and_mpi_ranks(tmp_path, alphabet_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         stores[name] = store_digest(out)
     assert stores["one"] == stores["workers2"] == stores["mpi2"]
-    m = read_manifest(str(tmp_path / "one"))
+    m = FeatureStore.open(str(tmp_path / "one")).manifest
     assert m.utterances == 54 and m.rejects["by_reason"] == {"alphabet": 6} and len(m.shards) > 9
 
 
@@ -91,7 +91,7 @@ def test_killed_run_resumes_to_the_identical_store(tmp_path, alphabet_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "preprocessing finished before it could be killed: give it more rows"
     done = len(list(progress.glob("chunk-*.json")))
-    assert 3 <= done < 30 and not (store / "manifest.json").exists()
+    assert 3 <= done < 30 and not (store / "_manifest.json").exists()
     # Damage one finished shard: the resumed run must notice and redo that chunk.
     victim = sorted(store.glob("shard-*.parquet"))[0]
     victim.write_bytes(victim.read_bytes()[:-10])
@@ -109,6 +109,7 @@ def test_float16_store_halves_features(tmp_path, alphabet_path, ldc93s1_csv):
         progress=False,
     )
     assert half.feature_dtype == "float16" and half.shards[0].bytes < 0.7 * full.shards[0].bytes
-    (a,) = read_shard(join(str(tmp_path / "f32"), full.shards[0].path), 40)
-    (b,) = read_shard(join(str(tmp_path / "f16"), half.shards[0].path), 40)
-    assert b.features.dtype == np.float32 and np.abs(a.features - b.features).max() < 0.02
+    (a,) = FeatureStore.open(str(tmp_path / "f32")).reader(0).utterances()
+    (b,) = FeatureStore.open(str(tmp_path / "f16")).reader(0).utterances()
+    # Kept in the stored dtype: widening happens on the device.
+    assert b.features.dtype == np.float16 and np.abs(a.features - b.features.astype(np.float32)).max() < 0.02

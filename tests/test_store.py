@@ -10,9 +10,9 @@ import pytest
 from conftest import DATA
 from dstrain.audio import read_audio
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
-from dstrain.store import StoreError, file_sha256, join, read_manifest, read_shard
-from preprocess.importers.ldc93s1 import normalise_transcript
-from preprocess.pipeline import PreprocessConfig, ctc_min_frames, preprocess
+from dstrain.store import FeatureStore, ShardReader, StoreError, StoreLayout, join
+from dstrain.prep.importers.ldc93s1 import normalise_transcript
+from dstrain.prep.pipeline import PreprocessConfig, ctc_min_frames, preprocess
 
 TRANSCRIPT = "she had your dark suit in greasy wash water all year"
 
@@ -28,14 +28,14 @@ def test_ldc93s1_importer_writes_deepspeech_csv(ldc93s1_csv):
 
 
 def test_store_layout_manifest_and_checksums(ldc93s1_store):
-    m = read_manifest(ldc93s1_store)
+    m = FeatureStore.open(ldc93s1_store).manifest
     assert m.utterances == 1 and len(m.shards) == 1
     assert abs(m.hours * 3600 - 46797 / 16000) < 0.01
     assert m.rejects == {"count": 0, "by_reason": {}}
     shard = m.shards[0]
-    assert file_sha256(join(ldc93s1_store, shard.path)) == shard.sha256
+    assert StoreLayout(ldc93s1_store).sha256(shard.path) == shard.sha256
     assert os.path.getsize(join(ldc93s1_store, shard.path)) == shard.bytes
-    manifest = json.load(open(join(ldc93s1_store, "manifest.json")))
+    manifest = json.load(open(join(ldc93s1_store, "_manifest.json")))
     assert manifest["totals"]["utterances"] == 1 and manifest["schema_version"] == 1
     # Plain pyarrow and pandas open the shards; stored features are TF's log mel filterbank.
     table = pq.read_table(join(ldc93s1_store, shard.path))
@@ -44,7 +44,7 @@ def test_store_layout_manifest_and_checksums(ldc93s1_store):
 
     frame = pandas.read_parquet(join(ldc93s1_store, shard.path))
     assert frame["n_frames"].tolist() == [145] and len(frame["features"][0]) == 145 * 40
-    (u,) = read_shard(join(ldc93s1_store, shard.path), 40)
+    (u,) = ShardReader(join(ldc93s1_store, shard.path), 40).utterances()
     cfg = FeatureConfig()
     expected = log_mel(power_spectrogram(read_audio(str(DATA / "LDC93S1.wav")), cfg), cfg)
     np.testing.assert_array_equal(u.features, expected)
@@ -54,15 +54,15 @@ def test_store_layout_manifest_and_checksums(ldc93s1_store):
 def test_memory_filesystem_round_trip(ldc93s1_csv, alphabet_path):
     url = "memory://dstrain-test/store"
     m = preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=url), progress=False)
-    again = read_manifest(url)
-    assert again.shards == m.shards
-    (u,) = read_shard(join(url, m.shards[0].path), 40)
+    again = FeatureStore.open(url)
+    assert again.manifest.shards == m.shards
+    (u,) = again.reader(0).utterances()
     assert u.transcript == TRANSCRIPT
-    assert fsspec.filesystem("memory").exists("/dstrain-test/store/manifest.json")
+    assert fsspec.filesystem("memory").exists("/dstrain-test/store/_manifest.json")
 
 
 def test_remote_audio_and_csv_through_fsspec(tmp_path, alphabet_path):
-    from preprocess.importers.csv_import import import_csv
+    from dstrain.prep.importers.csv_import import import_csv
 
     mem = fsspec.filesystem("memory")
     mem.pipe("/remote/audio/a.wav", (DATA / "LDC93S1.wav").read_bytes())
@@ -108,7 +108,7 @@ def test_bad_samples_are_rejected_with_reasons(tmp_path, ldc93s1_csv, alphabet_p
     assert m.rejects["by_reason"] == {
         "alphabet": 1, "empty_audio": 1, "empty_transcript": 1, "missing_file": 1, "too_short": 1, "unreadable_audio": 1,
     }  # fmt: skip
-    with open(out / "rejects.csv", newline="") as f:
+    with open(out / "_rejects.csv", newline="") as f:
         rejects = list(csv.DictReader(f))
     assert len(rejects) == 6
     assert any(r["reason"] == "alphabet" and "'!'" in r["detail"] for r in rejects)
@@ -137,7 +137,7 @@ def test_workers_give_identical_store(ldc93s1_csv, alphabet_path, tmp_path):
     )
     assert len(a.shards) == 3  # 5 rows in chunks of 2
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
-    assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
+    assert (tmp_path / "a" / "_manifest.json").read_text() == (tmp_path / "b" / "_manifest.json").read_text()
 
 
 def test_shards_info_reports_totals_and_catches_corruption(ldc93s1_csv, alphabet_path, tmp_path, capsys):
@@ -156,3 +156,40 @@ def test_shards_info_reports_totals_and_catches_corruption(ldc93s1_csv, alphabet
     with pytest.raises(SystemExit) as e:
         main(["shards", "info", str(out)])
     assert e.value.code == 1 and "differs from the manifest" in capsys.readouterr().out
+
+
+def test_store_folder_opens_as_one_parquet_dataset(ldc93s1_csv, alphabet_path, tmp_path):
+    import pandas
+    import pyarrow.dataset as ds
+
+    csv_path = tmp_path / "five.csv"
+    line = open(ldc93s1_csv).read().splitlines()[1]
+    csv_path.write_text("wav_filename,wav_filesize,transcript\n" + "\n".join([line] * 5) + "\nmissing.wav,0,x\n")
+    out = tmp_path / "store"
+    m = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(out), chunk_rows=2), progress=False)
+    assert len(m.shards) == 3 and m.rejects["count"] == 1 and (out / "_rejects.csv").exists()
+    frame = pandas.read_parquet(out)
+    assert len(frame) == m.utterances == 5 and set(frame["transcript"]) == {TRANSCRIPT}
+    assert ds.dataset(str(out)).count_rows() == 5
+
+
+def test_stores_of_the_old_layout_still_open(ldc93s1_csv, alphabet_path, tmp_path):
+    out = tmp_path / "old"
+    preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(out)), progress=False)
+    (out / "_manifest.json").rename(out / "manifest.json")
+    store = FeatureStore.open(str(out))
+    assert store.manifest.utterances == 1 and store.verify() == []
+    with pytest.raises(StoreError, match="already holds a finished store"):
+        preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(out)), progress=False)
+
+
+def test_truncated_shard_is_named_with_the_fix(ldc93s1_csv, alphabet_path, tmp_path):
+    out = tmp_path / "s"
+    preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(out)), progress=False)
+    shard = next(out.glob("shard-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-200])
+    store = FeatureStore.open(str(out))
+    (problem,) = store.verify(checksums=False)
+    assert shard.name in problem and "truncated" in problem
+    with pytest.raises(StoreError, match=f"{shard.name}.*dstrain shards info"):
+        list(store.reader(0).utterances())

@@ -33,7 +33,7 @@ fi
 
 # --- up to date? The stamp records the inputs that decide what the venv holds (the decoder's C++ included:
 # the editable install compiles it in place).
-want="$(sha256sum setup.py tools/install.sh dstrain/decoder/*.cpp | sha256sum | cut -c1-16)-$DSTRAIN_TF"
+want="$(sha256sum setup.py pyproject.toml tools/install.sh dstrain/decoder/*.cpp | sha256sum | cut -c1-16)-$DSTRAIN_TF"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c 'import horovod.tensorflow, dstrain' 2>/dev/null; then
   exit 0
 fi

@@ -20,6 +20,9 @@ from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.decoder.scorer import Scorer
 
 NEG_INF = -math.inf
+# ds_ctcdecoder's own Python default, kept so code written against its API decodes alike. DeepSpeech's --cutoff_top_n
+# flag (300) is a different default, for the command line: that one lives in DecoderConfig.
+API_CUTOFF_TOP_N = 40
 _FLT_MIN = np.finfo(np.float32).tiny  # DeepSpeech adds FLT_MIN before the log
 
 
@@ -226,7 +229,7 @@ def _check(probs_seq: np.ndarray, alphabet: Alphabet) -> np.ndarray:
 
 
 def reference_beam_search(
-    probs_seq: np.ndarray, alphabet: Alphabet, beam_size: int, cutoff_prob: float = 1.0, cutoff_top_n: int = 40,
+    probs_seq: np.ndarray, alphabet: Alphabet, beam_size: int, cutoff_prob: float = 1.0, cutoff_top_n: int = API_CUTOFF_TOP_N,
     scorer: Scorer | None = None, hot_words: dict[str, float] | None = None, num_results: int = 1,
 ) -> list[tuple[float, str]]:  # fmt: skip
     """The search in pure Python (float64): the specification of the compiled decoder in character mode."""
@@ -271,7 +274,7 @@ def ctc_beam_search_decoder(
     alphabet: Alphabet,
     beam_size: int,
     cutoff_prob: float = 1.0,
-    cutoff_top_n: int = 40,
+    cutoff_top_n: int = API_CUTOFF_TOP_N,
     scorer: Scorer | None = None,
     hot_words: dict[str, float] | None = None,
     num_results: int = 1,
@@ -316,7 +319,7 @@ def ctc_beam_search_decoder_batch(
     beam_size: int,
     num_processes: int,
     cutoff_prob: float = 1.0,
-    cutoff_top_n: int = 40,
+    cutoff_top_n: int = API_CUTOFF_TOP_N,
     scorer: Scorer | None = None,
     hot_words: dict[str, float] | None = None,
     num_results: int = 1,

@@ -8,30 +8,32 @@ import subprocess
 from collections import Counter
 from dataclasses import dataclass
 
+from dstrain.config import option
 from dstrain.executables import find_executable
 
 
 @dataclass(frozen=True)
 class LmConfig:
-    text: str
+    """dstrain scorer lm: text corpus -> KenLM binary model and vocabulary (DeepSpeech's generate_lm.py)"""
+
+    text: str = option()
     """Training text, one sentence per line, already normalised like the transcripts (lower case, alphabet only)."""
-    output_dir: str
+    output_dir: str = option()
+    """Where lm.binary and vocab-N.txt go."""
     order: int = 5
+    """n-gram order."""
     top_k: int = 500000
     """Vocabulary size: the most frequent words; the others become <unk>."""
-    prune: tuple[int, ...] = (0, 0, 1)
+    prune: tuple[int, ...] = option((0, 0, 1), nargs="*")
     """lmplz --prune thresholds per order (DeepSpeech: 0 0 1)."""
     memory: str = "50%"
+    """lmplz's memory budget (--memory)."""
 
     def __post_init__(self) -> None:
         if not 2 <= self.order <= 6:
             raise ValueError(f"order must be in 2..6 (KenLM is built with KENLM_MAX_ORDER=6), got {self.order}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-
-
-def kenlm_tool(name: str) -> str:
-    return find_executable(name)
 
 
 def build_lm(cfg: LmConfig) -> tuple[str, str]:
@@ -50,13 +52,13 @@ def build_lm(cfg: LmConfig) -> tuple[str, str]:
     arpa = os.path.join(cfg.output_dir, "lm.arpa")
     prune = [str(p) for p in cfg.prune[: cfg.order]]
     lmplz = [
-        kenlm_tool("lmplz"), "--order", str(cfg.order), "--memory", cfg.memory, "--temp_prefix", cfg.output_dir,
+        find_executable("lmplz"), "--order", str(cfg.order), "--memory", cfg.memory, "--temp_prefix", cfg.output_dir,
         "--text", cfg.text, "--arpa", arpa, "--limit_vocab_file", vocab_path, "--skip_symbols",
         "--discount_fallback",  # small corpora lack the counts-of-counts Kneser-Ney discounts need
     ] + (["--prune", *prune] if prune else [])  # fmt: skip
     _run(lmplz)
     binary = os.path.join(cfg.output_dir, "lm.binary")
-    _run([kenlm_tool("build_binary"), "-a", "255", "-q", "8", "-v", "trie", arpa, binary])
+    _run([find_executable("build_binary"), "-a", "255", "-q", "8", "-v", "trie", arpa, binary])
     os.remove(arpa)
     return binary, vocab_path
 
@@ -65,3 +67,9 @@ def _run(argv: list[str]) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{os.path.basename(argv[0])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def run_lm(cfg: LmConfig) -> int:
+    binary, vocab = build_lm(cfg)
+    print(f"{binary}\n{vocab}")
+    return 0

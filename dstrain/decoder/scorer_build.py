@@ -7,6 +7,7 @@ state numbering, so the state and arc counts equal DeepSpeech's for the same wor
 """
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dstrain.alphabet import Alphabet
+from dstrain.config import option
 from dstrain.decoder.scorer_package import (
     ARC_DTYPE, FST_MAGIC, STATE_DTYPE, TRIE_MAGIC, TRIE_VERSION, ScorerError, read_scorer_package,
 )  # fmt: skip
@@ -146,14 +148,38 @@ def build_package(
         raise ScorerError(f"{vocab_path}: no word can be spelled with the alphabet")
     start, finals, arcs = minimal_trie(sequences)
     shutil.copyfile(lm_path, package_path)
-    lm_bytes = _file_size(package_path)
+    lm_bytes = os.path.getsize(package_path)
     with open(package_path, "ab") as f:
         f.write(trailer_bytes(lm_bytes, utf8, alpha, beta, start, finals, arcs))
     read_scorer_package(package_path)  # what was written must read back
     return BuildReport(len(sequences), skipped, len(finals), sum(len(a) for a in arcs))
 
 
-def _file_size(path: str) -> int:
-    import os
+@dataclass(frozen=True)
+class ScorerBuildConfig:
+    """dstrain scorer build: KenLM binary + vocabulary -> .scorer (DeepSpeech's generate_scorer_package)"""
 
-    return os.path.getsize(path)
+    lm: str = option()
+    """KenLM binary model (dstrain scorer lm writes one)."""
+    vocab: str = option()
+    """Words separated by whitespace."""
+    package: str = option()
+    """The .scorer to write."""
+    default_alpha: float = option()
+    """Language model weight stored in the package."""
+    default_beta: float = option()
+    """Word insertion bonus stored in the package."""
+    alphabet: str = ""
+    """alphabet.txt (not needed with --force_bytes_output_mode)."""
+    force_bytes_output_mode: bool = False
+    """UTF-8 bytes trie instead of the alphabet."""
+
+
+def run_build(cfg: ScorerBuildConfig) -> int:
+    alphabet = Alphabet.from_file(cfg.alphabet) if cfg.alphabet else None
+    report = build_package(cfg.lm, cfg.vocab, cfg.package, alphabet, cfg.default_alpha, cfg.default_beta, cfg.force_bytes_output_mode)
+    print(f"{cfg.package}: {report.words} words, trie of {report.states} states and {report.arcs} arcs")
+    if report.skipped:
+        print(f"{len(report.skipped)} word(s) skipped, characters outside the alphabet: {' '.join(report.skipped[:20])}"
+              + (" ..." if len(report.skipped) > 20 else ""))
+    return 0

@@ -1,6 +1,7 @@
 """Distributed training with Horovod: one process per GPU (or CPU slot), synchronous data parallelism.
 
-Each Horovod call is marked ``# Horovod:``; model, data and decoder code import no Horovod.
+Collectives go through :class:`dstrain.distributed.World` and are marked ``# Horovod:``; model, data and decoder
+code know nothing of ranks beyond the numbers they are handed.
 """
 from __future__ import annotations
 
@@ -9,57 +10,70 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
 from dstrain.alphabet import Alphabet
-from dstrain.checkpoint import Checkpoints, Progress
-from dstrain.data import ShardRef, epoch_plan, make_dataset, shard_refs
-from dstrain.decoder.ctc import ctc_beam_search_decoder
-from dstrain.evaluate import DecoderConfig
+from dstrain.config import option, parse_list, to_dict
+from dstrain.decoder.config import DecoderConfig
+from dstrain.distributed import World, start_horovod
+from dstrain.evaluate import EvalSet, EvaluationSetConfig, global_loss, open_stores, report_test_set
 from dstrain.export import export_model
 from dstrain.features import FeatureConfig
-from dstrain.metrics import error_rates
+from dstrain.loader.pipeline import ShardRef, epoch_plan, make_dataset, shard_refs
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
 from dstrain.preemption import EXIT_PREEMPTED, StopRequest
-from dstrain.store import StoreError, check_compatible, read_manifest
+from dstrain.store import FeatureStore, StoreError
+from dstrain.train.checkpoint import Checkpoints, Progress
+from dstrain.train.rundir import RunDir
 
 log = logging.getLogger("dstrain.train")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train_files: tuple[str, ...]
-    """Feature stores to train on (--train_files, comma-separated)."""
-    alphabet_config_path: str
-    dev_files: tuple[str, ...] = ()
-    test_files: tuple[str, ...] = ()
+    """dstrain train: train on feature stores (launch with horovodrun/mpirun/srun for several processes)"""
+
+    train_files: tuple[str, ...] = option(parse=parse_list)
+    """Feature store(s) to train on, comma-separated."""
+    alphabet_config_path: str = option()
+    """alphabet.txt the stores were preprocessed with."""
+    dev_files: tuple[str, ...] = option((), parse=parse_list)
+    """Dev feature store(s), comma-separated: dev loss each epoch, best checkpoint."""
     epochs: int = 75
-    """Total epochs; a resumed run continues until this many are done (--epochs)."""
+    """Total epochs; a resumed run continues until this many are done."""
     learning_rate: float = 0.001
     """Adam learning rate for one worker; multiplied by the number of workers unless --noscale_lr."""
     scale_lr: bool = True
+    """Multiply the learning rate by the number of workers."""
     train_batch_size: int = 1
-    """Utterances per step on each worker (--train_batch_size)."""
-    dev_batch_size: int = 1
-    test_batch_size: int = 1
+    """Utterances per step on each worker."""
+    dev_batch_size: int = 8
+    """Utterances per dev evaluation step on each worker."""
     checkpoint_dir: str = ""
-    """Where rank 0 saves and everyone resumes from (--checkpoint_dir); empty disables checkpoints."""
+    """Run directory: rank 0 saves checkpoints and the resolved config here, and every rank resumes from it; empty
+    disables checkpoints."""
     max_to_keep: int = 5
+    """Latest checkpoints kept."""
     export_dir: str = ""
+    """Export the trained model here at the end (rank 0 writes)."""
     summary_dir: str = ""
-    """TensorBoard summaries (--summary_dir); defaults to CHECKPOINT_DIR/summaries."""
+    """TensorBoard summaries; empty: CHECKPOINT_DIR/summaries."""
     automatic_mixed_precision: bool = False
+    """float16 compute with dynamic loss scaling (GPUs)."""
     random_seed: int = 4568
+    """Seed of weight initialisation, dropout and sample order."""
     shuffle: bool = True
-    report_count: int = 5
+    """Shuffle training samples each epoch."""
     inter_op_parallelism_threads: int = 0
+    """TensorFlow inter-op threads; 0 means TensorFlow's choice."""
     intra_op_parallelism_threads: int = 0
+    """TensorFlow intra-op threads; 0 means TensorFlow's choice."""
+    test: EvaluationSetConfig = field(default_factory=EvaluationSetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    """Beam search (and scorer) for the test set after training."""
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -68,12 +82,9 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("train_batch_size", "dev_batch_size", "test_batch_size"):
+        for name in ("train_batch_size", "dev_batch_size", "max_to_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Preempted(Exception):
@@ -85,21 +96,18 @@ class Preempted(Exception):
 @dataclass
 class _DataSet:
     name: str
+    stores: list[FeatureStore]
     refs: list[ShardRef]
 
 
 def _load_stores(urls: tuple[str, ...], alphabet: Alphabet, name: str) -> tuple[_DataSet, FeatureConfig | None]:
-    stores = []
+    stores = open_stores(urls, alphabet)
     features = None
-    for url in urls:
-        m = read_manifest(url)
-        check_compatible(m, alphabet, url)
-        fc = m.feature_config()
-        if features is not None and fc != features:
-            raise StoreError(f"{url}: feature parameters differ from the other {name} stores; preprocess them alike")
-        features = fc
-        stores.append((url, m))
-    return _DataSet(name, shard_refs(stores)), features
+    for store in stores:
+        if features is not None and store.features != features:
+            raise StoreError(f"{store.url}: feature parameters differ from the other {name} stores; preprocess them alike")
+        features = store.features
+    return _DataSet(name, stores, shard_refs(stores)), features
 
 
 def weights_digest(model: tf.keras.Model) -> str:
@@ -109,7 +117,7 @@ def weights_digest(model: tf.keras.Model) -> str:
     return h.hexdigest()
 
 
-def setup_logging(rank: int, checkpoint_dir: str) -> None:
+def setup_logging(rank: int, run: RunDir | None) -> None:
     root = logging.getLogger("dstrain")
     root.handlers.clear()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -118,66 +126,61 @@ def setup_logging(rank: int, checkpoint_dir: str) -> None:
     console = logging.StreamHandler()
     console.setFormatter(fmt)
     root.addHandler(console)
-    if rank == 0 and checkpoint_dir:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(checkpoint_dir, "train.log"))
+    if rank == 0 and run is not None:
+        os.makedirs(run.path, exist_ok=True)
+        fh = logging.FileHandler(run.log_path)
         fh.setFormatter(fmt)
         root.addHandler(fh)
 
 
-def _init_horovod(cfg: TrainConfig):
-    """Horovod and the devices it runs on; everything else in this module gets ``hvd`` from here."""
-    import horovod.tensorflow as hvd
-
-    hvd.init()  # Horovod: one process per device
+def configure_tensorflow(cfg: TrainConfig) -> int:
+    """Thread pools and GPU memory, before TensorFlow starts its runtime; returns the visible GPUs."""
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:  # Horovod: pin one GPU per process, by local rank
-        for g in gpus:
-            tf.config.experimental.set_memory_growth(g, True)
-        tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+    for g in tf.config.get_visible_devices("GPU"):
+        tf.config.experimental.set_memory_growth(g, True)
     if cfg.inter_op_parallelism_threads:
         tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_parallelism_threads)
     if cfg.intra_op_parallelism_threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.intra_op_parallelism_threads)
-    return hvd, len(gpus)
+    return len(gpus)
 
 
 class Trainer:
     """One rank's view of a training run: data, model, optimizer, checkpoints, and the steps over them."""
 
-    def __init__(self, cfg: TrainConfig, hvd, n_gpus: int):
-        self.cfg, self.hvd = cfg, hvd
-        self.rank, self.world = hvd.rank(), hvd.size()
-        log.info("Horovod: %d process(es), %s controller, %s", self.world, "gloo" if hvd.gloo_enabled() else "mpi",
+    def __init__(self, cfg: TrainConfig, world: World, n_gpus: int):
+        self.cfg, self.world = cfg, world
+        log.info("Horovod: %d process(es), %s controller, %s", world.size, world.controller(),
                  f"{n_gpus} GPU(s) visible" if n_gpus else "CPU only")  # fmt: skip
         if cfg.automatic_mixed_precision:
             tf.keras.mixed_precision.set_global_policy("mixed_float16")
-        tf.random.set_seed(cfg.random_seed + self.rank)  # dropout differs per rank; weights come from rank 0
+        tf.random.set_seed(cfg.random_seed + world.rank)  # dropout differs per rank; weights come from rank 0
 
         self.alphabet = Alphabet.from_file(cfg.alphabet_config_path)
         self.train_set, features = _load_stores(cfg.train_files, self.alphabet, "train")
         self.dev_set, dev_features = _load_stores(cfg.dev_files, self.alphabet, "dev")
-        self.test_set, test_features = _load_stores(cfg.test_files, self.alphabet, "test")
+        self.test_set, test_features = _load_stores(cfg.test.test_files, self.alphabet, "test")
         for name, fc in (("dev", dev_features), ("test", test_features)):
             if fc is not None and fc != features:
                 raise StoreError(f"--{name}_files were preprocessed with other feature parameters than --train_files")
         assert features is not None
         self.features = features
 
-        self.model = DeepSpeech(cfg.model, features.n_mfcc, len(self.alphabet) + 1)
-        self.model((tf.zeros([1, 1, features.n_mfcc]), tf.ones([1], tf.int32)))
-        lr = cfg.learning_rate * (self.world if cfg.scale_lr else 1)  # Horovod: scale the step with the global batch
+        self.model = DeepSpeech(cfg.model, features.n_mfcc, len(self.alphabet) + 1).build_for()
+        lr = cfg.learning_rate * (world.size if cfg.scale_lr else 1)  # Horovod: scale the step with the global batch
         self.optimizer = tf.keras.optimizers.Adam(learning_rate=lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
         if cfg.automatic_mixed_precision:
             self.optimizer = tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer)
         self.optimizer.build(self.model.trainable_variables)
         self.progress = Progress.new()
+        self.run = RunDir(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.checkpoints = None
-        if self.rank == 0 and cfg.checkpoint_dir:
-            self.checkpoints = Checkpoints(cfg.checkpoint_dir, self.model, self.optimizer, self.progress, cfg.max_to_keep)
+        if world.is_root and self.run is not None:
+            self.checkpoints = Checkpoints(self.run, self.model, self.optimizer, self.progress, cfg.max_to_keep)
         self.summaries = None
-        if self.rank == 0 and (cfg.summary_dir or cfg.checkpoint_dir):
-            self.summaries = tf.summary.create_file_writer(cfg.summary_dir or os.path.join(cfg.checkpoint_dir, "summaries"))
+        summary_dir = cfg.summary_dir or (self.run.summaries_dir if self.run else "")
+        if world.is_root and summary_dir:
+            self.summaries = tf.summary.create_file_writer(summary_dir)
         self.stop_request = StopRequest()
 
         spec = (
@@ -187,22 +190,21 @@ class Trainer:
             tf.TensorSpec([None], tf.int32),
         )
         self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([], tf.float32),))
-        self.eval_step = tf.function(self._eval_step, input_signature=spec)
-        self.dev_data = self._eval_dataset(self.dev_set, cfg.dev_batch_size) if self.dev_set.refs else None
+        self.logits = tf.function(lambda x, n: self.model((x, n), training=False), input_signature=spec[:2])
+        self.dev_data = EvalSet(self.dev_set.stores, features, cfg.dev_batch_size, world) if self.dev_set.refs else None
 
     # --- state
     def restore_and_broadcast(self) -> None:
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and self.run is not None:
             resumed = self.checkpoints.restore_latest()
             p = self.progress
             if resumed:
                 log.info("Resuming from checkpoint %s (epoch %d done, step %d)", resumed, int(p.epoch), int(p.step))
             else:
-                log.info("No checkpoint in %s: starting from random weights", self.cfg.checkpoint_dir)
-            self.checkpoints.write_config({"train": self.cfg.to_dict(), "features": self.features.to_dict(), "world_size": self.world})
+                log.info("No checkpoint in %s: starting from random weights", self.run.path)
+            self.run.write_config(to_dict(self.cfg), self.features, self.alphabet, self.world.size)
         # Horovod: every rank starts from rank 0's weights, optimizer state and counters.
-        variables = self.model.variables + self.optimizer.variables + self.progress.variables()
-        self.hvd.broadcast_variables(variables, root_rank=0)
+        self.world.broadcast_variables(self.model.variables + self.optimizer.variables + self.progress.variables())
 
     # --- steps (traced once by tf.function)
     def _train_step(self, x, x_len, y, y_len, stop):
@@ -210,56 +212,23 @@ class Trainer:
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(ctc_loss(model((x, x_len), training=True), x_len, y, y_len))
             scaled = optimizer.get_scaled_loss(loss) if amp else loss
-        tape = self.hvd.DistributedGradientTape(tape)  # Horovod: average gradients across ranks
+        tape = self.world.gradient_tape(tape)  # Horovod: average gradients across ranks
         grads = tape.gradient(scaled, model.trainable_variables)
         if amp:
             grads = optimizer.get_unscaled_gradients(grads)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         # Horovod: one allreduce carries the loss for the log and whether any rank was asked to stop.
-        summed = self.hvd.allreduce(tf.stack([tf.cast(loss, tf.float32), stop]), op=self.hvd.Sum)
-        return summed[0] / self.world, summed[1] > 0
-
-    def _eval_step(self, x, x_len, y, y_len):
-        logits = self.model((x, x_len), training=False)
-        return ctc_loss(logits, x_len, y, y_len), tf.nn.softmax(logits)
-
-    # --- evaluation
-    def _eval_dataset(self, data: _DataSet, batch_size: int) -> tf.data.Dataset:
-        # Same plan every epoch (no shuffling), so the pipeline is built once.
-        plan = epoch_plan([r.rows for r in data.refs], self.rank, self.world, 0, self.cfg.random_seed, shuffle=False, pad=False)
-        return make_dataset(data.refs, plan, self.features, batch_size, self.world)
-
-    def evaluate(self, dataset: tf.data.Dataset, decode: bool) -> dict:
-        total, count, pairs = 0.0, 0, []
-        dec = self.cfg.decoder
-        scorer = dec.scorer(self.alphabet) if decode else None
-        for x, x_len, y, y_len in dataset:
-            losses, probs = self.eval_step(x, x_len, y, y_len)
-            total += float(tf.reduce_sum(losses))
-            count += int(losses.shape[0])
-            if decode:
-                for b in range(probs.shape[0]):
-                    ref = self.alphabet.decode(y[b, : y_len[b]].numpy())
-                    p = probs[b, : x_len[b]].numpy().astype(np.float64)
-                    hyp = ctc_beam_search_decoder(p, self.alphabet, dec.beam_width, dec.cutoff_prob, dec.cutoff_top_n, scorer)[0][1]
-                    pairs.append((ref, hyp))
-        # Horovod: ranks hold different numbers of samples here; sum, then divide.
-        sums = self.hvd.allreduce(tf.constant([total, float(count)], tf.float64), op=self.hvd.Sum).numpy()
-        result = {"loss": sums[0] / max(sums[1], 1.0), "samples": int(sums[1])}
-        if decode:
-            gathered = self.hvd.allgather_object(pairs)  # Horovod: every rank's transcripts, for corpus-level WER
-            result["pairs"] = [p for part in gathered for p in part]
-            result["wer"], result["cer"] = error_rates(result["pairs"])
-        return result
+        summed = self.world.allreduce_tensor(tf.stack([tf.cast(loss, tf.float32), stop]))
+        return summed[0] / self.world.size, summed[1] > 0
 
     # --- training
     def run_epoch(self, epoch: int) -> None:
-        cfg, progress = self.cfg, self.progress
+        cfg, progress, world = self.cfg, self.progress, self.world
         t0 = time.time()
-        plan = epoch_plan([r.rows for r in self.train_set.refs], self.rank, self.world, epoch, cfg.random_seed, cfg.shuffle, pad=True)
+        plan = epoch_plan([r.rows for r in self.train_set.refs], world.rank, world.size, epoch, cfg.random_seed, cfg.shuffle, pad=True)
         if plan.repeats:
-            log.info("epoch %d: rank %d repeats %d sample(s) to stay in step with the other ranks", epoch, self.rank, plan.repeats)
-        data = make_dataset(self.train_set.refs, plan, self.features, cfg.train_batch_size, self.world)
+            log.info("epoch %d: rank %d repeats %d sample(s) to stay in step with the other ranks", epoch, world.rank, plan.repeats)
+        data = make_dataset(self.train_set.refs, plan, self.features, cfg.train_batch_size, world.size)
         skip = int(progress.epoch_step)
         if skip:  # resuming a preempted epoch: the plan is the same, so skip what was done
             log.info("epoch %d: resuming after step %d of the epoch", epoch + 1, skip)
@@ -280,7 +249,7 @@ class Trainer:
             message += f" after resuming at step {skip}"
         dev_loss, is_best = None, False
         if self.dev_data is not None:
-            dev_loss = self.evaluate(self.dev_data, decode=False)["loss"]
+            dev_loss, _ = global_loss(self.dev_data.posteriors(self.logits, self.alphabet), world)
             is_best = dev_loss < float(progress.best_dev_loss)
             if is_best:
                 progress.best_dev_loss.assign(dev_loss)
@@ -317,14 +286,13 @@ class Trainer:
     def test(self) -> dict | None:
         if not self.test_set.refs:
             return None
-        result = self.evaluate(self._eval_dataset(self.test_set, self.cfg.test_batch_size), decode=True)
-        log.info("Test: WER %.4f, CER %.4f, loss %.4f (%d samples)", result["wer"], result["cer"], result["loss"], result["samples"])
-        for ref, hyp in result["pairs"][: self.cfg.report_count]:
-            log.info("  ref: %s\n  hyp: %s", ref, hyp)
-        return {k: v for k, v in result.items() if k != "pairs"}
+        test_data = EvalSet(self.test_set.stores, self.features, self.cfg.test.test_batch_size, self.world)
+        post = test_data.posteriors(self.logits, self.alphabet)
+        summary = report_test_set(post, self.alphabet, self.cfg.test, self.cfg.decoder, self.world)
+        return None if summary is None else {k: summary[k] for k in ("wer", "cer", "loss", "samples")}
 
     def export(self) -> None:
-        if self.rank != 0 or not self.cfg.export_dir:
+        if not self.world.is_root or not self.cfg.export_dir:
             return
         source = "final weights"
         if self.checkpoints is not None and self.dev_set.refs and self.checkpoints.best.latest_checkpoint:
@@ -336,14 +304,24 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict:
     """Train on every rank; returns this rank's summary. Raises :class:`Preempted` after a stop request."""
-    hvd, n_gpus = _init_horovod(cfg)
-    setup_logging(hvd.rank(), cfg.checkpoint_dir)
-    trainer = Trainer(cfg, hvd, n_gpus)
+    world = start_horovod()  # Horovod: one process per device, pinned to its GPU
+    n_gpus = configure_tensorflow(cfg)
+    setup_logging(world.rank, RunDir(cfg.checkpoint_dir) if cfg.checkpoint_dir else None)
+    trainer = Trainer(cfg, world, n_gpus)
     trainer.restore_and_broadcast()
     trainer.fit()
     digest = weights_digest(trainer.model)
-    print(f"rank {trainer.rank}/{trainer.world}: final weights sha256 {digest}", flush=True)
+    print(f"rank {world.rank}/{world.size}: final weights sha256 {digest}", flush=True)
     results = {"epochs_done": int(trainer.progress.epoch), "weights_sha256": digest, "test": trainer.test()}
     trainer.export()
-    hvd.join()  # Horovod: nobody leaves while rank 0 still exports
+    world.join()  # Horovod: nobody leaves while rank 0 still exports
     return results
+
+
+def run(cfg: TrainConfig) -> int:
+    """``dstrain train``: exit status 75 after a stop request (checkpoint saved, resumable)."""
+    try:
+        train(cfg)
+    except Preempted as e:
+        return e.exit_code
+    return 0

@@ -8,13 +8,14 @@ ranks and the exit status is theirs; both abort every rank when one fails.
 """
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from dstrain.config import option
 from dstrain.executables import find_executable
 
 LAUNCHERS = ("horovodrun", "mpirun")
@@ -37,21 +38,32 @@ class Host:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    command: tuple[str, ...]
-    """The per-rank command, e.g. ``("dstrain", "train", ...)``."""
-    launcher: str = "horovodrun"
+    """dstrain launch: run a command on N ranks through horovodrun or mpirun (hosts from SLURM or a hostfile)"""
+
+    command: tuple[str, ...] = option(positional=True, nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    """The per-rank command after --, e.g. -- dstrain train ..."""
+    launcher: str = option("horovodrun", choices=LAUNCHERS)
+    """Program that starts the ranks."""
     np: int = 0
-    """Processes in all; 0 means one per slot of ``hosts``."""
-    hosts: tuple[Host, ...] = ()
-    controller: str = "gloo"
-    """horovodrun's controller: gloo or mpi (mpirun always uses MPI)."""
+    """Processes in all; 0 means one per host slot."""
+    hosts: str = ""
+    """h1:4,h2:4 (horovodrun's -H); empty: the SLURM allocation, else localhost:NP."""
+    hostfile: str = ""
+    """MPI (host slots=N) or Horovod (host:N) hostfile, instead of --hosts."""
+    controller: str = option("gloo", choices=("gloo", "mpi"))
+    """horovodrun's controller (mpirun always uses MPI)."""
     log_dir: str = ""
-    """Per-rank stdout/stderr files go here (empty: ranks print to the console)."""
+    """Per-rank stdout/stderr files go here; empty: ranks print to the console."""
     threads_per_rank: int = 0
     """OpenMP/TensorFlow intra-op threads per rank; 0: the node's cores divided by its ranks."""
-    env: dict = field(default_factory=dict)
+    dry_run: bool = False
+    """Print the command, do not run it."""
+    env: dict = option(default_factory=dict, cli=False)
+    """Extra variables for every rank; they win over the environment."""
 
     def __post_init__(self) -> None:
+        if self.command[:1] == ("--",):
+            object.__setattr__(self, "command", tuple(self.command[1:]))
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
         if self.controller not in ("gloo", "mpi"):
@@ -60,6 +72,8 @@ class LaunchConfig:
             raise ValueError("command: give the per-rank command after --, e.g. -- dstrain train ...")
         if self.np < 0:
             raise ValueError(f"np must be >= 0, got {self.np}")
+        if self.hosts and self.hostfile:
+            raise ValueError("give --hosts or --hostfile, not both")
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -130,9 +144,20 @@ def parse_hosts(spec: str) -> tuple[Host, ...]:
     return tuple(out)
 
 
-def rank_environment(cfg: LaunchConfig, base: dict[str, str], cores_per_node: int) -> dict[str, str]:
+def resolve_hosts(cfg: LaunchConfig, env: dict[str, str]) -> tuple[Host, ...]:
+    """--hosts, else --hostfile, else the SLURM allocation (unless --np says otherwise), else none (localhost)."""
+    if cfg.hosts:
+        return parse_hosts(cfg.hosts)
+    if cfg.hostfile:
+        return hosts_from_hostfile(cfg.hostfile)
+    if "SLURM_JOB_NODELIST" in env and not cfg.np:
+        return hosts_from_slurm(env)
+    return ()
+
+
+def rank_environment(cfg: LaunchConfig, hosts: tuple[Host, ...], base: dict[str, str], cores_per_node: int) -> dict[str, str]:
     """Variables every rank gets (only those not already in ``base``)."""
-    ranks_per_node = max(h.slots for h in cfg.hosts) if cfg.hosts else max(cfg.np, 1)
+    ranks_per_node = max(h.slots for h in hosts) if hosts else max(cfg.np, 1)
     threads = cfg.threads_per_rank or max(1, cores_per_node // max(ranks_per_node, 1))
     wanted = dict(HOROVOD_DEFAULTS)
     wanted.update({"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "2"})
@@ -142,9 +167,9 @@ def rank_environment(cfg: LaunchConfig, base: dict[str, str], cores_per_node: in
 
 def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: int) -> tuple[list[str], dict[str, str]]:
     """The launcher argv and the environment to run it with."""
-    hosts = cfg.hosts or (Host("localhost", cfg.np or 1),)
+    hosts = resolve_hosts(cfg, base_env) or (Host("localhost", cfg.np or 1),)
     np_ = cfg.np or sum(h.slots for h in hosts)
-    extra = rank_environment(dataclasses.replace(cfg, hosts=hosts), base_env, cores_per_node)
+    extra = rank_environment(cfg, hosts, base_env, cores_per_node)
     env = {**base_env, **extra}
     host_arg = ",".join(f"{h.name}:{h.slots}" for h in hosts)
     if cfg.launcher == "horovodrun":
@@ -165,7 +190,7 @@ def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: i
     return argv + list(cfg.command), env
 
 
-def launch(cfg: LaunchConfig, dry_run: bool = False) -> int:
+def launch(cfg: LaunchConfig) -> int:
     argv, env = build_command(cfg, dict(os.environ), os.cpu_count() or 1)
     argv[0] = find_executable(argv[0])
     # Ranks started by the launcher find dstrain and Python beside it, activated or not.
@@ -173,7 +198,7 @@ def launch(cfg: LaunchConfig, dry_run: bool = False) -> int:
     if cfg.log_dir:
         os.makedirs(cfg.log_dir, exist_ok=True)
     print("+ " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    if dry_run:
+    if cfg.dry_run:
         return 0
     os.execvpe(argv[0], argv, env)  # never returns
     return 127

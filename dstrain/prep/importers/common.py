@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,14 +18,6 @@ class ImportReport:
         total = sum(self.rejected.values())
         lines.append(f"{total} refused" + "".join(f", {n} {r}" for r, n in sorted(self.rejected.items())))
         return "\n".join(lines)
-
-
-def write_csv(path: str, rows: list[tuple[str, int, str]]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["wav_filename", "wav_filesize", "transcript"])
-        w.writerows(rows)
 
 
 def write_rejects(path: str, rejects: list[tuple[str, str, str]]) -> None:

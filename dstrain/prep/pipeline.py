@@ -1,13 +1,13 @@
 """DeepSpeech CSVs -> validated utterances -> feature store.
 
-Every input row ends either in a shard or in ``rejects.csv`` with a reason; the counts per reason are
+Every input row ends either in a shard or in ``_rejects.csv`` with a reason; the counts per reason are
 returned and recorded in the manifest.
 
 The unit of work is a *chunk*: ``--chunk_rows`` consecutive input rows. A chunk writes its shards
 (``shard-CCCCCC-PPP.parquet``) and then a marker ``_progress/chunk-CCCCCC.json`` naming them with their
 checksums and the chunk's rejects. Chunk boundaries depend only on the input, so the store is the same for
 any ``--workers`` and any number of MPI ranks, and a killed run resumes by redoing only the chunks without a
-valid marker. Rank 0 writes ``rejects.csv`` and, last, ``manifest.json``.
+valid marker. Rank 0 writes ``_rejects.csv`` and, last, ``_manifest.json``.
 """
 from __future__ import annotations
 
@@ -16,47 +16,51 @@ import hashlib
 import io
 import json
 import logging
-import os
+import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
-from typing import Iterable, Iterator
 
-import fsspec
 import numpy as np
 from tqdm import tqdm
 
 from dstrain.alphabet import Alphabet
 from dstrain.audio import AudioError, read_audio
+from dstrain.config import option, parse_list
+from dstrain.distributed import World, mpi_world
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
-from dstrain.store import MANIFEST_NAME, Manifest, ShardInfo, StoreError, file_sha256, join, write_manifest
-from preprocess.distributed import World, mpi_world
-from preprocess.shard_writer import ShardWriter
+from dstrain.prep.csvfile import Row, read_csv_rows
+from dstrain.store import Manifest, ShardInfo, ShardWriter, StoreError, StoreLayout
+from dstrain.store.layout import MANIFEST, PROGRESS, REJECTS
 
 log = logging.getLogger("dstrain.preprocess")
-CSV_COLUMNS = ("wav_filename", "wav_filesize", "transcript")
-PROGRESS_DIR = "_progress"
 REJECT_COLUMNS = ["wav_filename", "transcript", "reason", "detail"]
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    csv_files: tuple[str, ...]
-    """DeepSpeech CSVs (wav_filename,wav_filesize,transcript); relative paths resolve against each CSV's folder."""
-    alphabet_path: str
-    output: str
-    """Store location: a local path or an fsspec URL."""
+    """dstrain preprocess: DeepSpeech CSVs -> sharded Parquet feature store"""
+
+    csv_files: tuple[str, ...] = option(names=("--csv",), parse=parse_list)
+    """DeepSpeech CSV file(s), comma-separated (wav_filename,wav_filesize,transcript); relative audio paths resolve
+    against each CSV's folder."""
+    alphabet_path: str = option(names=("--alphabet", "--alphabet_config_path"))
+    """alphabet.txt, DeepSpeech format."""
+    output: str = option()
+    """Store location: a local path or an fsspec URL (memory://, s3://, ...)."""
     shard_size_mb: float = 256.0
     """Shards close once their features reach this many MiB (before compression)."""
-    feature_dtype: str = "float32"
+    feature_dtype: str = option("float32", choices=("float32", "float16"))
+    """Stored feature precision."""
     max_duration: float = 0.0
-    """Seconds; longer samples are rejected. 0 means no limit."""
+    """Reject longer samples, in seconds; 0 means no limit."""
     workers: int = 1
-    """Processes on this node."""
+    """Processes on this node; across nodes use mpirun/srun."""
     chunk_rows: int = 2000
     """Input rows per unit of work; fixes shard boundaries independently of workers and ranks."""
     overwrite: bool = False
-    features: FeatureConfig = field(default_factory=FeatureConfig)
+    """Rebuild a store that is already complete."""
+    features: FeatureConfig = option(default_factory=FeatureConfig, cli=False)
 
     def __post_init__(self) -> None:
         if not self.csv_files:
@@ -71,13 +75,6 @@ class PreprocessConfig:
             raise ValueError(f"shard_size_mb must be > 0, got {self.shard_size_mb}")
 
 
-@dataclass(frozen=True)
-class Row:
-    index: int
-    source: str
-    transcript: str
-
-
 @dataclass
 class Processed:
     row: Row
@@ -86,27 +83,6 @@ class Processed:
     labels: list[int] | None = None
     log_mel: np.ndarray | None = None
     duration: float = 0.0
-
-
-def read_csv_rows(csv_files: Iterable[str]) -> Iterator[Row]:
-    index = 0
-    for csv_file in csv_files:
-        base = os.path.dirname(csv_file)
-        try:
-            f = fsspec.open(csv_file, "rt", encoding="utf-8", newline="").open()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"CSV not found: {csv_file} (--csv)") from None
-        with f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("wav_filename", "transcript") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{csv_file}: missing column(s) {missing}; DeepSpeech CSVs have {','.join(CSV_COLUMNS)}")
-            for rec in reader:
-                path = rec["wav_filename"]
-                if "://" not in path and not os.path.isabs(path):
-                    path = os.path.join(base, path) if "://" not in base else f"{base.rstrip('/')}/{path}"
-                yield Row(index, path, rec["transcript"] or "")
-                index += 1
 
 
 def ctc_min_frames(labels: list[int]) -> int:
@@ -136,10 +112,6 @@ def process_row(row: Row, alphabet: Alphabet, cfg: FeatureConfig, max_duration: 
     return Processed(row, labels=labels, log_mel=features, duration=duration)
 
 
-def _marker(store: str, chunk: int) -> str:
-    return join(join(store, PROGRESS_DIR), f"chunk-{chunk:06d}.json")
-
-
 class ChunkJob:
     """Processes one chunk end to end; picklable, so a process pool can run it."""
 
@@ -150,8 +122,8 @@ class ChunkJob:
         cfg = self.cfg
         start = chunk * cfg.chunk_rows
         rejects = []
-        pattern = f"shard-{chunk:06d}-%03d.parquet"
-        with ShardWriter(cfg.output, cfg.shard_size_mb, cfg.feature_dtype, pattern=pattern) as writer:
+        layout = StoreLayout(cfg.output)
+        with ShardWriter(layout, lambda part: layout.shard_name(chunk, part), cfg.shard_size_mb, cfg.feature_dtype) as writer:
             for row in self.rows[start : start + cfg.chunk_rows]:
                 p = process_row(row, self.alphabet, cfg.features, cfg.max_duration)
                 if p.reason is not None:
@@ -162,22 +134,22 @@ class ChunkJob:
                     labels=p.labels, duration=p.duration, log_mel=p.log_mel,
                 )  # fmt: skip
         marker = {"chunk": chunk, "shards": [asdict(s) for s in writer.shards], "rejects": rejects}
-        with fsspec.open(_marker(cfg.output, chunk), "wt", encoding="utf-8") as f:
+        with layout.open(layout.chunk_marker_name(chunk), "wt", encoding="utf-8") as f:
             json.dump(marker, f)
         return chunk
 
 
-def _read_marker(store: str, chunk: int, verify: bool) -> dict | None:
+def _read_marker(layout: StoreLayout, chunk: int, verify: bool) -> dict | None:
     """A chunk's marker if the chunk is complete (its shards present with the recorded checksums)."""
     try:
-        with fsspec.open(_marker(store, chunk), "rt", encoding="utf-8") as f:
+        with layout.open(layout.chunk_marker_name(chunk), "rt", encoding="utf-8") as f:
             marker = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if verify:
         for s in marker["shards"]:
             try:
-                if file_sha256(join(store, s["path"])) != s["sha256"]:
+                if layout.sha256(s["path"]) != s["sha256"]:
                     return None
             except FileNotFoundError:
                 return None
@@ -203,40 +175,22 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
     world = world or mpi_world()
     alphabet = Alphabet.from_file(cfg.alphabet_path)
     rows = list(read_csv_rows(cfg.csv_files))
-    fs, root = fsspec.core.url_to_fs(cfg.output)
+    layout = StoreLayout(cfg.output)
     fingerprint = _fingerprint(cfg, alphabet, rows)
-    plan_path = join(join(cfg.output, PROGRESS_DIR), "plan.json")
 
     error = None
     if world.rank == 0:
         try:
-            if fs.exists(join(root, MANIFEST_NAME)):
-                if not cfg.overwrite:
-                    raise StoreError(f"{cfg.output} already holds a finished store; pass --overwrite to rebuild it")
-                fs.rm(root, recursive=True)
-            fs.makedirs(join(root, PROGRESS_DIR), exist_ok=True)
-            if fs.exists(join(join(root, PROGRESS_DIR), "plan.json")):
-                with fsspec.open(plan_path, "rt") as f:
-                    previous = json.load(f)["fingerprint"]
-                if previous != fingerprint:
-                    if not cfg.overwrite:
-                        raise StoreError(
-                            f"{cfg.output} holds an unfinished store made from other inputs or settings; "
-                            "pass --overwrite to start it again, or give another --output"
-                        )
-                    fs.rm(root, recursive=True)
-                    fs.makedirs(join(root, PROGRESS_DIR), exist_ok=True)
-            with fsspec.open(plan_path, "wt") as f:
-                json.dump({"fingerprint": fingerprint, "rows": len(rows), "chunk_rows": cfg.chunk_rows}, f)
+            _prepare(layout, cfg, fingerprint, len(rows))
         except StoreError as e:
             error = str(e)
-    error = world.bcast(error)  # every rank stops on a configuration error, not only rank 0
+    error = world.broadcast_object(error)  # every rank stops on a configuration error, not only rank 0
     if error:
         raise StoreError(error)
 
     n_chunks = -(-len(rows) // cfg.chunk_rows)
     mine = list(range(world.rank, n_chunks, world.size))
-    todo = [c for c in mine if _read_marker(cfg.output, c, verify=True) is None]
+    todo = [c for c in mine if _read_marker(layout, c, verify=True) is None]
     if len(todo) < len(mine):
         log.info("rank %d: %d of its %d chunk(s) already complete, resuming", world.rank, len(mine) - len(todo), len(mine))
     job = ChunkJob(cfg, alphabet, rows)
@@ -251,23 +205,50 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
             bar.update()
     bar.close()
 
-    world.gather(len(todo))  # rank 0 assembles once every rank is done
+    world.barrier()  # rank 0 assembles once every rank is done
     if world.rank != 0:
         return None
+    return _finish(layout, cfg, alphabet, n_chunks)
+
+
+def _prepare(layout: StoreLayout, cfg: PreprocessConfig, fingerprint: str, n_rows: int) -> None:
+    """Rank 0: refuse or clear what is in the way, then record what this run makes (its fingerprint)."""
+    if layout.manifest_name != MANIFEST or layout.exists(MANIFEST):
+        if not cfg.overwrite:
+            raise StoreError(f"{cfg.output} already holds a finished store; pass --overwrite to rebuild it")
+        layout.remove()
+    layout.makedirs(PROGRESS)
+    if layout.exists(layout.plan_name()):
+        with layout.open(layout.plan_name(), "rt") as f:
+            previous = json.load(f)["fingerprint"]
+        if previous != fingerprint:
+            if not cfg.overwrite:
+                raise StoreError(
+                    f"{cfg.output} holds an unfinished store made from other inputs or settings; "
+                    "pass --overwrite to start it again, or give another --output"
+                )
+            layout.remove()
+            layout.makedirs(PROGRESS)
+    with layout.open(layout.plan_name(), "wt") as f:
+        json.dump({"fingerprint": fingerprint, "rows": n_rows, "chunk_rows": cfg.chunk_rows}, f)
+
+
+def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_chunks: int) -> Manifest:
+    """Rank 0: gather every chunk's shards and rejects into _rejects.csv and, last, the manifest."""
     shards: list[ShardInfo] = []
     reasons: Counter[str] = Counter()
     rejects = io.StringIO()
     writer = csv.writer(rejects, lineterminator="\n")
     writer.writerow(REJECT_COLUMNS)
     for chunk in range(n_chunks):
-        marker = _read_marker(cfg.output, chunk, verify=False)
+        marker = _read_marker(layout, chunk, verify=False)
         if marker is None:
             raise StoreError(f"chunk {chunk} has no marker after every rank finished; re-run to complete it")
         shards += [ShardInfo(**s) for s in marker["shards"]]
         for r in marker["rejects"]:
             reasons[r[2]] += 1
             writer.writerow(r)
-    with fsspec.open(join(cfg.output, "rejects.csv"), "wt", encoding="utf-8", newline="") as f:
+    with layout.open(REJECTS, "wt", encoding="utf-8", newline="") as f:
         f.write(rejects.getvalue())
     manifest = Manifest(
         features=cfg.features.to_dict(),
@@ -277,6 +258,19 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
         shards=shards,
         rejects={"count": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
     )
-    write_manifest(cfg.output, manifest)
-    fs.rm(join(root, PROGRESS_DIR), recursive=True)
+    with layout.open(MANIFEST, "wt", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+    layout.remove(PROGRESS)
     return manifest
+
+
+def run(cfg: PreprocessConfig) -> int:
+    """``dstrain preprocess``."""
+    m = preprocess(cfg, progress=sys.stderr.isatty())
+    if m is None:  # an MPI rank other than 0: rank 0 reports
+        return 0
+    print(f"{m.utterances} utterances ({m.hours * 3600:.1f} s) in {len(m.shards)} shard(s) at {cfg.output}")
+    rejected = m.rejects.get("count", 0)
+    print(f"{rejected} rejected" + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
+          + (f" (see {StoreLayout(cfg.output).url(REJECTS)})" if rejected else ""))
+    return 0

@@ -4,7 +4,23 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from dataclasses import dataclass
 from importlib import resources
+
+from dstrain.config import option
+
+
+@dataclass(frozen=True)
+class Ldc93s1ImportConfig:
+    """dstrain import ldc93s1: the bundled LDC93S1 sample -> TARGET_DIR/ldc93s1.csv"""
+
+    target_dir: str = option(positional=True)
+    """Folder to copy the sample and write the CSV into."""
+
+
+def run_ldc93s1(cfg: Ldc93s1ImportConfig) -> int:
+    print(import_ldc93s1(cfg.target_dir))
+    return 0
 
 
 def normalise_transcript(line: str) -> str:

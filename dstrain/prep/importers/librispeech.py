@@ -7,8 +7,27 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 
-from preprocess.importers.common import ImportReport, write_csv, write_rejects
+from dstrain.config import option
+
+from dstrain.prep.csvfile import write_csv
+from dstrain.prep.importers.common import ImportReport, write_rejects
+
+
+@dataclass(frozen=True)
+class LibriSpeechImportConfig:
+    """dstrain import librispeech: LibriSpeech subsets (FLAC + *.trans.txt) -> SUBSET.csv"""
+
+    root: str = option(positional=True)
+    """Folder holding the subsets (or one subset folder)."""
+    output_dir: str = ""
+    """Where the CSVs go; empty: ROOT."""
+
+
+def run_librispeech(cfg: LibriSpeechImportConfig) -> int:
+    print(import_librispeech(cfg.root, cfg.output_dir or None).summary())
+    return 0
 
 
 def import_librispeech(root: str, output_dir: str | None = None) -> ImportReport:

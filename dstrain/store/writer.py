@@ -1,16 +1,18 @@
 """Writes utterances into size-bounded Parquet shards through fsspec."""
 from __future__ import annotations
 
+import hashlib
 import io
+from typing import Callable
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dstrain.store import ShardInfo, join, sha256_bytes, shard_schema
+from dstrain.store.layout import StoreLayout
+from dstrain.store.manifest import ShardInfo, shard_schema
 
-SHARD_PATTERN = "shard-%06d.parquet"
+ROW_GROUP_ROWS = 256
 
 
 class ShardWriter:
@@ -18,21 +20,20 @@ class ShardWriter:
 
     Example::
 
-        with ShardWriter("s3://bucket/store", shard_size_mb=256) as w:
+        with ShardWriter(StoreLayout("s3://bucket/store"), lambda i: f"shard-{i:06d}.parquet", shard_size_mb=256) as w:
             w.add(id=..., source=..., transcript=..., labels=..., duration=..., log_mel=...)
         w.shards  # [ShardInfo(path="shard-000000.parquet", rows=..., sha256=...), ...]
 
     A shard is complete once its file exists: it is written in one piece from memory.
     """
 
-    def __init__(self, store: str, shard_size_mb: float = 256.0, feature_dtype: str = "float32", pattern: str = SHARD_PATTERN):
+    def __init__(self, layout: StoreLayout, name: Callable[[int], str], shard_size_mb: float = 256.0, feature_dtype: str = "float32"):
         if shard_size_mb <= 0:
             raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
-        self.store = store
+        self.layout, self.name = layout, name
         self.target_bytes = int(shard_size_mb * 1024 * 1024)
         self.feature_dtype = feature_dtype
         self.schema = shard_schema(feature_dtype)
-        self.pattern = pattern
         self.next_index = 0
         self.shards: list[ShardInfo] = []
         self._rows: list[dict] = []
@@ -66,17 +67,17 @@ class ShardWriter:
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), values, type=feature_type))
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", row_group_size=256)
+        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         data = buf.getvalue()
-        name = self.pattern % self.next_index
-        with fsspec.open(join(self.store, name), "wb") as f:
+        name = self.name(self.next_index)
+        with self.layout.open(name, "wb") as f:
             f.write(data)
         self.shards.append(
             ShardInfo(
                 path=name,
                 rows=len(self._rows),
                 bytes=len(data),
-                sha256=sha256_bytes(data),
+                sha256=hashlib.sha256(data).hexdigest(),
                 frames=int(sum(columns["n_frames"])),
                 seconds=float(sum(columns["duration"])),
             )

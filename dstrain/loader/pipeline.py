@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from dstrain.features import FeatureConfig, dct_matrix
-from dstrain.store import Manifest, Utterance, join, read_shard
+from dstrain.store import FeatureStore, ShardReader, Utterance
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class EpochPlan:
     """How many of ``items`` are repeats added to keep ranks in step."""
 
 
-def shard_refs(stores: Sequence[tuple[str, Manifest]]) -> list[ShardRef]:
-    return [ShardRef(join(url, s.path), s.rows) for url, m in stores for s in m.shards]
+def shard_refs(stores: Sequence[FeatureStore]) -> list[ShardRef]:
+    return [ShardRef(url, s.rows) for store in stores for url, s in zip(store.shard_urls(), store.manifest.shards)]
 
 
 def epoch_plan(shard_rows: Sequence[int], rank: int, world: int, epoch: int, seed: int, shuffle: bool, pad: bool) -> EpochPlan:
@@ -82,7 +82,7 @@ class ShardCache:
 
     def get(self, shard: int, row: int) -> Utterance:
         if shard not in self._cache:
-            self._cache[shard] = list(read_shard(self.refs[shard].url, self.n_mel))
+            self._cache[shard] = list(ShardReader(self.refs[shard].url, self.n_mel).utterances())
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(shard)
@@ -99,7 +99,7 @@ def make_dataset(
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for shard, row in plan.items:
             u = cache.get(shard, row)
-            yield u.features, u.labels
+            yield u.features.astype(np.float32, copy=False), u.labels
 
     dct = tf.constant(dct_matrix(features), dtype=tf.float32)
 

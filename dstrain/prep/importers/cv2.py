@@ -8,15 +8,37 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 
 import soundfile
 
 from dstrain.alphabet import Alphabet
 from dstrain.audio import AudioError, read_audio
-from preprocess.importers.common import ImportReport, write_csv, write_rejects
-from preprocess.importers.text import LabelFilter
+from dstrain.config import option
+from dstrain.prep.csvfile import write_csv
+from dstrain.prep.importers.common import ImportReport, write_rejects
+from dstrain.prep.importers.text import LabelFilter
 
 SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class Cv2ImportConfig:
+    """dstrain import cv2: a Common Voice release -> clips/{train,dev,test}.csv"""
+
+    language_dir: str = option(positional=True)
+    """The extracted language folder (holds clips/ and the .tsv files)."""
+    filter_alphabet: str = ""
+    """Refuse sentences with characters outside this alphabet file."""
+    wav: bool = False
+    """Also convert clips to 16 kHz WAV and reference those."""
+    normalize: bool = False
+    """NFKD-normalise sentences and keep ASCII only."""
+
+
+def run_cv2(cfg: Cv2ImportConfig) -> int:
+    print(import_cv2(cfg.language_dir, cfg.filter_alphabet or None, wav=cfg.wav, ascii_only=cfg.normalize).summary())
+    return 0
 
 
 def import_cv2(

@@ -3,13 +3,34 @@ missing ``wav_filesize`` filled in, transcripts optionally normalised and checke
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import fsspec
 
 from dstrain.alphabet import Alphabet
-from preprocess.importers.common import ImportReport, write_csv, write_rejects
-from preprocess.importers.text import LabelFilter
-from preprocess.pipeline import read_csv_rows
+from dstrain.config import option, parse_list
+from dstrain.prep.csvfile import read_csv_rows, write_csv
+from dstrain.prep.importers.common import ImportReport, write_rejects
+from dstrain.prep.importers.text import LabelFilter
+
+
+@dataclass(frozen=True)
+class CsvImportConfig:
+    """dstrain import csv: existing DeepSpeech CSVs -> absolute paths, sizes filled in, optional filtering"""
+
+    csv_files: tuple[str, ...] = option(positional=True, parse=parse_list)
+    """CSV file(s), comma-separated."""
+    output_dir: str = option()
+    """Where the rewritten CSVs and import_rejects.csv go."""
+    filter_alphabet: str = ""
+    """Refuse transcripts with characters outside this alphabet file."""
+    normalize: bool = False
+    """Apply the English label normalisation."""
+
+
+def run_csv(cfg: CsvImportConfig) -> int:
+    print(import_csv(cfg.csv_files, cfg.output_dir, cfg.filter_alphabet or None, normalise=cfg.normalize).summary())
+    return 0
 
 
 def import_csv(csv_files: tuple[str, ...], output_dir: str, filter_alphabet: str | None = None, normalise: bool = False) -> ImportReport:

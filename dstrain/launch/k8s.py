@@ -4,7 +4,7 @@ preprocessing, and the ReadWriteMany volume both share.
     dstrain k8s render --workers 4 --gpus 8 --image registry/dstrain:0.1 --data /data > job.yaml
 
 The launcher pod runs exactly ``dstrain launch --launcher mpirun --hostfile /etc/mpi/hostfile -- dstrain train
-...`` (:func:`launch.launcher.launch_argv`), the command the test suite runs under mpirun; the MPI operator writes
+...`` (:func:`dstrain.launch.launcher.launch_argv`), the command the test suite runs under mpirun; the MPI operator writes
 the hostfile (one line per worker with ``slots=GPUS``) and the SSH keys. Pods run as the image's unprivileged
 ``mpiuser`` (uid 1000): the workers' sshd listens on port 2222 with its own config.
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from launch.launcher import launch_argv
+from dstrain.config import option
+from dstrain.launch.launcher import launch_argv
 
 HOSTFILE = "/etc/mpi/hostfile"
 USER_HOME = "/home/mpiuser"
@@ -25,25 +26,34 @@ UID = 1000
 
 @dataclass(frozen=True)
 class K8sConfig:
+    """dstrain k8s render: print the manifests as YAML (kubectl apply -f -)"""
+
     name: str = "dstrain"
+    """Prefix of every object's name."""
     image: str = "dstrain:latest"
+    """Image built from k8s/Dockerfile."""
     workers: int = 2
     """Worker pods (nodes)."""
     gpus: int = 8
     """GPUs per worker = MPI slots per worker = ranks per worker."""
     data: str = "/data"
-    """Where the shared volume is mounted; stores, checkpoints and exports live below it."""
+    """Mount path of the shared ReadWriteMany volume; stores, checkpoints and exports live below it."""
     volume_size: str = "1Ti"
+    """Size of the shared volume claim."""
     storage_class: str = ""
     """ReadWriteMany storage class (NFS, CephFS, Filestore, EFS...); empty: the cluster default."""
     shm_size: str = "16Gi"
     """/dev/shm per worker: NCCL's shared-memory transport needs more than the container default of 64 MiB."""
     cpus: int = 64
+    """CPUs per worker."""
     memory: str = "480Gi"
-    train_args: tuple[str, ...] = ("--n_hidden", "2048", "--epochs", "30", "--train_batch_size", "32", "--automatic_mixed_precision")
+    """Memory per worker."""
+    train_args: tuple[str, ...] = option(("--epochs", "30", "--train_batch_size", "32", "--automatic_mixed_precision"), parse=shlex.split)
+    """Extra dstrain train flags, one string."""
     preprocess_csv: str = ""
-    """CSV(s) to preprocess into DATA/stores/train; empty leaves out the preprocessing Job."""
+    """CSV(s) to preprocess into DATA/stores/train in a Job; empty leaves out the preprocessing Job."""
     backoff_limit: int = 3
+    """Retries of a failed training or preprocessing pod."""
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.gpus < 0:
@@ -175,10 +185,10 @@ def render(cfg: K8sConfig) -> list[dict]:
     return docs
 
 
-def to_yaml(docs: list[dict], header: str = "") -> str:
-    body = yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=120)
-    return (header + body) if header else body
+def to_yaml(docs: list[dict]) -> str:
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=120)
 
 
-def command_line(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
+def run_render(cfg: K8sConfig) -> int:
+    print(to_yaml(render(cfg)), end="")
+    return 0

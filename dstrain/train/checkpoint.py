@@ -1,17 +1,14 @@
-"""Checkpoints: model, optimizer and progress counters in one tf.train.Checkpoint.
+"""Checkpoints: model, optimizer and progress counters in one tf.train.Checkpoint, in a :class:`RunDir`.
 
-``CHECKPOINT_DIR/train`` keeps the latest ``max_to_keep`` epoch checkpoints (resume point);
-``CHECKPOINT_DIR/best_dev`` keeps the one with the lowest dev loss (what export uses).
-``CHECKPOINT_DIR/config.json`` records the resolved configuration of the last run.
 Only rank 0 constructs a :class:`Checkpoints`: other ranks receive state by broadcast.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import tensorflow as tf
+
+from dstrain.train.rundir import RunDir
 
 
 @dataclass
@@ -40,8 +37,8 @@ class Progress:
 
 
 class Checkpoints:
-    def __init__(self, directory: str, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5):
-        self.directory = directory
+    def __init__(self, run: RunDir, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5):
+        self.run = run
         self.ckpt = tf.train.Checkpoint(
             model=model,
             optimizer=optimizer,
@@ -50,8 +47,8 @@ class Checkpoints:
             best_dev_loss=progress.best_dev_loss,
             epoch_step=progress.epoch_step,
         )
-        self.latest = tf.train.CheckpointManager(self.ckpt, os.path.join(directory, "train"), max_to_keep=max_to_keep)
-        self.best = tf.train.CheckpointManager(self.ckpt, os.path.join(directory, "best_dev"), max_to_keep=1)
+        self.latest = tf.train.CheckpointManager(self.ckpt, run.latest_dir, max_to_keep=max_to_keep)
+        self.best = tf.train.CheckpointManager(self.ckpt, run.best_dir, max_to_keep=1)
 
     def restore_latest(self) -> str | None:
         path = self.latest.latest_checkpoint
@@ -70,9 +67,3 @@ class Checkpoints:
         if best:
             self.best.save(checkpoint_number=step)
         return path
-
-    def write_config(self, config: dict) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        with open(os.path.join(self.directory, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write("\n")

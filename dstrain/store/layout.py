@@ -1,0 +1,96 @@
+"""Where everything of one feature store lives: the only code that names its files or joins its URL.
+
+Metadata files start with ``_`` so that Parquet readers (pyarrow datasets, pandas, Spark, DuckDB) opening the
+store folder as one dataset skip them, as they skip Hive/Spark's ``_SUCCESS``. Stores written before that rule
+(``manifest.json``, ``rejects.csv``) are still read.
+"""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from typing import IO, Any
+
+import fsspec
+
+MANIFEST = "_manifest.json"
+REJECTS = "_rejects.csv"
+PROGRESS = "_progress"
+LEGACY_MANIFEST = "manifest.json"
+LEGACY_REJECTS = "rejects.csv"
+
+
+def join(url: str, *names: str) -> str:
+    """``names`` inside ``url``, a local path or any fsspec URL; always ``/``, never ``os.path`` (URLs stay URLs)."""
+    return posixpath.join(url.rstrip("/") or "/", *names)
+
+
+class StoreLayout:
+    """One store's filesystem (fsspec) and the names of its files.
+
+    Example::
+
+        layout = StoreLayout("s3://bucket/stores/cv-train")
+        layout.url(layout.manifest_name)          # s3://bucket/stores/cv-train/_manifest.json
+        with layout.open("shard-000000-000.parquet", "rb") as f: ...
+    """
+
+    def __init__(self, url: str):
+        self.store_url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+
+    def url(self, *names: str) -> str:
+        return join(self.store_url, *names)
+
+    def path(self, *names: str) -> str:
+        """Path inside :attr:`fs` (no protocol)."""
+        return join(self.root, *names)
+
+    def open(self, name: str, mode: str = "rb", **kwargs: Any) -> IO:
+        return self.fs.open(self.path(name), mode, **kwargs)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self.path(name)))
+
+    def makedirs(self, name: str = "") -> None:
+        self.fs.makedirs(self.path(name) if name else self.root, exist_ok=True)
+
+    def remove(self, name: str = "") -> None:
+        """Removes ``name`` (recursively), or the whole store."""
+        self.fs.rm(self.path(name) if name else self.root, recursive=True)
+
+    def sha256(self, name: str) -> str:
+        h = hashlib.sha256()
+        with self.open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    # --- names
+    @property
+    def manifest_name(self) -> str:
+        """The manifest to read: the current name, else the name stores had before (``manifest.json``)."""
+        if not self.exists(MANIFEST) and self.exists(LEGACY_MANIFEST):
+            return LEGACY_MANIFEST
+        return MANIFEST
+
+    @property
+    def rejects_name(self) -> str:
+        if not self.exists(REJECTS) and self.exists(LEGACY_REJECTS):
+            return LEGACY_REJECTS
+        return REJECTS
+
+    @staticmethod
+    def shard_name(chunk: int, part: int) -> str:
+        """Shards are named by the chunk of input rows that made them, so any number of workers names them alike."""
+        return f"shard-{chunk:06d}-{part:03d}.parquet"
+
+    @staticmethod
+    def chunk_marker_name(chunk: int) -> str:
+        return f"{PROGRESS}/chunk-{chunk:06d}.json"
+
+    @staticmethod
+    def plan_name() -> str:
+        return f"{PROGRESS}/plan.json"

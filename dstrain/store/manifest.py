@@ -1,0 +1,95 @@
+"""The manifest: what a store holds (feature parameters, alphabet, shards with checksums, rejects), kept apart from
+the heavy shards as Lhotse keeps its manifests apart from the audio, and the shard schema it describes."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from dstrain.alphabet import Alphabet
+from dstrain.features import FeatureConfig
+
+SCHEMA_VERSION = 1
+FEATURE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+# Shard columns; the loader reads only some of them.
+ID, SOURCE, TRANSCRIPT, LABELS, N_FRAMES, DURATION, FEATURES = (
+    "id", "source", "transcript", "labels", "n_frames", "duration", "features",
+)  # fmt: skip
+
+
+class StoreError(ValueError):
+    """A store that is missing, incomplete or does not match what is asked of it."""
+
+
+def shard_schema(feature_dtype: str = "float32") -> pa.Schema:
+    """``features`` is the log mel filterbank, ``n_frames x n_mel`` row-major, in the store's dtype."""
+    return pa.schema(
+        [
+            (ID, pa.string()),
+            (SOURCE, pa.string()),
+            (TRANSCRIPT, pa.string()),
+            (LABELS, pa.list_(pa.int32())),
+            (N_FRAMES, pa.int32()),
+            (DURATION, pa.float32()),
+            (FEATURES, pa.list_(FEATURE_DTYPES[feature_dtype])),
+        ]
+    )
+
+
+@dataclass
+class ShardInfo:
+    path: str
+    """Relative to the store, so a store can be copied or moved as a whole."""
+    rows: int
+    bytes: int
+    sha256: str
+    frames: int
+    seconds: float
+
+
+@dataclass
+class Manifest:
+    features: dict
+    feature_dtype: str
+    alphabet: list[str]
+    alphabet_sha256: str
+    shards: list[ShardInfo]
+    rejects: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    stored: str = "log_mel"
+
+    @property
+    def utterances(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def hours(self) -> float:
+        return sum(s.seconds for s in self.shards) / 3600.0
+
+    def feature_config(self) -> FeatureConfig:
+        return FeatureConfig(**self.features)
+
+    def get_alphabet(self) -> Alphabet:
+        return Alphabet(tuple(self.alphabet))
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["totals"] = {
+            "utterances": self.utterances,
+            "hours": self.hours,
+            "frames": sum(s.frames for s in self.shards),
+            "bytes": sum(s.bytes for s in self.shards),
+        }
+        return json.dumps(d, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
+        d = json.loads(text)
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{where}: schema_version {version}, this dstrain reads {SCHEMA_VERSION}; re-run dstrain preprocess")
+        d.pop("totals", None)
+        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+        return cls(**d)

@@ -1,0 +1,1 @@
+"""Training: the Horovod trainer, checkpoints and the run directory."""

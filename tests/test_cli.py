@@ -1,0 +1,112 @@
+"""The command line is generated from the config dataclasses: defaults, names and the package boundary."""
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from dstrain.cli import COMMANDS, build_parser, resolve
+from dstrain.config import _default, cli_fields, field_docs, from_args
+
+# DeepSpeech's flag names each subcommand must keep.
+DEEPSPEECH_FLAGS = {
+    ("train",): ["--train_files", "--dev_files", "--test_files", "--alphabet_config_path", "--epochs", "--learning_rate",
+                 "--train_batch_size", "--dev_batch_size", "--test_batch_size", "--n_hidden", "--dropout_rate", "--relu_clip",
+                 "--checkpoint_dir", "--export_dir", "--summary_dir", "--max_to_keep", "--automatic_mixed_precision",
+                 "--random_seed", "--beam_width", "--scorer_path", "--lm_alpha", "--lm_beta", "--cutoff_prob", "--cutoff_top_n",
+                 "--report_count", "--test_output_file", "--inter_op_parallelism_threads", "--intra_op_parallelism_threads"],
+    ("evaluate",): ["--test_files", "--checkpoint_dir", "--test_batch_size", "--scorer_path", "--beam_width", "--lm_alpha",
+                    "--lm_beta", "--report_count", "--test_output_file"],
+    ("lm-optimize",): ["--test_files", "--checkpoint_dir", "--scorer_path", "--n_trials", "--lm_alpha_max", "--lm_beta_max"],
+    ("preprocess",): ["--alphabet_config_path"],
+    ("scorer", "build"): ["--alphabet", "--lm", "--vocab", "--package", "--default_alpha", "--default_beta",
+                          "--force_bytes_output_mode"],
+}  # fmt: skip
+
+
+def type_of(cls, f):
+    """The (possibly nested) config class that declares field ``f``."""
+    for klass in [cls] + [t for t in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(t)]:
+        if any(g is f for g in dataclasses.fields(klass)):
+            return klass
+        nested = type_of(klass, f) if klass is not cls else None
+        if nested:
+            return nested
+    return None
+
+
+def _dummy(f: dataclasses.Field, tp) -> list[str]:
+    """Command-line words giving a required field some value of its type."""
+    meta = f.metadata.get("dstrain.cli", {})
+    value = "1" if tp in (int, float) else "x"
+    if meta.get("positional"):
+        return ["--", "x"] if meta.get("nargs") == "..." else [value]
+    name = (meta.get("names") or (f"--{f.name}",))[0]
+    return [name, value] if meta.get("nargs") != "+" else [name, value]
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=lambda p: " ".join(p))
+def test_every_cli_default_is_the_dataclass_default(path):
+    cls = resolve(COMMANDS[path].config)
+    required: list[str] = []
+    positional: list[str] = []
+    for f, tp in cli_fields(cls):
+        if _default(f) is dataclasses.MISSING:
+            words = _dummy(f, tp)
+            (positional if f.metadata.get("dstrain.cli", {}).get("positional") else required).extend(words)
+    args = build_parser().parse_args(list(path) + required + positional)
+    checked = 0
+    for f, _ in cli_fields(cls):
+        default = _default(f)
+        if default is dataclasses.MISSING:
+            continue
+        value = getattr(args, f.name)
+        assert value == default, f"{' '.join(path)} --{f.name}: CLI default {value!r}, dataclass default {default!r}"
+        checked += 1
+    assert checked or path in {("import", "ldc93s1"), ("transcribe",)}
+    if path != ("evaluate",) and path != ("lm-optimize",):  # those need --checkpoint_dir or --model
+        from_args(cls, args)  # and the parsed namespace builds the config
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=lambda p: " ".join(p))
+def test_help_lists_the_flags(path, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(list(path) + ["--help"])
+    text = capsys.readouterr().out
+    for flag in DEEPSPEECH_FLAGS.get(path, []):
+        assert flag in text, f"dstrain {' '.join(path)} --help lacks {flag}"
+    cls = resolve(COMMANDS[path].config)
+    for f, _ in cli_fields(cls):  # every field is listed, with its docstring as help
+        meta = f.metadata.get("dstrain.cli", {})
+        assert (meta.get("names") or (f.name,))[0].lstrip("-") in text
+        doc = field_docs(type_of(cls, f)).get(f.name, "")
+        assert doc, f"{f.name} has no docstring"
+        assert " ".join(doc.split()[:3]) in " ".join(text.split())
+
+
+def test_booleans_take_absl_forms():
+    p = build_parser()
+    base = ["train", "--train_files", "s", "--alphabet_config_path", "a"]
+    assert p.parse_args(base).shuffle is True
+    assert p.parse_args(base + ["--noshuffle"]).shuffle is False
+    assert p.parse_args(base + ["--shuffle=false"]).shuffle is False
+    assert p.parse_args(base + ["--automatic_mixed_precision"]).automatic_mixed_precision is True
+    assert p.parse_args(base + ["--train_files", "a,b"]).train_files == ("a", "b")
+    assert p.parse_args(base + ["--lm_alpha", "0.5"]).lm_alpha == 0.5
+
+
+def test_only_distributed_touches_horovod_and_mpi():
+    root = os.path.join(os.path.dirname(__file__), "..", "dstrain")
+    out = subprocess.run(["grep", "-rl", "--include=*.py", r"import horovod\|from horovod\|mpi4py", root], capture_output=True, text=True).stdout
+    assert [os.path.relpath(p, root) for p in out.split()] == ["distributed.py"]
+
+
+@pytest.mark.parametrize("name", ["launch", "preprocess"])
+def test_script_folders_are_not_python_packages(name, tmp_path):
+    # From another folder, so only what is installed in the venv is importable.
+    proc = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and "No module named" in proc.stderr
+    ok = subprocess.run([sys.executable, "-c", f"import dstrain.{'launch' if name == 'launch' else 'prep'}"], cwd=tmp_path)
+    assert ok.returncode == 0
