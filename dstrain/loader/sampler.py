@@ -1,0 +1,889 @@
+"""Epoch planning for synchronous data-parallel training: which rank reads which samples, in which batch, at which step.
+
+Everything here is pure and deterministic (numpy only: no TensorFlow, no I/O, no Horovod). ``rank`` and ``world``
+are arguments, so every rank computes every other rank's plan alike, and a plan can be recomputed after a restart.
+
+Vocabulary
+----------
+* A **row group** (:class:`RowGroup`) is the unit of reading of a Parquet shard: a key chosen by the caller, the
+  frame count of each of its rows and the store it comes from.
+* A **sample** is ``(row group key, row index)``; its **sample id** is ``offset of its row group + row`` where the
+  offsets follow the order of the ``row_groups`` sequence given (so ids are stable as long as the caller lists stores,
+  shards and row groups in the same order, e.g. ``--train_files`` order, manifest order, file order).
+* An epoch's **pool** is the list of sample draws of that epoch (each sample once, unless store weights upsample a
+  store); a draw's index in the pool (``EpochPlan.entries``) is unique even where sample ids repeat.
+* A **step** is one training step: every rank runs one batch per step, in lockstep (allreduce).
+
+Training plan (:func:`plan_epoch`)
+----------------------------------
+1. *Pool*: ``limit`` keeps a fixed prefix of the data (see :func:`plan_epoch`), ``weights`` resample stores; then one
+   permutation of row groups, seeded by ``(seed, epoch)`` and shared by all ranks, orders the pool (rows are shuffled
+   within each row group).
+2. *Partition*: rank ``r`` takes the ``r``-th of ``world`` contiguous runs of that order, sized
+   ``floor(P/world)`` or ``ceil(P/world)``. So ranks own disjoint sets of whole row groups; a row group straddling a
+   boundary between two ranks (and, with fewer row groups than ranks or one huge row group, the row groups shared out)
+   is split by rows. Per-rank totals differ by **at most one row**; each rank holds at most two partial row groups, and
+   at most ``world - 1`` row groups are read by more than one rank.
+3. *Steps*: every rank runs exactly ``S`` steps of exactly ``batch_size`` samples. ``remainder="drop"``:
+   ``S = floor(floor(P/world) / B)``, each rank drops at most ``B`` of its own samples (chosen at random in its last
+   window). ``remainder="pad"``: ``S = ceil(ceil(P/world) / B)``, each rank repeats at most ``B`` of its own samples
+   (from its last window, cycled if it has fewer); only a rank with no sample at all (fewer samples than ranks) borrows
+   from the pool. Whole shards or row groups are never repeated, and no rank ever has an extra step.
+4. *Windows (shuffle buffer)*: steps are grouped in windows of ``Sw = max(1, K * mean_rows_per_row_group // B)`` steps,
+   identical on all ranks; window ``w`` of a rank holds the samples ``[w*Sw*B, (w+1)*Sw*B)`` of its run, i.e. about
+   ``K = window_row_groups`` consecutive row groups (+1 at the edges). Samples are mixed only within a window, so a
+   streaming reader needs just the window's row groups (``EpochPlan.windows`` / :meth:`EpochPlan.resident`), and can
+   prefetch the next window's.
+5. *Buckets*: bucket boundaries are quantiles of the frame counts of all samples (after ``limit``), identical on all
+   ranks. Within a window each rank sorts its samples by (bucket, random), cuts them into ``Sw`` batches (batch ``j`` is
+   the ``j``-th length quantile of the window; only a batch on a bucket boundary mixes two adjacent buckets), then one
+   permutation shared by all ranks orders the window's steps: at every step all ranks run their batch of the same
+   length quantile, so no rank waits on a long batch while the others run short ones.
+6. *Length-ordered epochs* (``sortagrad``: epoch 0 shortest first; ``reverse``: longest first): the rank's whole run is
+   one window, sorted by exact length; step ``s`` is each rank's ``s``-th shortest (longest) batch. Ranks stay balanced
+   step by step, but the window is the rank's whole share (a reader holds or re-reads its 1/world of the data).
+
+Evaluation plan (:func:`plan_eval`): contiguous runs of the data in its natural order, every sample exactly once over
+all ranks, no padding or dropping; ranks may differ by one step (or have none at all).
+
+Resume (:class:`LoaderPosition`, :func:`resume_plan`): see there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
+
+import numpy as np
+
+SampleRef = tuple[int, int]
+"""``(row group key, row index)``."""
+Remainder = Literal["drop", "pad"]
+Buckets = Union[int, Sequence[float]]
+
+DEFAULT_BUCKETS = 30  # as Lhotse's bucketing samplers
+DEFAULT_WINDOW_ROW_GROUPS = 8
+POSITION_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input
+
+
+@dataclass(frozen=True, eq=False)
+class RowGroup:
+    """One Parquet row group: ``key`` (any int, unique over the input), per-row ``n_frames``, and its ``store``
+    (index into ``weights`` when mixing several stores; 0 for a single store)."""
+
+    key: int
+    n_frames: np.ndarray
+    store: int = 0
+
+    def __post_init__(self) -> None:
+        frames = np.asarray(self.n_frames)
+        if frames.ndim != 1:
+            raise ValueError(f"row group {self.key}: n_frames must be 1-D, got shape {frames.shape}")
+        if frames.size and frames.min() < 0:
+            raise ValueError(f"row group {self.key}: negative frame count")
+        object.__setattr__(self, "n_frames", frames.astype(np.int64, copy=False))
+        object.__setattr__(self, "key", int(self.key))
+        object.__setattr__(self, "store", int(self.store))
+        if self.store < 0:
+            raise ValueError(f"row group {self.key}: negative store {self.store}")
+
+    @property
+    def rows(self) -> int:
+        return int(self.n_frames.size)
+
+
+class RowGroupTable:
+    """Row groups flattened into arrays (build it once and pass it instead of the list to save the concatenation).
+
+    ``sample id = offsets[i] + row`` for the ``i``-th row group of the sequence given.
+    """
+
+    def __init__(self, row_groups: Sequence[RowGroup]):
+        self.keys = np.array([g.key for g in row_groups], dtype=np.int64)
+        self.stores = np.array([g.store for g in row_groups], dtype=np.int64)
+        self.sizes = np.array([g.rows for g in row_groups], dtype=np.int64)
+        if np.unique(self.keys).size != self.keys.size:
+            raise ValueError("row group keys must be unique")
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.n_frames = (
+            np.concatenate([g.n_frames for g in row_groups]) if row_groups else np.zeros(0, np.int64)
+        ).astype(np.int64, copy=False)
+        self.rg_index = np.repeat(np.arange(len(row_groups), dtype=np.int64), self.sizes)
+        self._index_of_key = {int(k): i for i, k in enumerate(self.keys)}
+        self._digest: Optional[str] = None
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.n_frames.size)
+
+    @property
+    def n_row_groups(self) -> int:
+        return int(self.keys.size)
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ids -> (row group keys, row indices)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rg = self.rg_index[ids]
+        return self.keys[rg], ids - self.offsets[rg]
+
+    def sample_id(self, key: int, row: int) -> int:
+        i = self._index_of_key[int(key)]
+        if not 0 <= row < self.sizes[i]:
+            raise IndexError(f"row {row} outside row group {key} of {self.sizes[i]} rows")
+        return int(self.offsets[i] + row)
+
+    def digest(self) -> str:
+        if self._digest is None:
+            h = hashlib.sha256()
+            for a in (self.keys, self.stores, self.sizes, self.n_frames):
+                h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+def make_row_groups(
+    n_frames: Sequence[Sequence[int]], stores: Optional[Sequence[int]] = None, first_key: int = 0
+) -> list[RowGroup]:
+    """Row groups keyed ``first_key, first_key + 1, ...`` from per-row-group frame counts."""
+    stores = [0] * len(n_frames) if stores is None else list(stores)
+    if len(stores) != len(n_frames):
+        raise ValueError("one store per row group")
+    return [RowGroup(first_key + i, np.asarray(f, dtype=np.int64), s) for i, (f, s) in enumerate(zip(n_frames, stores))]
+
+
+RowGroups = Union[RowGroupTable, Sequence[RowGroup]]
+
+
+def _as_table(row_groups: RowGroups) -> RowGroupTable:
+    return row_groups if isinstance(row_groups, RowGroupTable) else RowGroupTable(list(row_groups))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plans and positions
+
+
+@dataclass(frozen=True)
+class Window:
+    """Steps ``[start, stop)`` of a plan (plan-relative) and the row groups they read: keep them resident meanwhile."""
+
+    start: int
+    stop: int
+    keys: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of an epoch run with one layout: ``steps`` steps at ``world`` ranks of ``batch_size``."""
+
+    world: int
+    batch_size: int
+    window_row_groups: int
+    steps: int
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        return (self.world, self.batch_size, self.window_row_groups)
+
+
+@dataclass(frozen=True)
+class LoaderPosition:
+    """Where training stands in an epoch; JSON-safe via :meth:`to_dict` for checkpoints.
+
+    ``segments`` lists the layouts the epoch ran under, in order (a new one each time the world size, batch size or
+    window changed), each with the steps it ran. ``fingerprint`` identifies the data and the loader settings that must
+    stay the same within an epoch ("" disables the check). Get one from :meth:`EpochPlan.position_after`.
+    """
+
+    epoch: int
+    seed: int
+    segments: tuple[Segment, ...] = ()
+    fingerprint: str = ""
+
+    @classmethod
+    def start(cls, epoch: int, seed: int, fingerprint: str = "") -> "LoaderPosition":
+        return cls(epoch, seed, (), fingerprint)
+
+    @property
+    def step(self) -> int:
+        """Steps done in this epoch (over all segments)."""
+        return sum(s.steps for s in self.segments)
+
+    @property
+    def world(self) -> Optional[int]:
+        return self.segments[-1].world if self.segments else None
+
+    def next_epoch(self) -> "LoaderPosition":
+        return LoaderPosition(self.epoch + 1, self.seed, (), self.fingerprint)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": POSITION_VERSION,
+            "epoch": int(self.epoch),
+            "step": int(self.step),
+            "seed": int(self.seed),
+            "segments": [
+                {"world": s.world, "batch_size": s.batch_size, "window_row_groups": s.window_row_groups,
+                 "steps": s.steps}
+                for s in self.segments
+            ],
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoaderPosition":
+        if d.get("version", POSITION_VERSION) != POSITION_VERSION:
+            raise ValueError(f"loader position version {d.get('version')} not understood")
+        segs = tuple(
+            Segment(int(s["world"]), int(s["batch_size"]), int(s["window_row_groups"]), int(s["steps"]))
+            for s in d.get("segments", [])
+        )
+        pos = cls(int(d["epoch"]), int(d["seed"]), segs, str(d.get("fingerprint", "")))
+        if "step" in d and int(d["step"]) != pos.step:
+            raise ValueError(f"loader position: step {d['step']} does not match its segments ({pos.step})")
+        return pos
+
+
+@dataclass(frozen=True, eq=False)
+class EpochPlan:
+    """One rank's ordered batches for (the rest of) an epoch.
+
+    Per-entry arrays are flat; batch ``i`` is ``[offsets[i], offsets[i+1])``. ``is_pad`` marks repeats added by
+    ``remainder="pad"``. ``entries`` are pool indices (unique per draw; a pad repeat carries the index it repeats).
+    Steps are plan-relative: plan step ``i`` is step ``start_step + i`` of the epoch.
+    """
+
+    rank: int
+    world: int
+    epoch: int
+    seed: int
+    batch_size: int
+    window_row_groups: int
+    start_step: int
+    window_steps: int
+    sample_ids: np.ndarray = field(repr=False)
+    keys: np.ndarray = field(repr=False)
+    rows: np.ndarray = field(repr=False)
+    n_frames: np.ndarray = field(repr=False)
+    is_pad: np.ndarray = field(repr=False)
+    entries: np.ndarray = field(repr=False)
+    offsets: np.ndarray = field(repr=False)
+    windows: tuple[Window, ...] = field(repr=False)
+    bucket_bounds: np.ndarray = field(repr=False)
+    assigned: int = 0
+    """Samples dealt to this rank before the remainder rule (whole epoch / whole resumed remainder)."""
+    dropped: int = 0
+    """Of those, dropped by ``remainder="drop"``."""
+    pool_size: int = 0
+    """Draws shared out over all ranks (the epoch's pool, or what was left of it for a re-partitioned resume)."""
+    mode: str = "train"
+    length_ordered: bool = False
+    exact: bool = True
+    """True when this plan is exactly (the tail of) the uninterrupted plan of the epoch."""
+    note: str = ""
+    prior_segments: tuple[Segment, ...] = ()
+    segment_offset: int = 0
+    fingerprint: str = ""
+
+    # -- batches
+    @property
+    def steps(self) -> int:
+        return int(self.offsets.size - 1)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch_ids(self, i: int) -> np.ndarray:
+        return self.sample_ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def batch_keys_rows(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.keys[lo:hi], self.rows[lo:hi]
+
+    def batch_refs(self, i: int) -> list[SampleRef]:
+        k, r = self.batch_keys_rows(i)
+        return list(zip(k.tolist(), r.tolist()))
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        for i in range(self.steps):
+            yield self.batch_refs(i)
+
+    @property
+    def batch_sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    # -- counts and padding
+    @property
+    def padded(self) -> int:
+        return int(self.is_pad.sum())
+
+    @property
+    def samples(self) -> int:
+        """Entries in the plan, pad repeats included."""
+        return int(self.sample_ids.size)
+
+    @property
+    def step_max_frames(self) -> np.ndarray:
+        """Longest sample of each batch: the time dimension of the padded batch."""
+        if self.steps == 0:
+            return np.zeros(0, np.int64)
+        return np.maximum.reduceat(self.n_frames, self.offsets[:-1]) if self.samples else np.zeros(self.steps, np.int64)
+
+    @property
+    def step_bucket(self) -> np.ndarray:
+        """Bucket of each batch's longest sample."""
+        return np.searchsorted(self.bucket_bounds, self.step_max_frames, side="right")
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padded frames / frames of the padded batch shapes (``sum(size * max_len)``), pad repeats counted as data."""
+        if self.samples == 0:
+            return 0.0
+        shaped = float((self.step_max_frames * self.batch_sizes).sum())
+        return 0.0 if shaped == 0 else 1.0 - float(self.n_frames.sum()) / shaped
+
+    # -- residency
+    def resident(self, step: int) -> tuple[int, ...]:
+        """Row group keys that must be in memory at plan step ``step``."""
+        if not 0 <= step < self.steps:
+            raise IndexError(step)
+        starts = [w.start for w in self.windows]
+        return self.windows[int(np.searchsorted(starts, step, side="right")) - 1].keys
+
+    def residency(self) -> dict[int, tuple[int, int]]:
+        """Row group key -> (first, last) plan step of the windows that need it: load before first, evict after last."""
+        out: dict[int, tuple[int, int]] = {}
+        for w in self.windows:
+            for k in w.keys:
+                first = out[k][0] if k in out else w.start
+                out[k] = (first, w.stop - 1)
+        return out
+
+    @property
+    def max_resident(self) -> int:
+        return max((len(w.keys) for w in self.windows), default=0)
+
+    # -- resume
+    def position_after(self, steps_done: int) -> LoaderPosition:
+        """The position to checkpoint once ``steps_done`` steps of this plan have run."""
+        if self.mode != "train":
+            raise ValueError("evaluation plans have no position")
+        if not 0 <= steps_done <= self.steps:
+            raise ValueError(f"steps_done {steps_done} outside 0..{self.steps}")
+        done = self.segment_offset + steps_done
+        current = (Segment(self.world, self.batch_size, self.window_row_groups, done),) if done else ()
+        return LoaderPosition(self.epoch, self.seed, self.prior_segments + current, self.fingerprint)
+
+    def __repr__(self) -> str:
+        return f"EpochPlan({describe(self)})"
+
+
+def describe(plan: EpochPlan) -> dict[str, Any]:
+    """Numbers to log for a plan (JSON-safe)."""
+    return {
+        "mode": plan.mode,
+        "epoch": plan.epoch,
+        "rank": plan.rank,
+        "world": plan.world,
+        "start_step": plan.start_step,
+        "steps": plan.steps,
+        "batch_size": plan.batch_size,
+        "samples": plan.samples,
+        "unique_samples": int(np.unique(plan.entries).size),
+        "assigned": plan.assigned,
+        "dropped": plan.dropped,
+        "padded": plan.padded,
+        "padding_fraction": round(plan.padding_fraction, 4),
+        "pool_size": plan.pool_size,
+        "windows": len(plan.windows),
+        "window_steps": plan.window_steps,
+        "max_resident_row_groups": plan.max_resident,
+        "length_ordered": plan.length_ordered,
+        "exact": plan.exact,
+        "note": plan.note,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Internals
+
+
+def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integers proportional to ``weights`` summing to ``total``."""
+    w = np.asarray(weights, dtype=np.float64)
+    raw = total * w / w.sum()
+    out = np.floor(raw).astype(np.int64)
+    rest = int(total - out.sum())
+    if rest > 0:
+        out[np.argsort(-(raw - out), kind="stable")[:rest]] += 1
+    return out
+
+
+def _limited(table: RowGroupTable, limit: int) -> np.ndarray:
+    """Sample ids kept by ``limit``: the first rows of each store, stores in proportion to their sizes."""
+    n = table.n_samples
+    if limit <= 0 or limit >= n:
+        return np.arange(n, dtype=np.int64)
+    store = table.stores[table.rg_index]
+    _, inv, counts = np.unique(store, return_inverse=True, return_counts=True)
+    quota = _largest_remainder(limit, counts)
+    order = np.argsort(inv, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank_in_store = np.empty(n, np.int64)
+    rank_in_store[order] = np.arange(n) - np.repeat(starts, counts)
+    return np.flatnonzero(rank_in_store < quota[inv]).astype(np.int64)
+
+
+def _bucket_bounds(lengths: np.ndarray, buckets: Buckets) -> np.ndarray:
+    if isinstance(buckets, (int, np.integer)):
+        if buckets <= 1 or lengths.size == 0:
+            return np.zeros(0, np.float64)
+        q = np.quantile(lengths.astype(np.float64), np.linspace(0.0, 1.0, int(buckets) + 1)[1:-1])
+        return np.unique(q)
+    bounds = np.asarray(list(buckets), dtype=np.float64)
+    if bounds.ndim != 1 or np.any(np.diff(bounds) <= 0):
+        raise ValueError("explicit bucket boundaries must be strictly increasing")
+    return bounds
+
+
+@dataclass
+class _RankRun:
+    sids: np.ndarray
+    pidx: np.ndarray
+    pad: np.ndarray
+    steps: int
+    window_steps: int
+    assigned: int
+    dropped: int
+
+
+class _Epoch:
+    """Everything about one epoch that every rank computes alike."""
+
+    def __init__(
+        self,
+        table: RowGroupTable,
+        *,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        sortagrad: bool,
+        reverse: bool,
+        limit: int,
+        buckets: Buckets,
+        remainder: str,
+        weights: Optional[Sequence[float]],
+    ):
+        if epoch < 0 or seed < 0:
+            raise ValueError("epoch and seed must be non-negative")
+        if remainder not in ("drop", "pad"):
+            raise ValueError(f"remainder must be 'drop' or 'pad', not {remainder!r}")
+        self.table, self.epoch, self.seed, self.shuffle, self.reverse, self.remainder = (
+            table, epoch, seed, shuffle, reverse, remainder
+        )
+        self.avail = _limited(table, limit)
+        self.bounds = _bucket_bounds(table.n_frames[self.avail], buckets)
+        used_groups = np.unique(table.rg_index[self.avail]).size
+        self.mean_rows = self.avail.size / max(1, used_groups)
+        self.length_ordered = bool((sortagrad or reverse) and (epoch == 0 or not shuffle))
+        self.pool = self._pool(weights)
+        self.fingerprint = _fingerprint(table, shuffle, sortagrad, reverse, limit, buckets, remainder, weights)
+
+    def _pool(self, weights: Optional[Sequence[float]]) -> np.ndarray:
+        t, avail = self.table, self.avail
+        rg = t.rg_index[avail]
+        if weights is None:
+            sids, unit = avail, rg
+        else:
+            sids, unit = self._weighted(np.asarray(weights, dtype=np.float64), rg)
+        if sids.size == 0:
+            return sids
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, 0])
+            unit_pos = rng.permutation(int(unit.max()) + 1).astype(np.int64)
+            key = (unit_pos[unit] << 32) | rng.integers(0, 1 << 32, size=sids.size, dtype=np.int64)
+            order = np.argsort(key, kind="stable")
+        else:
+            order = np.argsort(unit, kind="stable")
+        return sids[order]
+
+    def _weighted(self, w: np.ndarray, rg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t, avail = self.table, self.avail
+        if w.ndim != 1 or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("weights must be finite and non-negative, one per store")
+        st = t.stores[rg]
+        if st.size and st.max() >= w.size:
+            raise ValueError(f"{w.size} weights for stores 0..{st.max()}")
+        present = np.unique(st)
+        wp = w[present]
+        if not np.any(wp > 0):
+            raise ValueError("no store with a positive weight has samples")
+        targets = np.zeros(present.size, np.int64)
+        targets[wp > 0] = _largest_remainder(avail.size, wp[wp > 0])
+        parts_sid, parts_unit, next_unit = [], [], 0
+        for s, target in zip(present.tolist(), targets.tolist()):
+            mask = st == s
+            idx, groups = avail[mask], rg[mask]
+            _, local = np.unique(groups, return_inverse=True)
+            n_local = int(local.max()) + 1
+            copies, rest = divmod(int(target), idx.size)
+            for _ in range(copies):
+                parts_sid.append(idx)
+                parts_unit.append(next_unit + local)
+                next_unit += n_local
+            if rest:
+                rng = np.random.default_rng([self.seed, self.epoch, 1, s])
+                order = rng.permutation(n_local)
+                cum = np.cumsum(np.bincount(local, minlength=n_local)[order])
+                k = int(np.searchsorted(cum, rest))
+                need = rest - (int(cum[k - 1]) if k else 0)
+                partial = np.flatnonzero(local == order[k])
+                pick = np.sort(rng.choice(partial, size=need, replace=False))
+                sel = np.sort(np.concatenate([np.flatnonzero(np.isin(local, order[:k])), pick]))
+                parts_sid.append(idx[sel])
+                parts_unit.append(next_unit + local[sel])
+                next_unit += n_local
+        if not parts_sid:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(parts_sid), np.concatenate(parts_unit)
+
+    def steps_for(self, pool_size: int, world: int, batch_size: int) -> int:
+        base, extra = divmod(pool_size, world)
+        if self.remainder == "drop":
+            return base // batch_size
+        return -(-(base + (1 if extra else 0)) // batch_size)
+
+    def window_steps(self, steps: int, batch_size: int, window_row_groups: int) -> int:
+        if self.length_ordered or window_row_groups <= 0:
+            return max(1, steps)
+        return max(1, min(steps, int(window_row_groups * self.mean_rows) // batch_size))
+
+    def run(self, sids: np.ndarray, pidx: np.ndarray, *, rank: int, world: int, batch_size: int,
+            window_row_groups: int, salt: int) -> _RankRun:
+        """Rank ``rank``'s full run over the (remaining) pool ``sids`` (epoch order; ``pidx`` their pool indices)."""
+        B, P = batch_size, int(sids.size)
+        base, extra = divmod(P, world)
+        lo, n = rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+        S = self.steps_for(P, world, B)
+        Sw = self.window_steps(S, B, window_row_groups)
+        seq_sid, seq_pidx = sids[lo : lo + n], pidx[lo : lo + n]
+        if S == 0:
+            empty = np.zeros(0, np.int64)
+            return _RankRun(empty, empty, np.zeros(0, bool), 0, Sw, n, n)
+        W = -(-S // Sw)
+        rng = np.random.default_rng([self.seed, self.epoch, salt, 2, world, rank])
+        rand = rng.random(n) if self.shuffle else np.arange(n, dtype=np.float64)
+        win = np.minimum(np.arange(n) // (Sw * B), W - 1)
+        last_lo, slots_last = (W - 1) * Sw * B, (S - (W - 1) * Sw) * B
+        n_last = n - last_lo
+        if n_last >= slots_last:  # drop (or exact fit): keep a random subset of the last window
+            tail = last_lo + np.argsort(rand[last_lo:], kind="stable")
+            pos = np.concatenate([np.arange(last_lo), tail[:slots_last]])
+            e_sid, e_pidx, e_rand, e_win = seq_sid[pos], seq_pidx[pos], rand[pos], win[pos]
+            e_pad = np.zeros(pos.size, bool)
+            dropped = n_last - slots_last
+        else:  # pad: repeat own samples of the last window (the latest ones if it is empty)
+            need = slots_last - n_last
+            if n:
+                c_lo = last_lo if n_last else max(0, n - B)
+                cand = c_lo + np.argsort(rand[c_lo:], kind="stable")
+                rep = cand[np.arange(need) % cand.size]
+                r_sid, r_pidx = seq_sid[rep], seq_pidx[rep]
+            else:  # fewer samples than ranks: borrow
+                rep = (rank + np.arange(need)) % P
+                r_sid, r_pidx = sids[rep], pidx[rep]
+            r_rand = rng.random(need) if self.shuffle else n + np.arange(need, dtype=np.float64)
+            e_sid, e_pidx = np.concatenate([seq_sid, r_sid]), np.concatenate([seq_pidx, r_pidx])
+            e_rand = np.concatenate([rand, r_rand])
+            e_win = np.concatenate([win, np.full(need, W - 1)])
+            e_pad = np.concatenate([np.zeros(n, bool), np.ones(need, bool)])
+            dropped = 0
+        lengths = self.table.n_frames[e_sid]
+        if self.length_ordered:
+            sort_key = -lengths if self.reverse else lengths
+        elif self.shuffle and self.bounds.size:
+            sort_key = np.searchsorted(self.bounds, lengths, side="right")
+        else:
+            sort_key = np.zeros(e_sid.size, np.int64)
+        batches = np.lexsort((e_rand, sort_key, e_win)).reshape(S, B)
+        if self.shuffle and not self.length_ordered:  # one permutation of steps within each window, shared by all ranks
+            shared = np.random.default_rng([self.seed, self.epoch, salt, 3, world]).random(S)
+            batches = batches[np.lexsort((shared, np.arange(S) // Sw))]
+        flat = batches.ravel()
+        return _RankRun(e_sid[flat], e_pidx[flat], e_pad[flat], S, Sw, n, int(dropped))
+
+
+def _fingerprint(table: RowGroupTable, shuffle: bool, sortagrad: bool, reverse: bool, limit: int, buckets: Buckets,
+                 remainder: str, weights: Optional[Sequence[float]]) -> str:
+    settings = {
+        "shuffle": bool(shuffle),
+        "sortagrad": bool(sortagrad),
+        "reverse": bool(reverse),
+        "limit": int(limit),
+        "buckets": int(buckets) if isinstance(buckets, (int, np.integer)) else [float(b) for b in buckets],
+        "remainder": remainder,
+        "weights": None if weights is None else [float(w) for w in weights],
+    }
+    h = hashlib.sha256(table.digest().encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _windows(table: RowGroupTable, sids: np.ndarray, offsets: np.ndarray, first_step: int, window_steps: int,
+             total_steps: int) -> tuple[Window, ...]:
+    steps = offsets.size - 1
+    if steps == 0:
+        return ()
+    entry_step = np.repeat(np.arange(steps), np.diff(offsets))
+    entry_win = (first_step + entry_step) // window_steps
+    n_rg = max(1, table.n_row_groups)
+    codes = np.unique(entry_win * n_rg + table.rg_index[sids])
+    wins, rgs = codes // n_rg, codes % n_rg
+    cuts = np.flatnonzero(np.diff(wins)) + 1
+    out = []
+    for w_rgs, w in zip(np.split(rgs, cuts), wins[np.concatenate([[0], cuts])]):
+        start = max(int(w) * window_steps, first_step) - first_step
+        stop = min((int(w) + 1) * window_steps, total_steps) - first_step
+        out.append(Window(start, stop, tuple(table.keys[w_rgs].tolist())))
+    return tuple(out)
+
+
+def _check_world(rank: int, world: int, batch_size: int) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of {world}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, not {batch_size}")
+
+
+def _train_plan(ep: _Epoch, run: _RankRun, *, rank: int, world: int, batch_size: int, window_row_groups: int,
+                offset: int, prior: tuple[Segment, ...], pool_size: int, exact: bool, note: str) -> EpochPlan:
+    if offset > run.steps:
+        raise ValueError(f"position is at step {offset} of a segment plan that has only {run.steps} steps")
+    t, B = ep.table, batch_size
+    sids, pidx, pad = run.sids[offset * B :], run.pidx[offset * B :], run.pad[offset * B :]
+    offsets = np.arange(0, sids.size + 1, B, dtype=np.int64)
+    keys, rows = t.locate(sids)
+    return EpochPlan(
+        rank=rank, world=world, epoch=ep.epoch, seed=ep.seed, batch_size=B, window_row_groups=window_row_groups,
+        start_step=sum(s.steps for s in prior) + offset, window_steps=run.window_steps,
+        sample_ids=sids, keys=keys, rows=rows, n_frames=t.n_frames[sids], is_pad=pad, entries=pidx, offsets=offsets,
+        windows=_windows(t, sids, offsets, offset, run.window_steps, run.steps), bucket_bounds=ep.bounds,
+        assigned=run.assigned, dropped=run.dropped, pool_size=pool_size, mode="train",
+        length_ordered=ep.length_ordered, exact=exact, note=note, prior_segments=prior, segment_offset=offset,
+        fingerprint=ep.fingerprint,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public planners
+
+
+def plan_epoch(
+    row_groups: RowGroups,
+    *,
+    rank: int,
+    world: int,
+    epoch: int,
+    seed: int,
+    batch_size: int,
+    shuffle: bool = True,
+    sortagrad: bool = False,
+    reverse: bool = False,
+    limit: int = 0,
+    buckets: Buckets = DEFAULT_BUCKETS,
+    window_row_groups: int = DEFAULT_WINDOW_ROW_GROUPS,
+    remainder: Remainder = "drop",
+    weights: Optional[Sequence[float]] = None,
+) -> EpochPlan:
+    """Rank ``rank``'s training batches for ``epoch``. Pure: the same arguments give the same plan on any machine.
+
+    Guarantees (``P`` = draws in the epoch's pool, ``B`` = ``batch_size``):
+
+    * **Shared order**: one permutation of row groups seeded by ``(seed, epoch)`` orders the pool for all ranks; a
+      different epoch or seed gives a different order.
+    * **Disjoint, balanced**: rank ``r`` takes the ``r``-th contiguous run of that order; ranks own disjoint whole row
+      groups, a row group on a boundary between ranks (or all of them, when there are fewer row groups than ranks) is
+      split by rows, and per-rank totals (``assigned``) differ by at most one row.
+    * **Equal steps**: every rank gets exactly ``S`` batches of exactly ``B`` samples.
+      ``remainder="drop"``: ``S = floor(floor(P/world)/B)``; a rank drops at most ``B`` of its samples (random ones of
+      its last window); nothing is repeated. ``remainder="pad"``: ``S = ceil(ceil(P/world)/B)``; a rank repeats at most
+      ``B`` of its own samples (its last window's, cycled if fewer; a rank that has no sample because ``P < world``
+      borrows from the pool). Never a whole row group or shard twice, never an extra step.
+    * **Shuffle buffer**: samples are mixed within windows of ``window_steps`` steps (the same on all ranks) covering
+      about ``window_row_groups`` consecutive row groups of the rank (``<= 0``: the rank's whole share);
+      ``EpochPlan.windows`` / ``resident(step)`` / ``residency()`` say which row groups to keep loaded when.
+    * **Length buckets** (``buckets``: a count of frame-count quantile buckets, or explicit boundaries; ``<= 1``: none):
+      the boundaries come from all samples' lengths (after ``limit``), so every rank has the same ones. Within a window
+      a rank sorts by (bucket, random) and cuts ``window_steps`` batches; one permutation shared by all ranks orders
+      the window's steps, so at every step every rank runs its batch of the same length quantile (same or adjacent
+      bucket). ``EpochPlan.padding_fraction`` reports the padding this implies. Buckets are ignored with
+      ``shuffle=False`` and in length-ordered epochs (which sort by exact length).
+    * **Length-ordered epochs**: with ``sortagrad`` (DeepSpeech 2 SortaGrad) epoch 0 runs shortest first; ``reverse``
+      (DeepSpeech ``--reverse_train``) runs longest first (and implies ordering epoch 0). With ``shuffle=False`` every
+      epoch is length-ordered when either is set. Step ``s`` is every rank's ``s``-th batch in length order, so ranks
+      stay balanced step by step; the window is the rank's whole share.
+    * ``shuffle=False``: fixed order (row groups and rows as given, no buckets); remainders are taken from the end.
+    * ``limit`` (DeepSpeech ``--limit_train``): at most ``limit`` samples in all, a fixed subset: the first rows of each
+      store in input order, stores in proportion to their sizes.
+    * ``weights`` (one per store, indexed by ``RowGroup.store``): the pool keeps its size (all samples, after
+      ``limit``) but store ``s`` gets ``weights[s] / sum(weights)`` of it: whole copies of the store plus a random
+      (seed, epoch) subset of its row groups, the last one cut by rows. ``None``: each sample once (stores in
+      proportion to their sizes). Stores that have no sample get nothing, the others share their weight.
+    """
+    _check_world(rank, world, batch_size)
+    table = _as_table(row_groups)
+    ep = _Epoch(table, epoch=epoch, seed=seed, shuffle=shuffle, sortagrad=sortagrad, reverse=reverse, limit=limit,
+                buckets=buckets, remainder=remainder, weights=weights)
+    run = ep.run(ep.pool, np.arange(ep.pool.size), rank=rank, world=world, batch_size=batch_size,
+                 window_row_groups=window_row_groups, salt=0)
+    return _train_plan(ep, run, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups,
+                       offset=0, prior=(), pool_size=int(ep.pool.size), exact=True, note="")
+
+
+def plan_all(row_groups: RowGroups, *, world: int, **kwargs: Any) -> list[EpochPlan]:
+    """:func:`plan_epoch` for every rank (for tools and tests: one rank needs only its own)."""
+    table = _as_table(row_groups)
+    return [plan_epoch(table, rank=r, world=world, **kwargs) for r in range(world)]
+
+
+def resume_plan(
+    position: LoaderPosition,
+    row_groups: RowGroups,
+    *,
+    rank: int,
+    world: int,
+    batch_size: int,
+    shuffle: bool = True,
+    sortagrad: bool = False,
+    reverse: bool = False,
+    limit: int = 0,
+    buckets: Buckets = DEFAULT_BUCKETS,
+    window_row_groups: int = DEFAULT_WINDOW_ROW_GROUPS,
+    remainder: Remainder = "drop",
+    weights: Optional[Sequence[float]] = None,
+) -> EpochPlan:
+    """The rest of ``position.epoch`` for ``rank`` (same keyword arguments as :func:`plan_epoch`; epoch and seed come
+    from ``position``; a fresh ``LoaderPosition.start(epoch, seed)`` gives the whole epoch).
+
+    * Same layout (world, batch size, window) as the position's last segment: exactly the tail of that segment's plan,
+      from its step ``position.step``, reached by slicing (nothing skipped is read). For a run never resized this is
+      the uninterrupted plan's tail, so the samples consumed after kill + restart are those of an uninterrupted run.
+    * Another layout: the draws of the epoch not consumed yet (all ranks' batches of the steps done in each earlier
+      segment, each recomputed from its own layout, however many there were) are re-partitioned over the new ranks
+      with all of :func:`plan_epoch`'s guarantees (equal steps, balance, remainder rule, windows, buckets), still in
+      the epoch's row-group order. Every draw is consumed once over the whole epoch, up to the remainder rule of the
+      last segment; which rank sees which sample, and the order, differ from an uninterrupted run (``exact`` is False,
+      ``note`` says so). The next epoch plans normally at the new size.
+
+    Loader settings other than the layout must not change within an epoch: a non-empty ``position.fingerprint`` that
+    does not match the data and settings raises ``ValueError``.
+    """
+    _check_world(rank, world, batch_size)
+    table = _as_table(row_groups)
+    ep = _Epoch(table, epoch=position.epoch, seed=position.seed, shuffle=shuffle, sortagrad=sortagrad, reverse=reverse,
+                limit=limit, buckets=buckets, remainder=remainder, weights=weights)
+    if position.fingerprint and position.fingerprint != ep.fingerprint:
+        raise ValueError(
+            "loader position does not match the data or the loader settings (shuffle, sortagrad, reverse, limit, "
+            "buckets, remainder, weights must stay the same within an epoch)"
+        )
+    segs = tuple(s for s in position.segments if s.steps > 0)
+    layout = (world, batch_size, window_row_groups)
+    if segs and segs[-1].layout == layout:
+        prior, offset = segs[:-1], segs[-1].steps
+    else:
+        prior, offset = segs, 0
+    sids, pidx = ep.pool, np.arange(ep.pool.size)
+    for i, seg in enumerate(prior):
+        consumed = np.zeros(ep.pool.size, bool)
+        for r in range(seg.world):
+            old = ep.run(sids, pidx, rank=r, world=seg.world, batch_size=seg.batch_size,
+                         window_row_groups=seg.window_row_groups, salt=i)
+            if seg.steps > old.steps:
+                raise ValueError(f"segment {i} ran {seg.steps} steps but its plan has only {old.steps}")
+            consumed[old.pidx[: seg.steps * seg.batch_size]] = True
+        keep = ~consumed[pidx]
+        sids, pidx = sids[keep], pidx[keep]
+    run = ep.run(sids, pidx, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups,
+                 salt=len(prior))
+    exact = not prior
+    step = position.step
+    if exact:
+        note = f"epoch {ep.epoch}: resumed exactly at step {step} (world {world}), as an uninterrupted run"
+        note = note if step else ""
+    else:
+        history = ", ".join(f"world {s.world} x batch {s.batch_size} for {s.steps} steps" for s in segs)
+        note = (
+            f"epoch {ep.epoch}: resumed at step {step} after {history}; the {sids.size} of {ep.pool.size} samples "
+            f"not consumed at the time of the change were re-partitioned over {world} ranks"
+            f"{f' (this plan continues that re-partition exactly from its step {offset})' if offset else ''}. "
+            f"Each is still used once this epoch (up to the '{remainder}' remainder rule), but which rank sees which "
+            f"sample and the order differ from an uninterrupted run at world {segs[0].world}, and the epoch has a "
+            f"different number of steps; from the next epoch plans are regular at world {world}."
+        )
+    return _train_plan(ep, run, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups,
+                       offset=offset, prior=prior, pool_size=int(sids.size), exact=exact, note=note)
+
+
+def plan_eval(
+    row_groups: RowGroups,
+    *,
+    rank: int,
+    world: int,
+    batch_size: int,
+    limit: int = 0,
+    sort_by_length: bool = False,
+    window_row_groups: int = DEFAULT_WINDOW_ROW_GROUPS,
+) -> EpochPlan:
+    """Evaluation batches for ``rank``: every sample (after ``limit``) exactly once over all ranks, no padding, no drop.
+
+    Rank ``r`` reads the ``r``-th contiguous run of the data in input order (runs differ by at most one sample), in
+    batches of ``batch_size`` (its last one may be short): ranks differ by at most one step, and ranks beyond the
+    number of samples have none. ``sort_by_length`` sorts by length within each window (about ``window_row_groups``
+    row groups; ``<= 0``: the rank's whole run) to cut padding; the order is fixed either way.
+    """
+    _check_world(rank, world, batch_size)
+    t = _as_table(row_groups)
+    avail = _limited(t, limit)
+    B, P = batch_size, int(avail.size)
+    base, extra = divmod(P, world)
+    lo, n = rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+    seq = avail[lo : lo + n]
+    S = -(-n // B)
+    mean_rows = P / max(1, np.unique(t.rg_index[avail]).size)
+    Sw = max(1, S) if window_row_groups <= 0 else max(1, int(window_row_groups * mean_rows) // B)
+    if sort_by_length and n:
+        win = np.arange(n) // (Sw * B)
+        seq = seq[np.lexsort((np.arange(n), t.n_frames[seq], win))]
+    offsets = np.minimum(np.arange(S + 1, dtype=np.int64) * B, n)
+    keys, rows = t.locate(seq)
+    return EpochPlan(
+        rank=rank, world=world, epoch=0, seed=0, batch_size=B, window_row_groups=window_row_groups, start_step=0,
+        window_steps=Sw, sample_ids=seq, keys=keys, rows=rows, n_frames=t.n_frames[seq], is_pad=np.zeros(n, bool),
+        entries=seq.copy(), offsets=offsets, windows=_windows(t, seq, offsets, 0, Sw, S),
+        bucket_bounds=np.zeros(0), assigned=n, dropped=0, pool_size=P, mode="eval", length_ordered=sort_by_length,
+        exact=True, note="",
+    )
+
+
+__all__ = [
+    "Buckets",
+    "EpochPlan",
+    "LoaderPosition",
+    "Remainder",
+    "RowGroup",
+    "RowGroupTable",
+    "SampleRef",
+    "Segment",
+    "Window",
+    "describe",
+    "make_row_groups",
+    "plan_all",
+    "plan_epoch",
+    "plan_eval",
+    "resume_plan",
+]

@@ -1,0 +1,442 @@
+"""The epoch planner: pure numpy, no TensorFlow or Horovod; every rank's plan is computed here in one process."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dstrain.loader.sampler import (
+    LoaderPosition,
+    RowGroup,
+    RowGroupTable,
+    describe,
+    make_row_groups,
+    plan_all,
+    plan_epoch,
+    plan_eval,
+    resume_plan,
+)
+
+# Uneven row groups (empty ones, one-row ones, one much bigger than the rest), and fewer row groups than ranks.
+LAYOUTS = {
+    "uneven": [37, 0, 5, 120, 64, 1, 64, 300, 12, 80, 64, 64, 9, 200, 33, 2, 64, 150],
+    "few": [3, 11],
+    "one": [1],
+    "huge": [2, 700, 3],
+}
+
+
+def groups(sizes, seed=0, stores=None, lo=20, hi=2000, first_key=100):
+    rng = np.random.default_rng(seed)
+    return make_row_groups([rng.integers(lo, hi, size=s) for s in sizes], stores=stores, first_key=first_key)
+
+
+def uniform(n_groups=400, rows=64, seed=1):
+    return groups([rows] * n_groups, seed=seed)
+
+
+def flat(plans, attr="entries", pad=None):
+    out = []
+    for p in plans:
+        a = getattr(p, attr)
+        out.append(a if pad is None else a[p.is_pad == pad])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def check_train(plans, batch_size, remainder, pool_size):
+    """Every training guarantee that holds for any data: equal steps, full batches, balance, remainder rule."""
+    world = len(plans)
+    steps = {p.steps for p in plans}
+    assert len(steps) == 1, f"ranks disagree on step count: {steps}"
+    (S,) = steps
+    for p in plans:
+        assert np.all(p.batch_sizes == batch_size)
+        assert p.samples == S * batch_size
+    assigned = [p.assigned for p in plans]
+    assert sum(assigned) == pool_size
+    assert max(assigned) - min(assigned) <= 1, assigned
+    real = flat(plans, pad=False)
+    assert np.unique(real).size == real.size, "a draw is used twice (or by two ranks)"
+    if remainder == "drop":
+        assert all(p.padded == 0 for p in plans)
+        for p in plans:
+            assert p.dropped == p.assigned - S * batch_size
+            assert 0 <= p.dropped <= batch_size
+        if pool_size >= world * batch_size:
+            assert S >= 1
+    else:
+        assert sorted(real.tolist()) == list(range(pool_size)), "pad must cover every draw"
+        for p in plans:
+            assert p.dropped == 0
+            assert p.padded == S * batch_size - p.assigned <= batch_size
+            own = set(p.entries[~p.is_pad].tolist())
+            if own:
+                assert set(p.entries[p.is_pad].tolist()) <= own, "pad repeats must be the rank's own samples"
+    return S
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Partition, steps, remainder
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", range(1, 9))
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_partition_guarantees(layout, world, remainder):
+    rgs = groups(LAYOUTS[layout])
+    table = RowGroupTable(rgs)
+    B = 4
+    plans = plan_all(table, world=world, epoch=2, seed=7, batch_size=B, remainder=remainder, window_row_groups=2)
+    P = table.n_samples
+    S = check_train(plans, B, remainder, P)
+    if remainder == "drop":
+        assert S == (P // world) // B
+    else:
+        assert S == -(-(-(-P // world)) // B)
+    for p in plans:
+        assert p.pool_size == P
+        # refs and ids agree
+        for i in range(p.steps):
+            assert [table.sample_id(k, r) for k, r in p.batch_refs(i)] == p.batch_ids(i).tolist()
+
+
+@pytest.mark.parametrize("world", range(2, 9))
+def test_whole_row_groups_are_disjoint_and_few_are_split(world):
+    rgs = groups(LAYOUTS["uneven"])
+    sizes = {g.key: g.rows for g in rgs}
+    plans = plan_all(rgs, world=world, epoch=0, seed=3, batch_size=4, remainder="pad")
+    owners: dict[int, set] = {}
+    for p in plans:
+        counts = Counter(p.keys[~p.is_pad].tolist())
+        assert sum(1 for k, c in counts.items() if c < sizes[k]) <= 2, "a rank holds more than two partial row groups"
+        for k in counts:
+            owners.setdefault(k, set()).add(p.rank)
+    shared = [k for k, o in owners.items() if len(o) > 1]
+    assert len(shared) <= world - 1
+
+
+def test_fewer_samples_than_ranks():
+    rgs = groups([1])
+    pad = plan_all(rgs, world=8, epoch=0, seed=0, batch_size=4, remainder="pad")
+    assert [p.steps for p in pad] == [1] * 8
+    assert pad[0].assigned == 1 and pad[0].padded == 3
+    assert all(p.assigned == 0 and p.padded == 4 for p in pad[1:])  # borrowed: nothing of their own
+    assert set(flat(pad, "sample_ids").tolist()) == {0}
+    drop = plan_all(rgs, world=8, epoch=0, seed=0, batch_size=4, remainder="drop")
+    assert [p.steps for p in drop] == [0] * 8
+    assert sum(p.dropped for p in drop) == 1
+    assert describe(drop[0])["steps"] == 0
+
+
+def test_describe_and_padding_fraction():
+    rgs = make_row_groups([[10, 20], [30, 40]])
+    (p,) = plan_all(rgs, world=1, epoch=0, seed=0, batch_size=2, shuffle=False)
+    assert [p.batch_ids(i).tolist() for i in range(p.steps)] == [[0, 1], [2, 3]]
+    assert p.padding_fraction == pytest.approx(1 - 100 / (2 * 20 + 2 * 40))
+    d = describe(p)
+    json.dumps(d)
+    assert d["steps"] == 2 and d["samples"] == 4 and d["dropped"] == 0 and d["padded"] == 0
+
+
+def test_input_validation():
+    with pytest.raises(ValueError):
+        RowGroupTable([RowGroup(1, np.array([1])), RowGroup(1, np.array([2]))])
+    with pytest.raises(ValueError):
+        plan_epoch(groups([5]), rank=2, world=2, epoch=0, seed=0, batch_size=1)
+    with pytest.raises(ValueError):
+        plan_epoch(groups([5]), rank=0, world=1, epoch=0, seed=0, batch_size=1, remainder="wrap")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Order: determinism, windows, buckets, sortagrad
+
+
+def test_deterministic_and_epoch_seeded():
+    rgs = groups(LAYOUTS["uneven"])
+    kw = dict(world=3, seed=11, batch_size=8)
+    a, b = plan_all(rgs, epoch=4, **kw), plan_all(rgs, epoch=4, **kw)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.sample_ids, y.sample_ids) and np.array_equal(x.is_pad, y.is_pad)
+        assert x.windows == y.windows
+    c = plan_all(rgs, epoch=5, **kw)
+    d = plan_all(rgs, epoch=4, **{**kw, "seed": 12})
+    for other in (c, d):
+        assert not np.array_equal(flat(a, "sample_ids"), flat(other, "sample_ids"))
+    # the shared row-group permutation: rank 0's first row group differs across epochs
+    firsts = {plan_all(rgs, epoch=e, **kw)[0].keys[0] for e in range(8)}
+    assert len(firsts) > 2
+    # the row groups a rank reads (not only their mixing) change with the epoch
+    shares = {frozenset(plan_all(rgs, epoch=e, **{**kw, "remainder": "pad"})[0].keys.tolist()) for e in range(4)}
+    assert len(shares) > 1
+
+
+def test_split_row_group_rows_are_shuffled():
+    rgs = groups([700])
+    shares = []
+    for epoch in (0, 1):
+        plans = plan_all(rgs, world=3, epoch=epoch, seed=0, batch_size=5, remainder="pad")
+        rows = np.sort(plans[0].rows[~plans[0].is_pad])
+        assert rows.size == 234 and rows[-1] - rows[0] > 300  # not a contiguous slice of the row group
+        shares.append(set(rows.tolist()))
+    assert shares[0] != shares[1]
+
+
+def test_fixed_order_without_shuffle():
+    rgs = groups([10, 10, 10])
+    p0 = plan_epoch(rgs, rank=0, world=1, epoch=0, seed=1, batch_size=5, shuffle=False)
+    p9 = plan_epoch(rgs, rank=0, world=1, epoch=9, seed=2, batch_size=5, shuffle=False)
+    assert p0.sample_ids.tolist() == list(range(30)) == p9.sample_ids.tolist()
+
+
+def test_windows_bound_residency():
+    rgs = uniform()
+    K, B = 4, 16
+    for p in plan_all(rgs, world=4, epoch=1, seed=0, batch_size=B, window_row_groups=K):
+        assert p.window_steps == K * 64 // B
+        assert p.windows[0].start == 0 and p.windows[-1].stop == p.steps
+        assert all(w.stop == v.start for w, v in zip(p.windows, p.windows[1:]))
+        assert p.max_resident <= K + 2
+        for s in range(p.steps):
+            assert set(p.batch_keys_rows(s)[0].tolist()) <= set(p.resident(s))
+        spans = p.residency()
+        assert set(spans) == set(p.keys.tolist())
+        for s in range(0, p.steps, 7):
+            for k in p.batch_keys_rows(s)[0].tolist():
+                assert spans[k][0] <= s <= spans[k][1]
+        # a window mixes its row groups: the first window's first batch comes from several of them
+        assert len(set(p.batch_keys_rows(0)[0].tolist())) > 1
+
+
+def _spread(plans):
+    """Mean over steps of (longest - shortest) rank's mean batch length."""
+    m = np.stack([p.n_frames.reshape(p.steps, p.batch_size).mean(1) for p in plans])
+    return float((m.max(0) - m.min(0)).mean())
+
+
+def test_buckets_align_ranks_step_by_step():
+    rgs = uniform()
+    kw = dict(world=4, epoch=3, seed=5, batch_size=16, window_row_groups=8)
+    plain = plan_all(rgs, buckets=0, **kw)
+    coarse = plan_all(rgs, buckets=8, **kw)
+    fine = plan_all(rgs, buckets=32, **kw)
+    assert _spread(coarse) < 0.4 * _spread(plain)
+    assert _spread(fine) < 0.3 * _spread(plain)
+    b = np.stack([p.step_bucket for p in coarse])
+    assert np.mean(b.max(0) - b.min(0) <= 1) > 0.95
+    assert max(p.padding_fraction for p in coarse) < 0.5 * min(p.padding_fraction for p in plain)
+    assert max(p.padding_fraction for p in fine) < 0.5 * min(p.padding_fraction for p in coarse)
+    assert len(coarse[0].bucket_bounds) == 7
+    # the step order within a window is shuffled (not always shortest first)
+    first = coarse[0].step_max_frames[: coarse[0].window_steps]
+    assert np.any(np.diff(first) < 0)
+
+
+def test_explicit_bucket_boundaries():
+    p = plan_epoch(uniform(), rank=0, world=2, epoch=0, seed=0, batch_size=16, buckets=[500, 1000, 1500])
+    assert p.bucket_bounds.tolist() == [500, 1000, 1500]
+    assert set(p.step_bucket.tolist()) <= {0, 1, 2, 3}
+
+
+def test_sortagrad_and_reverse():
+    rgs = uniform(n_groups=100)
+    kw = dict(world=4, seed=2, batch_size=8)
+    for p in plan_all(rgs, epoch=0, sortagrad=True, **kw):
+        assert p.length_ordered and np.all(np.diff(p.n_frames) >= 0)
+    sorted_spread = _spread(plan_all(rgs, epoch=0, sortagrad=True, **kw))
+    assert sorted_spread < 0.2 * _spread(plan_all(rgs, epoch=0, buckets=0, **kw))
+    later = plan_all(rgs, epoch=1, sortagrad=True, **kw)
+    assert not later[0].length_ordered and np.any(np.diff(later[0].n_frames) < 0)
+    for p in plan_all(rgs, epoch=0, reverse=True, **kw):
+        assert np.all(np.diff(p.n_frames) <= 0)
+    fixed = [plan_all(rgs, epoch=e, reverse=True, shuffle=False, **kw) for e in (0, 3)]
+    for a, b in zip(*fixed):
+        assert np.array_equal(a.sample_ids, b.sample_ids) and np.all(np.diff(a.n_frames) <= 0)
+
+
+def test_limit():
+    rgs = groups(LAYOUTS["uneven"])
+    for world in (1, 3):
+        plans = plan_all(rgs, world=world, epoch=1, seed=0, batch_size=4, limit=100, remainder="pad")
+        assert plans[0].pool_size == 100
+        assert set(flat(plans, "sample_ids").tolist()) == set(range(100))
+    # several stores: the first rows of each, in proportion to their sizes
+    two = groups([150, 150, 100], stores=[0, 0, 1])
+    plans = plan_all(two, world=2, epoch=0, seed=0, batch_size=2, limit=80, remainder="pad")
+    ids = set(flat(plans, "sample_ids").tolist())
+    assert ids == set(range(60)) | set(range(300, 320))
+    assert plan_epoch(two, rank=0, world=1, epoch=0, seed=0, batch_size=2, limit=10**6).pool_size == 400
+
+
+def test_store_weights():
+    rgs = groups([100] * 10 + [50] * 4, stores=[0] * 10 + [1] * 4)
+    table = RowGroupTable(rgs)
+    store_of_id = table.stores[table.rg_index]
+    kw = dict(world=3, seed=4, batch_size=8, remainder="pad")
+    by_epoch = []
+    for epoch in (0, 1):
+        plans = plan_all(table, epoch=epoch, weights=[1, 1], **kw)
+        check_train(plans, 8, "pad", 1200)
+        ids = flat(plans, "sample_ids", pad=False)
+        counts = Counter(ids.tolist())
+        assert np.sum(store_of_id[ids] == 0) == 600 and np.sum(store_of_id[ids] == 1) == 600
+        assert all(counts[i] == 3 for i in range(1000, 1200))  # store 1 three times over
+        a = [i for i in counts if store_of_id[i] == 0]
+        assert len(a) == 600 and max(counts[i] for i in a) == 1
+        # the subset of store 0 is whole row groups but one
+        per_group = Counter(table.rg_index[a].tolist())
+        assert sum(1 for c in per_group.values() if c not in (0, 100)) <= 1
+        by_epoch.append(set(a))
+    assert by_epoch[0] != by_epoch[1]
+    plain = plan_all(table, epoch=0, **kw)
+    assert sorted(flat(plain, "sample_ids", pad=False).tolist()) == list(range(1200))
+    only1 = flat(plan_all(table, epoch=0, weights=[0, 2], **kw), "sample_ids", pad=False)
+    assert set(store_of_id[only1].tolist()) == {1} and only1.size == 1200
+    uneven = Counter(flat(plan_all(table, epoch=0, weights=[1, 3], **kw), "sample_ids", pad=False).tolist())
+    assert sum(c for i, c in uneven.items() if i >= 1000) == 900
+    assert {uneven[i] for i in range(1000, 1200)} <= {4, 5}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("world", [1, 3, 8])
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_resume_same_world_is_the_tail(world, remainder):
+    rgs = groups(LAYOUTS["uneven"])
+    kw = dict(batch_size=4, remainder=remainder, window_row_groups=2)
+    plans = plan_all(rgs, world=world, epoch=2, seed=9, **kw)
+    S, B = plans[0].steps, 4
+    for cut in sorted({0, 1, S // 3, S // 2, S - 1, S}):
+        pos = plans[0].position_after(cut)
+        assert all(p.position_after(cut) == pos for p in plans)
+        pos = LoaderPosition.from_dict(json.loads(json.dumps(pos.to_dict())))
+        assert pos.step == cut and pos.epoch == 2
+        for r, full in enumerate(plans):
+            tail = resume_plan(pos, rgs, rank=r, world=world, **kw)
+            assert tail.exact and tail.start_step == cut and tail.steps == S - cut
+            assert np.array_equal(tail.sample_ids, full.sample_ids[cut * B :])
+            assert np.array_equal(tail.is_pad, full.is_pad[cut * B :])
+            if tail.steps:
+                assert set(tail.resident(0)) <= set(full.resident(cut))
+            # checkpointing again from the resumed plan is the same as from the full one
+            if cut < S:
+                assert tail.position_after(1) == full.position_after(cut + 1)
+    fresh = resume_plan(LoaderPosition.start(2, 9), rgs, rank=0, world=world, **kw)
+    assert np.array_equal(fresh.sample_ids, plans[0].sample_ids)
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_resume_other_world_consumes_the_rest_once(remainder):
+    rgs = groups(LAYOUTS["uneven"] * 3, seed=2)
+    pool = RowGroupTable(rgs).n_samples
+    B = 4
+    kw = dict(batch_size=B, remainder=remainder, window_row_groups=3)
+    first = plan_all(rgs, world=8, epoch=1, seed=1, **kw)
+    k1 = first[0].steps // 3
+    used = [flat([p], "entries")[: k1 * B] for p in first]
+    pos = first[0].position_after(k1)
+
+    second = [resume_plan(pos, rgs, rank=r, world=3, **kw) for r in range(3)]
+    done1 = np.unique(np.concatenate(used))
+    check_train_rest(second, B, remainder, pool - done1.size)
+    assert not second[0].exact and "re-partitioned" in second[0].note and second[0].start_step == k1
+    assert not set(flat(second, pad=False).tolist()) & set(done1.tolist())
+
+    k2 = second[0].steps // 2
+    used += [p.entries[: k2 * B] for p in second]
+    pos2 = LoaderPosition.from_dict(json.loads(json.dumps(second[1].position_after(k2).to_dict())))
+    assert [s.world for s in pos2.segments] == [8, 3] and pos2.step == k1 + k2
+    # the same layout again continues the re-partitioned plan exactly
+    again = resume_plan(pos2, rgs, rank=2, world=3, **kw)
+    assert np.array_equal(again.sample_ids, second[2].sample_ids[k2 * B :]) and again.start_step == k1 + k2
+
+    third = [resume_plan(pos2, rgs, rank=r, world=5, **kw) for r in range(5)]
+    done2 = np.unique(np.concatenate(used))
+    check_train_rest(third, B, remainder, pool - done2.size)
+    everything = np.concatenate(used + [p.entries for p in third])
+    if remainder == "drop":
+        counts = Counter(everything.tolist())
+        assert max(counts.values()) == 1, "a sample was consumed twice"
+        assert pool - len(counts) <= 5 * B  # only the last segment's remainder is lost
+        assert set(counts) <= set(range(pool))
+    else:
+        assert set(everything.tolist()) == set(range(pool))
+        assert not set(flat(third, pad=False).tolist()) & set(done2.tolist())
+    # the next epoch is a regular plan at the new size
+    nxt = resume_plan(pos2.next_epoch(), rgs, rank=0, world=5, **kw)
+    assert nxt.exact
+    assert np.array_equal(nxt.sample_ids, plan_epoch(rgs, rank=0, world=5, epoch=2, seed=1, **kw).sample_ids)
+
+
+def check_train_rest(plans, batch_size, remainder, pool_size):
+    """check_train for a re-partitioned pool: entries are the epoch's pool indices, so compare counts, not ranges."""
+    assert all(p.pool_size == pool_size for p in plans)
+    steps = {p.steps for p in plans}
+    assert len(steps) == 1
+    (S,) = steps
+    assigned = [p.assigned for p in plans]
+    assert sum(assigned) == pool_size and max(assigned) - min(assigned) <= 1
+    real = flat(plans, pad=False)
+    assert np.unique(real).size == real.size
+    for p in plans:
+        assert np.all(p.batch_sizes == batch_size)
+        if remainder == "drop":
+            assert p.padded == 0 and p.dropped <= batch_size
+        else:
+            assert p.padded <= batch_size and p.dropped == 0
+    if remainder == "pad":
+        assert real.size == pool_size
+
+
+def test_resume_with_a_new_batch_size_and_changed_settings():
+    rgs = groups(LAYOUTS["uneven"])
+    p = plan_epoch(rgs, rank=0, world=2, epoch=0, seed=0, batch_size=4)
+    pos = p.position_after(5)
+    other = [resume_plan(pos, rgs, rank=r, world=2, batch_size=8) for r in range(2)]
+    assert not other[0].exact and other[0].steps == other[1].steps
+    assert all(np.all(q.batch_sizes == 8) for q in other)
+    with pytest.raises(ValueError):
+        resume_plan(pos, rgs, rank=0, world=2, batch_size=4, remainder="pad")
+    with pytest.raises(ValueError):
+        resume_plan(pos, groups(LAYOUTS["uneven"], seed=5), rank=0, world=2, batch_size=4)
+    with pytest.raises(ValueError):
+        p.position_after(p.steps + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", range(1, 9))
+def test_eval_every_sample_once(layout, world):
+    table = RowGroupTable(groups(LAYOUTS[layout]))
+    plans = [plan_eval(table, rank=r, world=world, batch_size=8) for r in range(world)]
+    ids = flat(plans, "sample_ids")
+    assert sorted(ids.tolist()) == list(range(table.n_samples))
+    assert max(p.steps for p in plans) - min(p.steps for p in plans) <= 1
+    for p in plans:
+        assert p.padded == 0 and p.dropped == 0
+        assert np.all(p.batch_sizes[:-1] == 8) and np.all((p.batch_sizes >= 1) & (p.batch_sizes <= 8))
+        assert np.all(np.diff(p.sample_ids) == 1)  # natural order
+
+
+def test_eval_sorted_by_length():
+    rgs = uniform(n_groups=50)
+    plain = plan_eval(rgs, rank=1, world=2, batch_size=16)
+    tidy = plan_eval(rgs, rank=1, world=2, batch_size=16, sort_by_length=True, window_row_groups=0)
+    assert sorted(plain.sample_ids.tolist()) == sorted(tidy.sample_ids.tolist())
+    assert np.all(np.diff(tidy.n_frames) >= 0)
+    assert tidy.padding_fraction < 0.3 * plain.padding_fraction
+    limited = [plan_eval(rgs, rank=r, world=3, batch_size=16, limit=100) for r in range(3)]
+    assert sorted(flat(limited, "sample_ids").tolist()) == list(range(100))
+
+
+def test_a_million_samples_plan_quickly():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(200, 300, size=4000)
+    table = RowGroupTable(make_row_groups([rng.integers(50, 1500, size=s) for s in sizes]))
+    p = plan_epoch(table, rank=7, world=8, epoch=3, seed=1, batch_size=32, window_row_groups=8)
+    assert p.steps == (table.n_samples // 8) // 32
+    assert p.max_resident <= 12
