@@ -146,3 +146,7 @@ class UTF8Alphabet:
 
     def label_bytes(self) -> list[bytes]:
         return [bytes([i + 1]) for i in range(255)]
+
+    def sha256(self) -> str:
+        """Identifies bytes mode in store manifests and runs, as :meth:`Alphabet.sha256` identifies an alphabet."""
+        return hashlib.sha256(b"dstrain UTF-8 bytes output mode").hexdigest()

@@ -43,6 +43,10 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                            "WER/CER of a checkpoint or export on test stores"),
     ("lm-optimize",): Command("dstrain.evaluate:LmOptimizeConfig", "dstrain.evaluate:run_lm_optimize",
                               "search lm_alpha/lm_beta on a dev set with optuna"),
+    ("export",): Command("dstrain.export:ExportConfig", "dstrain.export:run_export",
+                         "export a run's checkpoint: SavedModel, TFLite, streaming, zip with a scorer"),
+    ("report",): Command("dstrain.report:ReportConfig", "dstrain.report:run_report",
+                         "render a run's TensorBoard curves to PNG and one HTML page"),
     ("transcribe",): Command("dstrain.transcribe:TranscribeConfig", "dstrain.transcribe:run", "print the transcript of audio files"),
     ("launch",): Command("dstrain.launch.launcher:LaunchConfig", "dstrain.launch.launcher:launch",
                          "run a command on N ranks through horovodrun or mpirun (hosts from SLURM or a hostfile)"),
@@ -67,7 +71,9 @@ def resolve(ref: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only``, just that subcommand's flags (the others are listed but their
+    modules are not imported: `dstrain preprocess` never loads TensorFlow)."""
     from dstrain.config import add_arguments
 
     parser = argparse.ArgumentParser(prog="dstrain", description="Distributed DeepSpeech-style speech recognition training.")
@@ -82,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[path[0]] = g.add_subparsers(dest=f"{path[0]}_command", required=True)
             p = groups[path[0]].add_parser(path[1], help=cmd.help, description=cmd.help)
         p.set_defaults(_command=path)
-        add_arguments(p, resolve(cmd.config))
+        if only is None or only == path:
+            add_arguments(p, resolve(cmd.config))
     return parser
 
 
@@ -104,8 +111,14 @@ def _console_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from dstrain import preemption
+
+    preemption.install()  # before TensorFlow loads: a preemption signal during start-up is recorded, not fatal
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    chosen = next((p for p in COMMANDS if tuple(words[: len(p)]) == p), None)
+    args = build_parser(chosen).parse_args(argv)
     _console_logging()
     try:
         sys.exit(run(args))

@@ -38,12 +38,14 @@ def option(
     nargs: str | int | None = None,
     parse: Callable[[str], Any] | None = None,
     metavar: str | None = None,
+    append: bool = False,
     cli: bool = True,
 ) -> Any:
     """A dataclass field with command-line details. ``names`` replaces ``--FIELD`` (the first is shown first);
-    ``parse`` converts the flag's string; ``cli=False`` keeps the field off the command line."""
+    ``parse`` converts the flag's string; ``append`` makes a repeatable flag (a tuple of its values);
+    ``cli=False`` keeps the field off the command line."""
     meta = {"names": names, "choices": choices, "positional": positional, "nargs": nargs, "parse": parse,
-            "metavar": metavar, "cli": cli}  # fmt: skip
+            "metavar": metavar, "append": append, "cli": cli}  # fmt: skip
     kwargs: dict[str, Any] = {"metadata": {_META: meta}}
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
@@ -175,6 +177,11 @@ def _add_field(parser: argparse._ActionsContainer, cls: type, f: dataclasses.Fie
         for n in names:
             parser.add_argument(f"--no{n[2:]}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         return
+    if meta.get("append"):
+        # argparse appends to a copy of the default list; from_args turns it back into a tuple.
+        kwargs.update(action="append", type=elem, default=None)
+        parser.add_argument(*names, **kwargs)
+        return
     if meta.get("parse"):
         kwargs["type"] = meta["parse"]
     elif origin is tuple:
@@ -222,6 +229,8 @@ def from_args(cls: type, ns: argparse.Namespace) -> Any:
             values[f.name] = from_args(tp, ns)
         elif meta.get("cli", True) and hasattr(ns, f.name):
             value = getattr(ns, f.name)
+            if value is None and meta.get("append"):
+                continue  # not given: the dataclass default
             if isinstance(value, list):
                 value = tuple(value)
             values[f.name] = value

@@ -122,6 +122,13 @@ class World:
             return tape
         return self._require_horovod().DistributedGradientTape(tape)
 
+    def average_gradients(self, grads: Sequence[Any]) -> list[Any]:
+        """Inside tf.function: each gradient averaged over ranks, fused into few collectives."""
+        if self.size == 1:
+            return list(grads)
+        hvd = self._require_horovod()
+        return hvd.grouped_allreduce(list(grads), op=hvd.Average)
+
     def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
         """Every rank takes ``root``'s values (initial weights, optimizer state, counters after a resume)."""
         if self.size > 1:

@@ -14,13 +14,15 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from dstrain.alphabet import Alphabet
+from dstrain.alphabet import Alphabet, UTF8Alphabet, greedy_decode
 from dstrain.config import option, parse_list
 from dstrain.decoder.config import DecoderConfig
 from dstrain.decoder.scorer import Scorer
 from dstrain.distributed import World
 from dstrain.features import FeatureConfig
-from dstrain.loader.pipeline import epoch_plan, make_dataset, shard_refs
+from dstrain.loader.config import LoaderConfig
+from dstrain.loader.reader import Catalog, PlanReader
+from dstrain.loader.sampler import plan_eval
 from dstrain.metrics import edit_distance, error_rates
 from dstrain.model import ctc_loss
 from dstrain.store import FeatureStore
@@ -87,7 +89,7 @@ class Posteriors:
     losses: list[float]
 
 
-def open_stores(urls: Sequence[str], alphabet: Alphabet) -> list[FeatureStore]:
+def open_stores(urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet) -> list[FeatureStore]:
     stores = [FeatureStore.open(url) for url in urls]
     for s in stores:
         s.check_alphabet(alphabet)
@@ -95,26 +97,50 @@ def open_stores(urls: Sequence[str], alphabet: Alphabet) -> list[FeatureStore]:
 
 
 class EvalSet:
-    """A fixed set of samples (dev or test) dealt out over the ranks, batched once."""
+    """A fixed set of samples (dev or test) dealt out over the ranks in order, every sample exactly once."""
 
-    def __init__(self, stores: Sequence[FeatureStore], features: FeatureConfig, batch_size: int, world: World):
-        refs = shard_refs(stores)
-        plan = epoch_plan([r.rows for r in refs], world.rank, world.size, 0, 0, shuffle=False, pad=False)
-        self.ids = [f"{refs[s].url}#{row}" for s, row in plan.items]
-        self.dataset = make_dataset(refs, plan, features, batch_size, world.size)
-        self.world = world
+    def __init__(self, stores: Sequence[FeatureStore], batch_size: int, world: World, limit: int = 0,
+                 loader: LoaderConfig | None = None):  # fmt: skip
+        loader = loader or LoaderConfig()
+        self.catalog = Catalog.build(stores, world, skip_bad_shards=loader.skip_bad_shards)
+        self.plan = plan_eval(self.catalog.table, rank=world.rank, world=world.size, batch_size=batch_size, limit=limit,
+                              sort_by_length=True)  # fmt: skip
+        self.loader, self.world = loader, world
+        keys, rows = self.catalog.table.locate(self.plan.sample_ids)
+        self.ids = [f"{self.catalog.refs[k].url}#rg{self.catalog.refs[k].index}:{r}" for k, r in zip(keys.tolist(), rows.tolist())]
+
+    @property
+    def feature_dtype(self) -> tf.DType:
+        return tf.float16 if self.catalog.itemsize == 2 else tf.float32
 
     def posteriors(self, logits_fn: LogitsFn, alphabet: Alphabet) -> Posteriors:
-        out = Posteriors(list(self.ids), [], [], [])
-        for x, x_len, y, y_len in self.dataset:
-            logits = logits_fn(x, x_len)
-            losses = ctc_loss(logits, x_len, y, y_len).numpy()
+        out = Posteriors([], [], [], [])
+        reader = PlanReader(self.catalog, self.plan, threads=self.loader.loader_threads, memory_mb=self.loader.loader_memory_mb,
+                            prefetch=self.loader.loader_prefetch, skip_bad=self.loader.skip_bad_shards)  # fmt: skip
+        i = 0
+        for x, x_len, y, y_len in reader:
+            n = len(x_len)
+            if n == 0:
+                continue
+            logits = logits_fn(tf.constant(x), tf.constant(x_len))
+            losses = ctc_loss(logits, tf.constant(x_len), tf.constant(y), tf.constant(y_len)).numpy()
             probs = tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
-            for b in range(probs.shape[0]):
+            for b in range(n):
+                out.ids.append(self.ids[i + b])
                 out.probs.append(probs[b, : x_len[b]].astype(np.float64))
-                out.references.append(alphabet.decode(y[b, : y_len[b]].numpy()))
+                out.references.append(alphabet.decode(y[b, : y_len[b]]))
                 out.losses.append(float(losses[b]))
+            i += n
         return out
+
+
+def greedy_error_counts(post: Posteriors, alphabet: Alphabet) -> np.ndarray:
+    """(word edits, words, char edits, chars) of greedy decoding: summed over ranks, they give corpus WER/CER."""
+    counts = np.zeros(4)
+    for p, ref in zip(post.probs, post.references):
+        hyp = greedy_decode(np.argmax(p, axis=1), alphabet)
+        counts += (edit_distance(ref.split(), hyp.split()), len(ref.split()), edit_distance(ref, hyp), len(ref))
+    return counts
 
 
 def global_loss(post: Posteriors, world: World) -> tuple[float, int]:
@@ -174,7 +200,7 @@ def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetCon
     return summary
 
 
-def load_logits_fn(cfg: EvalConfig) -> tuple[Alphabet, FeatureConfig, LogitsFn]:
+def load_logits_fn(cfg: EvalConfig) -> tuple[Alphabet, FeatureConfig, LogitsFn]:  # (log mel in)
     """The model to evaluate: an export, or a run directory's best (else latest) checkpoint."""
     if cfg.model:
         from dstrain.export import load_model
@@ -191,7 +217,7 @@ def posteriors(cfg: EvalConfig, world: World) -> tuple[Alphabet, Posteriors]:
     """This rank's share of the test samples: posteriors, references and CTC losses."""
     alphabet, features, logits_fn = load_logits_fn(cfg)
     stores = open_stores(cfg.test.test_files, alphabet)
-    return alphabet, EvalSet(stores, features, cfg.test.test_batch_size, world).posteriors(logits_fn, alphabet)
+    return alphabet, EvalSet(stores, cfg.test.test_batch_size, world).posteriors(logits_fn, alphabet)
 
 
 def evaluate(cfg: EvalConfig, world: World) -> dict | None:

@@ -14,20 +14,20 @@ scalar summaries (TF2 ``tf.summary.scalar`` stores them as tensors; TF1
   data URIs instead) and a table of each tag's last and best values.
 
 Only reads event files and writes PNG/HTML, so TensorBoard keeps working on the same
-folder. Run as ``python -m dstrain.report RUN_DIR [--output DIR]``.
+folder. Run as ``dstrain report RUN_DIR [--output DIR]``.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from dstrain.config import option
 
 DPI = 100
 PANEL_SIZE_IN = (8.0, 4.5)
@@ -446,20 +446,18 @@ def render_report(run_dir: str, output_dir: str | None = None, embed: bool = Fal
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dstrain.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="checkpoint or summary directory (searched recursively for event files)")
-    p.add_argument("--output", "-o", default=None, help="output folder (default RUN_DIR/report)")
-    p.add_argument("--embed", action="store_true", help="inline the PNGs into index.html as data URIs")
-    args = p.parse_args(argv)
-    try:
-        result = render_report(args.run_dir, args.output, embed=args.embed)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(result.index_html)
+@dataclass(frozen=True)
+class ReportConfig:
+    """dstrain report: render a run's TensorBoard curves to PNG and one HTML page"""
+
+    run_dir: str = option(positional=True)
+    """Run (checkpoint or summary) directory, searched recursively for event files."""
+    output: str = ""
+    """Output folder; empty: RUN_DIR/report."""
+    embed: bool = False
+    """Inline the PNGs into index.html as data URIs."""
+
+
+def run_report(cfg: ReportConfig) -> int:
+    print(render_report(cfg.run_dir, cfg.output or None, embed=cfg.embed).index_html)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -56,3 +56,37 @@ def test_one_utterance_overfits():
 
     losses = [float(step()) for _ in range(60)]
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_front_end_turns_stored_log_mel_into_deepspeech_mfcc():
+    from conftest import DATA
+    from dstrain.audio import read_audio
+    from dstrain.features import FeatureConfig, log_mel, mfcc, power_spectrogram
+    from dstrain.model import FrontEnd
+
+    fc = FeatureConfig()
+    samples = read_audio(str(DATA / "LDC93S1.wav"))
+    stored = log_mel(power_spectrogram(samples, fc), fc)
+    plain = FrontEnd(fc, normalize=False)
+    np.testing.assert_allclose(plain(tf.constant(stored[None].astype(np.float16))).numpy()[0], mfcc(samples, fc), atol=0.05)
+    np.testing.assert_allclose(plain(tf.constant(stored[None])).numpy()[0], mfcc(samples, fc), atol=1e-4)
+    normed = FrontEnd(fc, normalize=True)
+    normed.build(None)
+    mean, std = stored.mean(0), stored.std(0)
+    normed.set_statistics(mean, std)
+    expected = ((stored - mean) / std) @ __import__("dstrain.features", fromlist=["dct_matrix"]).dct_matrix(fc)
+    np.testing.assert_allclose(normed(tf.constant(stored[None])).numpy()[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_logits_and_front_end_in_float32(policy):
+    from dstrain.features import FeatureConfig
+
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = DeepSpeech.for_features(ModelConfig(n_hidden=8), FeatureConfig(), 5)
+        out = model((tf.zeros([2, 7, 40], tf.float16), tf.constant([7, 3])))
+        assert out.dtype == tf.float32 and model.front_end.compute_dtype == "float32"
+        assert model.dense[0].compute_dtype == policy.split("_")[1]
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")

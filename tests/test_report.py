@@ -181,12 +181,14 @@ def test_empty_directory_gives_a_clear_error(tmp_path):
 
 
 def test_cli(run_dir, tmp_path, capsys):
-    from dstrain.report import main
+    from dstrain.cli import main
 
-    assert main([run_dir, "--output", str(tmp_path / "r")]) == 0
-    assert (tmp_path / "r" / "index.html").is_file()
-    assert main([str(tmp_path / "r")]) == 2
-    assert "no TensorBoard event files" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["report", run_dir, "--output", str(tmp_path / "r")])
+    assert e.value.code == 0 and (tmp_path / "r" / "index.html").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "r")])
+    assert e.value.code == 2 and "no TensorBoard event files" in capsys.readouterr().err
 
 
 def test_tf1_simple_value_scalars(tmp_path):

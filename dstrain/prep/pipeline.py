@@ -24,12 +24,13 @@ from multiprocessing import get_context
 import numpy as np
 from tqdm import tqdm
 
-from dstrain.alphabet import Alphabet
+from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.audio import AudioError, read_audio
 from dstrain.config import option, parse_list
 from dstrain.distributed import World, mpi_world
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
 from dstrain.prep.csvfile import Row, read_csv_rows
+from dstrain.prep.stats import FeatureStats
 from dstrain.store import Manifest, ShardInfo, ShardWriter, StoreError, StoreLayout
 from dstrain.store.layout import MANIFEST, PROGRESS, REJECTS
 
@@ -37,14 +38,14 @@ log = logging.getLogger("dstrain.preprocess")
 REJECT_COLUMNS = ["wav_filename", "transcript", "reason", "detail"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreprocessConfig:
     """dstrain preprocess: DeepSpeech CSVs -> sharded Parquet feature store"""
 
     csv_files: tuple[str, ...] = option(names=("--csv",), parse=parse_list)
     """DeepSpeech CSV file(s), comma-separated (wav_filename,wav_filesize,transcript); relative audio paths resolve
     against each CSV's folder."""
-    alphabet_path: str = option(names=("--alphabet", "--alphabet_config_path"))
+    alphabet_path: str = option("", names=("--alphabet", "--alphabet_config_path"))
     """alphabet.txt, DeepSpeech format."""
     output: str = option()
     """Store location: a local path or an fsspec URL (memory://, s3://, ...)."""
@@ -58,8 +59,13 @@ class PreprocessConfig:
     """Processes on this node; across nodes use mpirun/srun."""
     chunk_rows: int = 2000
     """Input rows per unit of work; fixes shard boundaries independently of workers and ranks."""
+    row_group_rows: int = 256
+    """Utterances per Parquet row group, the unit the training loader reads and shuffles across."""
     overwrite: bool = False
     """Rebuild a store that is already complete."""
+    bytes_output_mode: bool = False
+    """Store labels as UTF-8 bytes (DeepSpeech's --bytes_output_mode: any language, no alphabet needed;
+    --alphabet may be omitted)."""
     features: FeatureConfig = option(default_factory=FeatureConfig, cli=False)
 
     def __post_init__(self) -> None:
@@ -69,10 +75,17 @@ class PreprocessConfig:
             raise ValueError(f"feature_dtype must be float32 or float16, got {self.feature_dtype!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.row_group_rows < 1:
+            raise ValueError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         if self.shard_size_mb <= 0:
             raise ValueError(f"shard_size_mb must be > 0, got {self.shard_size_mb}")
+        if not self.alphabet_path and not self.bytes_output_mode:
+            raise ValueError("give --alphabet (or --bytes_output_mode)")
+
+    def alphabet(self) -> Alphabet | UTF8Alphabet:
+        return UTF8Alphabet() if self.bytes_output_mode else Alphabet.from_file(self.alphabet_path)
 
 
 @dataclass
@@ -122,8 +135,10 @@ class ChunkJob:
         cfg = self.cfg
         start = chunk * cfg.chunk_rows
         rejects = []
+        stats = FeatureStats.empty(cfg.features.n_mel)
         layout = StoreLayout(cfg.output)
-        with ShardWriter(layout, lambda part: layout.shard_name(chunk, part), cfg.shard_size_mb, cfg.feature_dtype) as writer:
+        with ShardWriter(layout, lambda part: layout.shard_name(chunk, part), cfg.shard_size_mb, cfg.feature_dtype,
+                         cfg.row_group_rows) as writer:
             for row in self.rows[start : start + cfg.chunk_rows]:
                 p = process_row(row, self.alphabet, cfg.features, cfg.max_duration)
                 if p.reason is not None:
@@ -133,7 +148,9 @@ class ChunkJob:
                     id=f"{row.index:09d}", source=row.source, transcript=row.transcript.strip(),
                     labels=p.labels, duration=p.duration, log_mel=p.log_mel,
                 )  # fmt: skip
-        marker = {"chunk": chunk, "shards": [asdict(s) for s in writer.shards], "rejects": rejects}
+                # Statistics of what is stored (float16 rounding included), for input normalisation.
+                stats = stats.merge(FeatureStats.from_features(p.log_mel.astype(cfg.feature_dtype)))
+        marker = {"chunk": chunk, "shards": [asdict(s) for s in writer.shards], "rejects": rejects, "stats": stats.to_dict()}
         with layout.open(layout.chunk_marker_name(chunk), "wt", encoding="utf-8") as f:
             json.dump(marker, f)
         return chunk
@@ -173,7 +190,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
     same inputs and settings are kept.
     """
     world = world or mpi_world()
-    alphabet = Alphabet.from_file(cfg.alphabet_path)
+    alphabet = cfg.alphabet()
     rows = list(read_csv_rows(cfg.csv_files))
     layout = StoreLayout(cfg.output)
     fingerprint = _fingerprint(cfg, alphabet, rows)
@@ -236,6 +253,7 @@ def _prepare(layout: StoreLayout, cfg: PreprocessConfig, fingerprint: str, n_row
 def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_chunks: int) -> Manifest:
     """Rank 0: gather every chunk's shards and rejects into _rejects.csv and, last, the manifest."""
     shards: list[ShardInfo] = []
+    stats: list[FeatureStats] = []
     reasons: Counter[str] = Counter()
     rejects = io.StringIO()
     writer = csv.writer(rejects, lineterminator="\n")
@@ -245,6 +263,7 @@ def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_ch
         if marker is None:
             raise StoreError(f"chunk {chunk} has no marker after every rank finished; re-run to complete it")
         shards += [ShardInfo(**s) for s in marker["shards"]]
+        stats.append(FeatureStats.from_dict(marker["stats"]))
         for r in marker["rejects"]:
             reasons[r[2]] += 1
             writer.writerow(r)
@@ -253,10 +272,12 @@ def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_ch
     manifest = Manifest(
         features=cfg.features.to_dict(),
         feature_dtype=cfg.feature_dtype,
-        alphabet=list(alphabet.labels),
+        alphabet=[] if cfg.bytes_output_mode else list(alphabet.labels),
         alphabet_sha256=alphabet.sha256(),
         shards=shards,
         rejects={"count": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
+        feature_stats=FeatureStats.merge_all(stats).to_dict(),  # in chunk order: the same for any workers or ranks
+        bytes_output_mode=cfg.bytes_output_mode,
     )
     with layout.open(MANIFEST, "wt", encoding="utf-8") as f:
         f.write(manifest.to_json())

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from dstrain.alphabet import Alphabet
+from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.features import FeatureConfig
 
 SCHEMA_VERSION = 1
@@ -59,6 +59,11 @@ class Manifest:
     rejects: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     stored: str = "log_mel"
+    feature_stats: dict | None = None
+    """Per-channel count/mean/m2 of the stored features (dstrain.prep.stats.FeatureStats), merged over all
+    shards; None in stores made before it was recorded."""
+    bytes_output_mode: bool = False
+    """Labels are UTF-8 bytes (DeepSpeech's --bytes_output_mode), not alphabet indices."""
 
     @property
     def utterances(self) -> int:
@@ -71,8 +76,8 @@ class Manifest:
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(**self.features)
 
-    def get_alphabet(self) -> Alphabet:
-        return Alphabet(tuple(self.alphabet))
+    def get_alphabet(self) -> Alphabet | UTF8Alphabet:
+        return UTF8Alphabet() if self.bytes_output_mode else Alphabet(tuple(self.alphabet))
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -27,10 +27,11 @@ class ShardWriter:
     A shard is complete once its file exists: it is written in one piece from memory.
     """
 
-    def __init__(self, layout: StoreLayout, name: Callable[[int], str], shard_size_mb: float = 256.0, feature_dtype: str = "float32"):
+    def __init__(self, layout: StoreLayout, name: Callable[[int], str], shard_size_mb: float = 256.0, feature_dtype: str = "float32",
+                 row_group_rows: int = ROW_GROUP_ROWS):  # fmt: skip
         if shard_size_mb <= 0:
             raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
-        self.layout, self.name = layout, name
+        self.layout, self.name, self.row_group_rows = layout, name, row_group_rows
         self.target_bytes = int(shard_size_mb * 1024 * 1024)
         self.feature_dtype = feature_dtype
         self.schema = shard_schema(feature_dtype)
@@ -67,7 +68,8 @@ class ShardWriter:
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), values, type=feature_type))
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        # Page checksums: a flipped bit in a shard is an error at read time, not silently wrong features.
+        pq.write_table(table, buf, compression="zstd", row_group_size=self.row_group_rows, write_page_checksum=True)
         data = buf.getvalue()
         name = self.name(self.next_index)
         with self.layout.open(name, "wb") as f:

@@ -58,7 +58,7 @@ def _is_optimizer_state(name: str) -> bool:
     return bool(_SLOT_RE.search(name))
 
 
-def _resolve_checkpoint(path: str) -> str:
+def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from ``path``: a prefix, or a directory with a ``checkpoint`` or
     ``best_dev_checkpoint`` state file (the 0.9.3 release tarball ships the latter), or one ``*.index``."""
     if not os.path.isdir(path):
@@ -137,7 +137,7 @@ def load_deepspeech_checkpoint(path: str, model: DeepSpeech, drop_source_layers:
         raise ValueError(
             f"drop_source_layers must be in 0..{len(_DROP_ORDER)} (layer_1 is always loaded), got {drop_source_layers}"
         )
-    prefix = _resolve_checkpoint(path)
+    prefix = resolve_checkpoint(path)
     reader = tf.train.load_checkpoint(prefix)
     shapes = {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()}
 

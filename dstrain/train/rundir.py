@@ -121,8 +121,7 @@ class RunDir:
     def restore_model(self, checkpoint: str | None = None) -> tuple[DeepSpeech, RunInfo, str]:
         """The run's model with the weights of ``checkpoint`` (default: best dev, else latest), for inference."""
         info = self.read()
-        model = DeepSpeech(info.model, info.features.n_mfcc, len(info.alphabet) + 1)
-        model.build_for()
+        model = DeepSpeech.for_features(info.model, info.features, len(info.alphabet) + 1)
         source = checkpoint or self.best_or_latest()
         tf.train.Checkpoint(model=model).restore(source).expect_partial()
         return model, info, source

@@ -1,0 +1,284 @@
+"""Streaming reads of feature stores: Parquet row groups fetched in background threads, in the order an epoch plan
+will use them, within a memory budget; batches assembled (and augmented) ahead of the training step.
+
+The catalog (which row groups exist, the frame count of every row) comes from Parquet footers and the small
+``n_frames`` column, read once by rank 0 and broadcast. Features stay in their stored dtype (float16 stays float16)
+until the model's first op widens them on the device.
+
+Memory per rank: the row groups of the current shuffle window plus those prefetched for the next, bounded by
+``--loader_memory_mb``; a window that alone needs more than the budget is still read whole (the bound is then one
+window), and queued batches (``prefetch`` of them) come on top.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dstrain.distributed import World
+from dstrain.loader.sampler import EpochPlan, RowGroup, RowGroupTable
+from dstrain.store import FeatureStore, StoreError
+from dstrain.store.manifest import FEATURES, ID, LABELS, N_FRAMES
+
+log = logging.getLogger("dstrain.loader")
+
+
+@dataclass(frozen=True)
+class RowGroupRef:
+    url: str
+    """The shard."""
+    index: int
+    """Row group within the shard."""
+    store: int
+    """Index of the store in the list the catalog was made from."""
+
+
+@dataclass
+class Catalog:
+    """Every row group of some stores, keyed 0..N-1 in store, shard, row group order (stable sample ids)."""
+
+    refs: list[RowGroupRef]
+    frames: list[np.ndarray]
+    n_mel: int
+    itemsize: int
+    skipped: list[str]
+    """Shards left out by --skip_bad_shards, with the reason."""
+
+    @property
+    def table(self) -> RowGroupTable:
+        if not hasattr(self, "_table"):
+            self._table = RowGroupTable([RowGroup(k, f, self.refs[k].store) for k, f in enumerate(self.frames)])
+        return self._table
+
+    def nbytes(self, key: int) -> int:
+        """Decoded size of a row group's features, the part that counts against the memory budget."""
+        return int(self.frames[key].sum()) * self.n_mel * self.itemsize
+
+    @classmethod
+    def build(cls, stores: Sequence[FeatureStore], world: World, skip_bad_shards: bool = False) -> "Catalog":
+        """Rank 0 reads every shard's footer and ``n_frames`` column (and checks sizes against the manifest); every
+        rank gets the same catalog."""
+        result = None
+        if world.is_root:
+            try:
+                result = _scan(stores, skip_bad_shards)
+            except StoreError as e:
+                result = e
+        result = world.broadcast_object(result)
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+
+def _scan(stores: Sequence[FeatureStore], skip_bad_shards: bool) -> Catalog:
+    refs: list[RowGroupRef] = []
+    frames: list[np.ndarray] = []
+    skipped: list[str] = []
+    n_mel = stores[0].features.n_mel
+    itemsize = max(2 if s.manifest.feature_dtype == "float16" else 4 for s in stores)
+    for si, store in enumerate(stores):
+        sizes_bad = {p.split(":", 1)[0]: p for p in store.verify(checksums=False)}
+        for shard, url in zip(store.manifest.shards, store.shard_urls()):
+            problem = sizes_bad.get(shard.path)
+            meta = None
+            if problem is None:
+                try:
+                    with fsspec.open(url, "rb") as f:
+                        pf = pq.ParquetFile(f)
+                        meta = [pf.read_row_group(i, columns=[N_FRAMES]).column(0).to_numpy() for i in range(pf.num_row_groups)]
+                except (pa.ArrowInvalid, OSError) as e:
+                    problem = f"{shard.path}: unreadable ({e})"
+            if problem is not None:
+                if not skip_bad_shards:
+                    raise StoreError(
+                        f"{store.layout.url(shard.path)}: {problem.split(': ', 1)[-1]}. Check the store with "
+                        f"`dstrain shards info {store.url}` and rebuild it with dstrain preprocess, or pass "
+                        "--skip_bad_shards to train without this shard"
+                    )
+                skipped.append(f"{store.layout.url(shard.path)}: {problem.split(': ', 1)[-1]}")
+                continue
+            for i, f in enumerate(meta):
+                refs.append(RowGroupRef(url, i, si))
+                frames.append(np.asarray(f, dtype=np.int64))
+    return Catalog(refs, frames, n_mel, itemsize, skipped)
+
+
+@dataclass
+class RowGroupData:
+    ids: list[str]
+    features: list[np.ndarray]
+    """Per row ``[n_frames, n_mel]`` in the stored dtype (views into Arrow buffers)."""
+    labels: list[np.ndarray]
+
+
+def read_row_group(ref: RowGroupRef, n_mel: int) -> RowGroupData:
+    try:
+        with fsspec.open(ref.url, "rb") as f:
+            table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(ref.index, columns=[ID, LABELS, FEATURES])
+    except FileNotFoundError:
+        raise StoreError(f"{ref.url}: shard missing; check the store with dstrain shards info") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StoreError(
+            f"{ref.url}: row group {ref.index} unreadable ({e}); the shard is corrupt: check it with dstrain shards "
+            "info and rebuild the store, or pass --skip_bad_shards"
+        ) from None
+    labels = table.column(LABELS).combine_chunks()
+    feats = table.column(FEATURES).combine_chunks()
+    lv, lo = labels.values.to_numpy(zero_copy_only=False), labels.offsets.to_numpy()
+    fv, fo = feats.values.to_numpy(zero_copy_only=False), feats.offsets.to_numpy()
+    n = len(table)
+    return RowGroupData(
+        ids=table.column(ID).to_pylist(),
+        features=[fv[fo[i] : fo[i + 1]].reshape(-1, n_mel) for i in range(n)],
+        labels=[lv[lo[i] : lo[i + 1]].astype(np.int32, copy=False) for i in range(n)],
+    )
+
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""(log mel [B,T,n_mel] stored dtype, frames [B] int32, labels [B,L] int32, label lengths [B] int32)"""
+
+Transform = Callable[[np.ndarray, int], np.ndarray]
+"""(log mel of one sample, its sample id) -> log mel (augmentation); must be deterministic in the id."""
+
+
+class PlanReader:
+    """Reads the batches of one rank's :class:`EpochPlan` in order.
+
+    Row groups are loaded by ``threads`` background threads in order of first use, ahead of time while the budget
+    allows, and dropped after their last use; batches are assembled (and transformed) by the same threads,
+    ``prefetch`` ahead. Iterating yields :data:`Batch` tuples; :attr:`wait_s` accumulates the time the consumer
+    waited, :attr:`bad` the batches replaced because of unreadable row groups (with ``skip_bad``).
+    """
+
+    def __init__(self, catalog: Catalog, plan: EpochPlan, *, threads: int = 4, memory_mb: float = 1024.0,
+                 prefetch: int = 4, transform: Transform | None = None, skip_bad: bool = False):  # fmt: skip
+        # Arrow's default allocator (mimalloc) keeps freed row groups' pages for reuse, so a rank's resident memory
+        # would grow to the largest window it ever read whatever the budget; the system allocator gives them back.
+        pa.set_memory_pool(pa.system_memory_pool())
+        self.catalog, self.plan, self.transform, self.skip_bad = catalog, plan, transform, skip_bad
+        self.budget = int(memory_mb * 2**20)
+        self.prefetch = max(1, prefetch)
+        self.threads = max(1, threads)
+        self.wait_s = 0.0
+        self.bad_keys: set[int] = set()
+        self.resident_peak = 0
+        # Load order and last use, from the plan's windows.
+        residency = plan.residency()
+        self._order = sorted(residency, key=lambda k: (residency[k][0], k))
+        self._last_use = {k: v[1] for k, v in residency.items()}
+
+    # The loader runs in its own thread so that reading overlaps the training step.
+    def __iter__(self) -> Iterator[Batch]:
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._produce, args=(out, stop), daemon=True, name="dstrain-loader")
+        worker.start()
+        try:
+            for _ in range(self.plan.steps):
+                t0 = time.perf_counter()
+                item = out.get()
+                self.wait_s += time.perf_counter() - t0
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    pass
+                worker.join(timeout=0.05)
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="dstrain-read") as pool:
+                loads: dict[int, Future] = {}
+                resident = 0
+                next_load = 0
+                pending: list[Future] = []
+                for step in range(self.plan.steps):
+                    if stop.is_set():
+                        return
+                    needed = self.plan.resident(step)
+                    # Loads start in order of first use: everything this step needs (the order guarantees it comes
+                    # first), then further ahead while the budget allows.
+                    while next_load < len(self._order):
+                        key = self._order[next_load]
+                        if all(k in loads for k in needed) and resident + self.catalog.nbytes(key) > self.budget:
+                            break
+                        loads[key] = pool.submit(self._load, key)
+                        resident += self.catalog.nbytes(key)
+                        next_load += 1
+                    self.resident_peak = max(self.resident_peak, resident)
+                    pending.append(pool.submit(self._assemble, step, {k: loads[k] for k in needed}))
+                    # Emit in order, keeping a few batches in flight.
+                    while pending and (len(pending) > self.threads or pending[0].done()):
+                        self._put(out, pending.pop(0).result(), stop)
+                    # Row groups no pending or future step uses are dropped (a pending task keeps its own reference).
+                    oldest = step + 1 - len(pending)
+                    for key in [k for k in loads if self._last_use[k] < oldest]:
+                        loads.pop(key)
+                        resident -= self.catalog.nbytes(key)
+                while pending:
+                    self._put(out, pending.pop(0).result(), stop)
+        except BaseException as e:  # surfaces in the consumer, with the shard named
+            self._put(out, e, stop)
+
+    @staticmethod
+    def _put(out: queue.Queue, item, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _load(self, key: int) -> RowGroupData | None:
+        try:
+            return read_row_group(self.catalog.refs[key], self.catalog.n_mel)
+        except StoreError as e:
+            if not self.skip_bad:
+                raise
+            log.warning("skipping: %s", e)
+            self.bad_keys.add(key)
+            return None
+
+    def _assemble(self, step: int, groups: dict[int, Future]) -> Batch:
+        keys, rows = self.plan.batch_keys_rows(step)
+        ids = self.plan.batch_ids(step)
+        feats, labels = [], []
+        for key, row, sid in zip(keys.tolist(), rows.tolist(), ids.tolist()):
+            data = groups[key].result()
+            if data is None:
+                continue
+            x = data.features[row]
+            if self.transform is not None:
+                x = self.transform(x, sid)
+            feats.append(x)
+            labels.append(data.labels[row])
+        if not feats:  # every sample unreadable (skip_bad): an empty batch; the trainer skips it on all ranks
+            return (np.zeros((0, 1, self.catalog.n_mel), np.float32), np.zeros(0, np.int32), np.zeros((0, 1), np.int32),
+                    np.zeros(0, np.int32))  # fmt: skip
+        return pad_batch(feats, labels)
+
+
+def pad_batch(feats: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Batch:
+    n = len(feats)
+    t = np.array([f.shape[0] for f in feats], np.int32)
+    ln = np.array([len(y) for y in labels], np.int32)
+    x = np.zeros((n, int(t.max()), feats[0].shape[1]), feats[0].dtype)
+    y = np.zeros((n, max(1, int(ln.max()))), np.int32)
+    for i, (f, lab) in enumerate(zip(feats, labels)):
+        x[i, : f.shape[0]] = f
+        y[i, : len(lab)] = lab
+    return x, t, y, ln
