@@ -104,7 +104,10 @@ class World:
         if self.size == 1:
             return
         if self.backend == "horovod":
-            self._comm.barrier()
+            # horovod.tensorflow has no barrier: an allreduce returns only once every rank has contributed.
+            import tensorflow as tf
+
+            self._comm.allreduce(tf.constant(0.0), op=self._comm.Sum)
         else:
             self._comm.Barrier()
 

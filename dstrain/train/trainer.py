@@ -495,8 +495,9 @@ class Trainer:
             path = self.checkpoints.save()
         # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit).
         self.world.barrier()
-        log.warning("%s (%s): checkpoint %s saved at epoch %d, step %d; exiting with %d%s at %.3f", why,
-                    self.stop.signal_name or "on another rank", path or "(none: no --checkpoint_dir)", epoch + 1,
+        saved = (f"checkpoint {path}" if path else "no checkpoint (no --checkpoint_dir)") if self.world.is_root else "rank 0's checkpoint"
+        log.warning("%s (%s): %s saved at epoch %d, step %d; exiting with %d%s at %.3f", why,
+                    self.stop.signal_name or "on another rank", saved, epoch + 1,
                     int(self.progress.step), exit_code, " to be resumed" if exit_code == EXIT_PREEMPTED else "", time.time())  # fmt: skip
         e = Preempted()
         e.exit_code = exit_code
@@ -585,5 +586,12 @@ def run(cfg: TrainConfig) -> int:
     try:
         train(cfg)
     except Preempted as e:
-        return e.exit_code
+        # Every rank is past the barrier (the checkpoint is complete): leave at once. Launchers kill the other ranks
+        # when the first one exits, and TensorFlow's and Horovod's teardown takes long enough to lose that race.
+        import sys
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.exit_code)
     return 0
