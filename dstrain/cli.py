@@ -88,6 +88,8 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
                 groups[path[0]] = g.add_subparsers(dest=f"{path[0]}_command", required=True)
             p = groups[path[0]].add_parser(path[1], help=cmd.help, description=cmd.help)
         p.set_defaults(_command=path)
+        p.add_argument("--config", metavar="FILE.yaml", help="read flags from a YAML file; flags on the command line win")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
         if only is None or only == path:
             add_arguments(p, resolve(cmd.config))
     return parser
@@ -118,14 +120,29 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     words = [a for a in argv[:2] if not a.startswith("-")]
     chosen = next((p for p in COMMANDS if tuple(words[: len(p)]) == p), None)
-    args = build_parser(chosen).parse_args(argv)
-    _console_logging()
+    debug = "--debug" in argv
     try:
+        if chosen is not None and any(a == "--config" or a.startswith("--config=") for a in argv):
+            argv = _with_config_file(argv, chosen)
+        args = build_parser(chosen).parse_args(argv)
+        _console_logging()
         sys.exit(run(args))
-    except (ValueError, FileNotFoundError) as e:
-        # Configuration errors: one clear line, no traceback (bad samples never get here).
-        print(f"dstrain {' '.join(args._command)}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, MemoryError, UnicodeDecodeError) as e:
+        # User mistakes (files, flags, combinations, data): one line naming the culprit; --debug shows where.
+        if debug:
+            raise
+        print(f"dstrain {' '.join(chosen or ())}: error: {e}".replace(" :", ":"), file=sys.stderr)
         sys.exit(2)
+
+
+def _with_config_file(argv: list[str], path: tuple[str, ...]) -> list[str]:
+    from dstrain.config import config_file_argv
+
+    i = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    file = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+    rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2) :]
+    n = len(path)
+    return rest[:n] + config_file_argv(file, resolve(COMMANDS[path].config), rest[n:]) + rest[n:]
 
 
 if __name__ == "__main__":

@@ -240,3 +240,51 @@ def from_args(cls: type, ns: argparse.Namespace) -> Any:
 def to_dict(cfg: Any) -> dict:
     """JSON-safe dict of a config (tuples become lists)."""
     return dataclasses.asdict(cfg)
+
+
+def config_file_argv(path: str, cls: type, given: list[str]) -> list[str]:
+    """Command-line words for the flags a YAML (or JSON) file sets: ``{n_hidden: 2048, train_files: [a, b],
+    augment: [...], shuffle: false}``. Keys are flag names without ``--``; a flag also given in ``given`` (the real
+    command line) is left out, so the command line wins."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ValueError(f"--config {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    flags = {}
+    for f, tp in cli_fields(cls):
+        meta = f.metadata.get(_META, {})
+        if meta.get("positional"):
+            continue
+        for name in meta.get("names") or (f"--{f.name}",):
+            flags[name[2:]] = (name, f, tp, meta)
+    on_command_line = {w.split("=", 1)[0][2:].removeprefix("no") for w in given if w.startswith("--")} | {
+        w.split("=", 1)[0][2:] for w in given if w.startswith("--")}
+    words: list[str] = []
+    for key, value in data.items():
+        if key not in flags:
+            raise ValueError(f"--config {path}: unknown flag {key!r} for this command (see --help)")
+        name, f, tp, meta = flags[key]
+        if f.name in on_command_line or key in on_command_line:
+            continue
+        base, _ = _unwrap_optional(tp)
+        if base is bool:
+            words.append(f"{name}={'true' if value else 'false'}")
+        elif meta.get("append"):
+            for v in value if isinstance(value, list) else [value]:
+                words += [name, str(v)]
+        elif meta.get("nargs") is not None:
+            words += [name, *(str(v) for v in (value if isinstance(value, list) else [value]))]
+        elif isinstance(value, list):
+            words += [name, ",".join(str(v) for v in value)]
+        else:
+            words += [name, str(value)]
+    return words

@@ -123,3 +123,46 @@ def test_script_folders_are_not_python_packages(name, tmp_path):
     assert proc.returncode != 0 and "No module named" in proc.stderr
     ok = subprocess.run([sys.executable, "-c", f"import dstrain.{'launch' if name == 'launch' else 'prep'}"], cwd=tmp_path)
     assert ok.returncode == 0
+
+
+def test_config_file_sets_flags_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("workers: 4\ngpus: 2\nname: speech\ntrain_args: --epochs 3\n")
+    out = subprocess.run([sys.executable, "-m", "dstrain.cli", "k8s", "render", "--config", str(cfg), "--gpus", "1"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    import yaml
+
+    job = list(yaml.safe_load_all(out))[-1]
+    assert job["metadata"]["name"] == "speech-train" and job["spec"]["slotsPerWorker"] == 1
+    assert job["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: 4\nwrokers: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "dstrain.cli", "k8s", "render", "--config", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "bad.yaml: unknown flag 'wrokers'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _dstrain(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dstrain.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_common_mistakes_give_one_line_errors(tmp_path, alphabet_path):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("wav_filename,wav_filesize,transcript\na.wav,0,ok\nb.wav,0,caf\xe9\n".encode("latin-1"))
+    cases = [
+        (["preprocess", "--csv", str(tmp_path / "missing.csv"), "--alphabet", alphabet_path, "--output", str(tmp_path / "s")],
+         "missing.csv"),
+        (["preprocess", "--csv", str(latin1), "--alphabet", alphabet_path, "--output", str(tmp_path / "s2")],
+         "latin1.csv line 3: not UTF-8 (byte 0xe9"),
+        (["launch", "--hosts", "a:1", "--hostfile", "h", "--", "true"], "--hosts or --hostfile, not both"),
+        (["train", "--train_files", str(tmp_path / "nostore"), "--alphabet_config_path", alphabet_path], "nostore"),
+        (["shards", "info", str(tmp_path / "nostore")], "not a dstrain feature store"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        proc = _dstrain(*argv)
+        lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]  # not the INFO log
+        assert proc.returncode == 2, (argv, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and len(lines) == 1 and expected in lines[0], (argv, proc.stderr[-2000:])
+    unknown = _dstrain("train", "--train_files", "s", "--n_hiden", "3")
+    assert unknown.returncode == 2 and "unrecognized arguments: --n_hiden" in unknown.stderr
+    debug = _dstrain("shards", "info", str(tmp_path / "nostore"), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -121,3 +121,11 @@ def test_dockerfile_uses_the_installer_and_the_cli():
     text = (REPO / "k8s" / "Dockerfile").read_text()
     assert "tools/install.sh" in text and "DSTRAIN_TF=gpu" in text and "HOROVOD_GPU_OPERATIONS=NCCL" in text
     assert 'ENTRYPOINT ["dstrain"]' in text and "USER 1000" in text and "Port 2222" in text
+
+
+def test_pods_get_a_grace_period_and_forward_sigterm_to_the_ranks():
+    job = render(K8sConfig(grace_period_s=1200))[-1]
+    for role in ("Launcher", "Worker"):
+        assert job["spec"]["mpiReplicaSpecs"][role]["template"]["spec"]["terminationGracePeriodSeconds"] == 1200
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert "trap 'pkill -USR1 -f \"dstrain train\"" in worker["command"][-1] and "sshd -De" in worker["command"][-1]

@@ -54,6 +54,9 @@ class K8sConfig:
     """CSV(s) to preprocess into DATA/stores/train in a Job; empty leaves out the preprocessing Job."""
     backoff_limit: int = 3
     """Retries of a failed training or preprocessing pod."""
+    grace_period_s: int = 900
+    """terminationGracePeriodSeconds of the pods: time between SIGTERM and SIGKILL, longer than a checkpoint save
+    on the shared volume (the ranks save, wait for each other and exit 75)."""
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.gpus < 0:
@@ -110,7 +113,10 @@ def mpijob(cfg: K8sConfig) -> dict:
     worker = {
         "name": "worker",
         "image": cfg.image,
-        "command": ["/usr/sbin/sshd", "-De", "-f", f"{USER_HOME}/.sshd_config"],
+        # sshd is the container's main process and gets the pod's SIGTERM; the ranks are its sessions' children and
+        # would only see the SIGKILL after the grace period. Forward the request to them as SIGUSR1 (dstrain's stop
+        # signal): they checkpoint and exit 75 within the grace period.
+        "command": ["/bin/sh", "-c", f"trap 'pkill -USR1 -f \"dstrain train\"; wait' TERM; /usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait"],
         "ports": [{"containerPort": 2222, "name": "ssh"}],
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts + [{"name": "dshm", "mountPath": "/dev/shm"}],
@@ -130,13 +136,15 @@ def mpijob(cfg: K8sConfig) -> dict:
                 "Launcher": {
                     "replicas": 1,
                     "restartPolicy": "OnFailure",
-                    "template": {"spec": {"securityContext": _security(), "containers": [launcher], "volumes": [_data_volume(cfg)]}},
+                    "template": {"spec": {"securityContext": _security(), "containers": [launcher], "volumes": [_data_volume(cfg)],
+                                          "terminationGracePeriodSeconds": cfg.grace_period_s}},
                 },
                 "Worker": {
                     "replicas": cfg.workers,
                     "template": {
                         "spec": {
                             "securityContext": _security(),
+                            "terminationGracePeriodSeconds": cfg.grace_period_s,
                             "containers": [worker],
                             "volumes": [
                                 _data_volume(cfg),

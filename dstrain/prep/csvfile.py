@@ -28,7 +28,6 @@ def read_csv_rows(csv_files: Iterable[str]) -> Iterator[Row]:
             f = fsspec.open(csv_file, "rt", encoding="utf-8", newline="").open()
         except FileNotFoundError:
             raise FileNotFoundError(f"CSV not found: {csv_file}") from None
-        line = 1
         with f:
             try:
                 reader = csv.DictReader(f)
@@ -36,18 +35,25 @@ def read_csv_rows(csv_files: Iterable[str]) -> Iterator[Row]:
                 if missing:
                     raise ValueError(f"{csv_file}: missing column(s) {missing}; DeepSpeech CSVs have {','.join(CSV_COLUMNS)}")
                 for rec in reader:
-                    line = reader.line_num
                     path = rec["wav_filename"]
                     if "://" not in path and not os.path.isabs(path):
                         path = os.path.join(base, path) if "://" not in base else f"{base.rstrip('/')}/{path}"
                     yield Row(index, path, rec["transcript"] or "")
                     index += 1
+            except UnicodeDecodeError:
+                raise ValueError(_not_utf8(csv_file)) from None
+
+
+def _not_utf8(csv_file: str) -> str:
+    """The first line that is not UTF-8 (the decoder reads ahead, so the reader's own line count is no help)."""
+    with fsspec.open(csv_file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                # The decoder reads ahead, so the line is the last one read whole, plus one.
-                raise ValueError(
-                    f"{csv_file}: not UTF-8 near line {line + 1} (byte {e.object[e.start]:#04x}); "
-                    "DeepSpeech CSVs are UTF-8: convert it, e.g. iconv -f latin1 -t utf-8"
-                ) from None
+                return (f"{csv_file} line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        "DeepSpeech CSVs are UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8")  # fmt: skip
+    return f"{csv_file}: not UTF-8"
 
 
 def write_csv(path: str, rows: list[tuple[str, int, str]]) -> None:
