@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# A synthetic Common Voice corpus (espeak-ng voices; the last two voices held out as dev and test), trained by two
+# Horovod processes on this CPU, evaluated greedy and with a scorer built from the corpus text, alpha/beta tuned on
+# dev. The README's WER table comes from this script with its defaults.
+#
+#   recipes/synth_cv.sh [WORKDIR]                   (default build/synth_cv)
+#   CLIPS=160 TRAIN_SECONDS=60 TRIALS=4 recipes/synth_cv.sh DIR     (the reduced size the test suite runs)
+#
+# Every step is a dstrain command; the per-step lines below are what a user types.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-build/synth_cv}
+CLIPS=${CLIPS:-2000}
+MINUTES=${MINUTES:-20}        # training wall time: the job is stopped (SIGUSR1: checkpoint, exit 75) after this
+TRAIN_SECONDS=${TRAIN_SECONDS:-$((MINUTES * 60))}
+EPOCHS=${EPOCHS:-1000}        # an upper bound; the time limit ends training first
+NP=${NP:-2}
+SHARED=${SHARED:-../shared}
+export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2
+ALPHABET=dstrain/data/alphabet.txt
+mkdir -p "$WORK"
+
+# 1. Corpus: Common Voice layout (clips/*.mp3, train/dev/test.tsv split by voice).
+[ -f "$WORK/cv/train.tsv" ] || python3 "$SHARED/tools/synth_cv_corpus.py" --sentences "$SHARED/data/smoke/vocab.txt" \
+  --out "$WORK/cv" --clips "$CLIPS" --speakers 8
+# 2. Import (DeepSpeech CSVs) and preprocess (feature stores).
+dstrain import cv2 "$WORK/cv" --filter_alphabet "$ALPHABET"
+for split in train dev test; do
+  [ -f "$WORK/stores/$split/_manifest.json" ] || \
+    dstrain preprocess --csv "$WORK/cv/clips/$split.csv" --alphabet "$ALPHABET" --output "$WORK/stores/$split" --workers 2
+done
+# 3. A scorer from the training text (the held-out voices speak the same sentence pool, as Common Voice does).
+cut -f3 "$WORK/cv/train.tsv" | tail -n +2 | tr 'A-Z' 'a-z' > "$WORK/lm.txt"
+dstrain scorer lm --text "$WORK/lm.txt" --output_dir "$WORK/lm" --order 3 --prune 0 0 0
+dstrain scorer build --alphabet "$ALPHABET" --lm "$WORK/lm/lm.binary" --vocab "$WORK"/lm/vocab-*.txt \
+  --package "$WORK/lm/synth.scorer" --default_alpha 0.75 --default_beta 1.85
+# 4. Train for MINUTES of wall time on NP processes (the stop request after MINUTES checkpoints; the ranks exit 75).
+# horovodrun does not pass signals on to the ranks: signal them directly, as SLURM's --signal does.
+( sleep "$TRAIN_SECONDS"; pkill -USR1 -f "dstrain train --train_files $WORK/stores/train" ) & timer=$!
+set +e
+horovodrun -np "$NP" -H "localhost:$NP" --gloo dstrain train \
+    --train_files "$WORK/stores/train" --dev_files "$WORK/stores/dev" --alphabet_config_path "$ALPHABET" \
+    --n_hidden 384 --train_batch_size 8 --dev_batch_size 16 --epochs "$EPOCHS" --learning_rate 0.0005 --warmup_steps 100 \
+    --max_grad_norm 10 --dropout_rate 0.1 --checkpoint_dir "$WORK/run" --checkpoint_secs 120 \
+    --reduce_lr_on_plateau --plateau_epochs 3 --es_min_delta 0.01 \
+    --inter_op_parallelism_threads 1 --intra_op_parallelism_threads 1 --noshow_progressbar
+kill "$timer" 2>/dev/null
+set -e
+# 5. Evaluate: greedy (beam 1, no scorer), then alpha/beta on dev, then the scorer on dev and the held-out test voice.
+for split in dev test; do
+  dstrain evaluate --checkpoint_dir "$WORK/run" --test_files "$WORK/stores/$split" --beam_width 1 \
+    --test_output_file "$WORK/greedy_$split.json" > "$WORK/greedy_$split.txt"
+  head -1 "$WORK/greedy_$split.txt"
+done
+dstrain lm-optimize --checkpoint_dir "$WORK/run" --test_files "$WORK/stores/dev" --scorer_path "$WORK/lm/synth.scorer" \
+  --beam_width 64 --n_trials "${TRIALS:-40}" | tee "$WORK/lm_optimize.txt"
+read -r ALPHA BETA < <(sed -n 's/.*lm_alpha=\([0-9.]*\) and lm_beta=\([0-9.]*\).*/\1 \2/p' "$WORK/lm_optimize.txt")
+for split in dev test; do
+  dstrain evaluate --checkpoint_dir "$WORK/run" --test_files "$WORK/stores/$split" --scorer_path "$WORK/lm/synth.scorer" \
+    --lm_alpha "$ALPHA" --lm_beta "$BETA" --beam_width 256 --test_output_file "$WORK/scorer_$split.json" \
+    > "$WORK/scorer_$split.txt"
+  head -1 "$WORK/scorer_$split.txt"
+done
+dstrain report "$WORK/run" >/dev/null && echo "curves: $WORK/run/report/index.html"
