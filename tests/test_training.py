@@ -111,6 +111,19 @@ def test_sigusr1_on_one_rank_stops_all_after_rank0s_checkpoint(store, tmp_path, 
     resumed = run((horovodrun() if launcher == "horovodrun" else mpirun()) + train_cmd(store, work, "--dropout_rate", "0", epochs=5))
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert f"step {stopped_at})" in resumed.stdout  # "Resuming from checkpoint ... (epoch N done, step K)"
+    if launcher == "horovodrun":
+        # Stopped mid-epoch again, then resumed on one rank: the rest of the epoch is re-partitioned, and it says so.
+        out = run(horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=7),
+                  timeout=300)  # fmt: skip
+        assert out.returncode == 0
+        partial = work / "partial"
+        import shutil
+
+        shutil.copytree(work, partial)
+        _stop_mid_epoch(store, partial)
+        one = run(horovodrun(1) + train_cmd(store, partial, "--dropout_rate", "0", epochs=9))
+        assert one.returncode == 0, one.stdout[-3000:]
+        assert "re-partitioned over 1 ranks" in one.stdout, one.stdout[-3000:]
 
 
 def descendants(root: int) -> list[int]:
@@ -142,6 +155,19 @@ def rank_pid(launcher: int, rank: int) -> int:
         if any(e in (f"HOROVOD_RANK={rank}".encode(), f"OMPI_COMM_WORLD_RANK={rank}".encode()) for e in environ):
             return int(pid)
     raise AssertionError(f"no rank {rank} process under {launcher}")
+
+
+def _stop_mid_epoch(store: str, work) -> None:
+    """Run 2 ranks until a mid-epoch checkpoint of the next epoch is saved, then SIGUSR1 (stop, checkpoint, exit 75)."""
+    proc = subprocess.Popen(horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=9),
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    for line in proc.stdout:
+        if re.search(r"saved \S+ at step \d+ \(epoch \d+, step [2-8] of it\)", line):
+            for rank in (0, 1):
+                os.kill(rank_pid(proc.pid, rank), signal.SIGUSR1)
+            break
+    proc.stdout.read()
+    proc.wait(timeout=120)
 
 
 KILL_WHILE_SAVING = textwrap.dedent("""
