@@ -129,6 +129,24 @@ def log_mel_graph(samples: tf.Tensor, features: FeatureConfig) -> tf.Tensor:
     return tf.math.log(tf.maximum(energies, 1e-12))
 
 
+def inference_model(model: DeepSpeech) -> DeepSpeech:
+    """``model`` when it computes in float32, else a float32 copy (after mixed-precision training): exports and their
+    TFLite conversions compute in float32 whatever the training precision (variables are float32 either way)."""
+    if all(layer.compute_dtype == "float32" for layer in (*model.dense, model.lstm, model.dense5, model.out)):
+        return model
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("float32")
+    try:
+        if model.front_end is not None:
+            copy = DeepSpeech.for_features(model.cfg, model.front_end.features, model.n_classes)
+        else:
+            copy = DeepSpeech(model.cfg, model.n_input, model.n_classes).build_for()
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def _padding_value(model: DeepSpeech) -> tf.Tensor:
     """The log mel frame whose MFCC is exactly zero, what the context window pads the edges with."""
     fe = model.front_end
@@ -235,6 +253,7 @@ class _Exported(tf.Module):
 def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_steps: int = 0) -> bytes:
     """TFLite flatbuffer, builtin ops only: the whole-utterance model (batch 1, any number of frames) or, with
     ``streaming_steps``, the stream_step graph. ``metadata`` is embedded (read back by :func:`read_tflite_metadata`)."""
+    model = inference_model(model)
     if streaming_steps:
         fn = _stream_step_fn(model, streaming_steps)
     else:
@@ -243,7 +262,10 @@ def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_st
         def fn(log_mel):
             return {"log_probs": tf.nn.log_softmax(model((log_mel, tf.shape(log_mel)[1:2]), training=False))}
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
+    # The converter saves what it is given: the variables alone take 1 s, the Keras model with its traces 10 s.
+    holder = tf.Module()
+    holder.model_variables = list(model.variables)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], holder)
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     meta = dict(metadata, tflite={"streaming": bool(streaming_steps), "n_steps": streaming_steps, "quantized": quantize})
@@ -327,6 +349,7 @@ def export_model(
 ) -> dict:
     """Write the export (see the module docstring); ``info`` (training progress, weights source) joins the metadata,
     ``config`` (the resolved flags) is saved as flags.json. Returns the metadata record."""
+    model = inference_model(model)
     os.makedirs(export_dir, exist_ok=True)
     for stale in (TFLITE_NAME, STREAMING_TFLITE_NAME, FLAGS_NAME):
         if os.path.exists(os.path.join(export_dir, stale)):

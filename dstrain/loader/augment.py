@@ -477,6 +477,7 @@ def _mel_geometry(cfg: FeatureConfig) -> tuple[np.ndarray, float, float]:
     return 700.0 * np.expm1(centres_mel / 1127.0), mel_low, spacing
 
 
+@functools.lru_cache(maxsize=1024)  # per utterance length: recomputing them was a quarter of warp's cost
 def _cubic_weights(n_in: int, n_out: int) -> np.ndarray:
     """``[n_out, n_in]`` cubic-convolution (Keys, a=-0.75 as TF's bicubic) weights, corners aligned."""
     src = np.arange(n_out) * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)

@@ -94,7 +94,8 @@ def _scan(stores: Sequence[FeatureStore], skip_bad_shards: bool) -> Catalog:
                 try:
                     with fsspec.open(url, "rb") as f:
                         pf = pq.ParquetFile(f)
-                        meta = [pf.read_row_group(i, columns=[N_FRAMES]).column(0).to_numpy() for i in range(pf.num_row_groups)]
+                        meta = [pf.read_row_group(i, columns=[N_FRAMES], use_threads=False).column(0).to_numpy()
+                                for i in range(pf.num_row_groups)]  # fmt: skip
                 except (pa.ArrowInvalid, OSError) as e:
                     problem = f"{shard.path}: unreadable ({e})"
             if problem is not None:
@@ -123,7 +124,9 @@ class RowGroupData:
 def read_row_group(ref: RowGroupRef, n_mel: int) -> RowGroupData:
     try:
         with fsspec.open(ref.url, "rb") as f:
-            table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(ref.index, columns=[ID, LABELS, FEATURES])
+            # use_threads=False: the loader's own threads read in parallel; Arrow's pool only competed with them.
+            table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
+                ref.index, columns=[ID, LABELS, FEATURES], use_threads=False)
     except FileNotFoundError:
         raise StoreError(f"{ref.url}: shard missing; check the store with dstrain shards info") from None
     except (pa.ArrowInvalid, OSError) as e:
