@@ -206,7 +206,7 @@ def load_logits_fn(cfg: EvalConfig) -> tuple[Alphabet, FeatureConfig, LogitsFn]:
         from dstrain.export import load_model
 
         loaded = load_model(cfg.model)
-        return loaded.alphabet, loaded.features, lambda x, n: tf.math.log(tf.maximum(loaded.module.probs(x, n)["probs"], 1e-30))
+        return loaded.alphabet, loaded.features, lambda x, n: loaded.batch_log_probs(x, n)
     from dstrain.train.rundir import RunDir
 
     model, info, _ = RunDir(cfg.checkpoint_dir).restore_model()

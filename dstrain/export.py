@@ -45,7 +45,7 @@ import tensorflow as tf
 import dstrain
 from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.config import option, to_dict
-from dstrain.features import FeatureConfig, _mel_matrix32
+from dstrain.features import FeatureConfig, mel_matrix
 from dstrain.model import DeepSpeech
 
 log = logging.getLogger("dstrain")
@@ -125,7 +125,7 @@ def log_mel_graph(samples: tf.Tensor, features: FeatureConfig) -> tf.Tensor:
     spectrogram = tf.raw_ops.AudioSpectrogram(
         input=samples[:, None], window_size=features.window_samples, stride=features.step_samples, magnitude_squared=True
     )[0]
-    energies = tf.matmul(tf.sqrt(spectrogram), tf.constant(_mel_matrix32(features)))
+    energies = tf.matmul(tf.sqrt(spectrogram), tf.constant(mel_matrix(features)))
     return tf.math.log(tf.maximum(energies, 1e-12))
 
 

@@ -104,7 +104,7 @@ def log_mel(power: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     TensorFlow's filterbank weighs the *magnitude* (sqrt of the power) spectrum. It sums in float64; float32
     here changes results by < 1e-6 (each channel sums a few dozen positive terms) at half the cost.
     """
-    energies = np.sqrt(power.astype(np.float32, copy=False)) @ _mel_matrix32(cfg)
+    energies = np.sqrt(power.astype(np.float32, copy=False)) @ mel_matrix(cfg)
     np.maximum(energies, _FILTERBANK_FLOOR, out=energies)
     return np.log(energies)
 
@@ -156,7 +156,9 @@ def _mel_matrix(cfg: FeatureConfig) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _mel_matrix32(cfg: FeatureConfig) -> np.ndarray:
+def mel_matrix(cfg: FeatureConfig) -> np.ndarray:
+    """``[n_bins, n_mel]`` float32 filterbank weights on the magnitude spectrum (what :func:`log_mel` applies;
+    exports put the same constant in their graph)."""
     return _mel_matrix(cfg).astype(np.float32)
 
 

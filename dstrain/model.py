@@ -112,7 +112,10 @@ class DeepSpeech(tf.keras.Model):
     def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
         features, lengths = inputs
         if self.front_end is not None:
-            features = self.front_end(features)
+            # Padding frames become zero MFCCs (not normalised silence), so a padded utterance's last frames see
+            # the same context whatever its batch-mates, as exports and streaming see it.
+            mask = tf.sequence_mask(lengths, maxlen=tf.shape(features)[1], dtype=tf.float32)
+            features = self.front_end(features) * mask[:, :, None]
         x = self.context_window(features)
         for layer in self.dense:
             x = self._clipped(layer, x, training)

@@ -23,7 +23,7 @@ from dstrain.config import option, parse_list, to_dict
 from dstrain.decoder.config import DecoderConfig
 from dstrain.distributed import World, start_horovod
 from dstrain.evaluate import EvalSet, EvaluationSetConfig, global_loss, greedy_error_counts, open_stores, report_test_set
-from dstrain.export import export_model
+from dstrain.export import ExportOptions, export_model
 from dstrain.features import FeatureConfig
 from dstrain.loader.augment import DEFAULT_AUGMENT, Augmenter, sample_rng
 from dstrain.loader.config import LoaderConfig
@@ -95,6 +95,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     test: EvaluationSetConfig = field(default_factory=EvaluationSetConfig)
+    export: ExportOptions = field(default_factory=ExportOptions)
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -532,8 +533,9 @@ class Trainer:
             path = self.checkpoints.best.latest_checkpoint
             self.checkpoints.restore(path)
             source = path
-        info = {"epochs": int(self.progress.epoch), "weights_from": source, "train_config": to_dict(self.cfg)}
-        export_model(self.cfg.export_dir, self.model, self.alphabet, self.features, info)
+        info = {"epochs": int(self.progress.epoch), "weights_from": source}
+        export_model(self.cfg.export_dir, self.model, self.alphabet, self.features, info, options=self.cfg.export,
+                     scorer_path=self.cfg.decoder.scorer_path, config=to_dict(self.cfg))  # fmt: skip
         log.info("Exported %s to %s", source, self.cfg.export_dir)
 
 
