@@ -36,7 +36,7 @@ dstrain scorer build --alphabet "$ALPHABET" --lm "$WORK/lm/lm.binary" --vocab "$
   --package "$WORK/lm/synth.scorer" --default_alpha 0.75 --default_beta 1.85
 # 4. Train for MINUTES of wall time on NP processes (the stop request after MINUTES checkpoints; the ranks exit 75).
 # horovodrun does not pass signals on to the ranks: signal them directly, as SLURM's --signal does.
-( sleep "$TRAIN_SECONDS"; pkill -USR1 -f "dstrain train --train_files $WORK/stores/train" ) & timer=$!
+( sleep "$TRAIN_SECONDS"; pkill -USR1 -f "bin/dstrain train --train_files $WORK/stores/train" ) & timer=$!
 set +e
 horovodrun -np "$NP" -H "localhost:$NP" --gloo dstrain train \
     --train_files "$WORK/stores/train" --dev_files "$WORK/stores/dev" --alphabet_config_path "$ALPHABET" \

@@ -128,4 +128,4 @@ def test_pods_get_a_grace_period_and_forward_sigterm_to_the_ranks():
     for role in ("Launcher", "Worker"):
         assert job["spec"]["mpiReplicaSpecs"][role]["template"]["spec"]["terminationGracePeriodSeconds"] == 1200
     worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    assert "trap 'pkill -USR1 -f \"dstrain train\"" in worker["command"][-1] and "sshd -De" in worker["command"][-1]
+    assert "trap 'pkill -USR1 -f \"bin/dstrain train\"" in worker["command"][-1] and "sshd -De" in worker["command"][-1]

@@ -116,7 +116,7 @@ def mpijob(cfg: K8sConfig) -> dict:
         # sshd is the container's main process and gets the pod's SIGTERM; the ranks are its sessions' children and
         # would only see the SIGKILL after the grace period. Forward the request to them as SIGUSR1 (dstrain's stop
         # signal): they checkpoint and exit 75 within the grace period.
-        "command": ["/bin/sh", "-c", f"trap 'pkill -USR1 -f \"dstrain train\"; wait' TERM; /usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait"],
+        "command": ["/bin/sh", "-c", f"trap 'pkill -USR1 -f \"bin/dstrain train\"; wait' TERM; /usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait"],
         "ports": [{"containerPort": 2222, "name": "ssh"}],
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts + [{"name": "dshm", "mountPath": "/dev/shm"}],
