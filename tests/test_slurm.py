@@ -68,7 +68,10 @@ def test_training_job(slurm, ldc93s1_store, alphabet_path, tmp_path):
     assert "epoch 3/3" in text and "finished with status 0" in text
     # One writer's files, nothing else: rank 1 would have left a second log or clashing checkpoint names.
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["best_dev", "config.json", "summaries", "train", "train.log"]
-    assert sorted(os.listdir(tmp_path / "ckpt" / "train")) == ["checkpoint"] + [f"ckpt-{i}.{ext}" for i in (1, 2, 3) for ext in ("data-00000-of-00001", "index")]
+    # Three epoch checkpoints, numbered by the saved counter (best-dev saves count too), each complete.
+    files = sorted(os.listdir(tmp_path / "ckpt" / "train"))
+    numbers = sorted({int(re.match(r"ckpt-(\d+)\.", f).group(1)) for f in files if f.startswith("ckpt-")})
+    assert len(numbers) == 3 and files == sorted(["checkpoint"] + [f"ckpt-{i}.{ext}" for i in numbers for ext in ("data-00000-of-00001", "index")])
     assert (tmp_path / "export" / "saved_model.pb").exists()
 
 
@@ -98,7 +101,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, ldc93s1_store, alphabet_pa
     text = log.read_text()
     assert "Stop requested (SIGUSR1)" in text and "requeueing job" in text
     assert "restart 1" in text and "Resuming from checkpoint" in text
-    stopped_at = int(re.search(r"Stop requested \(SIGUSR1\): saved \S+ at epoch (\d+)", text).group(1))
+    stopped_at = int(re.search(r"Stop requested \(SIGUSR1\): checkpoint \S+ saved at epoch (\d+)", text).group(1))
     assert f"epoch {stopped_at}: resuming after step" in text or f"epoch {stopped_at + 1}/400" in text
     assert "epoch 400/400" in text and "epoch 1/400" in text and text.count("epoch 1/400 ") == 1
 
