@@ -1,0 +1,278 @@
+"""Training throughput on this machine's CPU: frames/s of ``dstrain train`` under Horovod against a plain
+single-process tf.keras loop of the same model, and two ranks against one.
+
+The store is synthetic (``tests/conftest.synthetic_store``: ``--utterances`` random log mel utterances of 100-400
+frames). Every configuration runs in its own process(es), epoch after epoch; epoch 1 is warm-up (tracing, oneDNN
+primitive caches, the loader's first reads) and the figure is the best later epoch's frames/s (real frames, padding
+not counted), since other work on the machine only ever slows an epoch down.
+
+* **keras**: ``DeepSpeech.for_features`` + Adam + ``ctc_loss`` in a ``tf.GradientTape`` step (``tf.function`` with
+  the trainer's input signature), over the batches an np=1 ``dstrain train`` epoch draws (``plan_epoch`` with the
+  same batch size, buckets and seed), read once and held in memory: same model, batch and lengths, no loader, no
+  Horovod. TensorFlow's own thread pools.
+* **np=1**: ``horovodrun -np 1 --gloo dstrain train`` with TensorFlow's own thread pools; its epoch log line.
+* **np=1 1t**: the same with ``--intra_op_parallelism_threads 1``: one rank on one core, the baseline of scaling.
+* **np=2 gloo / np=2 mpi**: ``horovodrun -np 2`` (``--gloo``, ``--mpi``) with one intra-op thread per rank and
+  ``--train_batch_size`` halved, so the global batch and the steps per epoch stay those of np=1.
+
+Ranks get the environment ``dstrain launch`` would give them (``dstrain.launch.launcher.rank_environment``), so the
+figures are those of the shipped defaults; ``--env NAME=VALUE`` (repeatable) overrides them for every
+configuration, ``--bare`` leaves them out. Targets: np=1 >= 0.97x keras, np=2 >= 1.7x np=1 at one intra-op thread
+per rank. The default run takes about 6 minutes on 2 cores.
+
+    .venv/bin/python benchmarks/train_step.py [--utterances 600] [--epochs 3] [--n_hidden 384] [--batch 16]
+    .venv/bin/python benchmarks/train_step.py --only np2-gloo --env HOROVOD_CYCLE_TIME=5 --timeline /tmp/tl.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+ALPHABET = os.path.join(REPO, "dstrain", "data", "alphabet.txt")
+BIN = os.path.dirname(sys.executable)
+TARGET_NP1, TARGET_NP2 = 0.97, 1.7
+EPOCH = re.compile(r"epoch (\d+)/\d+ train loss \S+ \((\d+) steps, ([\d.]+) s, [\d.]+ utt/s, (\d+) frames/s")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# keras: the reference loop (runs in its own process: TensorFlow's thread pools are fixed once it starts)
+
+
+def keras_worker(spec: dict) -> dict:
+    import tensorflow as tf
+
+    from dstrain.alphabet import Alphabet
+    from dstrain.distributed import World
+    from dstrain.loader.config import LoaderConfig
+    from dstrain.loader.reader import Catalog, PlanReader
+    from dstrain.loader.sampler import plan_epoch
+    from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
+    from dstrain.prep.stats import FeatureStats
+    from dstrain.store import FeatureStore
+
+    if spec["intra"]:
+        tf.config.threading.set_intra_op_parallelism_threads(spec["intra"])
+    store = FeatureStore.open(spec["store"])
+    catalog = Catalog.build([store], World())
+    lc = LoaderConfig()
+
+    def epoch_batches(epoch: int) -> list:
+        # The batches dstrain train's np=1 epoch draws (same sampler, buckets and seed), read once into memory.
+        plan = plan_epoch(catalog.table, rank=0, world=1, epoch=epoch, seed=4568, batch_size=spec["batch"],
+                          buckets=lc.length_buckets, remainder=lc.remainder)  # fmt: skip
+        return [tuple(tf.constant(a) for a in b) for b in PlanReader(catalog, plan, threads=2)]
+
+    tf.keras.utils.set_random_seed(4568)
+    n_classes = len(Alphabet.from_file(ALPHABET)) + 1
+    model = DeepSpeech.for_features(ModelConfig(n_hidden=spec["n_hidden"], dropout_rate=0.05), store.features, n_classes)
+    stats = FeatureStats.from_dict(store.manifest.feature_stats)
+    model.front_end.set_statistics(stats.mean, stats.std())
+    optimizer = tf.keras.optimizers.Adam(learning_rate=1e-4)
+    n_mel = store.features.n_mel
+
+    @tf.function(input_signature=(tf.TensorSpec([None, None, n_mel], tf.float32), tf.TensorSpec([None], tf.int32),
+                                  tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)))  # fmt: skip
+    def step(x, x_len, y, y_len):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(ctc_loss(model((x, x_len), training=True), x_len, y, y_len))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    epochs = []
+    for epoch in range(spec["epochs"]):
+        batches = epoch_batches(epoch)
+        frames = sum(int(b[1].numpy().sum()) for b in batches)
+        start = time.perf_counter()
+        for b in batches:
+            loss = step(*b)
+        float(loss)
+        epochs.append(frames / (time.perf_counter() - start))
+    return {"epochs": epochs}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dstrain train under a launcher
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process so far, theirs included."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy since boot (every process, ours and others')."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Measured:
+    """Wall time, our CPU and everybody else's over a block: ``others`` is the share of the machine's cores that
+    other programs took meanwhile (the noise of the figures measured in it)."""
+
+    def __enter__(self) -> "Measured":
+        self.t0, self.cpu0, self.busy0 = time.perf_counter(), children_cpu(), machine_busy()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = children_cpu() - self.cpu0
+        others = machine_busy() - self.busy0 - self.cpu
+        self.others = max(0.0, others / (self.wall * (os.cpu_count() or 1)))
+
+
+def rank_env(np_: int, extra: dict[str, str], bare: bool) -> dict[str, str]:
+    """The ranks' environment: what ``dstrain launch`` adds (unless ``bare``), then ``extra``."""
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    if not bare:
+        from dstrain.launch.launcher import LaunchConfig, rank_environment
+
+        cfg = LaunchConfig(command=("dstrain",), np=np_)
+        env.update(rank_environment(cfg, (), env, os.cpu_count() or 1))
+    env.update(extra)
+    return env
+
+
+def launcher_argv(kind: str, np_: int, env: dict[str, str]) -> list[str]:
+    if kind in ("gloo", "mpi"):
+        return [os.path.join(BIN, "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{kind}"]
+    # mpirun as dstrain launch --launcher mpirun writes it; every variable the benchmark set is passed on.
+    argv = ["mpirun", "-np", str(np_), "--bind-to", "none", "--map-by", "slot", "--oversubscribe"]
+    if os.geteuid() == 0:
+        argv.append("--allow-run-as-root")
+    for name in sorted(set(env) - set(os.environ) | {"PATH", "TF_CPP_MIN_LOG_LEVEL"} | {k for k in env if k.startswith(("HOROVOD_", "OMP_", "TF_", "OMPI_"))}):
+        argv += ["-x", name]
+    return argv + ["-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]
+
+
+def dstrain_run(args, store: str, np_: int, kind: str, intra: int, extra: dict[str, str], timeline: str = "") -> dict:
+    env = rank_env(np_, extra, args.bare)
+    cmd = launcher_argv(kind, np_, env) + [
+        os.path.join(BIN, "dstrain"), "train", "--train_files", store, "--alphabet_config_path", ALPHABET,
+        "--n_hidden", str(args.n_hidden), "--dropout_rate", "0.05", "--epochs", str(args.epochs),
+        "--train_batch_size", str(args.batch // np_), "--learning_rate", "0.0001", "--noshow_progressbar",
+        "--intra_op_parallelism_threads", str(intra),
+    ] + list(args.train_args)  # fmt: skip
+    if timeline:
+        cmd += ["--horovod_timeline", timeline]
+    with Measured() as m:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    found = EPOCH.findall(proc.stdout)
+    if proc.returncode != 0 or len(found) < args.epochs:
+        sys.exit(f"{' '.join(cmd)}\nfailed with status {proc.returncode}:\n{proc.stdout[-4000:]}")
+    if args.verbose:
+        print("\n".join(line for line in proc.stdout.splitlines() if " train loss " in line), flush=True)
+    return {"epochs": [float(f) for _, _, _, f in found], "seconds": [float(s) for _, _, s, _ in found], "wall": m.wall, "cpu": m.cpu, "others": m.others}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+CONFIGS = ("keras", "np1", "np1-1t", "np2-gloo", "np2-mpi", "np2-mpirun")
+
+
+def run_config(name: str, args, store: str, extra: dict[str, str]) -> dict:
+    if name == "keras":
+        spec = {"store": store, "batch": args.batch, "n_hidden": args.n_hidden, "epochs": args.epochs, "intra": 0}
+        with Measured() as m:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
+                                 env=rank_env(1, extra, args.bare), check=True, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]), wall=m.wall, cpu=m.cpu, others=m.others)
+    np_ = 2 if name.startswith("np2") else 1
+    kind = name.split("-")[1] if np_ == 2 else "gloo"
+    intra = 1 if np_ == 2 or name.endswith("-1t") else 0
+    timeline = f"{args.timeline}.{name}" if args.timeline and np_ == 2 else ""
+    return dstrain_run(args, store, np_, kind, intra, extra, timeline)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--utterances", type=int, default=600, help="utterances in the synthetic store")
+    parser.add_argument("--frames", default="100,400", help="utterance lengths drawn from [lo, hi) frames")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
+    parser.add_argument("--rounds", type=int, default=1, help="run the configurations in turn this many times")
+    parser.add_argument("--n_hidden", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=16, help="global batch (per rank: batch / ranks)")
+    parser.add_argument("--only", default="keras,np1,np1-1t,np2-gloo,np2-mpi",
+                        help=f"comma-separated configurations among {','.join(CONFIGS)}")  # fmt: skip
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="rank environment override")
+    parser.add_argument("--bare", action="store_true", help="ranks get no dstrain launch defaults")
+    parser.add_argument("--timeline", default="", help="np=2 runs write Horovod timelines to this path (+.CONFIG)")
+    parser.add_argument("--store", default="", help="reuse (or create) the synthetic store here")
+    parser.add_argument("--verbose", action="store_true", help="print every epoch line")
+    parser.add_argument("--_worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra dstrain train options")
+    args = parser.parse_args()
+    if args._worker:
+        print(json.dumps(keras_worker(json.loads(args._worker))))
+        return
+    if args.train_args[:1] == ["--"]:
+        args.train_args = args.train_args[1:]
+    if args.batch % 2:
+        parser.error("--batch must be even (np=2 halves it)")
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (the first is warm-up)")
+    extra = dict(e.split("=", 1) for e in args.env)
+    only = args.only.split(",")
+    for name in only:
+        if name not in CONFIGS:
+            parser.error(f"--only: unknown configuration {name!r}; choose among {', '.join(CONFIGS)}")
+
+    # Per configuration: the frames/s of every epoch after the first, CPU seconds, and the share of the machine other
+    # programs took meanwhile, over all rounds.
+    rates: dict[str, list[float]] = {n: [] for n in only}
+    cpu: dict[str, list[float]] = {n: [] for n in only}
+    others: dict[str, list[float]] = {n: [] for n in only}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = args.store or os.path.join(tmp, "store")
+        if not os.path.exists(os.path.join(store, "manifest.json")):
+            sys.path.insert(0, os.path.join(REPO, "tests"))
+            from conftest import synthetic_store
+
+            lo, hi = (int(v) for v in args.frames.split(","))
+            synthetic_store(store, args.utterances, row_group_rows=32, frames=(lo, hi), seed=1)
+        for _ in range(args.rounds):
+            for name in only:
+                r = run_config(name, args, store, extra)
+                rates[name] += r["epochs"][1:]
+                cpu[name].append(r["cpu"])
+                others[name].append(r["others"])
+                print(f"  {name:<11} frames/s by epoch {' '.join(f'{v:.0f}' for v in r['epochs'])}  ({r['wall']:.0f} s wall, "
+                      f"{r['cpu']:.0f} s CPU; other programs took {r['others']:.0%} of the machine)", flush=True)  # fmt: skip
+
+    # Best epoch: other programs only ever slow an epoch down.
+    print(f"\n{'configuration':<14} {'frames/s':>9} {'other epochs':>13} {'CPU s/run':>10} {'others':>7}")
+    for name in only:
+        rest = sorted(rates[name])[:-1]
+        print(f"{name:<14} {max(rates[name]):>9.0f} {f'{min(rest):.0f}-{max(rest):.0f}' if rest else '':>13} "
+              f"{min(cpu[name]):>10.0f} {max(others[name]):>7.0%}")  # fmt: skip
+    print()
+
+    def ratio(a: str, b: str, target: float) -> None:
+        if rates.get(a) and rates.get(b):
+            x = max(rates[a]) / max(rates[b])
+            print(f"{a + ' / ' + b:<22} {x:>6.2f}x   target >= {target}x  {'ok' if x >= target else 'MISSED'}")
+
+    ratio("np1", "keras", TARGET_NP1)
+    for two in ("np2-gloo", "np2-mpi", "np2-mpirun"):
+        ratio(two, "np1-1t", TARGET_NP2)
+        ratio(two, "np1", TARGET_NP2)
+    if any(max(v) > 0.1 for v in others.values()):
+        print("\nother programs took more than 10% of the machine during some runs: the figures are lower bounds")
+
+
+if __name__ == "__main__":
+    main()
