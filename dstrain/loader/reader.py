@@ -178,29 +178,48 @@ class PlanReader:
         residency = plan.residency()
         self._order = sorted(residency, key=lambda k: (residency[k][0], k))
         self._last_use = {k: v[1] for k, v in residency.items()}
+        self._worker: threading.Thread | None = None
 
     # The loader runs in its own thread so that reading overlaps the training step.
+    def start(self) -> "PlanReader":
+        """Starts reading now, before iterating (the trainer starts the next epoch's reader while this one's last
+        batches are trained on); iterating starts it too."""
+        if self._worker is None:
+            self._out = queue.Queue(maxsize=self.prefetch)
+            self._stop = threading.Event()
+            self._worker = threading.Thread(target=self._produce, args=(self._out, self._stop), daemon=True, name="dstrain-loader")
+            self._worker.start()
+        return self
+
+    @property
+    def produced(self) -> bool:
+        """Every batch is assembled and every row group released: a next reader now stays within the budget."""
+        return self._worker is not None and not self._worker.is_alive()
+
+    def close(self) -> None:
+        """Stops the background reading (a reader closed before its end cannot be iterated again)."""
+        if self._worker is None:
+            return
+        self._stop.set()
+        while self._worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._out.get_nowait()
+            except queue.Empty:
+                pass
+            self._worker.join(timeout=0.05)
+
     def __iter__(self) -> Iterator[Batch]:
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(out, stop), daemon=True, name="dstrain-loader")
-        worker.start()
+        self.start()
         try:
             for _ in range(self.plan.steps):
                 t0 = time.perf_counter()
-                item = out.get()
+                item = self._out.get()
                 self.wait_s += time.perf_counter() - t0
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    out.get_nowait()
-                except queue.Empty:
-                    pass
-                worker.join(timeout=0.05)
+            self.close()
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         try:

@@ -181,7 +181,8 @@ class Trainer:
     """One rank's view of a training run: data, model, optimizer, checkpoints, and the steps over them."""
 
     def __init__(self, cfg: TrainConfig, world: World, n_gpus: int, stop: preemption.StopRequest):
-        self.cfg, self.world, self.stop = cfg, world, stop
+        self.cfg, self.world, self.stop, self.n_gpus = cfg, world, stop, n_gpus
+        self._ahead: tuple[int, EpochPlan, PlanReader] | None = None  # the next epoch's reader, started early
         log.info("Horovod: %d process(es), %s controller, %s, %s precision", world.size, world.controller(),
                  f"{n_gpus} GPU(s) visible" if n_gpus else "CPU only", cfg.compute_precision)  # fmt: skip
         # Python's, NumPy's and TensorFlow's generators: unseeded Keras initialisers draw from Python's.
@@ -220,7 +221,7 @@ class Trainer:
         dtype = tf.float16 if self.catalog.itemsize == 2 else tf.float32
         spec = (tf.TensorSpec([None, None, self.features.n_mel], dtype), tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32))  # fmt: skip
-        self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([2], tf.float32),))
+        self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([3], tf.float32),))
         # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
         self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
         self.augmenter = None
@@ -302,9 +303,11 @@ class Trainer:
 
     # --- one step (traced once by tf.function)
     def _train_step(self, x, x_len, y, y_len, flags):
-        """flags = (stop requested here, loader wait seconds). Returns (mean loss, skipped, stop, utterances, frames,
-        mean wait) over all ranks."""
+        """flags = (stop requested here, loader wait seconds, learning rate). Returns [mean loss, skipped, stop,
+        utterances, frames, mean wait] over all ranks."""
         model, optimizer, world = self.model, self.optimizer, self.world
+        # The optimizer keeps its own copy of the rate (a variable it made from ours): set that one.
+        optimizer.learning_rate.assign(flags[2])
         with tf.GradientTape() as tape:
             logits = model((x, x_len), training=True)
             losses = ctc_loss(logits, x_len, y, y_len)
@@ -332,7 +335,9 @@ class Trainer:
             optimizer.apply_gradients(zip(grads, variables))
         else:
             tf.cond(any_bad, lambda: tf.no_op(), lambda: optimizer.apply_gradients(zip(grads, variables)).op)
-        return summed[0] / tf.maximum(summed[1], 1.0), any_bad, summed[3] > 0, summed[1], summed[5], summed[4] / world.size
+        # One tensor, so the loop reads everything with one copy from the device.
+        return tf.stack([summed[0] / tf.maximum(summed[1], 1.0), tf.cast(any_bad, tf.float32), tf.cast(summed[3] > 0, tf.float32),
+                         summed[1], summed[5], summed[4] / world.size])  # fmt: skip
 
     # --- the loop
     def plan(self, epoch: int, position: LoaderPosition | None) -> EpochPlan:
@@ -361,47 +366,79 @@ class Trainer:
         aug, seed = self.augmenter, self.cfg.random_seed
         return lambda x, sid: aug.apply(x, sample_rng(seed, epoch, sid), clock=clock)
 
+    def _reader(self, epoch: int, position: LoaderPosition | None) -> tuple[EpochPlan, PlanReader]:
+        """This epoch's plan and reader: the one started ahead during the last epoch, or a new one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == epoch and position is None:
+            return ahead[1], ahead[2]
+        if ahead is not None:
+            ahead[2].close()
+        plan = self.plan(epoch, position)
+        lc = self.cfg.loader
+        reader = PlanReader(self.catalog, plan, threads=lc.loader_threads, memory_mb=lc.loader_memory_mb,
+                            prefetch=lc.loader_prefetch, transform=self._transform(epoch), skip_bad=lc.skip_bad_shards)  # fmt: skip
+        return plan, reader
+
+    def _read_ahead(self, epoch: int, reader: PlanReader) -> None:
+        """Once this epoch's reader holds no row group, the next epoch's starts filling its first window, so that an
+        epoch does not begin by waiting for it (and the window fills during dev evaluation and checkpointing)."""
+        if self._ahead is None and epoch + 1 < self.cfg.epochs and reader.produced:
+            plan, nxt = self._reader(epoch + 1, None)
+            self._ahead = (epoch + 1, plan, nxt.start())
+
+    def _to_device(self, batch):
+        """A batch copied to the GPU while the step before it is still running (the step would copy it anyway)."""
+        if batch is None or not self.n_gpus:
+            return batch
+        with tf.device("/GPU:0"):
+            return tuple(tf.identity(a) for a in batch)
+
     def run_epoch(self, epoch: int, position: LoaderPosition | None) -> bool:
         """Returns False when training should stop (early stop)."""
         cfg, progress, world = self.cfg, self.progress, self.world
-        plan = self.plan(epoch, position)
-        info = describe(plan)
-        log.debug("epoch %d plan: %s", epoch + 1, json.dumps(info))
-        lc = cfg.loader
-        reader = PlanReader(self.catalog, plan, threads=lc.loader_threads, memory_mb=lc.loader_memory_mb,
-                            prefetch=lc.loader_prefetch, transform=self._transform(epoch), skip_bad=lc.skip_bad_shards)  # fmt: skip
+        plan, reader = self._reader(epoch, position)
+        log.debug("epoch %d plan: %s", epoch + 1, json.dumps(describe(plan)))
         t0, loss_sum, steps, utterances, frames = time.time(), 0.0, 0, 0.0, 0
-        wait_total, wait_last = 0.0, 0.0
+        wait_total = 0.0
         bar = self._progress_bar(plan.start_step + plan.steps, plan.start_step, epoch)
-        for k, (x, x_len, y, y_len) in enumerate(reader):
-            wait_now = reader.wait_s - wait_last
-            wait_last = reader.wait_s
-            step = int(progress.step)
-            # The optimizer keeps its own copy of the rate (a variable it made from ours): set that one.
-            self.optimizer.learning_rate.assign(learning_rate(cfg.optim, world.size, step, self.history.plateau_factor))
-            flags = tf.constant([1.0 if self.stop.requested else 0.0, wait_now], tf.float32)
-            loss, skipped, stop, count, n_frames, wait = self.train_step(x, x_len, y, y_len, flags)
-            progress.step.assign_add(1)
-            steps += 1
-            utterances += float(count)
-            frames += int(n_frames)
-            wait_total += float(wait)
-            if bool(skipped):
-                self._nonfinite(plan, k, float(loss))
-            else:
-                progress.nonfinite.assign(0)
-                loss_sum += float(loss)
-            progress.position.assign(json.dumps(plan.position_after(k + 1).to_dict()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-            if self.summaries is not None and step % cfg.summary_steps == 0:
-                self._step_summaries(step, float(loss), float(wait))
-            if bool(stop):
-                self._save_and_stop(epoch, "Stop requested")
-            if self.checkpoints is not None and self.checkpoints.due(cfg.checkpoint, int(progress.step)):
-                log.info("saved %s at step %d (epoch %d, step %d of it)", self.checkpoints.save(), int(progress.step),
-                         epoch + 1, plan.start_step + k + 1)  # fmt: skip
+        batches = iter(reader)
+        try:
+            batch, k, step = self._to_device(next(batches, None)), 0, int(progress.step)
+            wait_now = reader.wait_s
+            while batch is not None:
+                rate = learning_rate(cfg.optim, world.size, step, self.history.plateau_factor)
+                flags = tf.constant([1.0 if self.stop.requested else 0.0, wait_now, rate], tf.float32)
+                out = self.train_step(*batch, flags)
+                # The next batch is fetched and sent to the device while this step runs; then one read of its results.
+                wait_before = reader.wait_s
+                batch = self._to_device(next(batches, None))
+                wait_now = reader.wait_s - wait_before
+                self._read_ahead(epoch, reader)
+                loss, skipped, stop, count, n_frames, wait = out.numpy().tolist()
+                progress.step.assign_add(1)
+                step, steps = step + 1, steps + 1
+                utterances += count
+                frames += int(n_frames)
+                wait_total += wait
+                if skipped:
+                    self._nonfinite(plan, k, loss)
+                else:
+                    progress.nonfinite.assign(0)
+                    loss_sum += loss
+                progress.position.assign(json.dumps(plan.position_after(k + 1).to_dict()))
+                k += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if self.summaries is not None and (step - 1) % cfg.summary_steps == 0:
+                    self._step_summaries(step - 1, loss, wait)
+                if stop:
+                    self._save_and_stop(epoch, "Stop requested")
+                if self.checkpoints is not None and self.checkpoints.due(cfg.checkpoint, step):
+                    log.info("saved %s at step %d (epoch %d, step %d of it)", self.checkpoints.save(), step, epoch + 1,
+                             plan.start_step + k)  # fmt: skip
+        finally:
+            batches.close()
         if bar is not None:
             bar.close()
         progress.epoch.assign(epoch + 1)
@@ -510,10 +547,15 @@ class Trainer:
             log.info("Training already complete: %d of %d epochs done", start, self.cfg.epochs)
         text = self.progress.strings()["position"]
         position = LoaderPosition.from_dict(json.loads(text)) if text else None
-        for epoch in range(start, self.cfg.epochs):
-            if not self.run_epoch(epoch, position):
-                break
-            position = None
+        try:
+            for epoch in range(start, self.cfg.epochs):
+                if not self.run_epoch(epoch, position):
+                    break
+                position = None
+        finally:
+            if self._ahead is not None:
+                self._ahead[2].close()
+                self._ahead = None
 
     # --- after training
     def test(self) -> dict | None:
