@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -78,3 +79,35 @@ def test_failing_rank_stops_the_job(launcher, tmp_path):
     per_rank = sorted(str(p.relative_to(logs)) for p in logs.rglob("stdout"))
     assert len(per_rank) == 2, per_rank
     assert any("rank 0 up" in p.read_text() for p in logs.rglob("stdout"))
+
+
+def test_cpu_ranks_get_their_share_of_the_cores_and_one_inter_op_thread_on_one_core():
+    from dstrain.launch.launcher import rank_environment
+
+    two_on_two = rank_environment(LaunchConfig(command=("x",), np=2), (), {}, cores_per_node=2)
+    assert (two_on_two["TF_NUM_INTRAOP_THREADS"], two_on_two["TF_NUM_INTEROP_THREADS"]) == ("1", "1")
+    two_on_sixteen = rank_environment(LaunchConfig(command=("x",), np=2), (), {}, cores_per_node=16)
+    assert (two_on_sixteen["TF_NUM_INTRAOP_THREADS"], two_on_sixteen["TF_NUM_INTEROP_THREADS"]) == ("8", "2")
+    # The cycle time is the rank's own choice (CPU or GPU), not the launcher's.
+    assert "HOROVOD_CYCLE_TIME" not in two_on_two
+
+
+def test_trainer_thread_defaults_for_cpu_ranks_sharing_a_node():
+    from dstrain.train.trainer import cpu_threads
+
+    assert cpu_threads(2, 2) == (1, 1)
+    assert cpu_threads(1, 4) == (1, 1)
+    assert cpu_threads(16, 2) == (8, 2)
+    assert cpu_threads(2, 1) == (2, 2)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("given, expected", [(None, "5"), ("2", "2")])
+def test_cpu_ranks_default_to_a_5ms_horovod_cycle_unless_set(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "HOROVOD_CYCLE_TIME"}
+    if given:
+        env["HOROVOD_CYCLE_TIME"] = given
+    code = "import os; from dstrain.distributed import start_horovod; start_horovod(); print(os.environ['HOROVOD_CYCLE_TIME'])"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                         text=True, timeout=110, check=True)  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == expected

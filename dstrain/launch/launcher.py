@@ -24,7 +24,6 @@ LAUNCHERS = ("horovodrun", "mpirun")
 HOROVOD_DEFAULTS = {
     # DeepSpeech's dense layers hold ~47M parameters at n_hidden 2048: fuse gradients into 128 MiB buffers.
     "HOROVOD_FUSION_THRESHOLD": str(128 * 1024 * 1024),
-    "HOROVOD_CYCLE_TIME": "1",  # ms between fusion cycles
     "NCCL_DEBUG": "WARN",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
@@ -160,7 +159,9 @@ def rank_environment(cfg: LaunchConfig, hosts: tuple[Host, ...], base: dict[str,
     ranks_per_node = max(h.slots for h in hosts) if hosts else max(cfg.np, 1)
     threads = cfg.threads_per_rank or max(1, cores_per_node // max(ranks_per_node, 1))
     wanted = dict(HOROVOD_DEFAULTS)
-    wanted.update({"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "2"})
+    # A rank on one core gains nothing from a second inter-op thread: it only spins beside the other ranks' work.
+    wanted.update({"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads),
+                   "TF_NUM_INTEROP_THREADS": "1" if threads == 1 else "2"})  # fmt: skip
     wanted.update(cfg.env)
     return {k: v for k, v in wanted.items() if k not in base or k in cfg.env}
 

@@ -140,16 +140,33 @@ def setup_logging(rank: int, run: RunDir | None, level: str = "info") -> None:
         root.addHandler(fh)
 
 
-def configure_tensorflow(cfg: TrainConfig) -> int:
+def cpu_threads(cores: int, ranks_here: int) -> tuple[int, int]:
+    """(intra-op, inter-op) threads for a CPU rank sharing ``cores`` with ``ranks_here - 1`` others: its share of the
+    cores, and a second inter-op thread only where it has a second core (else it spins beside the others' work)."""
+    intra = max(1, cores // max(1, ranks_here))
+    return intra, 1 if intra == 1 else 2
+
+
+def configure_tensorflow(cfg: TrainConfig, world: World) -> int:
     """Thread pools, GPU memory and precision, before TensorFlow starts its runtime; returns the visible GPUs."""
     gpus = tf.config.get_visible_devices("GPU")
     if cfg.use_allow_growth:
         for g in gpus:
             tf.config.experimental.set_memory_growth(g, True)
-    if cfg.inter_op_parallelism_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_parallelism_threads)
-    if cfg.intra_op_parallelism_threads:
-        tf.config.threading.set_intra_op_parallelism_threads(cfg.intra_op_parallelism_threads)
+    intra, inter = cfg.intra_op_parallelism_threads, cfg.inter_op_parallelism_threads
+    if not gpus and world.local_size > 1:
+        # Several CPU ranks on one node: TensorFlow's choice (all cores for every rank) oversubscribes them.
+        share = cpu_threads(len(os.sched_getaffinity(0)), world.local_size)
+        if not intra and "TF_NUM_INTRAOP_THREADS" not in os.environ:
+            intra = share[0]
+        if not inter and "TF_NUM_INTEROP_THREADS" not in os.environ:
+            inter = share[1]
+        log.info("%d CPU ranks on this node: %s intra-op and %s inter-op thread(s) each", world.local_size,
+                 intra or os.environ.get("TF_NUM_INTRAOP_THREADS"), inter or os.environ.get("TF_NUM_INTEROP_THREADS"))  # fmt: skip
+    if inter:
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
     policy = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}[cfg.compute_precision]
     tf.keras.mixed_precision.set_global_policy(policy)
     if cfg.checkpoint.train_cudnn or cfg.checkpoint.load_cudnn:
@@ -606,7 +623,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.horovod_timeline:
         os.environ.setdefault("HOROVOD_TIMELINE", cfg.horovod_timeline)
     world = start_horovod()  # Horovod: one process per device, pinned to its GPU
-    n_gpus = configure_tensorflow(cfg)
+    n_gpus = configure_tensorflow(cfg, world)
     save = cfg.checkpoint.save_dir
     setup_logging(world.rank, RunDir(save) if save else None, cfg.log_level)
     trainer = Trainer(cfg, world, n_gpus, stop)
