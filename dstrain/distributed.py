@@ -18,16 +18,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# Variables launchers set in each process they start, with the number of processes.
 CPU_CYCLE_TIME_MS = 5
 """Horovod's cycle time for CPU-only ranks unless HOROVOD_CYCLE_TIME is set (GPU ranks keep Horovod's 1 ms)."""
 
+# Variables launchers set in each process they start, with the number of processes.
 _SIZE_VARIABLES = (
     "HOROVOD_SIZE",  # horovodrun (Gloo)
     "OMPI_COMM_WORLD_SIZE",  # Open MPI's mpirun, horovodrun with the MPI controller
     "PMI_SIZE",  # MPICH/Hydra, srun --mpi=pmi2
     "SLURM_STEP_NUM_TASKS",  # srun (any --mpi); not set in an sbatch script outside srun
 )
+
+
+def inter_op_threads(intra: int) -> int:
+    """A rank on one core gains nothing from a second inter-op thread: it only spins beside the other ranks' work."""
+    return 1 if intra == 1 else 2
+
+
+def cpu_threads(cores: int, ranks_here: int) -> tuple[int, int]:
+    """(intra-op, inter-op) threads for a CPU rank sharing ``cores`` with ``ranks_here - 1`` others: its share of the
+    cores, and the inter-op threads that share calls for."""
+    intra = max(1, cores // max(1, ranks_here))
+    return intra, inter_op_threads(intra)
 
 
 class WorldError(RuntimeError):

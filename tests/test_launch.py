@@ -93,7 +93,7 @@ def test_cpu_ranks_get_their_share_of_the_cores_and_one_inter_op_thread_on_one_c
 
 
 def test_trainer_thread_defaults_for_cpu_ranks_sharing_a_node():
-    from dstrain.train.trainer import cpu_threads
+    from dstrain.distributed import cpu_threads
 
     assert cpu_threads(2, 2) == (1, 1)
     assert cpu_threads(1, 4) == (1, 1)

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from dstrain.config import option
+from dstrain.distributed import cpu_threads, inter_op_threads
 from dstrain.executables import find_executable
 
 LAUNCHERS = ("horovodrun", "mpirun")
@@ -157,11 +158,10 @@ def resolve_hosts(cfg: LaunchConfig, env: dict[str, str]) -> tuple[Host, ...]:
 def rank_environment(cfg: LaunchConfig, hosts: tuple[Host, ...], base: dict[str, str], cores_per_node: int) -> dict[str, str]:
     """Variables every rank gets (only those not already in ``base``)."""
     ranks_per_node = max(h.slots for h in hosts) if hosts else max(cfg.np, 1)
-    threads = cfg.threads_per_rank or max(1, cores_per_node // max(ranks_per_node, 1))
+    threads = cfg.threads_per_rank or cpu_threads(cores_per_node, ranks_per_node)[0]
     wanted = dict(HOROVOD_DEFAULTS)
-    # A rank on one core gains nothing from a second inter-op thread: it only spins beside the other ranks' work.
     wanted.update({"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads),
-                   "TF_NUM_INTEROP_THREADS": "1" if threads == 1 else "2"})  # fmt: skip
+                   "TF_NUM_INTEROP_THREADS": str(inter_op_threads(threads))})  # fmt: skip
     wanted.update(cfg.env)
     return {k: v for k, v in wanted.items() if k not in base or k in cfg.env}
 

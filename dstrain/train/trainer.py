@@ -21,7 +21,7 @@ from dstrain import preemption
 from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.config import option, parse_list, to_dict
 from dstrain.decoder.config import DecoderConfig
-from dstrain.distributed import World, start_horovod
+from dstrain.distributed import World, cpu_threads, start_horovod
 from dstrain.evaluate import EvalSet, EvaluationSetConfig, global_loss, greedy_error_counts, open_stores, report_test_set
 from dstrain.export import ExportOptions, export_model
 from dstrain.features import FeatureConfig
@@ -140,13 +140,6 @@ def setup_logging(rank: int, run: RunDir | None, level: str = "info") -> None:
         root.addHandler(fh)
 
 
-def cpu_threads(cores: int, ranks_here: int) -> tuple[int, int]:
-    """(intra-op, inter-op) threads for a CPU rank sharing ``cores`` with ``ranks_here - 1`` others: its share of the
-    cores, and a second inter-op thread only where it has a second core (else it spins beside the others' work)."""
-    intra = max(1, cores // max(1, ranks_here))
-    return intra, 1 if intra == 1 else 2
-
-
 def configure_tensorflow(cfg: TrainConfig, world: World) -> int:
     """Thread pools, GPU memory and precision, before TensorFlow starts its runtime; returns the visible GPUs."""
     gpus = tf.config.get_visible_devices("GPU")
@@ -199,7 +192,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, world: World, n_gpus: int, stop: preemption.StopRequest):
         self.cfg, self.world, self.stop, self.n_gpus = cfg, world, stop, n_gpus
-        self._ahead: tuple[int, EpochPlan, PlanReader] | None = None  # the next epoch's reader, started early
+        self._ahead: PlanReader | None = None  # the next epoch's reader, started early
         log.info("Horovod: %d process(es), %s controller, %s, %s precision", world.size, world.controller(),
                  f"{n_gpus} GPU(s) visible" if n_gpus else "CPU only", cfg.compute_precision)  # fmt: skip
         # Python's, NumPy's and TensorFlow's generators: unseeded Keras initialisers draw from Python's.
@@ -383,25 +376,22 @@ class Trainer:
         aug, seed = self.augmenter, self.cfg.random_seed
         return lambda x, sid: aug.apply(x, sample_rng(seed, epoch, sid), clock=clock)
 
-    def _reader(self, epoch: int, position: LoaderPosition | None) -> tuple[EpochPlan, PlanReader]:
-        """This epoch's plan and reader: the one started ahead during the last epoch, or a new one."""
+    def _reader(self, epoch: int, position: LoaderPosition | None) -> PlanReader:
+        """This epoch's reader (its plan is ``reader.plan``): the one started ahead during the last epoch, or a new one."""
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == epoch and position is None:
-            return ahead[1], ahead[2]
+        if ahead is not None and ahead.plan.epoch == epoch and position is None:
+            return ahead
         if ahead is not None:
-            ahead[2].close()
-        plan = self.plan(epoch, position)
+            ahead.close()
         lc = self.cfg.loader
-        reader = PlanReader(self.catalog, plan, threads=lc.loader_threads, memory_mb=lc.loader_memory_mb,
-                            prefetch=lc.loader_prefetch, transform=self._transform(epoch), skip_bad=lc.skip_bad_shards)  # fmt: skip
-        return plan, reader
+        return PlanReader(self.catalog, self.plan(epoch, position), threads=lc.loader_threads, memory_mb=lc.loader_memory_mb,
+                          prefetch=lc.loader_prefetch, transform=self._transform(epoch), skip_bad=lc.skip_bad_shards)  # fmt: skip
 
     def _read_ahead(self, epoch: int, reader: PlanReader) -> None:
         """Once this epoch's reader holds no row group, the next epoch's starts filling its first window, so that an
         epoch does not begin by waiting for it (and the window fills during dev evaluation and checkpointing)."""
         if self._ahead is None and epoch + 1 < self.cfg.epochs and reader.produced:
-            plan, nxt = self._reader(epoch + 1, None)
-            self._ahead = (epoch + 1, plan, nxt.start())
+            self._ahead = self._reader(epoch + 1, None).start()
 
     def _to_device(self, batch):
         """A batch copied to the GPU while the step before it is still running (the step would copy it anyway)."""
@@ -413,7 +403,8 @@ class Trainer:
     def run_epoch(self, epoch: int, position: LoaderPosition | None) -> bool:
         """Returns False when training should stop (early stop)."""
         cfg, progress, world = self.cfg, self.progress, self.world
-        plan, reader = self._reader(epoch, position)
+        reader = self._reader(epoch, position)
+        plan = reader.plan
         log.debug("epoch %d plan: %s", epoch + 1, json.dumps(describe(plan)))
         t0, loss_sum, steps, utterances, frames = time.time(), 0.0, 0, 0.0, 0
         wait_total = 0.0
@@ -571,7 +562,7 @@ class Trainer:
                 position = None
         finally:
             if self._ahead is not None:
-                self._ahead[2].close()
+                self._ahead.close()
                 self._ahead = None
 
     # --- after training
