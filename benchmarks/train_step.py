@@ -13,10 +13,13 @@ not counted), since other work on the machine only ever slows an epoch down.
 * **np1**: ``horovodrun -np 1 --gloo dstrain train``; its epoch log line.
 * **np1-1t**: the same with ``--intra_op_parallelism_threads 1`` (inter-op threads as the environment says: on 2
   cores that is 2, and the rank keeps ~1.5 cores busy running independent ops side by side).
-* **np1-1core**: one intra-op and one inter-op thread: one rank on one core, the baseline of per-core scaling.
-  **np1-1core-half**: the same at half the batch, what each of two ranks computes in np2-gloo.
-* **2x-np1-1core**: two np1-1core jobs at once, with nothing between them: their summed frames/s is the most two
-  ranks can reach on this machine (two busy cores run slower than one: shared cache, memory, clocks).
+* **np1-1core**: one intra-op and one inter-op thread, free to use the second core for its side work (loader
+  threads, Horovod's and Python's threads). **np1-1core-half**: the same at half the batch, what each of two ranks
+  computes in np2-gloo.
+* **np1-core**: np1-1core held to one core (CPU affinity: this process's first core, inherited by horovodrun and the rank): one rank with
+  exactly what each of two ranks has on this 2-core machine, the baseline of per-core scaling (the target's).
+* **2x-np1-1core** / **2x-np1-core**: two such jobs at once (the second held to the next core), with nothing between them:
+  their summed frames/s is the most two ranks can reach on this machine.
 * **np2-weak**: ``horovodrun -np 2 --gloo`` with one intra-op thread per rank and the per-rank batch kept (twice the
   global batch): Horovod's usual way to scale, and how a user adds ranks to the same command.
   **np2-gloo / np2-mpi**: ``--gloo`` / ``--mpi`` with ``--train_batch_size`` halved, so the global batch and the
@@ -28,8 +31,11 @@ Ranks (and the keras process) get the environment ``dstrain launch`` would give 
 NAME=VALUE`` (repeatable) overrides them for every configuration, ``--bare`` leaves them out (the ranks' own defaults
 then apply), options after ``--`` go to every ``dstrain train``. The table says how much of the machine other
 programs took during each configuration's runs; on a shared machine run it niced (``nice -n -10``) and with
-``--rounds 2``. Targets: np1 >= 0.97x keras; np2 >= 1.7x one rank with one thread (np1-1core); also printed: the
-machine's ceiling (2x-np1-1core) and each np2 as a share of it. The default run takes about 12 minutes on 2 idle cores.
+``--rounds 2``. Targets: np1 >= 0.97x keras; np2 >= 1.7x one rank on one core (np1-core); also printed: the
+same against np1-1core, the machine's ceiling (2x-np1-core) and each np2 as a share of it. ``--batch`` is np=1's batch
+and np2-weak's per-rank batch: a rank pays a roughly fixed cost per step (allreduce, waiting for the slower rank), so
+the larger the batch, the closer np=2 gets to two independent jobs. The default run takes about 14 minutes on 2 idle
+cores.
 
     .venv/bin/python benchmarks/train_step.py [--utterances 1200] [--epochs 3] [--n_hidden 384] [--batch 16]
     .venv/bin/python benchmarks/train_step.py --only np2-gloo --env HOROVOD_CYCLE_TIME=10 --timeline /tmp/tl.json \
@@ -178,8 +184,9 @@ def launcher_argv(kind: str, np_: int, env: dict[str, str]) -> list[str]:
 
 
 def dstrain_run(args, store: str, np_: int, kind: str, intra: int, batch: int, train_args: list[str],
-                extra: dict[str, str], timeline: str = "", copies: int = 1) -> dict:  # fmt: skip
-    """``copies`` > 1 runs that many identical jobs at once; their frames/s add up epoch by epoch."""
+                extra: dict[str, str], timeline: str = "", copies: int = 1, cores: list[int] | None = None) -> dict:  # fmt: skip
+    """``copies`` > 1 runs that many identical jobs at once; their frames/s add up epoch by epoch. ``cores`` holds copy
+    ``i`` (its launcher and ranks) to core ``cores[i]``."""
     env = rank_env(np_, extra, args.bare)
     cmd = launcher_argv(kind, np_, env) + [
         os.path.join(BIN, "dstrain"), "train", "--train_files", store, "--alphabet_config_path", ALPHABET,
@@ -190,7 +197,9 @@ def dstrain_run(args, store: str, np_: int, kind: str, intra: int, batch: int, t
     if timeline:
         cmd += ["--horovod_timeline", timeline]
     with Measured() as m:
-        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(copies)]
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  preexec_fn=(lambda c=cores[i]: os.sched_setaffinity(0, {c})) if cores else None)
+                 for i in range(copies)]  # fmt: skip
         outs = [p.communicate()[0] for p in procs]
     epochs = [0.0] * args.epochs
     for proc, out in zip(procs, outs):
@@ -206,9 +215,9 @@ def dstrain_run(args, store: str, np_: int, kind: str, intra: int, batch: int, t
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-CONFIGS = ("keras", "np1", "np1-1t", "np1-1core", "np1-1core-half", "2x-np1-1core", "np2-gloo", "np2-mpi", "np2-mpirun",
-           "np2-weak")  # fmt: skip
-DEFAULT = "keras,np1,np1-1t,np1-1core,2x-np1-1core,np2-weak,np2-gloo"
+CONFIGS = ("keras", "np1", "np1-1t", "np1-1core", "np1-core", "np1-1core-half", "2x-np1-1core", "2x-np1-core", "np2-gloo",
+           "np2-mpi", "np2-mpirun", "np2-weak")  # fmt: skip
+DEFAULT = "keras,np1,np1-1t,np1-1core,np1-core,2x-np1-core,np2-weak,np2-gloo"
 
 
 def run_config(name: str, args, store: str, extra: dict[str, str]) -> dict:
@@ -223,10 +232,14 @@ def run_config(name: str, args, store: str, extra: dict[str, str]) -> dict:
     np_ = 2 if name.startswith("np2") else 1
     kind = {"np2-mpi": "mpi", "np2-mpirun": "mpirun"}.get(name, "gloo")
     intra = 0 if name == "np1" else 1
-    train_args = ["--inter_op_parallelism_threads", "1"] if "1core" in name else []
+    pin = name == "np1-core"
+    train_args = ["--inter_op_parallelism_threads", "1"] if "core" in name else []
     batch = args.batch // 2 if name in ("np1-1core-half", "np2-gloo", "np2-mpi", "np2-mpirun") else args.batch
     timeline = f"{args.timeline}.{name}" if args.timeline and np_ == 2 else ""
-    return dstrain_run(args, store, np_, kind, intra, batch, train_args, extra, timeline, copies)
+    cores = sorted(os.sched_getaffinity(0))[:copies] if pin else None
+    if cores is not None and len(cores) < copies:
+        sys.exit(f"{name}: {copies} one-core jobs need {copies} cores, this process may use {len(cores)}")
+    return dstrain_run(args, store, np_, kind, intra, batch, train_args, extra, timeline, copies, cores)
 
 
 def main() -> None:
@@ -298,13 +311,17 @@ def main() -> None:
             verdict = f"target >= {target}x  {'ok' if x >= target else 'MISSED'}" if target else "(for reference)"
             print(f"{a + ' / ' + b:<26} {x:>6.2f}x   {verdict}")
 
+    twos = ("np2-weak", "np2-gloo", "np2-mpi", "np2-mpirun")
     ratio("np1", "keras", TARGET_NP1)
-    for two in ("np2-weak", "np2-gloo", "np2-mpi", "np2-mpirun"):
-        ratio(two, "np1-1core", TARGET_NP2)
+    for two in twos:
+        ratio(two, "np1-core", TARGET_NP2)
+    for two in twos:
+        ratio(two, "np1-1core", 0.0)
     # What this machine allows two ranks at all: two single-core jobs with no communication between them.
-    ratio("2x-np1-1core", "np1-1core", 0.0)
-    for two in ("np2-weak", "np2-gloo", "np2-mpi", "np2-mpirun"):
-        ratio(two, "2x-np1-1core", 0.0)
+    for ceiling, one in (("2x-np1-core", "np1-core"), ("2x-np1-1core", "np1-1core")):
+        ratio(ceiling, one, 0.0)
+        for two in twos:
+            ratio(two, ceiling, 0.0)
     for two in ("np2-weak", "np2-gloo", "np2-mpi", "np2-mpirun"):
         for one in ("np1-1t", "np1"):
             ratio(two, one, 0.0)
