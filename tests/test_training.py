@@ -57,9 +57,11 @@ def store(tmp_path_factory) -> str:
 @pytest.mark.timeout(400)
 def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_path):
     deterministic = env(TF_DETERMINISTIC_OPS="1")
+    # Batch 1: 20 steps per epoch per rank, so a kill soon after epoch 2's first save lands well before its end (with
+    # 10 steps an epoch-end checkpoint could come first, and the resume would not be a mid-epoch one).
     args = ("--dropout_rate", "0", "--checkpoint_steps", "3", "--random_seed", "7")
     t0 = time.time()
-    reference = run(horovodrun() + train_cmd(store, tmp_path / "ref", *args), env=deterministic)
+    reference = run(horovodrun() + train_cmd(store, tmp_path / "ref", *args, batch=1), env=deterministic)
     assert reference.returncode == 0, reference.stdout[-4000:]
     assert time.time() - t0 < 120, "a 2-process run over an uneven store should take seconds"
     want = digests(reference.stdout)
@@ -67,21 +69,21 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_pa
     assert len(re.findall(r"epoch \d/3 train loss .*?\((\d+) steps", reference.stdout)) == 3
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(horovodrun() + train_cmd(store, work, *args), env=deterministic, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(horovodrun() + train_cmd(store, work, *args, batch=1), env=deterministic, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     seen = ""
     for line in proc.stdout:
         seen += line
-        # A mid-epoch checkpoint of epoch 2: kill everything a moment later, mid-step.
+        # Epoch 2's first mid-epoch checkpoint: kill everything a moment later, mid-step.
         if re.search(r"saved \S+ at step \d+ \(epoch 2, step [1-9]", line):
-            time.sleep(random.uniform(0.05, 0.4))
+            time.sleep(random.uniform(0.02, 0.15))
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, seen[-3000:]
-    resumed = run(horovodrun() + train_cmd(store, work, *args), env=deterministic)
+    resumed = run(horovodrun() + train_cmd(store, work, *args, batch=1), env=deterministic)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert "Resuming from checkpoint" in resumed.stdout and "resuming after step" in resumed.stdout
+    assert "Resuming from checkpoint" in resumed.stdout and "resuming after step" in resumed.stdout, resumed.stdout[-3000:]
     assert digests(resumed.stdout) == want, "the resumed run consumed other samples or diverged"
 
 
