@@ -16,10 +16,11 @@ not counted), since other work on the machine only ever slows an epoch down.
 * **np1-1core**: one intra-op and one inter-op thread, free to use the second core for its side work (loader
   threads, Horovod's and Python's threads). **np1-1core-half**: the same at half the batch, what each of two ranks
   computes in np2-gloo.
-* **np1-core**: np1-1core held to one core (CPU affinity: this process's first core, inherited by horovodrun and the rank): one rank with
-  exactly what each of two ranks has on this 2-core machine, the baseline of per-core scaling (the target's).
-* **2x-np1-1core** / **2x-np1-core**: two such jobs at once (the second held to the next core), with nothing between them:
-  their summed frames/s is the most two ranks can reach on this machine.
+* **np1-core**: np1-1core held to one core (CPU affinity: this process's first core, inherited by horovodrun and
+  the rank): one rank with exactly what each of two ranks has on this 2-core machine, the baseline of per-core
+  scaling (the target's).
+* **2x-np1-1core** / **2x-np1-core**: two such jobs at once (the second held to the next core), with nothing between
+  them: their summed frames/s is the most two ranks can reach on this machine.
 * **np2-weak**: ``horovodrun -np 2 --gloo`` with one intra-op thread per rank and the per-rank batch kept (twice the
   global batch): Horovod's usual way to scale, and how a user adds ranks to the same command.
   **np2-gloo / np2-mpi**: ``--gloo`` / ``--mpi`` with ``--train_batch_size`` halved, so the global batch and the
@@ -322,7 +323,7 @@ def main() -> None:
         ratio(ceiling, one, 0.0)
         for two in twos:
             ratio(two, ceiling, 0.0)
-    for two in ("np2-weak", "np2-gloo", "np2-mpi", "np2-mpirun"):
+    for two in twos:
         for one in ("np1-1t", "np1"):
             ratio(two, one, 0.0)
     if rates.get("np1-1core-half") and rates.get("np1-1core"):
