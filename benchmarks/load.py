@@ -1,6 +1,6 @@
 """Load time and memory of the exported forms of a DeepSpeech model (n_hidden 2048, random weights): the SavedModel,
 the TFLite model and the quantised TFLite model, each loaded the way ``dstrain transcribe`` loads it
-(:func:`dstrain.export.load_model`) in a fresh process.
+(:func:`dstrain.inference.load_model`) in a fresh process.
 
 Each measurement is its own subprocess: it imports TensorFlow, then reads its resident memory (VmRSS), loads the model
 (timed), reads it again, runs a first inference on 5 s of features (timed; the SavedModel traces and optimises its
@@ -38,7 +38,7 @@ def child(path: str) -> None:
     import numpy as np
     import tensorflow as tf  # noqa: F401 - imported before the baseline: TensorFlow's own cost is not the model's
 
-    from dstrain.export import load_model
+    from dstrain.inference import load_model
 
     base = _rss_mb()
     start = time.perf_counter()

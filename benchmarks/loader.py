@@ -163,29 +163,19 @@ def best_rate(batches, seconds: float, windows: int) -> tuple[float, float]:
 
 
 def dstrain_batches(store: str, threads: int, batch_size: int, memory_mb: float, augment: bool):
+    """What dstrain train's input pipeline delivers on one rank, epoch after epoch (its builder, plans and readers)."""
     from dstrain.distributed import World
-    from dstrain.features import FeatureConfig
-    from dstrain.loader.augment import DEFAULT_AUGMENT, Augmenter, sample_rng
+    from dstrain.loader.builder import TrainInput
     from dstrain.loader.config import LoaderConfig
-    from dstrain.loader.reader import Catalog, PlanReader
-    from dstrain.loader.sampler import plan_epoch
-    from dstrain.store import FeatureStore
 
-    catalog = Catalog.build([FeatureStore.open(store)], World())
-    lc = LoaderConfig()
-    # As Trainer._window_row_groups: half the budget holds the shuffle window, half the prefetched next one.
-    mean = max(1.0, float(np.mean([catalog.nbytes(k) for k in range(len(catalog.refs))])))
-    window = max(1, int(memory_mb * 2**20 / 2 / mean))
-    aug = Augmenter.from_specs(DEFAULT_AUGMENT, features=FeatureConfig()) if augment else None
+    lc = LoaderConfig(loader_threads=threads, loader_memory_mb=memory_mb, augment=("default",) if augment else ())
+    data = TrainInput.build([store], None, lc, World(), batch_size=batch_size, seed=0, epochs=10**9)
     epoch = 0
     while True:
-        plan = plan_epoch(catalog.table, rank=0, world=1, epoch=epoch, seed=0, batch_size=batch_size,
-                          buckets=lc.length_buckets, window_row_groups=window, remainder=lc.remainder)  # fmt: skip
-        transform = None if aug is None else (lambda x, sid, e=epoch: aug.apply(x, sample_rng(0, e, sid), clock=0.5))
-        reader = PlanReader(catalog, plan, threads=threads, memory_mb=memory_mb, prefetch=lc.loader_prefetch,
-                            transform=transform)  # fmt: skip
-        for _, t, _, _ in reader:
+        for _, t, _, _ in data.reader(epoch):
+            data.step_done()
             yield int(t.sum()), len(t)
+        data.end_epoch()
         epoch += 1
 
 

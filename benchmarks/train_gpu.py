@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +34,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from train_step import ALPHABET, BIN, EPOCH, keras_worker  # noqa: E402
+from train_step import ALPHABET, BIN, epoch_records, keras_worker  # noqa: E402
+
+from dstrain.record import format_epoch  # noqa: E402
 
 DEFAULT = "matmul,amp-128,amp-32,fp32-128,fp32-32,keras-amp-128,parts-128,amp-256"
 
@@ -171,12 +173,14 @@ def dstrain_train(args, store: str, precision: str, batch: int, timeout: float) 
     if precision == "fp16":
         cmd.append("--automatic_mixed_precision")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
-    found = EPOCH.findall(proc.stdout)
+    with tempfile.TemporaryDirectory(prefix="dstrain-bench-") as run:
+        proc = subprocess.run(cmd + ["--checkpoint_dir", run], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout, check=False)  # fmt: skip
+        found = epoch_records(run)
     if proc.returncode != 0 or len(found) < args.epochs:
         raise RuntimeError(f"{' '.join(cmd)}\nfailed with status {proc.returncode}:\n{proc.stdout[-3000:]}")
-    return {"epochs": [float(f) for *_, f in found], "seconds": [float(s) for _, _, s, _ in found],
-            "wall": time.perf_counter() - t0, "log": [l for l in proc.stdout.splitlines() if " train loss " in l]}  # fmt: skip
+    return {"epochs": [r["frames_per_s"] for r in found], "seconds": [r["seconds"] for r in found],
+            "wall": time.perf_counter() - t0, "log": [format_epoch(r) for r in found]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -61,7 +60,15 @@ REPO = os.path.dirname(HERE)
 ALPHABET = os.path.join(REPO, "dstrain", "data", "alphabet.txt")
 BIN = os.path.dirname(sys.executable)
 TARGET_NP1, TARGET_NP2 = 0.97, 1.7
-EPOCH = re.compile(r"epoch (\d+)/\d+ train loss \S+ \((\d+) steps, ([\d.]+) s, [\d.]+ utt/s, (\d+) frames/s")
+
+
+def epoch_records(run_dir: str) -> list[dict]:
+    """The epoch records of a dstrain train run (its RUN/metrics.jsonl)."""
+    from dstrain.record import events, read_record
+    from dstrain.rundir import RunDir
+
+    path = RunDir(run_dir).metrics_path
+    return events(read_record(path), "epoch") if os.path.exists(path) else []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,22 +80,20 @@ def keras_worker(spec: dict) -> dict:
 
     from dstrain.alphabet import Alphabet
     from dstrain.distributed import World
+    from dstrain.loader.builder import TrainInput
     from dstrain.loader.config import LoaderConfig
-    from dstrain.loader.reader import Catalog, PlanReader
-    from dstrain.loader.sampler import plan_epoch
     from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
-    from dstrain.prep.stats import FeatureStats
     from dstrain.store import FeatureStore
 
     store = FeatureStore.open(spec["store"])
-    catalog = Catalog.build([store], World())
-    lc = LoaderConfig()
+    # The batches dstrain train's np=1 epochs draw (same builder, sampler, buckets and seed), read once into memory.
+    data = TrainInput.build([spec["store"]], None, LoaderConfig(loader_threads=2, limit_train=spec.get("limit", 0)),
+                            World(), batch_size=spec["batch"], seed=4568, epochs=spec["epochs"])  # fmt: skip
 
     def epoch_batches(epoch: int) -> list:
-        # The batches dstrain train's np=1 epoch draws (same sampler, buckets and seed), read once into memory.
-        plan = plan_epoch(catalog.table, rank=0, world=1, epoch=epoch, seed=4568, batch_size=spec["batch"],
-                          buckets=lc.length_buckets, remainder=lc.remainder, limit=spec.get("limit", 0))  # fmt: skip
-        return [tuple(tf.constant(a) for a in b) for b in PlanReader(catalog, plan, threads=2)]
+        batches = [tuple(tf.constant(a) for a in b) for b in data.reader(epoch)]
+        data.end_epoch()
+        return batches
 
     tf.keras.utils.set_random_seed(4568)
     amp = spec.get("precision") == "fp16"
@@ -96,7 +101,7 @@ def keras_worker(spec: dict) -> dict:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
     n_classes = len(Alphabet.from_file(ALPHABET)) + 1
     model = DeepSpeech.for_features(ModelConfig(n_hidden=spec["n_hidden"], dropout_rate=0.05), store.features, n_classes)
-    stats = FeatureStats.from_dict(store.manifest.feature_stats)
+    stats = data.feature_statistics()
     model.front_end.set_statistics(stats.mean, stats.std())
     optimizer = tf.keras.optimizers.Adam(learning_rate=1e-4)
     if amp:
@@ -197,19 +202,22 @@ def dstrain_run(args, store: str, np_: int, kind: str, intra: int, batch: int, t
     ] + train_args + list(args.train_args)  # fmt: skip
     if timeline:
         cmd += ["--horovod_timeline", timeline]
-    with Measured() as m:
-        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  preexec_fn=(lambda c=cores[i]: os.sched_setaffinity(0, {c})) if cores else None)
+    with tempfile.TemporaryDirectory(prefix="dstrain-bench-") as tmp, Measured() as m:
+        runs = [os.path.join(tmp, f"run{i}") for i in range(copies)]
+        procs = [subprocess.Popen(cmd + ["--checkpoint_dir", runs[i]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, preexec_fn=(lambda c=cores[i]: os.sched_setaffinity(0, {c})) if cores else None)
                  for i in range(copies)]  # fmt: skip
         outs = [p.communicate()[0] for p in procs]
+        found = [epoch_records(run) for run in runs]
     epochs = [0.0] * args.epochs
-    for proc, out in zip(procs, outs):
-        found = EPOCH.findall(out)
-        if proc.returncode != 0 or len(found) < args.epochs:
+    for proc, out, records in zip(procs, outs, found):
+        if proc.returncode != 0 or len(records) < args.epochs:
             sys.exit(f"{' '.join(cmd)}\nfailed with status {proc.returncode}:\n{out[-4000:]}")
         if args.verbose:
-            print("\n".join(line for line in out.splitlines() if " train loss " in line), flush=True)
-        epochs = [e + float(f) for e, (_, _, _, f) in zip(epochs, found)]
+            from dstrain.record import format_epoch
+
+            print("\n".join(format_epoch(r) for r in records), flush=True)
+        epochs = [e + r["frames_per_s"] for e, r in zip(epochs, records)]
     return {"epochs": epochs, "wall": m.wall, "cpu": m.cpu, "others": m.others}
 
 

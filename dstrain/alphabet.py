@@ -104,6 +104,11 @@ class Alphabet:
         return hashlib.sha256(self.serialize().encode("utf-8")).hexdigest()
 
 
+def ctc_min_frames(labels: Sequence[int]) -> int:
+    """Frames CTC needs for a label sequence: one per label plus a blank between repeats (fewer: infinite loss)."""
+    return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
+
+
 def greedy_decode(best_path: Sequence[int], alphabet: Alphabet) -> str:
     """CTC best-path decoding: collapse repeats, then drop blanks."""
     out: list[int] = []

@@ -20,6 +20,9 @@ class Command:
     run: str
     """``module:function`` taking that config and returning the exit status."""
     help: str
+    cooperates: bool = False
+    """On SIGTERM/SIGUSR1 the command reaches a safe point itself and exits 75 (train, preprocess); any other is
+    interrupted at once (:mod:`dstrain.preemption`)."""
 
 
 # Modules are named, not imported, so `dstrain --help` and preprocessing do not pay for TensorFlow.
@@ -34,11 +37,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("import", "csv"): Command("dstrain.prep.importers.csv_import:CsvImportConfig", "dstrain.prep.importers.csv_import:run_csv",
                                "existing DeepSpeech CSVs: absolute paths, sizes filled in, optional filtering"),
     ("preprocess",): Command("dstrain.prep.pipeline:PreprocessConfig", "dstrain.prep.pipeline:run",
-                             "CSVs -> sharded Parquet feature store"),
+                             "CSVs -> sharded Parquet feature store", cooperates=True),
     ("shards", "info"): Command("dstrain.store.info:ShardsInfoConfig", "dstrain.store.info:run_info",
                                 "totals per store; verifies every shard's sha256"),
     ("train",): Command("dstrain.train.trainer:TrainConfig", "dstrain.train.trainer:run",
-                        "train (launch with horovodrun/mpirun/srun for several processes)"),
+                        "train (launch with horovodrun/mpirun/srun for several processes)", cooperates=True),
     ("evaluate",): Command("dstrain.evaluate:EvalConfig", "dstrain.evaluate:run_evaluate",
                            "WER/CER of a checkpoint or export on test stores"),
     ("lm-optimize",): Command("dstrain.evaluate:LmOptimizeConfig", "dstrain.evaluate:run_lm_optimize",
@@ -115,7 +118,7 @@ def _console_logging() -> None:
 def main(argv: list[str] | None = None) -> None:
     from dstrain import preemption
 
-    preemption.install()  # before TensorFlow loads: a preemption signal during start-up is recorded, not fatal
+    stop = preemption.install()  # before TensorFlow loads: a preemption signal during start-up is recorded, not fatal
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else argv
     words = [a for a in argv[:2] if not a.startswith("-")]
@@ -126,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
             argv = _with_config_file(argv, chosen)
         args = build_parser(chosen).parse_args(argv)
         _console_logging()
+        if not COMMANDS[args._command].cooperates:
+            stop.interrupt(f"dstrain {' '.join(args._command)}")
         sys.exit(run(args))
+    except preemption.Interrupted as e:
+        print(f"dstrain {' '.join(chosen or ())}: {e}", file=sys.stderr)
+        sys.exit(e.status)
     except (ValueError, FileNotFoundError, MemoryError, UnicodeDecodeError) as e:
         # User mistakes (files, flags, combinations, data): one line naming the culprit; --debug shows where.
         if debug:

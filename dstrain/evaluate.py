@@ -8,24 +8,25 @@ reference length. Samples are dealt out over the ranks of the :class:`~dstrain.d
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from dstrain.alphabet import Alphabet, UTF8Alphabet, greedy_decode
+from dstrain.alphabet import Alphabet, greedy_decode
 from dstrain.config import option, parse_list
 from dstrain.decoder.config import DecoderConfig
 from dstrain.decoder.scorer import Scorer
 from dstrain.distributed import World
-from dstrain.features import FeatureConfig
+from dstrain.inference import load_model
+from dstrain.loader.builder import EvalInput
 from dstrain.loader.config import LoaderConfig
-from dstrain.loader.reader import Catalog, PlanReader
-from dstrain.loader.sampler import plan_eval
 from dstrain.metrics import edit_distance, error_rates
 from dstrain.model import ctc_loss
-from dstrain.store import FeatureStore
+
+log = logging.getLogger("dstrain.evaluate")
 
 LogitsFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 """(MFCC [B,T,F], lengths [B]) -> logits or log-probabilities [B,T,C], blank last (CTC's loss is the same for both)."""
@@ -56,7 +57,7 @@ class EvalConfig:
     checkpoint_dir: str = ""
     """A training run: its best-dev checkpoint, else the latest."""
     model: str = ""
-    """An export directory (instead of --checkpoint_dir)."""
+    """An export folder or a .tflite file (instead of --checkpoint_dir)."""
     test: EvaluationSetConfig = field(default_factory=EvaluationSetConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -89,49 +90,19 @@ class Posteriors:
     losses: list[float]
 
 
-def open_stores(urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet) -> list[FeatureStore]:
-    stores = [FeatureStore.open(url) for url in urls]
-    for s in stores:
-        s.check_alphabet(alphabet)
-    return stores
-
-
-class EvalSet:
-    """A fixed set of samples (dev or test) dealt out over the ranks in order, every sample exactly once."""
-
-    def __init__(self, stores: Sequence[FeatureStore], batch_size: int, world: World, limit: int = 0,
-                 loader: LoaderConfig | None = None):  # fmt: skip
-        loader = loader or LoaderConfig()
-        self.catalog = Catalog.build(stores, world, skip_bad_shards=loader.skip_bad_shards)
-        self.plan = plan_eval(self.catalog.table, rank=world.rank, world=world.size, batch_size=batch_size, limit=limit,
-                              sort_by_length=True)  # fmt: skip
-        self.loader, self.world = loader, world
-        keys, rows = self.catalog.table.locate(self.plan.sample_ids)
-        self.ids = [f"{self.catalog.refs[k].url}#rg{self.catalog.refs[k].index}:{r}" for k, r in zip(keys.tolist(), rows.tolist())]
-
-    @property
-    def feature_dtype(self) -> tf.DType:
-        return tf.float16 if self.catalog.itemsize == 2 else tf.float32
-
-    def posteriors(self, logits_fn: LogitsFn, alphabet: Alphabet) -> Posteriors:
-        out = Posteriors([], [], [], [])
-        reader = PlanReader(self.catalog, self.plan, threads=self.loader.loader_threads, memory_mb=self.loader.loader_memory_mb,
-                            prefetch=self.loader.loader_prefetch, skip_bad=self.loader.skip_bad_shards)  # fmt: skip
-        i = 0
-        for x, x_len, y, y_len in reader:
-            n = len(x_len)
-            if n == 0:
-                continue
-            logits = logits_fn(tf.constant(x), tf.constant(x_len))
-            losses = ctc_loss(logits, tf.constant(x_len), tf.constant(y), tf.constant(y_len)).numpy()
-            probs = tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
-            for b in range(n):
-                out.ids.append(self.ids[i + b])
-                out.probs.append(probs[b, : x_len[b]].astype(np.float64))
-                out.references.append(alphabet.decode(y[b, : y_len[b]]))
-                out.losses.append(float(losses[b]))
-            i += n
-        return out
+def posteriors(data: EvalInput, logits_fn: LogitsFn, alphabet: Alphabet) -> Posteriors:
+    """What the model says about this rank's share of ``data``."""
+    out = Posteriors([], [], [], [])
+    for ids, (x, x_len, y, y_len) in data.batches():
+        logits = logits_fn(tf.constant(x), tf.constant(x_len))
+        losses = ctc_loss(logits, tf.constant(x_len), tf.constant(y), tf.constant(y_len)).numpy()
+        probs = tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
+        for b, uid in enumerate(ids):
+            out.ids.append(uid)
+            out.probs.append(probs[b, : x_len[b]].astype(np.float64))
+            out.references.append(alphabet.decode(y[b, : y_len[b]]))
+            out.losses.append(float(losses[b]))
+    return out
 
 
 def greedy_error_counts(post: Posteriors, alphabet: Alphabet) -> np.ndarray:
@@ -187,6 +158,7 @@ def print_report(name: str, summary: dict) -> None:
 
 def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetConfig, dec: DecoderConfig, world: World) -> dict | None:
     """Decode this rank's samples, gather all ranks', report and write on rank 0 (which returns the summary)."""
+    log.info("decoding %d samples (beam width %d%s)", len(post.probs), dec.beam_width, ", scorer" if dec.scorer_path else "")
     samples = sample_report(post, decode_all(post, alphabet, dec, dec.scorer(alphabet)))
     gathered = world.allgather_object(samples)
     if not world.is_root:
@@ -200,29 +172,19 @@ def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetCon
     return summary
 
 
-def load_logits_fn(cfg: EvalConfig) -> tuple[Alphabet, FeatureConfig, LogitsFn]:  # (log mel in)
-    """The model to evaluate: an export, or a run directory's best (else latest) checkpoint."""
-    if cfg.model:
-        from dstrain.export import load_model
-
-        loaded = load_model(cfg.model)
-        return loaded.alphabet, loaded.features, lambda x, n: loaded.batch_log_probs(x, n)
-    from dstrain.train.rundir import RunDir
-
-    model, info, _ = RunDir(cfg.checkpoint_dir).restore_model()
-    return info.alphabet, info.features, lambda x, n: model((x, n), training=False)
-
-
-def posteriors(cfg: EvalConfig, world: World) -> tuple[Alphabet, Posteriors]:
-    """This rank's share of the test samples: posteriors, references and CTC losses."""
-    alphabet, features, logits_fn = load_logits_fn(cfg)
-    stores = open_stores(cfg.test.test_files, alphabet)
-    return alphabet, EvalSet(stores, cfg.test.test_batch_size, world).posteriors(logits_fn, alphabet)
+def eval_posteriors(cfg: EvalConfig, world: World) -> tuple[Alphabet, Posteriors]:
+    """The model of ``--model`` or ``--checkpoint_dir`` on this rank's share of the test stores."""
+    source = cfg.model or cfg.checkpoint_dir
+    model = load_model(source)
+    data = EvalInput.build(cfg.test.test_files, model.alphabet, LoaderConfig(), world, batch_size=cfg.test.test_batch_size,
+                           features=model.features, reference=f"the model ({source})")  # fmt: skip
+    log.info("evaluating %s (%s) on %d samples, %d on this rank", source, model.kind, data.plan.pool_size, data.plan.samples)
+    return model.alphabet, posteriors(data, model.batch_log_probs, model.alphabet)
 
 
 def evaluate(cfg: EvalConfig, world: World) -> dict | None:
     """Runs on every rank (or alone); rank 0 returns the summary, others None."""
-    alphabet, post = posteriors(cfg, world)
+    alphabet, post = eval_posteriors(cfg, world)
     return report_test_set(post, alphabet, cfg.test, cfg.decoder, world)
 
 
@@ -233,7 +195,7 @@ def optimize_lm(cfg: LmOptimizeConfig, world: World, seed: int = 0) -> tuple[flo
 
     if not cfg.decoder.scorer_path:
         raise ValueError("lm-optimize needs --scorer_path")
-    alphabet, post = posteriors(cfg, world)
+    alphabet, post = eval_posteriors(cfg, world)
     scorer = cfg.decoder.scorer(alphabet)
     assert scorer is not None
 

@@ -1,4 +1,4 @@
-"""A static HTML report of a training run, from its TensorBoard event files.
+"""A static HTML report of a training run, from its TensorBoard event files and its run record.
 
 ``render_report(RUN_DIR)`` finds every TensorBoard event file under ``RUN_DIR``
 (recursively; each folder holding event files is one TensorBoard "run"), reads the
@@ -11,7 +11,8 @@ scalar summaries (TF2 ``tf.summary.scalar`` stores them as tensors; TF1
 * ``overview.png``: every panel on one page;
 * ``index.html``: a page with no outside references (inline CSS, no scripts) that
   shows the PNGs by relative name (``<img src="losses.png">``; ``embed=True`` inlines them as
-  data URIs instead) and a table of each tag's last and best values.
+  data URIs instead), a table of each tag's last and best values and, when the run has a record
+  (``RUN/metrics.jsonl``, :mod:`dstrain.record`), a table of its epochs and its resumes, stops and end.
 
 Only reads event files and writes PNG/HTML, so TensorBoard keeps working on the same
 folder. Run as ``dstrain report RUN_DIR [--output DIR]``.
@@ -392,6 +393,41 @@ def _table(series: list[Series]) -> str:
     return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
 
 
+EPOCH_COLUMNS = (("number", "epoch"), ("loss", "train loss"), ("dev_loss", "dev loss"), ("dev_wer", "dev WER"),
+                 ("dev_cer", "dev CER"), ("frames_per_s", "frames/s"), ("steps", "steps"), ("learning_rate", "learning rate"))  # fmt: skip
+
+
+def _run_record_html(run_dir: str) -> list[str]:
+    """The run record's epochs and events (``RUN/metrics.jsonl``, when the run has one) as HTML."""
+    from dstrain.record import events, read_record
+    from dstrain.rundir import RunDir
+
+    path = RunDir(run_dir).metrics_path
+    if not os.path.exists(path):
+        return []
+    records = read_record(path)
+    rows = []
+    for r in events(records, "epoch"):
+        cells = "".join(f'<td data-key="{k}">{html.escape(format_value(r[k]) if isinstance(r.get(k), float) else str(r.get(k, "")))}</td>'
+                        for k, _ in EPOCH_COLUMNS)  # fmt: skip
+        rows.append(f'<tr data-epoch="{r["number"]}">{cells}</tr>')
+    head = "<tr>" + "".join(f"<th>{title}</th>" for _, title in EPOCH_COLUMNS) + "</tr>"
+    notes = []
+    for r in records:
+        if r["event"] == "resume":
+            notes.append(f"resumed from {r['checkpoint']} (step {r['step']}, epoch step {r['epoch_step']})")
+        elif r["event"] == "stop":
+            notes.append(f"stopped at step {r['step']}: {r['reason']} ({r['signal'] or 'another rank'}), exit {r['exit_code']}")
+        elif r["event"] == "final":
+            agree = len(set(r["weights_sha256"])) == 1
+            notes.append(f"finished after {r['epochs_done']} epochs on {len(r['weights_sha256'])} rank(s): final weights "
+                         + ("identical on every rank" if agree else "DIFFER between ranks"))  # fmt: skip
+    out = ["<h2>Run record</h2>", "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"]
+    if notes:
+        out.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    return out
+
+
 def render_report(run_dir: str, output_dir: str | None = None, embed: bool = False) -> ReportResult:
     """Write PNG plots and ``index.html`` for the event files under ``run_dir``.
 
@@ -422,6 +458,7 @@ def render_report(run_dir: str, output_dir: str | None = None, embed: bool = Fal
         f"<h1>Training report: {html.escape(title)}</h1>",
         f'<p class="meta">{html.escape(os.path.abspath(run_dir))} &middot; {len(files)} event file(s) &middot; '
         f"{len(series)} scalar tag(s) &middot; last step {max_step}</p>",
+        *_run_record_html(run_dir),
         "<h2>Summary</h2>",
         _table([s for panel in panels for group in panel.groups for s in group]),
         "<h2>Overview</h2>",

@@ -1,7 +1,7 @@
 """``dstrain transcribe``: transcripts of audio files, folders or DeepSpeech CSVs with any form of a model.
 
 The model is an export folder (its SavedModel), a ``.tflite`` file (whole-utterance or streaming) or a training run
-directory (:func:`dstrain.export.load_model`); all three give the same transcript. Audio is read at the model's rate
+directory (:func:`dstrain.inference.load_model`); all three give the same transcript. Audio is read at the model's rate
 and mixed to mono (:func:`dstrain.audio.read_audio`). Recordings longer than ``--max_segment_s`` are split at pauses
 by WebRTC VAD (:func:`dstrain.vad.split_on_silence`, as DeepSpeech's transcribe.py did); segments are batched through
 the acoustic model and beam-searched on ``--num_processes`` processes (the decoder's batch function).
@@ -334,7 +334,7 @@ def run(cfg: TranscribeConfig) -> int:
     """``dstrain transcribe``: transcripts on stdout (one line per file, ``path: text`` when several), or JSON."""
     from tqdm import tqdm
 
-    from dstrain.export import load_model
+    from dstrain.inference import load_model
 
     files = audio_files(cfg.audio)
     if not files:

@@ -34,6 +34,25 @@ def ldc93s1_store(tmp_path_factory, ldc93s1_csv, alphabet_path) -> str:
     return out
 
 
+def run_record(run_dir) -> list[dict]:
+    """The run record (RUN/metrics.jsonl) of a training run: what tests read instead of log text."""
+    from dstrain.record import read_record
+    from dstrain.rundir import RunDir
+
+    return read_record(RunDir(str(run_dir)).metrics_path)
+
+
+def records(run_dir, event: str) -> list[dict]:
+    return [r for r in run_record(run_dir) if r["event"] == event]
+
+
+def final_digests(run_dir) -> list[str]:
+    """Every rank's final weights sha256 (rank order) from the last ``final`` record of the run."""
+    finals = records(run_dir, "final")
+    assert finals, f"{run_dir}: the run recorded no final event"
+    return finals[-1]["weights_sha256"]
+
+
 def tool(name: str) -> str:
     path = BIN / name
     if path.exists():
@@ -53,7 +72,7 @@ def synthetic_store(path, n: int, *, row_group_rows: int = 8, shard_rows: int = 
 
     from dstrain.alphabet import Alphabet
     from dstrain.features import FeatureConfig
-    from dstrain.prep.stats import FeatureStats
+    from dstrain.store.stats import FeatureStats
     from dstrain.store import Manifest, ShardWriter, StoreLayout
     from dstrain.store.layout import MANIFEST
 

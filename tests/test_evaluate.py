@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tool
+from conftest import synthetic_store, tool
 from dstrain.alphabet import Alphabet
 from dstrain.decoder.config import DecoderConfig
 from dstrain.distributed import World
@@ -43,7 +43,7 @@ def test_lm_optimize_finds_parameters_that_reproduce_its_wer(monkeypatch, alphab
     confused = [spell("the man had a dark suit", alphabet, {5: {"q": 0.5, "a": 0.4}}), spell("she had your dark suit", alphabet),
                 spell("the men had far", alphabet, {5: {"a": 0.45, "e": 0.4}})]  # fmt: skip
     post = Posteriors(["1", "2", "3"], refs, confused, [0.0] * 3)
-    monkeypatch.setattr(ev, "posteriors", lambda cfg, world: (alphabet, post))
+    monkeypatch.setattr(ev, "eval_posteriors", lambda cfg, world: (alphabet, post))
     cfg = LmOptimizeConfig(test=EvaluationSetConfig(test_files=("x",)), model="m", decoder=DecoderConfig(beam_width=32, scorer_path=str(SCORER)),
                            n_trials=15, lm_alpha_max=3, lm_beta_max=3)  # fmt: skip
     alpha, beta, wer = optimize_lm(cfg, World())
@@ -54,6 +54,7 @@ def test_lm_optimize_finds_parameters_that_reproduce_its_wer(monkeypatch, alphab
     assert wer <= error_rates(list(zip(refs, decode_all(post, alphabet, cfg.decoder, scorer))))[0]
 
 
+@needs_scorer
 @pytest.mark.slow
 def test_evaluate_checkpoint_export_and_two_ranks_agree(tmp_path, ldc93s1_csv, alphabet_path):
     from dstrain.prep.pipeline import PreprocessConfig, preprocess
@@ -84,3 +85,31 @@ def test_evaluate_checkpoint_export_and_two_ranks_agree(tmp_path, ldc93s1_csv, a
     # The corpus figures are the per-sample edit counts pooled, not the mean of per-sample rates.
     wer, cer = error_rates([(s["src"], s["res"]) for s in per_sample])
     assert ckpt["wer"] == pytest.approx(wer, abs=1e-6) and ckpt["cer"] == pytest.approx(cer, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_stops_evaluate_within_seconds(tmp_path, alphabet_path):
+    """A scancel or pod deletion during dstrain evaluate: it leaves within 10 s, says so in one line, status 128+15."""
+    import signal
+    import time
+
+    store = synthetic_store(tmp_path / "s", 64, frames=(150, 250), seed=2)
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    subprocess.run([tool("dstrain"), "train", "--train_files", store, "--alphabet_config_path", alphabet_path, "--n_hidden", "16",
+                    "--epochs", "1", "--train_batch_size", "8", "--checkpoint_dir", str(tmp_path / "ckpt")],
+                   check=True, capture_output=True, env=env, timeout=200)  # fmt: skip
+    # A wide beam over 64 utterances: decoding takes far longer than the 10 s allowed to stop.
+    proc = subprocess.Popen([tool("dstrain"), "evaluate", "--checkpoint_dir", str(tmp_path / "ckpt"), "--test_files", store,
+                             "--beam_width", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    for line in proc.stderr:
+        if "decoding 64 samples" in line:
+            break
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    status = proc.wait(timeout=60)
+    took = time.monotonic() - signalled
+    assert status == 128 + signal.SIGTERM and took < 10, (status, took, err[-2000:])
+    assert err.strip().splitlines()[-1] == "dstrain evaluate: stopped by SIGTERM" and "Traceback" not in err
+    assert "WER" not in proc.stdout.read()

@@ -19,9 +19,10 @@ from conftest import DATA, SHARED
 from dstrain.alphabet import Alphabet, greedy_decode
 from dstrain.audio import read_audio
 from dstrain.export import (
-    META_NAME, STREAMING_TFLITE_NAME, TFLITE_NAME, ExportConfig, ExportOptions, _restore, export_model, iter_chunks,
-    load_model, read_tflite_metadata, tflite_model,
+    META_NAME, STREAMING_TFLITE_NAME, TFLITE_NAME, ExportConfig, ExportOptions, _restore, export_model, read_tflite_metadata,
+    tflite_model,
 )  # fmt: skip
+from dstrain.inference import iter_chunks, load_model
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
 
@@ -109,7 +110,7 @@ def _train(model: DeepSpeech, variants: list[np.ndarray], alphabet: Alphabet, ma
 
 
 def _build(root: str) -> Ldc93s1Model:
-    from dstrain.train.rundir import RunDir
+    from dstrain.rundir import RunDir
 
     features = FeatureConfig()
     alphabet = Alphabet.from_file(str(DATA / "alphabet.txt"))

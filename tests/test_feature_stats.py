@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dstrain.prep.stats import FeatureStats
+from dstrain.store.stats import FeatureStats
 
 C = 40
 

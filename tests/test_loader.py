@@ -12,7 +12,7 @@ import pytest
 from conftest import synthetic_store
 from dstrain.distributed import World
 from dstrain.loader.reader import Catalog, PlanReader
-from dstrain.loader.sampler import plan_all, plan_epoch, plan_eval
+from dstrain.loader.sampler import PlanSpec, plan_all, plan_epoch, plan_eval
 from dstrain.store import FeatureStore, StoreError
 
 
@@ -40,7 +40,7 @@ def test_catalog_lists_every_row_group_with_its_lengths(uneven_store):
 def test_batches_follow_the_plan_with_stored_features(tmp_path, dtype):
     url = synthetic_store(tmp_path / "s", 30, row_group_rows=4, feature_dtype=dtype, seed=2)
     cat = Catalog.build([FeatureStore.open(url)], World())
-    plan = plan_epoch(cat.table, rank=1, world=2, epoch=3, seed=7, batch_size=4, window_row_groups=2)
+    plan = plan_epoch(cat.table, PlanSpec(batch_size=4, window_row_groups=2), rank=1, world=2, epoch=3, seed=7)
     rows = _rows_by_id(url)
     ids = [u for u in sorted(rows)]  # sample id order = store order
     seen = 0
@@ -59,7 +59,7 @@ def test_batches_follow_the_plan_with_stored_features(tmp_path, dtype):
 def test_every_rank_runs_the_same_steps_over_an_uneven_store(uneven_store):
     cat = Catalog.build([FeatureStore.open(uneven_store)], World())
     for world in (1, 2, 3, 5, 8):
-        plans = plan_all(cat.table, world=world, epoch=0, seed=0, batch_size=4, remainder="pad")
+        plans = plan_all(cat.table, PlanSpec(batch_size=4, remainder="pad"), world=world, epoch=0, seed=0)
         steps = {sum(1 for _ in PlanReader(cat, p, threads=2)) for p in plans}
         assert steps == {plans[0].steps}
         covered = set(np.concatenate([p.sample_ids for p in plans]).tolist())
@@ -81,11 +81,11 @@ def test_transform_is_applied_per_sample_deterministically(tmp_path):
 
     url = synthetic_store(tmp_path / "s", 12, row_group_rows=4, seed=3)
     cat = Catalog.build([FeatureStore.open(url)], World())
-    plan = plan_epoch(cat.table, rank=0, world=1, epoch=0, seed=0, batch_size=3)
+    plan = plan_epoch(cat.table, PlanSpec(batch_size=3), rank=0, world=1, epoch=0, seed=0)
     aug = Augmenter.from_specs(["frequency_mask[n=1,size=5]"])
 
     def run():
-        t = lambda x, sid: aug.apply(x, sample_rng(0, 0, sid))  # noqa: E731
+        t = lambda x, sid, labels: aug.apply(x, sample_rng(0, 0, sid))  # noqa: E731
         return [b[0].copy() for b in PlanReader(cat, plan, threads=3, transform=t)]
 
     a, b = run(), run()
@@ -123,7 +123,7 @@ def test_bit_flipped_shard_fails_at_read_time_naming_it(tmp_path):
     url = synthetic_store(tmp_path / "s", 30, row_group_rows=5, shard_rows=10, seed=5)
     shard = _damage(url, "flip")
     cat = Catalog.build([FeatureStore.open(url)], World())  # same size: only reading tells
-    plan = plan_epoch(cat.table, rank=0, world=1, epoch=0, seed=0, batch_size=5, shuffle=False)
+    plan = plan_epoch(cat.table, PlanSpec(batch_size=5, shuffle=False), rank=0, world=1, epoch=0, seed=0)
     with pytest.raises(StoreError, match=shard):
         for _ in PlanReader(cat, plan):
             pass
@@ -137,12 +137,13 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, os, sys, threading, time
     from dstrain.distributed import World
     from dstrain.loader.reader import Catalog, PlanReader
-    from dstrain.loader.sampler import plan_epoch
+    from dstrain.loader.builder import window_row_groups
+    from dstrain.loader.sampler import PlanSpec, plan_epoch
     from dstrain.store import FeatureStore
     url, budget = sys.argv[1], float(sys.argv[2])
     cat = Catalog.build([FeatureStore.open(url)], World())
-    plan = plan_epoch(cat.table, rank=0, world=1, epoch=0, seed=0, batch_size=4,
-                      window_row_groups=max(1, int(budget * 2**20 / 2 / cat.nbytes(0))))
+    spec = PlanSpec(batch_size=4, window_row_groups=window_row_groups(cat, budget))
+    plan = plan_epoch(cat.table, spec, rank=0, world=1, epoch=0, seed=0)
     def rss():  # resident now, in MiB (ru_maxrss is a high-water mark the imports may already have set)
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     base, peak, done = rss(), [0.0], threading.Event()
@@ -187,8 +188,60 @@ def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path):
 
 def test_ldc93s1_batch(ldc93s1_store):
     cat = Catalog.build([FeatureStore.open(ldc93s1_store)], World())
-    plan = plan_epoch(cat.table, rank=0, world=2, epoch=0, seed=0, batch_size=4, remainder="pad")
+    plan = plan_epoch(cat.table, PlanSpec(batch_size=4, remainder="pad"), rank=0, world=2, epoch=0, seed=0)
     ((x, x_len, y, y_len),) = list(PlanReader(cat, plan))
     assert x.shape == (4, 145, 40) and x_len.tolist() == [145] * 4  # one utterance, padded to a batch of 4
     text = FeatureStore.open(ldc93s1_store).manifest.get_alphabet().decode(y[0, : y_len[0]])
     assert text == "she had your dark suit in greasy wash water all year" and np.isfinite(x).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The input builder
+
+
+def _train_input(url, **loader):
+    from dstrain.alphabet import Alphabet
+    from dstrain.loader.builder import TrainInput
+    from dstrain.loader.config import LoaderConfig
+
+    from conftest import DATA
+
+    return TrainInput.build([url], Alphabet.from_file(str(DATA / "alphabet.txt")), LoaderConfig(**loader), World(),
+                            batch_size=4, seed=3, epochs=2)  # fmt: skip
+
+
+def test_augmentation_keeps_every_sample_long_enough_for_ctc(tmp_path):
+    from dstrain.alphabet import ctc_min_frames
+
+    # Tempo x8 would leave 4-5 frames of utterances whose transcripts need up to ~20.
+    url = synthetic_store(tmp_path / "s", 24, frames=(30, 40), seed=5)
+    data = _train_input(url, augment=("tempo[factor=8]",))
+    shortened = 0
+    for x, x_len, y, y_len in data.reader(0):
+        for n, labels in zip(x_len.tolist(), (y[i, : y_len[i]] for i in range(len(y_len)))):
+            need = ctc_min_frames(labels.tolist())
+            assert n >= need
+            shortened += n < 30
+    assert shortened > 12  # the augmentation did act: most got shorter than any stored utterance
+    data.close()
+
+
+def test_train_input_state_resumes_mid_epoch(tmp_path):
+    url = synthetic_store(tmp_path / "s", 40, row_group_rows=4, seed=6)
+    data = _train_input(url)
+    full = [b[1].tolist() for b in data.reader(0)]
+    data.end_epoch()
+    data = _train_input(url)
+    reader = data.reader(0)
+    for _, batch in zip(range(3), reader):
+        data.step_done()
+    state = data.state_dict()
+    reader.close()
+    assert state["position"]["step"] == 3
+    again = _train_input(url)
+    again.load_state_dict(state)
+    rest = again.reader(0)
+    assert rest.plan.start_step == 3 and rest.plan.exact
+    assert [b[1].tolist() for b in rest] == full[3:]
+    again.end_epoch()
+    assert again.state_dict() == {"position": None}

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -75,23 +74,35 @@ def test_store_identical_for_workers_and_mpi_ranks(tmp_path, alphabet_path):
     assert m.utterances == 54 and m.rejects["by_reason"] == {"alphabet": 6} and len(m.shards) > 9
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_identical_store(tmp_path, alphabet_path):
-    src = many_rows_csv(tmp_path, 1500)
-    args = [tool("dstrain"), "preprocess", "--csv", src, "--alphabet", alphabet_path, "--chunk_rows", "50"]
-    reference = tmp_path / "reference"
-    subprocess.run(args + ["--output", str(reference)], check=True, capture_output=True, timeout=600)
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory, alphabet_path):
+    """1500 rows in chunks of 50, and the store an uninterrupted run makes of them."""
+    tmp = tmp_path_factory.mktemp("chunked")
+    args = [tool("dstrain"), "preprocess", "--csv", many_rows_csv(tmp, 1500), "--alphabet", alphabet_path, "--chunk_rows", "50"]
+    subprocess.run(args + ["--output", str(tmp / "reference")], check=True, capture_output=True, timeout=600)
+    return args, store_digest(tmp / "reference")
 
+
+def interrupt_after_chunks(cmd: list[str], chunks: int, sig: int) -> tuple[int, str]:
+    """Runs ``cmd``, sends ``sig`` once its log says ``chunks`` chunks are done; (exit status, the rest of its log)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = 0
+    for line in proc.stderr:
+        done += " done (" in line and "chunk " in line
+        if done == chunks:
+            proc.send_signal(sig)
+            break
+    rest = proc.stderr.read()
+    return proc.wait(timeout=120), rest
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_identical_store(tmp_path, chunked):
+    args, reference = chunked
     store = tmp_path / "store"
-    proc = subprocess.Popen(args + ["--output", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = store / "_progress"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(progress.glob("chunk-*.json")) if progress.exists() else []) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "preprocessing finished before it could be killed: give it more rows"
-    done = len(list(progress.glob("chunk-*.json")))
-    assert 3 <= done < 30 and not (store / "_manifest.json").exists()
+    status, _ = interrupt_after_chunks(args + ["--output", str(store)], 3, signal.SIGKILL)
+    assert status == -signal.SIGKILL, "preprocessing finished before it could be killed: give it more rows"
+    assert len(list((store / "_progress").glob("chunk-*.json"))) >= 3 and not (store / "_manifest.json").exists()
     # Damage one finished shard: the resumed run must notice and redo that chunk.
     victim = sorted(store.glob("shard-*.parquet"))[0]
     victim.write_bytes(victim.read_bytes()[:-10])
@@ -99,7 +110,24 @@ def test_killed_run_resumes_to_the_identical_store(tmp_path, alphabet_path):
     resumed = subprocess.run(args + ["--output", str(store)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already complete, resuming" in resumed.stderr
-    assert store_digest(store) == store_digest(reference)
+    assert store_digest(store) == reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_leaves_a_resumable_store_and_exits_75(tmp_path, chunked, workers):
+    """scancel or a pod deletion during preprocessing: the chunks in flight are abandoned, the finished ones kept,
+    exit 75; running the same command again completes the very store an uninterrupted run makes."""
+    args, reference = chunked
+    store = tmp_path / "store"
+    cmd = args + ["--output", str(store), "--workers", str(workers)]
+    status, rest = interrupt_after_chunks(cmd, 3, signal.SIGTERM)
+    assert status == 75, rest[-3000:]
+    assert rest.strip().splitlines()[-1].startswith("dstrain preprocess: stopped by SIGTERM: ") and "same command again" in rest
+    assert not (store / "_manifest.json").exists() and len(list((store / "_progress").glob("chunk-*.json"))) >= 3
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert store_digest(store) == reference
 
 
 def test_float16_store_halves_features(tmp_path, alphabet_path, ldc93s1_csv):

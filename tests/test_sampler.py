@@ -7,6 +7,7 @@ import pytest
 
 from dstrain.loader.sampler import (
     LoaderPosition,
+    PlanSpec,
     RowGroup,
     RowGroupTable,
     describe,
@@ -86,7 +87,7 @@ def test_partition_guarantees(layout, world, remainder):
     rgs = groups(LAYOUTS[layout])
     table = RowGroupTable(rgs)
     B = 4
-    plans = plan_all(table, world=world, epoch=2, seed=7, batch_size=B, remainder=remainder, window_row_groups=2)
+    plans = plan_all(table, PlanSpec(batch_size=B, remainder=remainder, window_row_groups=2), world=world, epoch=2, seed=7)
     P = table.n_samples
     S = check_train(plans, B, remainder, P)
     if remainder == "drop":
@@ -104,7 +105,7 @@ def test_partition_guarantees(layout, world, remainder):
 def test_whole_row_groups_are_disjoint_and_few_are_split(world):
     rgs = groups(LAYOUTS["uneven"])
     sizes = {g.key: g.rows for g in rgs}
-    plans = plan_all(rgs, world=world, epoch=0, seed=3, batch_size=4, remainder="pad")
+    plans = plan_all(rgs, PlanSpec(batch_size=4, remainder="pad"), world=world, epoch=0, seed=3)
     owners: dict[int, set] = {}
     for p in plans:
         counts = Counter(p.keys[~p.is_pad].tolist())
@@ -117,12 +118,12 @@ def test_whole_row_groups_are_disjoint_and_few_are_split(world):
 
 def test_fewer_samples_than_ranks():
     rgs = groups([1])
-    pad = plan_all(rgs, world=8, epoch=0, seed=0, batch_size=4, remainder="pad")
+    pad = plan_all(rgs, PlanSpec(batch_size=4, remainder="pad"), world=8, epoch=0, seed=0)
     assert [p.steps for p in pad] == [1] * 8
     assert pad[0].assigned == 1 and pad[0].padded == 3
     assert all(p.assigned == 0 and p.padded == 4 for p in pad[1:])  # borrowed: nothing of their own
     assert set(flat(pad, "sample_ids").tolist()) == {0}
-    drop = plan_all(rgs, world=8, epoch=0, seed=0, batch_size=4, remainder="drop")
+    drop = plan_all(rgs, PlanSpec(batch_size=4, remainder="drop"), world=8, epoch=0, seed=0)
     assert [p.steps for p in drop] == [0] * 8
     assert sum(p.dropped for p in drop) == 1
     assert describe(drop[0])["steps"] == 0
@@ -130,7 +131,7 @@ def test_fewer_samples_than_ranks():
 
 def test_describe_and_padding_fraction():
     rgs = make_row_groups([[10, 20], [30, 40]])
-    (p,) = plan_all(rgs, world=1, epoch=0, seed=0, batch_size=2, shuffle=False)
+    (p,) = plan_all(rgs, PlanSpec(batch_size=2, shuffle=False), world=1, epoch=0, seed=0)
     assert [p.batch_ids(i).tolist() for i in range(p.steps)] == [[0, 1], [2, 3]]
     assert p.padding_fraction == pytest.approx(1 - 100 / (2 * 20 + 2 * 40))
     d = describe(p)
@@ -142,9 +143,9 @@ def test_input_validation():
     with pytest.raises(ValueError):
         RowGroupTable([RowGroup(1, np.array([1])), RowGroup(1, np.array([2]))])
     with pytest.raises(ValueError):
-        plan_epoch(groups([5]), rank=2, world=2, epoch=0, seed=0, batch_size=1)
+        plan_epoch(groups([5]), PlanSpec(batch_size=1), rank=2, world=2, epoch=0, seed=0)
     with pytest.raises(ValueError):
-        plan_epoch(groups([5]), rank=0, world=1, epoch=0, seed=0, batch_size=1, remainder="wrap")
+        plan_epoch(groups([5]), PlanSpec(batch_size=1, remainder="wrap"), rank=0, world=1, epoch=0, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,20 +154,21 @@ def test_input_validation():
 
 def test_deterministic_and_epoch_seeded():
     rgs = groups(LAYOUTS["uneven"])
-    kw = dict(world=3, seed=11, batch_size=8)
-    a, b = plan_all(rgs, epoch=4, **kw), plan_all(rgs, epoch=4, **kw)
+    spec, kw = PlanSpec(batch_size=8), dict(world=3, seed=11)
+    a, b = plan_all(rgs, spec, epoch=4, **kw), plan_all(rgs, spec, epoch=4, **kw)
     for x, y in zip(a, b):
         assert np.array_equal(x.sample_ids, y.sample_ids) and np.array_equal(x.is_pad, y.is_pad)
         assert x.windows == y.windows
-    c = plan_all(rgs, epoch=5, **kw)
-    d = plan_all(rgs, epoch=4, **{**kw, "seed": 12})
+    c = plan_all(rgs, spec, epoch=5, **kw)
+    d = plan_all(rgs, spec, epoch=4, **{**kw, "seed": 12})
     for other in (c, d):
         assert not np.array_equal(flat(a, "sample_ids"), flat(other, "sample_ids"))
     # the shared row-group permutation: rank 0's first row group differs across epochs
-    firsts = {plan_all(rgs, epoch=e, **kw)[0].keys[0] for e in range(8)}
+    firsts = {plan_all(rgs, spec, epoch=e, **kw)[0].keys[0] for e in range(8)}
     assert len(firsts) > 2
     # the row groups a rank reads (not only their mixing) change with the epoch
-    shares = {frozenset(plan_all(rgs, epoch=e, **{**kw, "remainder": "pad"})[0].keys.tolist()) for e in range(4)}
+    pad = PlanSpec(batch_size=8, remainder="pad")
+    shares = {frozenset(plan_all(rgs, pad, epoch=e, **kw)[0].keys.tolist()) for e in range(4)}
     assert len(shares) > 1
 
 
@@ -174,7 +176,7 @@ def test_split_row_group_rows_are_shuffled():
     rgs = groups([700])
     shares = []
     for epoch in (0, 1):
-        plans = plan_all(rgs, world=3, epoch=epoch, seed=0, batch_size=5, remainder="pad")
+        plans = plan_all(rgs, PlanSpec(batch_size=5, remainder="pad"), world=3, epoch=epoch, seed=0)
         rows = np.sort(plans[0].rows[~plans[0].is_pad])
         assert rows.size == 234 and rows[-1] - rows[0] > 300  # not a contiguous slice of the row group
         shares.append(set(rows.tolist()))
@@ -183,15 +185,15 @@ def test_split_row_group_rows_are_shuffled():
 
 def test_fixed_order_without_shuffle():
     rgs = groups([10, 10, 10])
-    p0 = plan_epoch(rgs, rank=0, world=1, epoch=0, seed=1, batch_size=5, shuffle=False)
-    p9 = plan_epoch(rgs, rank=0, world=1, epoch=9, seed=2, batch_size=5, shuffle=False)
+    p0 = plan_epoch(rgs, PlanSpec(batch_size=5, shuffle=False), rank=0, world=1, epoch=0, seed=1)
+    p9 = plan_epoch(rgs, PlanSpec(batch_size=5, shuffle=False), rank=0, world=1, epoch=9, seed=2)
     assert p0.sample_ids.tolist() == list(range(30)) == p9.sample_ids.tolist()
 
 
 def test_windows_bound_residency():
     rgs = uniform()
     K, B = 4, 16
-    for p in plan_all(rgs, world=4, epoch=1, seed=0, batch_size=B, window_row_groups=K):
+    for p in plan_all(rgs, PlanSpec(batch_size=B, window_row_groups=K), world=4, epoch=1, seed=0):
         assert p.window_steps == K * 64 // B
         assert p.windows[0].start == 0 and p.windows[-1].stop == p.steps
         assert all(w.stop == v.start for w, v in zip(p.windows, p.windows[1:]))
@@ -215,10 +217,10 @@ def _spread(plans):
 
 def test_buckets_align_ranks_step_by_step():
     rgs = uniform()
-    kw = dict(world=4, epoch=3, seed=5, batch_size=16, window_row_groups=8)
-    plain = plan_all(rgs, buckets=0, **kw)
-    coarse = plan_all(rgs, buckets=8, **kw)
-    fine = plan_all(rgs, buckets=32, **kw)
+    kw = dict(world=4, epoch=3, seed=5)
+    plain = plan_all(rgs, PlanSpec(batch_size=16, window_row_groups=8, buckets=0), **kw)
+    coarse = plan_all(rgs, PlanSpec(batch_size=16, window_row_groups=8, buckets=8), **kw)
+    fine = plan_all(rgs, PlanSpec(batch_size=16, window_row_groups=8, buckets=32), **kw)
     assert _spread(coarse) < 0.4 * _spread(plain)
     assert _spread(fine) < 0.3 * _spread(plain)
     b = np.stack([p.step_bucket for p in coarse])
@@ -232,23 +234,24 @@ def test_buckets_align_ranks_step_by_step():
 
 
 def test_explicit_bucket_boundaries():
-    p = plan_epoch(uniform(), rank=0, world=2, epoch=0, seed=0, batch_size=16, buckets=[500, 1000, 1500])
+    p = plan_epoch(uniform(), PlanSpec(batch_size=16, buckets=[500, 1000, 1500]), rank=0, world=2, epoch=0, seed=0)
     assert p.bucket_bounds.tolist() == [500, 1000, 1500]
     assert set(p.step_bucket.tolist()) <= {0, 1, 2, 3}
 
 
 def test_sortagrad_and_reverse():
     rgs = uniform(n_groups=100)
-    kw = dict(world=4, seed=2, batch_size=8)
-    for p in plan_all(rgs, epoch=0, sortagrad=True, **kw):
+    kw = dict(world=4, seed=2)
+    sortagrad = PlanSpec(batch_size=8, sortagrad=True)
+    for p in plan_all(rgs, sortagrad, epoch=0, **kw):
         assert p.length_ordered and np.all(np.diff(p.n_frames) >= 0)
-    sorted_spread = _spread(plan_all(rgs, epoch=0, sortagrad=True, **kw))
-    assert sorted_spread < 0.2 * _spread(plan_all(rgs, epoch=0, buckets=0, **kw))
-    later = plan_all(rgs, epoch=1, sortagrad=True, **kw)
+    sorted_spread = _spread(plan_all(rgs, sortagrad, epoch=0, **kw))
+    assert sorted_spread < 0.2 * _spread(plan_all(rgs, PlanSpec(batch_size=8, buckets=0), epoch=0, **kw))
+    later = plan_all(rgs, sortagrad, epoch=1, **kw)
     assert not later[0].length_ordered and np.any(np.diff(later[0].n_frames) < 0)
-    for p in plan_all(rgs, epoch=0, reverse=True, **kw):
+    for p in plan_all(rgs, PlanSpec(batch_size=8, reverse=True), epoch=0, **kw):
         assert np.all(np.diff(p.n_frames) <= 0)
-    fixed = [plan_all(rgs, epoch=e, reverse=True, shuffle=False, **kw) for e in (0, 3)]
+    fixed = [plan_all(rgs, PlanSpec(batch_size=8, reverse=True, shuffle=False), epoch=e, **kw) for e in (0, 3)]
     for a, b in zip(*fixed):
         assert np.array_equal(a.sample_ids, b.sample_ids) and np.all(np.diff(a.n_frames) <= 0)
 
@@ -256,25 +259,25 @@ def test_sortagrad_and_reverse():
 def test_limit():
     rgs = groups(LAYOUTS["uneven"])
     for world in (1, 3):
-        plans = plan_all(rgs, world=world, epoch=1, seed=0, batch_size=4, limit=100, remainder="pad")
+        plans = plan_all(rgs, PlanSpec(batch_size=4, limit=100, remainder="pad"), world=world, epoch=1, seed=0)
         assert plans[0].pool_size == 100
         assert set(flat(plans, "sample_ids").tolist()) == set(range(100))
     # several stores: the first rows of each, in proportion to their sizes
     two = groups([150, 150, 100], stores=[0, 0, 1])
-    plans = plan_all(two, world=2, epoch=0, seed=0, batch_size=2, limit=80, remainder="pad")
+    plans = plan_all(two, PlanSpec(batch_size=2, limit=80, remainder="pad"), world=2, epoch=0, seed=0)
     ids = set(flat(plans, "sample_ids").tolist())
     assert ids == set(range(60)) | set(range(300, 320))
-    assert plan_epoch(two, rank=0, world=1, epoch=0, seed=0, batch_size=2, limit=10**6).pool_size == 400
+    assert plan_epoch(two, PlanSpec(batch_size=2, limit=10**6), rank=0, world=1, epoch=0, seed=0).pool_size == 400
 
 
 def test_store_weights():
     rgs = groups([100] * 10 + [50] * 4, stores=[0] * 10 + [1] * 4)
     table = RowGroupTable(rgs)
     store_of_id = table.stores[table.rg_index]
-    kw = dict(world=3, seed=4, batch_size=8, remainder="pad")
+    kw = dict(world=3, seed=4)
     by_epoch = []
     for epoch in (0, 1):
-        plans = plan_all(table, epoch=epoch, weights=[1, 1], **kw)
+        plans = plan_all(table, PlanSpec(batch_size=8, remainder="pad", weights=(1, 1)), epoch=epoch, **kw)
         check_train(plans, 8, "pad", 1200)
         ids = flat(plans, "sample_ids", pad=False)
         counts = Counter(ids.tolist())
@@ -287,11 +290,12 @@ def test_store_weights():
         assert sum(1 for c in per_group.values() if c not in (0, 100)) <= 1
         by_epoch.append(set(a))
     assert by_epoch[0] != by_epoch[1]
-    plain = plan_all(table, epoch=0, **kw)
+    plain = plan_all(table, PlanSpec(batch_size=8, remainder="pad"), epoch=0, **kw)
     assert sorted(flat(plain, "sample_ids", pad=False).tolist()) == list(range(1200))
-    only1 = flat(plan_all(table, epoch=0, weights=[0, 2], **kw), "sample_ids", pad=False)
+    only1 = flat(plan_all(table, PlanSpec(batch_size=8, remainder="pad", weights=(0, 2)), epoch=0, **kw), "sample_ids", pad=False)
     assert set(store_of_id[only1].tolist()) == {1} and only1.size == 1200
-    uneven = Counter(flat(plan_all(table, epoch=0, weights=[1, 3], **kw), "sample_ids", pad=False).tolist())
+    uneven = Counter(flat(plan_all(table, PlanSpec(batch_size=8, remainder="pad", weights=(1, 3)), epoch=0, **kw), "sample_ids",
+                          pad=False).tolist())
     assert sum(c for i, c in uneven.items() if i >= 1000) == 900
     assert {uneven[i] for i in range(1000, 1200)} <= {4, 5}
 
@@ -304,8 +308,8 @@ def test_store_weights():
 @pytest.mark.parametrize("remainder", ["drop", "pad"])
 def test_resume_same_world_is_the_tail(world, remainder):
     rgs = groups(LAYOUTS["uneven"])
-    kw = dict(batch_size=4, remainder=remainder, window_row_groups=2)
-    plans = plan_all(rgs, world=world, epoch=2, seed=9, **kw)
+    spec = PlanSpec(batch_size=4, remainder=remainder, window_row_groups=2)
+    plans = plan_all(rgs, spec, world=world, epoch=2, seed=9)
     S, B = plans[0].steps, 4
     for cut in sorted({0, 1, S // 3, S // 2, S - 1, S}):
         pos = plans[0].position_after(cut)
@@ -313,7 +317,7 @@ def test_resume_same_world_is_the_tail(world, remainder):
         pos = LoaderPosition.from_dict(json.loads(json.dumps(pos.to_dict())))
         assert pos.step == cut and pos.epoch == 2
         for r, full in enumerate(plans):
-            tail = resume_plan(pos, rgs, rank=r, world=world, **kw)
+            tail = resume_plan(pos, rgs, spec, rank=r, world=world)
             assert tail.exact and tail.start_step == cut and tail.steps == S - cut
             assert np.array_equal(tail.sample_ids, full.sample_ids[cut * B :])
             assert np.array_equal(tail.is_pad, full.is_pad[cut * B :])
@@ -322,7 +326,7 @@ def test_resume_same_world_is_the_tail(world, remainder):
             # checkpointing again from the resumed plan is the same as from the full one
             if cut < S:
                 assert tail.position_after(1) == full.position_after(cut + 1)
-    fresh = resume_plan(LoaderPosition.start(2, 9), rgs, rank=0, world=world, **kw)
+    fresh = resume_plan(LoaderPosition.start(2, 9), rgs, spec, rank=0, world=world)
     assert np.array_equal(fresh.sample_ids, plans[0].sample_ids)
 
 
@@ -331,13 +335,13 @@ def test_resume_other_world_consumes_the_rest_once(remainder):
     rgs = groups(LAYOUTS["uneven"] * 3, seed=2)
     pool = RowGroupTable(rgs).n_samples
     B = 4
-    kw = dict(batch_size=B, remainder=remainder, window_row_groups=3)
-    first = plan_all(rgs, world=8, epoch=1, seed=1, **kw)
+    spec = PlanSpec(batch_size=B, remainder=remainder, window_row_groups=3)
+    first = plan_all(rgs, spec, world=8, epoch=1, seed=1)
     k1 = first[0].steps // 3
     used = [flat([p], "entries")[: k1 * B] for p in first]
     pos = first[0].position_after(k1)
 
-    second = [resume_plan(pos, rgs, rank=r, world=3, **kw) for r in range(3)]
+    second = [resume_plan(pos, rgs, spec, rank=r, world=3) for r in range(3)]
     done1 = np.unique(np.concatenate(used))
     check_train_rest(second, B, remainder, pool - done1.size)
     assert not second[0].exact and "re-partitioned" in second[0].note and second[0].start_step == k1
@@ -348,10 +352,10 @@ def test_resume_other_world_consumes_the_rest_once(remainder):
     pos2 = LoaderPosition.from_dict(json.loads(json.dumps(second[1].position_after(k2).to_dict())))
     assert [s.world for s in pos2.segments] == [8, 3] and pos2.step == k1 + k2
     # the same layout again continues the re-partitioned plan exactly
-    again = resume_plan(pos2, rgs, rank=2, world=3, **kw)
+    again = resume_plan(pos2, rgs, spec, rank=2, world=3)
     assert np.array_equal(again.sample_ids, second[2].sample_ids[k2 * B :]) and again.start_step == k1 + k2
 
-    third = [resume_plan(pos2, rgs, rank=r, world=5, **kw) for r in range(5)]
+    third = [resume_plan(pos2, rgs, spec, rank=r, world=5) for r in range(5)]
     done2 = np.unique(np.concatenate(used))
     check_train_rest(third, B, remainder, pool - done2.size)
     everything = np.concatenate(used + [p.entries for p in third])
@@ -364,9 +368,9 @@ def test_resume_other_world_consumes_the_rest_once(remainder):
         assert set(everything.tolist()) == set(range(pool))
         assert not set(flat(third, pad=False).tolist()) & set(done2.tolist())
     # the next epoch is a regular plan at the new size
-    nxt = resume_plan(pos2.next_epoch(), rgs, rank=0, world=5, **kw)
+    nxt = resume_plan(pos2.next_epoch(), rgs, spec, rank=0, world=5)
     assert nxt.exact
-    assert np.array_equal(nxt.sample_ids, plan_epoch(rgs, rank=0, world=5, epoch=2, seed=1, **kw).sample_ids)
+    assert np.array_equal(nxt.sample_ids, plan_epoch(rgs, spec, rank=0, world=5, epoch=2, seed=1).sample_ids)
 
 
 def check_train_rest(plans, batch_size, remainder, pool_size):
@@ -391,15 +395,15 @@ def check_train_rest(plans, batch_size, remainder, pool_size):
 
 def test_resume_with_a_new_batch_size_and_changed_settings():
     rgs = groups(LAYOUTS["uneven"])
-    p = plan_epoch(rgs, rank=0, world=2, epoch=0, seed=0, batch_size=4)
+    p = plan_epoch(rgs, PlanSpec(batch_size=4), rank=0, world=2, epoch=0, seed=0)
     pos = p.position_after(5)
-    other = [resume_plan(pos, rgs, rank=r, world=2, batch_size=8) for r in range(2)]
+    other = [resume_plan(pos, rgs, PlanSpec(batch_size=8), rank=r, world=2) for r in range(2)]
     assert not other[0].exact and other[0].steps == other[1].steps
     assert all(np.all(q.batch_sizes == 8) for q in other)
     with pytest.raises(ValueError):
-        resume_plan(pos, rgs, rank=0, world=2, batch_size=4, remainder="pad")
+        resume_plan(pos, rgs, PlanSpec(batch_size=4, remainder="pad"), rank=0, world=2)
     with pytest.raises(ValueError):
-        resume_plan(pos, groups(LAYOUTS["uneven"], seed=5), rank=0, world=2, batch_size=4)
+        resume_plan(pos, groups(LAYOUTS["uneven"], seed=5), PlanSpec(batch_size=4), rank=0, world=2)
     with pytest.raises(ValueError):
         p.position_after(p.steps + 1)
 
@@ -437,6 +441,6 @@ def test_a_million_samples_plan_quickly():
     rng = np.random.default_rng(0)
     sizes = rng.integers(200, 300, size=4000)
     table = RowGroupTable(make_row_groups([rng.integers(50, 1500, size=s) for s in sizes]))
-    p = plan_epoch(table, rank=7, world=8, epoch=3, seed=1, batch_size=32, window_row_groups=8)
+    p = plan_epoch(table, PlanSpec(batch_size=32, window_row_groups=8), rank=7, world=8, epoch=3, seed=1)
     assert p.steps == (table.n_samples // 8) // 32
     assert p.max_resident <= 12

@@ -8,11 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA
+from dstrain.alphabet import ctc_min_frames
 from dstrain.audio import read_audio
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
 from dstrain.store import FeatureStore, ShardReader, StoreError, StoreLayout, join
 from dstrain.prep.importers.ldc93s1 import normalise_transcript
-from dstrain.prep.pipeline import PreprocessConfig, ctc_min_frames, preprocess
+from dstrain.prep.pipeline import PreprocessConfig, preprocess
 
 TRANSCRIPT = "she had your dark suit in greasy wash water all year"
 

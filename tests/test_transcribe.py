@@ -13,7 +13,8 @@ import soundfile
 
 from conftest import DATA, SHARED
 from dstrain.decoder.config import DecoderConfig
-from dstrain.export import STREAMING_TFLITE_NAME, TFLITE_NAME, load_model
+from dstrain.export import STREAMING_TFLITE_NAME, TFLITE_NAME
+from dstrain.inference import load_model
 from dstrain.transcribe import (
     TranscribeConfig, Transcriber, audio_files, ctc_alignment, parse_hot_words, run,
 )  # fmt: skip

@@ -279,33 +279,37 @@ class Dropout(Augmentation):
             w.x[ctx.rng.random(w.x.shape, dtype=w.x.dtype) < rate] = w.zero(self.domain)
 
 
-class Add(Augmentation):
-    name = "add"
+class _Gaussian(Augmentation):
+    """Add and multiply: a draw of N(0, stddev) per value of the domain."""
+
     PARAMS = {"stddev": ("float", "5"), "domain": ("domain", "features")}
+
+    def combine(self, x: np.ndarray, g: np.ndarray) -> None:
+        raise NotImplementedError
 
     def apply(self, w: _Work, ctx: _Ctx) -> None:
         stddev = self.stddev.pick(ctx.rng, ctx.clock)
         x = w.pow() if self.domain == "spectrogram" else w.log()
-        noise = ctx.rng.standard_normal(x.shape, dtype=x.dtype)
-        noise *= stddev
-        x += noise
+        g = ctx.rng.standard_normal(x.shape, dtype=x.dtype)
+        g *= stddev
+        self.combine(x, g)
         if w.power:  # negative power is silence (TensorFlow's Mfcc would take sqrt of it: NaN)
             np.maximum(x, 0.0, out=x)
 
 
-class Multiply(Augmentation):
-    name = "multiply"
-    PARAMS = {"stddev": ("float", "5"), "domain": ("domain", "features")}
+class Add(_Gaussian):
+    name = "add"
 
-    def apply(self, w: _Work, ctx: _Ctx) -> None:
-        stddev = self.stddev.pick(ctx.rng, ctx.clock)
-        x = w.pow() if self.domain == "spectrogram" else w.log()
-        factor = ctx.rng.standard_normal(x.shape, dtype=x.dtype)
-        factor *= stddev
-        factor += 1.0
-        x *= factor
-        if w.power:
-            np.maximum(x, 0.0, out=x)
+    def combine(self, x: np.ndarray, g: np.ndarray) -> None:
+        x += g
+
+
+class Multiply(_Gaussian):
+    name = "multiply"
+
+    def combine(self, x: np.ndarray, g: np.ndarray) -> None:
+        g += 1.0
+        x *= g
 
 
 class Pitch(Augmentation):
@@ -587,7 +591,12 @@ def _parse_one(spec: str, noise_source) -> Augmentation:
     return aug
 
 
-def _resolve_noise(spec: str, source: Optional[str], noise_source) -> NoiseSource:
+_UNRESOLVED = object()  # parse only: overlays keep no noise source (see overlay_sources)
+
+
+def _resolve_noise(spec: str, source: Optional[str], noise_source) -> Optional[NoiseSource]:
+    if noise_source is _UNRESOLVED:
+        return None
     if noise_source is None:
         raise ValueError(
             f"augmentation {spec!r}: overlay needs noise, but no noise_source was given to parse_augmentations"
@@ -611,6 +620,18 @@ def parse_augmentations(
     if isinstance(specs, str):  # a bare string would otherwise parse letter by letter
         specs = [specs]
     return [_parse_one(spec, noise_source) for spec in specs or ()]
+
+
+def expand_specs(specs: Sequence[str]) -> list[str]:
+    """``--augment`` values with ``default`` replaced by :data:`DEFAULT_AUGMENT`."""
+    return [s for a in specs for s in (DEFAULT_AUGMENT if a == "default" else (a,))]
+
+
+def overlay_sources(specs: Sequence[str]) -> list[str]:
+    """The ``source=`` of every overlay in ``specs`` (parsed, so a bad spec fails here already), in order, once each:
+    what the caller must open as noise before :func:`parse_augmentations`."""
+    sources = [a.source for a in parse_augmentations(specs, _UNRESOLVED) if isinstance(a, Overlay) and a.source]
+    return list(dict.fromkeys(sources))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,15 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dstrain.distributed import World
 from dstrain.loader.sampler import EpochPlan, RowGroup, RowGroupTable
-from dstrain.store import FeatureStore, StoreError
-from dstrain.store.manifest import FEATURES, ID, LABELS, N_FRAMES
+from dstrain.store import FeatureStore, ShardReader, StoreError
+from dstrain.store.reader import Rows, ShardError
 
 log = logging.getLogger("dstrain.loader")
 
@@ -92,65 +90,40 @@ def _scan(stores: Sequence[FeatureStore], skip_bad_shards: bool) -> Catalog:
             meta = None
             if problem is None:
                 try:
-                    with fsspec.open(url, "rb") as f:
-                        pf = pq.ParquetFile(f)
-                        meta = [pf.read_row_group(i, columns=[N_FRAMES], use_threads=False).column(0).to_numpy()
-                                for i in range(pf.num_row_groups)]  # fmt: skip
-                except (pa.ArrowInvalid, OSError) as e:
-                    problem = f"{shard.path}: unreadable ({e})"
+                    meta = ShardReader(url, n_mel).row_group_frames()
+                except ShardError as e:
+                    problem = e.problem
+            else:
+                problem = problem.split(": ", 1)[-1]
             if problem is not None:
                 if not skip_bad_shards:
                     raise StoreError(
-                        f"{store.layout.url(shard.path)}: {problem.split(': ', 1)[-1]}. Check the store with "
-                        f"`dstrain shards info {store.url}` and rebuild it with dstrain preprocess, or pass "
-                        "--skip_bad_shards to train without this shard"
+                        f"{store.layout.url(shard.path)}: {problem}. Check the store with `dstrain shards info "
+                        f"{store.url}` and rebuild it with dstrain preprocess, or pass --skip_bad_shards to train "
+                        "without this shard"
                     )
-                skipped.append(f"{store.layout.url(shard.path)}: {problem.split(': ', 1)[-1]}")
+                skipped.append(f"{store.layout.url(shard.path)}: {problem}")
                 continue
             for i, f in enumerate(meta):
                 refs.append(RowGroupRef(url, i, si))
-                frames.append(np.asarray(f, dtype=np.int64))
+                frames.append(f)
     return Catalog(refs, frames, n_mel, itemsize, skipped)
 
 
-@dataclass
-class RowGroupData:
-    ids: list[str]
-    features: list[np.ndarray]
-    """Per row ``[n_frames, n_mel]`` in the stored dtype (views into Arrow buffers)."""
-    labels: list[np.ndarray]
-
-
-def read_row_group(ref: RowGroupRef, n_mel: int) -> RowGroupData:
+def read_row_group(ref: RowGroupRef, n_mel: int) -> Rows:
+    """One row group of the catalog; a read error names the shard and both ways out."""
     try:
-        with fsspec.open(ref.url, "rb") as f:
-            # use_threads=False: the loader's own threads read in parallel; Arrow's pool only competed with them.
-            table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
-                ref.index, columns=[ID, LABELS, FEATURES], use_threads=False)
-    except FileNotFoundError:
-        raise StoreError(f"{ref.url}: shard missing; check the store with dstrain shards info") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise StoreError(
-            f"{ref.url}: row group {ref.index} unreadable ({e}); the shard is corrupt: check it with dstrain shards "
-            "info and rebuild the store, or pass --skip_bad_shards"
-        ) from None
-    labels = table.column(LABELS).combine_chunks()
-    feats = table.column(FEATURES).combine_chunks()
-    lv, lo = labels.values.to_numpy(zero_copy_only=False), labels.offsets.to_numpy()
-    fv, fo = feats.values.to_numpy(zero_copy_only=False), feats.offsets.to_numpy()
-    n = len(table)
-    return RowGroupData(
-        ids=table.column(ID).to_pylist(),
-        features=[fv[fo[i] : fo[i + 1]].reshape(-1, n_mel) for i in range(n)],
-        labels=[lv[lo[i] : lo[i + 1]].astype(np.int32, copy=False) for i in range(n)],
-    )
+        return ShardReader(ref.url, n_mel).read_row_group(ref.index)
+    except StoreError as e:
+        raise StoreError(f"{e}, or pass --skip_bad_shards to train without it") from None
 
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """(log mel [B,T,n_mel] stored dtype, frames [B] int32, labels [B,L] int32, label lengths [B] int32)"""
 
-Transform = Callable[[np.ndarray, int], np.ndarray]
-"""(log mel of one sample, its sample id) -> log mel (augmentation); must be deterministic in the id."""
+Transform = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+"""(log mel of one sample, its sample id, its labels) -> log mel (augmentation); must be deterministic in the id.
+The labels say how short the result may get and stay feasible for CTC."""
 
 
 class PlanReader:
@@ -265,7 +238,7 @@ class PlanReader:
             except queue.Full:
                 continue
 
-    def _load(self, key: int) -> RowGroupData | None:
+    def _load(self, key: int) -> Rows | None:
         try:
             return read_row_group(self.catalog.refs[key], self.catalog.n_mel)
         except StoreError as e:
@@ -285,7 +258,7 @@ class PlanReader:
                 continue
             x = data.features[row]
             if self.transform is not None:
-                x = self.transform(x, sid)
+                x = self.transform(x, sid, data.labels[row])
             feats.append(x)
             labels.append(data.labels[row])
         if not feats:  # every sample unreadable (skip_bad): an empty batch; the trainer skips it on all ranks

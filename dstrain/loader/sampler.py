@@ -163,6 +163,41 @@ def _as_table(row_groups: RowGroups) -> RowGroupTable:
     return row_groups if isinstance(row_groups, RowGroupTable) else RowGroupTable(list(row_groups))
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """How epochs are planned: everything but the world (rank, size), the epoch and the seed. See :func:`plan_epoch`
+    for what each setting guarantees."""
+
+    batch_size: int
+    """Samples per step on each rank."""
+    shuffle: bool = True
+    """One shared permutation of row groups per (seed, epoch); False: input order, no buckets."""
+    sortagrad: bool = False
+    """Epoch 0 (every epoch without shuffle) in order of length, shortest first."""
+    reverse: bool = False
+    """Length-ordered epochs longest first (implies ordering epoch 0)."""
+    limit: int = 0
+    """At most this many samples (a fixed subset); 0: all."""
+    buckets: Buckets = DEFAULT_BUCKETS
+    """A count of frame-count quantile buckets, or explicit boundaries; <= 1: none."""
+    window_row_groups: int = DEFAULT_WINDOW_ROW_GROUPS
+    """Row groups per shuffle window (<= 0: a rank's whole share)."""
+    remainder: Remainder = "drop"
+    """What happens to the samples that do not fill a rank's last batch: ``drop`` or ``pad``."""
+    weights: Optional[tuple[float, ...]] = None
+    """Mixing weight per store (``RowGroup.store``); None: each sample once."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, not {self.batch_size}")
+        if self.remainder not in ("drop", "pad"):
+            raise ValueError(f"remainder must be 'drop' or 'pad', not {self.remainder!r}")
+        if not isinstance(self.buckets, (int, np.integer)):
+            object.__setattr__(self, "buckets", tuple(float(b) for b in self.buckets))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Plans and positions
 
@@ -464,34 +499,19 @@ class _RankRun:
 class _Epoch:
     """Everything about one epoch that every rank computes alike."""
 
-    def __init__(
-        self,
-        table: RowGroupTable,
-        *,
-        epoch: int,
-        seed: int,
-        shuffle: bool,
-        sortagrad: bool,
-        reverse: bool,
-        limit: int,
-        buckets: Buckets,
-        remainder: str,
-        weights: Optional[Sequence[float]],
-    ):
+    def __init__(self, table: RowGroupTable, spec: PlanSpec, *, epoch: int, seed: int):
         if epoch < 0 or seed < 0:
             raise ValueError("epoch and seed must be non-negative")
-        if remainder not in ("drop", "pad"):
-            raise ValueError(f"remainder must be 'drop' or 'pad', not {remainder!r}")
         self.table, self.epoch, self.seed, self.shuffle, self.reverse, self.remainder = (
-            table, epoch, seed, shuffle, reverse, remainder
+            table, epoch, seed, spec.shuffle, spec.reverse, spec.remainder
         )
-        self.avail = _limited(table, limit)
-        self.bounds = _bucket_bounds(table.n_frames[self.avail], buckets)
+        self.avail = _limited(table, spec.limit)
+        self.bounds = _bucket_bounds(table.n_frames[self.avail], spec.buckets)
         used_groups = np.unique(table.rg_index[self.avail]).size
         self.mean_rows = self.avail.size / max(1, used_groups)
-        self.length_ordered = bool((sortagrad or reverse) and (epoch == 0 or not shuffle))
-        self.pool = self._pool(weights)
-        self.fingerprint = _fingerprint(table, shuffle, sortagrad, reverse, limit, buckets, remainder, weights)
+        self.length_ordered = bool((spec.sortagrad or spec.reverse) and (epoch == 0 or not spec.shuffle))
+        self.pool = self._pool(spec.weights)
+        self.fingerprint = _fingerprint(table, spec)
 
     def _pool(self, weights: Optional[Sequence[float]]) -> np.ndarray:
         t, avail = self.table, self.avail
@@ -617,16 +637,16 @@ class _Epoch:
         return _RankRun(e_sid[flat], e_pidx[flat], e_pad[flat], S, Sw, n, int(dropped))
 
 
-def _fingerprint(table: RowGroupTable, shuffle: bool, sortagrad: bool, reverse: bool, limit: int, buckets: Buckets,
-                 remainder: str, weights: Optional[Sequence[float]]) -> str:
+def _fingerprint(table: RowGroupTable, spec: PlanSpec) -> str:
+    """The data and the settings that must stay the same within an epoch (not the layout: batch size, window)."""
     settings = {
-        "shuffle": bool(shuffle),
-        "sortagrad": bool(sortagrad),
-        "reverse": bool(reverse),
-        "limit": int(limit),
-        "buckets": int(buckets) if isinstance(buckets, (int, np.integer)) else [float(b) for b in buckets],
-        "remainder": remainder,
-        "weights": None if weights is None else [float(w) for w in weights],
+        "shuffle": bool(spec.shuffle),
+        "sortagrad": bool(spec.sortagrad),
+        "reverse": bool(spec.reverse),
+        "limit": int(spec.limit),
+        "buckets": int(spec.buckets) if isinstance(spec.buckets, (int, np.integer)) else [float(b) for b in spec.buckets],
+        "remainder": spec.remainder,
+        "weights": None if spec.weights is None else [float(w) for w in spec.weights],
     }
     h = hashlib.sha256(table.digest().encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -652,23 +672,21 @@ def _windows(table: RowGroupTable, sids: np.ndarray, offsets: np.ndarray, first_
     return tuple(out)
 
 
-def _check_world(rank: int, world: int, batch_size: int) -> None:
+def _check_world(rank: int, world: int) -> None:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of {world}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, not {batch_size}")
 
 
-def _train_plan(ep: _Epoch, run: _RankRun, *, rank: int, world: int, batch_size: int, window_row_groups: int,
-                offset: int, prior: tuple[Segment, ...], pool_size: int, exact: bool, note: str) -> EpochPlan:
+def _train_plan(ep: _Epoch, run: _RankRun, spec: PlanSpec, *, rank: int, world: int, offset: int,
+                prior: tuple[Segment, ...], pool_size: int, exact: bool, note: str) -> EpochPlan:
     if offset > run.steps:
         raise ValueError(f"position is at step {offset} of a segment plan that has only {run.steps} steps")
-    t, B = ep.table, batch_size
+    t, B = ep.table, spec.batch_size
     sids, pidx, pad = run.sids[offset * B :], run.pidx[offset * B :], run.pad[offset * B :]
     offsets = np.arange(0, sids.size + 1, B, dtype=np.int64)
     keys, rows = t.locate(sids)
     return EpochPlan(
-        rank=rank, world=world, epoch=ep.epoch, seed=ep.seed, batch_size=B, window_row_groups=window_row_groups,
+        rank=rank, world=world, epoch=ep.epoch, seed=ep.seed, batch_size=B, window_row_groups=spec.window_row_groups,
         start_step=sum(s.steps for s in prior) + offset, window_steps=run.window_steps,
         sample_ids=sids, keys=keys, rows=rows, n_frames=t.n_frames[sids], is_pad=pad, entries=pidx, offsets=offsets,
         windows=_windows(t, sids, offsets, offset, run.window_steps, run.steps), bucket_bounds=ep.bounds,
@@ -682,23 +700,7 @@ def _train_plan(ep: _Epoch, run: _RankRun, *, rank: int, world: int, batch_size:
 # Public planners
 
 
-def plan_epoch(
-    row_groups: RowGroups,
-    *,
-    rank: int,
-    world: int,
-    epoch: int,
-    seed: int,
-    batch_size: int,
-    shuffle: bool = True,
-    sortagrad: bool = False,
-    reverse: bool = False,
-    limit: int = 0,
-    buckets: Buckets = DEFAULT_BUCKETS,
-    window_row_groups: int = DEFAULT_WINDOW_ROW_GROUPS,
-    remainder: Remainder = "drop",
-    weights: Optional[Sequence[float]] = None,
-) -> EpochPlan:
+def plan_epoch(row_groups: RowGroups, spec: PlanSpec, *, rank: int, world: int, epoch: int, seed: int) -> EpochPlan:
     """Rank ``rank``'s training batches for ``epoch``. Pure: the same arguments give the same plan on any machine.
 
     Guarantees (``P`` = draws in the epoch's pool, ``B`` = ``batch_size``):
@@ -734,40 +736,24 @@ def plan_epoch(
       (seed, epoch) subset of its row groups, the last one cut by rows. ``None``: each sample once (stores in
       proportion to their sizes). Stores that have no sample get nothing, the others share their weight.
     """
-    _check_world(rank, world, batch_size)
+    _check_world(rank, world)
     table = _as_table(row_groups)
-    ep = _Epoch(table, epoch=epoch, seed=seed, shuffle=shuffle, sortagrad=sortagrad, reverse=reverse, limit=limit,
-                buckets=buckets, remainder=remainder, weights=weights)
-    run = ep.run(ep.pool, np.arange(ep.pool.size), rank=rank, world=world, batch_size=batch_size,
-                 window_row_groups=window_row_groups, salt=0)
-    return _train_plan(ep, run, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups,
-                       offset=0, prior=(), pool_size=int(ep.pool.size), exact=True, note="")
+    ep = _Epoch(table, spec, epoch=epoch, seed=seed)
+    run = ep.run(ep.pool, np.arange(ep.pool.size), rank=rank, world=world, batch_size=spec.batch_size,
+                 window_row_groups=spec.window_row_groups, salt=0)
+    return _train_plan(ep, run, spec, rank=rank, world=world, offset=0, prior=(), pool_size=int(ep.pool.size), exact=True,
+                       note="")
 
 
-def plan_all(row_groups: RowGroups, *, world: int, **kwargs: Any) -> list[EpochPlan]:
+def plan_all(row_groups: RowGroups, spec: PlanSpec, *, world: int, epoch: int, seed: int) -> list[EpochPlan]:
     """:func:`plan_epoch` for every rank (for tools and tests: one rank needs only its own)."""
     table = _as_table(row_groups)
-    return [plan_epoch(table, rank=r, world=world, **kwargs) for r in range(world)]
+    return [plan_epoch(table, spec, rank=r, world=world, epoch=epoch, seed=seed) for r in range(world)]
 
 
-def resume_plan(
-    position: LoaderPosition,
-    row_groups: RowGroups,
-    *,
-    rank: int,
-    world: int,
-    batch_size: int,
-    shuffle: bool = True,
-    sortagrad: bool = False,
-    reverse: bool = False,
-    limit: int = 0,
-    buckets: Buckets = DEFAULT_BUCKETS,
-    window_row_groups: int = DEFAULT_WINDOW_ROW_GROUPS,
-    remainder: Remainder = "drop",
-    weights: Optional[Sequence[float]] = None,
-) -> EpochPlan:
-    """The rest of ``position.epoch`` for ``rank`` (same keyword arguments as :func:`plan_epoch`; epoch and seed come
-    from ``position``; a fresh ``LoaderPosition.start(epoch, seed)`` gives the whole epoch).
+def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec, *, rank: int, world: int) -> EpochPlan:
+    """The rest of ``position.epoch`` for ``rank`` (epoch and seed come from ``position``; a fresh
+    ``LoaderPosition.start(epoch, seed)`` gives the whole epoch).
 
     * Same layout (world, batch size, window) as the position's last segment: exactly the tail of that segment's plan,
       from its step ``position.step``, reached by slicing (nothing skipped is read). For a run never resized this is
@@ -782,17 +768,16 @@ def resume_plan(
     Loader settings other than the layout must not change within an epoch: a non-empty ``position.fingerprint`` that
     does not match the data and settings raises ``ValueError``.
     """
-    _check_world(rank, world, batch_size)
+    _check_world(rank, world)
     table = _as_table(row_groups)
-    ep = _Epoch(table, epoch=position.epoch, seed=position.seed, shuffle=shuffle, sortagrad=sortagrad, reverse=reverse,
-                limit=limit, buckets=buckets, remainder=remainder, weights=weights)
+    ep = _Epoch(table, spec, epoch=position.epoch, seed=position.seed)
     if position.fingerprint and position.fingerprint != ep.fingerprint:
         raise ValueError(
             "loader position does not match the data or the loader settings (shuffle, sortagrad, reverse, limit, "
             "buckets, remainder, weights must stay the same within an epoch)"
         )
     segs = tuple(s for s in position.segments if s.steps > 0)
-    layout = (world, batch_size, window_row_groups)
+    layout = (world, spec.batch_size, spec.window_row_groups)
     if segs and segs[-1].layout == layout:
         prior, offset = segs[:-1], segs[-1].steps
     else:
@@ -808,8 +793,8 @@ def resume_plan(
             consumed[old.pidx[: seg.steps * seg.batch_size]] = True
         keep = ~consumed[pidx]
         sids, pidx = sids[keep], pidx[keep]
-    run = ep.run(sids, pidx, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups,
-                 salt=len(prior))
+    run = ep.run(sids, pidx, rank=rank, world=world, batch_size=spec.batch_size,
+                 window_row_groups=spec.window_row_groups, salt=len(prior))
     exact = not prior
     step = position.step
     if exact:
@@ -821,12 +806,12 @@ def resume_plan(
             f"epoch {ep.epoch}: resumed at step {step} after {history}; the {sids.size} of {ep.pool.size} samples "
             f"not consumed at the time of the change were re-partitioned over {world} ranks"
             f"{f' (this plan continues that re-partition exactly from its step {offset})' if offset else ''}. "
-            f"Each is still used once this epoch (up to the '{remainder}' remainder rule), but which rank sees which "
+            f"Each is still used once this epoch (up to the '{spec.remainder}' remainder rule), but which rank sees which "
             f"sample and the order differ from an uninterrupted run at world {segs[0].world}, and the epoch has a "
             f"different number of steps; from the next epoch plans are regular at world {world}."
         )
-    return _train_plan(ep, run, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups,
-                       offset=offset, prior=prior, pool_size=int(sids.size), exact=exact, note=note)
+    return _train_plan(ep, run, spec, rank=rank, world=world, offset=offset, prior=prior, pool_size=int(sids.size),
+                       exact=exact, note=note)
 
 
 def plan_eval(
@@ -846,7 +831,9 @@ def plan_eval(
     number of samples have none. ``sort_by_length`` sorts by length within each window (about ``window_row_groups``
     row groups; ``<= 0``: the rank's whole run) to cut padding; the order is fixed either way.
     """
-    _check_world(rank, world, batch_size)
+    _check_world(rank, world)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, not {batch_size}")
     t = _as_table(row_groups)
     avail = _limited(t, limit)
     B, P = batch_size, int(avail.size)
@@ -874,6 +861,7 @@ __all__ = [
     "Buckets",
     "EpochPlan",
     "LoaderPosition",
+    "PlanSpec",
     "Remainder",
     "RowGroup",
     "RowGroupTable",

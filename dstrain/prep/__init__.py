@@ -1,1 +1,1 @@
-"""Corpus importers and feature-store writing."""
+"""Corpus importers (DeepSpeech CSVs) and preprocessing into feature stores (:mod:`.pipeline`)."""

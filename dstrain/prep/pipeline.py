@@ -8,6 +8,10 @@ The unit of work is a *chunk*: ``--chunk_rows`` consecutive input rows. A chunk 
 checksums and the chunk's rejects. Chunk boundaries depend only on the input, so the store is the same for
 any ``--workers`` and any number of MPI ranks, and a killed run resumes by redoing only the chunks without a
 valid marker. Rank 0 writes ``_rejects.csv`` and, last, ``_manifest.json``.
+
+A stop request (SIGTERM, SIGUSR1: ``scancel``, a pod deletion) makes every process abandon the chunk it is on (its
+partial shards get no marker), keep the chunks already complete, and exit 75; the same command then finishes the
+store, identical to one made without interruption.
 """
 from __future__ import annotations
 
@@ -16,21 +20,24 @@ import hashlib
 import io
 import json
 import logging
+import signal
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from multiprocessing import TimeoutError, get_context
 
 import numpy as np
 from tqdm import tqdm
 
-from dstrain.alphabet import Alphabet, UTF8Alphabet
+from dstrain import preemption
+from dstrain.alphabet import Alphabet, UTF8Alphabet, ctc_min_frames
 from dstrain.audio import AudioError, read_audio
 from dstrain.config import option, parse_list
 from dstrain.distributed import World, mpi_world
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
+from dstrain.preemption import Preempted
 from dstrain.prep.csvfile import Row, read_csv_rows
-from dstrain.prep.stats import FeatureStats
+from dstrain.store.stats import FeatureStats
 from dstrain.store import Manifest, ShardInfo, ShardWriter, StoreError, StoreLayout
 from dstrain.store.layout import MANIFEST, PROGRESS, REJECTS
 
@@ -98,11 +105,6 @@ class Processed:
     duration: float = 0.0
 
 
-def ctc_min_frames(labels: list[int]) -> int:
-    """Frames CTC needs for a label sequence: one per label plus a blank between repeats."""
-    return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
-
-
 def process_row(row: Row, alphabet: Alphabet, cfg: FeatureConfig, max_duration: float) -> Processed:
     transcript = row.transcript.strip()
     if not transcript:
@@ -125,13 +127,41 @@ def process_row(row: Row, alphabet: Alphabet, cfg: FeatureConfig, max_duration: 
     return Processed(row, labels=labels, log_mel=features, duration=duration)
 
 
+_ABANDON = None  # in pool workers: the parent's Event, set when a stop request came (see preprocess)
+
+
+def _worker_init(abandon) -> None:
+    """Pool workers leave stop requests to the parent (a signal to the whole process group reaches them too), which
+    tells them through ``abandon``."""
+    global _ABANDON
+    _ABANDON = abandon
+    for sig in preemption.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _stop_requested() -> bool:
+    return _ABANDON.is_set() if _ABANDON is not None else preemption.requested()
+
+
+class _Abandoned(Exception):
+    pass
+
+
 class ChunkJob:
-    """Processes one chunk end to end; picklable, so a process pool can run it."""
+    """Processes one chunk end to end; picklable, so a process pool can run it. Returns (chunk, utterances, rejected),
+    or None when a stop request made it abandon the chunk (its shards are incomplete and it has no marker: a rerun
+    redoes it)."""
 
     def __init__(self, cfg: PreprocessConfig, alphabet: Alphabet, rows: list[Row]):
         self.cfg, self.alphabet, self.rows = cfg, alphabet, rows
 
-    def __call__(self, chunk: int) -> int:
+    def __call__(self, chunk: int) -> tuple[int, int, int] | None:
+        try:
+            return self._run(chunk)
+        except _Abandoned:
+            return None
+
+    def _run(self, chunk: int) -> tuple[int, int, int]:
         cfg = self.cfg
         start = chunk * cfg.chunk_rows
         rejects = []
@@ -140,6 +170,8 @@ class ChunkJob:
         with ShardWriter(layout, lambda part: layout.shard_name(chunk, part), cfg.shard_size_mb, cfg.feature_dtype,
                          cfg.row_group_rows) as writer:
             for row in self.rows[start : start + cfg.chunk_rows]:
+                if _stop_requested():
+                    raise _Abandoned  # the writer does not flush on an exception: no shard of it is final
                 p = process_row(row, self.alphabet, cfg.features, cfg.max_duration)
                 if p.reason is not None:
                     rejects.append([row.source, row.transcript, p.reason, p.detail])
@@ -153,7 +185,7 @@ class ChunkJob:
         marker = {"chunk": chunk, "shards": [asdict(s) for s in writer.shards], "rejects": rejects, "stats": stats.to_dict()}
         with layout.open(layout.chunk_marker_name(chunk), "wt", encoding="utf-8") as f:
             json.dump(marker, f)
-        return chunk
+        return chunk, sum(s.rows for s in writer.shards), len(rejects)
 
 
 def _read_marker(layout: StoreLayout, chunk: int, verify: bool) -> dict | None:
@@ -212,17 +244,44 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
         log.info("rank %d: %d of its %d chunk(s) already complete, resuming", world.rank, len(mine) - len(todo), len(mine))
     job = ChunkJob(cfg, alphabet, rows)
     bar = tqdm(total=len(todo), disable=not progress or world.rank != 0, desc="preprocess", unit="chunk")
+    done = 0
+
+    def finished(result: tuple[int, int, int] | None) -> None:
+        nonlocal done
+        if result is not None:
+            done += 1
+            bar.update()
+            log.info("chunk %d done (%d of %d this run): %d utterances, %d rejected", result[0], done, len(todo), *result[1:])
+
     if cfg.workers > 1 and len(todo) > 1:
-        with get_context("spawn").Pool(min(cfg.workers, len(todo))) as pool:
-            for _ in pool.imap_unordered(job, todo):
-                bar.update()
+        ctx = get_context("spawn")
+        abandon = ctx.Event()
+        with ctx.Pool(min(cfg.workers, len(todo)), initializer=_worker_init, initargs=(abandon,)) as pool:
+            results = pool.imap_unordered(job, todo)
+            for _ in todo:
+                while True:
+                    if preemption.requested():
+                        abandon.set()  # workers give up their chunks; the chunks still queued return at once
+                    try:
+                        finished(results.next(timeout=0.25))
+                        break
+                    except TimeoutError:  # no chunk finished meanwhile: look at the stop request again
+                        continue
+            pool.close()
+            pool.join()
     else:
         for chunk in todo:
-            job(chunk)
-            bar.update()
+            finished(job(chunk))
+            if preemption.requested():
+                break
     bar.close()
 
-    world.barrier()  # rank 0 assembles once every rank is done
+    # Every rank stops here, finished or stopped; then rank 0 assembles, unless a rank was asked to stop.
+    stopped = world.allreduce([1.0 if preemption.requested() else 0.0], op="max")[0] > 0
+    if stopped:
+        complete = sum(_read_marker(layout, c, verify=False) is not None for c in range(n_chunks))
+        raise Preempted(f"stopped by {preemption.signal_name() or 'a request on another rank'}: {complete} of {n_chunks} "
+                        f"chunks complete; run the same command again to finish the store")  # fmt: skip
     if world.rank != 0:
         return None
     return _finish(layout, cfg, alphabet, n_chunks)
@@ -286,8 +345,12 @@ def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_ch
 
 
 def run(cfg: PreprocessConfig) -> int:
-    """``dstrain preprocess``."""
-    m = preprocess(cfg, progress=sys.stderr.isatty())
+    """``dstrain preprocess``: exit status 75 after a stop request (the store is left resumable)."""
+    try:
+        m = preprocess(cfg, progress=sys.stderr.isatty())
+    except Preempted as e:
+        print(f"dstrain preprocess: {e}", file=sys.stderr)
+        return e.exit_code
     if m is None:  # an MPI rank other than 0: rank 0 reports
         return 0
     print(f"{m.utterances} utterances ({m.hours * 3600:.1f} s) in {len(m.shards)} shard(s) at {cfg.output}")

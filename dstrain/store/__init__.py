@@ -15,13 +15,15 @@ folder as one dataset. Shard columns (:mod:`dstrain.store.manifest`): ``id``, ``
 float16>: the log mel filterbank, ``n_frames x n_mel`` row-major).
 
 One class per file: :class:`StoreLayout` (names and URL joining), :class:`Manifest`, :class:`ShardWriter`,
-:class:`ShardReader`, :class:`FeatureStore` (a finished store opened for reading).
+:class:`ShardReader` (row groups, footers, list-column decoding: the one reader, the loader's too),
+:class:`FeatureStore` (a finished store opened for reading); :class:`~dstrain.store.stats.FeatureStats` (the
+per-channel statistics the manifest records).
 """
 from dstrain.store.layout import StoreLayout, join
 from dstrain.store.manifest import Manifest, ShardInfo, StoreError, shard_schema
-from dstrain.store.reader import ShardReader, Utterance
+from dstrain.store.reader import Rows, ShardError, ShardReader, Utterance
 from dstrain.store.store import FeatureStore
 from dstrain.store.writer import ShardWriter
 
-__all__ = ["FeatureStore", "Manifest", "ShardInfo", "ShardReader", "ShardWriter", "StoreError", "StoreLayout",
-           "Utterance", "join", "shard_schema"]  # fmt: skip
+__all__ = ["FeatureStore", "Manifest", "Rows", "ShardError", "ShardInfo", "ShardReader", "ShardWriter", "StoreError",
+           "StoreLayout", "Utterance", "join", "shard_schema"]  # fmt: skip

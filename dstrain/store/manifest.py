@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.features import FeatureConfig
+from dstrain.store.stats import FeatureStats
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -60,8 +61,8 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     stored: str = "log_mel"
     feature_stats: dict | None = None
-    """Per-channel count/mean/m2 of the stored features (dstrain.prep.stats.FeatureStats), merged over all
-    shards; None in stores made before it was recorded."""
+    """Per-channel count/mean/m2 of the stored features (:meth:`stats`), merged over all shards; None in stores made
+    before it was recorded."""
     bytes_output_mode: bool = False
     """Labels are UTF-8 bytes (DeepSpeech's --bytes_output_mode), not alphabet indices."""
 
@@ -75,6 +76,10 @@ class Manifest:
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(**self.features)
+
+    def stats(self) -> FeatureStats | None:
+        """The stored features' per-channel statistics, or None (stores made before they were recorded)."""
+        return FeatureStats.from_dict(self.feature_stats) if self.feature_stats else None
 
     def get_alphabet(self) -> Alphabet | UTF8Alphabet:
         return UTF8Alphabet() if self.bytes_output_mode else Alphabet(tuple(self.alphabet))

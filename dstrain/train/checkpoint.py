@@ -13,12 +13,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import tensorflow as tf
 
 from dstrain.config import option
 from dstrain.model import DeepSpeech
-from dstrain.train.rundir import RunDir, RunInfo
+from dstrain.rundir import RunDir, RunInfo
 
 log = logging.getLogger("dstrain.checkpoint")
 
@@ -132,22 +133,34 @@ def check_geometry(saved: RunInfo, model: DeepSpeech, n_classes: int, drop_sourc
 
 
 class Checkpoints:
-    """Rank 0's saver. ``latest``: the resume points; ``best``: the lowest dev loss."""
+    """Rank 0's saver. ``latest``: the resume points; ``best``: the lowest dev loss.
 
-    def __init__(self, run: RunDir, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5):
+    ``on_written(kind, path)``, if given, is called inside each save once a checkpoint's files are written and
+    before the index (``checkpoint``) names it: the one moment a kill must not matter (the tests hold saves there).
+    """
+
+    def __init__(self, run: RunDir, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5,
+                 on_written: Callable[[str, str], None] | None = None):  # fmt: skip
         self.run = run
         self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress.trackables())
         self.latest = tf.train.CheckpointManager(self.ckpt, run.latest_dir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(self.ckpt, run.best_dir, max_to_keep=1)
+        self.on_written = on_written
         self.last_save = time.monotonic()
 
     def restore(self, path: str) -> None:
         self.ckpt.restore(path).assert_existing_objects_matched()
 
+    def _options(self, kind: str) -> tf.train.CheckpointOptions | None:
+        if self.on_written is None:
+            return None
+        # The manager appends its own callback (which writes the index) after the ones it is given.
+        return tf.train.CheckpointOptions(experimental_write_callbacks=[lambda path: self.on_written(kind, path)])
+
     def save(self, best: bool = False) -> str:
-        path = self.latest.save()  # numbered by the saved save counter: never overwrites
+        path = self.latest.save(options=self._options("latest"))  # numbered by the saved save counter: never overwrites
         if best:
-            self.best.save()
+            self.best.save(options=self._options("best"))
         self.last_save = time.monotonic()
         return path
 

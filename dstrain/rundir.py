@@ -9,6 +9,8 @@ Layout::
       best_dev/ckpt-N.*          the checkpoint with the lowest dev loss (what export and evaluate prefer)
       summaries/                 TensorBoard event files (rank 0)
       train.log                  rank 0's log
+      metrics.jsonl              the run record: one JSON object per epoch, evaluation, checkpoint, stop...
+                                 (dstrain.record), appended by rank 0 across resumes
 
 Evaluate, export and fine-tuning load a run through :meth:`RunDir.read` and :meth:`RunDir.restore_model`, so they
 need neither the original flags nor the alphabet file.
@@ -31,6 +33,7 @@ LATEST = "train"
 BEST = "best_dev"
 SUMMARIES = "summaries"
 LOG = "train.log"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -69,6 +72,10 @@ class RunDir:
     @property
     def log_path(self) -> str:
         return os.path.join(self.path, LOG)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.path, METRICS)
 
     def exists(self) -> bool:
         return os.path.exists(self.config_path)

@@ -1,0 +1,283 @@
+"""One builder for input: store URLs, the loader's settings, the world and a purpose (train, dev, test) in; what
+training and evaluation consume out. Nothing else opens stores for them, builds catalogs or constructs a
+:class:`~dstrain.loader.reader.PlanReader`.
+
+Example::
+
+    data = TrainInput.build(urls, alphabet, loader_cfg, world, batch_size=16, seed=4568, epochs=30)
+    stats = data.feature_statistics()             # collective: every rank calls it
+    data.load_state_dict(saved)                    # resume mid-epoch (from a checkpoint), or nothing
+    for epoch in range(start, 30):
+        reader = data.reader(epoch)                # this rank's batches of the (rest of the) epoch
+        for batch in reader:
+            ...                                    # one training step
+            data.step_done()
+        data.end_epoch()
+    data.state_dict()                              # {"position": ...}: where training stands, for a checkpoint
+
+    dev = EvalInput.build(dev_urls, alphabet, loader_cfg, world, batch_size=8, features=data.features)
+    for ids, batch in dev.batches(): ...
+
+What each rank reads, and in which order, is :mod:`dstrain.loader.sampler`'s; how it is read,
+:mod:`dstrain.loader.reader`'s; what augmentation does, :mod:`dstrain.loader.augment`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dstrain.alphabet import Alphabet, UTF8Alphabet, ctc_min_frames
+from dstrain.distributed import World
+from dstrain.features import FeatureConfig
+from dstrain.loader.augment import Augmenter, expand_specs, overlay_sources, sample_rng
+from dstrain.loader.config import LoaderConfig
+from dstrain.loader.reader import Batch, Catalog, PlanReader, Transform, read_row_group
+from dstrain.loader.sampler import (
+    EpochPlan,
+    LoaderPosition,
+    PlanSpec,
+    plan_epoch,
+    plan_eval,
+    resume_plan,
+)
+from dstrain.store import FeatureStore, StoreError
+from dstrain.store.stats import FeatureStats
+
+log = logging.getLogger("dstrain.loader")
+
+STATS_SAMPLE = 2000
+"""Utterances measured for feature statistics when a store's manifest has none (stores of older dstrains)."""
+
+
+def open_stores(urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, features: FeatureConfig | None = None,
+                reference: str = "") -> list[FeatureStore]:  # fmt: skip
+    """The stores of ``urls``, checked to agree with each other and with ``alphabet`` (and, given, with ``features``
+    of ``reference``: the training stores, a model): one error naming both sides of any mismatch."""
+    stores = [FeatureStore.open(url) for url in urls]
+    bytes_mode = isinstance(alphabet, UTF8Alphabet)
+    for store in stores:
+        if store.manifest.bytes_output_mode != bytes_mode:
+            raise StoreError(f"{store.url}: preprocessed {'with' if store.manifest.bytes_output_mode else 'without'} "
+                             f"--bytes_output_mode; use it {'with' if bytes_mode else 'without'} that flag, or "
+                             "preprocess it again")  # fmt: skip
+        store.check_alphabet(alphabet)
+    want, source = (features, reference) if features is not None else (stores[0].features, stores[0].url)
+    for store in stores:
+        if store.features != want:
+            differ = [f"{f.name} {getattr(store.features, f.name)} vs {getattr(want, f.name)}"
+                      for f in dataclasses.fields(want) if getattr(store.features, f.name) != getattr(want, f.name)]  # fmt: skip
+            raise StoreError(f"{store.url} and {source} have different feature parameters ({', '.join(differ)}); "
+                             "preprocess them alike")  # fmt: skip
+    return stores
+
+
+def feature_statistics(stores: Sequence[FeatureStore], catalog: Catalog, world: World) -> FeatureStats:
+    """Collective. The stores' per-channel statistics: from their manifests, or (stores made before they were
+    recorded) measured by rank 0 on up to :data:`STATS_SAMPLE` utterances and broadcast."""
+    recorded = [s.manifest.stats() for s in stores]
+    if all(r is not None for r in recorded):
+        return FeatureStats.merge_all(recorded)  # type: ignore[arg-type]
+    stats = None
+    if world.is_root:
+        log.warning("the training stores hold no feature statistics (made by an older dstrain): measuring them on "
+                    "a sample; re-run dstrain preprocess to record them")  # fmt: skip
+        stats, n = FeatureStats.empty(catalog.n_mel), 0
+        for ref in catalog.refs:
+            for x in read_row_group(ref, catalog.n_mel).features:
+                stats, n = stats.merge(FeatureStats.from_features(x)), n + 1
+            if n >= STATS_SAMPLE:
+                break
+    return world.broadcast_object(stats)
+
+
+class NoiseStore:
+    """Random utterances of a feature store, as overlay augmentation's noise; one row group in memory at a time
+    (a few cached)."""
+
+    CACHED = 4
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    @classmethod
+    def open(cls, url: str) -> "NoiseStore":
+        # Every rank reads its own noise: a single-process catalog, no collective.
+        return cls(Catalog.build([FeatureStore.open(url)], World()))
+
+    def __call__(self, rng: np.random.Generator, n_frames: int) -> np.ndarray:
+        key = int(rng.integers(len(self.catalog.refs)))
+        if key not in self._cache:
+            if len(self._cache) >= self.CACHED:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = read_row_group(self.catalog.refs[key], self.catalog.n_mel).features
+        rows = self._cache[key]
+        return rows[int(rng.integers(len(rows)))]
+
+
+def window_row_groups(catalog: Catalog, memory_mb: float) -> int:
+    """Row groups per shuffle window: half the memory budget holds the window, the other half the prefetched next."""
+    sizes = [catalog.nbytes(k) for k in range(len(catalog.refs))]
+    mean = max(1.0, float(np.mean(sizes))) if sizes else 1.0
+    return max(1, int(memory_mb * 2**20 / 2 / mean))
+
+
+class TrainInput:
+    """The training stores of one run as this rank reads them, epoch after epoch, and where it stands.
+
+    The position (which steps of the current epoch are done) is what :meth:`state_dict` returns and a checkpoint
+    keeps; :meth:`load_state_dict` makes the next :meth:`reader` resume there (re-partitioned when the world size
+    or the batch size changed since). While an epoch's last batches are read, the next epoch's reader starts
+    filling its first window, so an epoch never begins by waiting for its data.
+    """
+
+    def __init__(self, stores: list[FeatureStore], catalog: Catalog, spec: PlanSpec, cfg: LoaderConfig, world: World, *,
+                 seed: int, epochs: int, augmenter: Augmenter | None = None):  # fmt: skip
+        self.stores, self.catalog, self.spec, self.cfg, self.world = stores, catalog, spec, cfg, world
+        self.seed, self.epochs, self.augmenter = seed, epochs, augmenter
+        self.features: FeatureConfig = stores[0].features
+        self.plan: EpochPlan | None = None
+        self.done = 0
+        self._resume: LoaderPosition | None = None
+        self._current: PlanReader | None = None
+        self._ahead: PlanReader | None = None
+
+    @classmethod
+    def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet | None, cfg: LoaderConfig, world: World, *,
+              batch_size: int, seed: int, epochs: int, shuffle: bool = True) -> "TrainInput":  # fmt: skip
+        """Collective (rank 0 scans the shards, every rank gets the catalog). ``alphabet`` None: the first store's."""
+        if cfg.train_weights and len(cfg.train_weights) != len(urls):
+            raise ValueError(f"--train_weights has {len(cfg.train_weights)} weights for {len(urls)} stores")
+        if alphabet is None:
+            alphabet = FeatureStore.open(urls[0]).manifest.get_alphabet()
+        stores = open_stores(urls, alphabet)
+        catalog = Catalog.build(stores, world, cfg.skip_bad_shards)
+        for s in catalog.skipped:
+            log.warning("--skip_bad_shards: left out %s", s)
+        spec = PlanSpec(batch_size=batch_size, shuffle=shuffle, sortagrad=cfg.sortagrad, reverse=cfg.reverse_train,
+                        limit=cfg.limit_train, buckets=cfg.length_buckets, remainder=cfg.remainder,
+                        window_row_groups=window_row_groups(catalog, cfg.loader_memory_mb),
+                        weights=cfg.train_weights or None)  # fmt: skip
+        augmenter = None
+        if cfg.augment:
+            specs = expand_specs(cfg.augment)
+            noise = {url: NoiseStore.open(url) for url in overlay_sources(specs)}
+            augmenter = Augmenter.from_specs(specs, noise_source=noise, features=stores[0].features)
+        return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmenter=augmenter)
+
+    @property
+    def feature_dtype(self) -> str:
+        return "float16" if self.catalog.itemsize == 2 else "float32"
+
+    def feature_statistics(self) -> FeatureStats:
+        """Collective: see :func:`feature_statistics`."""
+        return feature_statistics(self.stores, self.catalog, self.world)
+
+    # --- position
+    def state_dict(self) -> dict:
+        """Where this epoch stands (the same on every rank): ``{"position": LoaderPosition dict or None}``; None
+        between epochs."""
+        if self.plan is None:
+            pos = self._resume
+        else:
+            pos = self.plan.position_after(self.done) if self.done else None
+        return {"position": pos.to_dict() if pos is not None and pos.step else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next :meth:`reader` of that epoch resumes after its saved step."""
+        pos = state.get("position")
+        self._resume = LoaderPosition.from_dict(pos) if pos else None
+
+    # --- epochs
+    def plan_for(self, epoch: int) -> EpochPlan:
+        """This rank's plan of ``epoch``: the rest of it after a loaded position, else all of it."""
+        world, pos = self.world, self._resume
+        if pos is not None and pos.epoch == epoch and pos.step:
+            return resume_plan(pos, self.catalog.table, self.spec, rank=world.rank, world=world.size)
+        return plan_epoch(self.catalog.table, self.spec, rank=world.rank, world=world.size, epoch=epoch, seed=self.seed)
+
+    def reader(self, epoch: int) -> PlanReader:
+        """This epoch's reader (its plan is ``reader.plan``): the one started ahead, or a new one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.plan.epoch == epoch and self._resume is None:
+            reader = ahead
+        else:
+            if ahead is not None:
+                ahead.close()
+            reader = self._new_reader(self.plan_for(epoch))
+        self._resume = None
+        self.plan, self.done, self._current = reader.plan, 0, reader
+        return reader
+
+    def step_done(self) -> None:
+        """One more batch of this epoch trained on."""
+        self.done += 1
+        # Once this epoch's reader holds no row group, the next epoch's starts filling its first window (during the
+        # last steps, dev evaluation and checkpointing), within the same memory budget.
+        current, plan = self._current, self.plan
+        if self._ahead is None and current is not None and current.produced and plan is not None and plan.epoch + 1 < self.epochs:
+            self._ahead = self._new_reader(self.plan_for(plan.epoch + 1)).start()
+
+    def end_epoch(self) -> None:
+        self.plan, self.done, self._current = None, 0, None
+
+    def close(self) -> None:
+        for r in (self._current, self._ahead):
+            if r is not None:
+                r.close()
+        self._current = self._ahead = None
+
+    def _new_reader(self, plan: EpochPlan) -> PlanReader:
+        cfg = self.cfg
+        return PlanReader(self.catalog, plan, threads=cfg.loader_threads, memory_mb=cfg.loader_memory_mb,
+                          prefetch=cfg.loader_prefetch, transform=self._transform(plan.epoch), skip_bad=cfg.skip_bad_shards)  # fmt: skip
+
+    def _transform(self, epoch: int) -> Transform | None:
+        if self.augmenter is None:
+            return None
+        aug, seed, clock = self.augmenter, self.seed, epoch / max(1, self.epochs - 1)
+        # min_frames: tempo never makes an utterance too short for its transcript (CTC's loss would be infinite and
+        # the whole step skipped on every rank).
+        return lambda x, sid, labels: aug.apply(x, sample_rng(seed, epoch, sid), clock=clock,
+                                                min_frames=ctc_min_frames(labels))  # fmt: skip
+
+
+class EvalInput:
+    """A fixed set of samples (dev or test) dealt out over the ranks in order, every sample exactly once."""
+
+    def __init__(self, catalog: Catalog, plan: EpochPlan, cfg: LoaderConfig):
+        self.catalog, self.plan, self.cfg = catalog, plan, cfg
+        keys, rows = catalog.table.locate(plan.sample_ids)
+        refs = catalog.refs
+        self.ids = [f"{refs[k].url}#rg{refs[k].index}:{r}" for k, r in zip(keys.tolist(), rows.tolist())]
+
+    @classmethod
+    def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, cfg: LoaderConfig, world: World, *,
+              batch_size: int, limit: int = 0, features: FeatureConfig | None = None,
+              reference: str = "the training stores") -> "EvalInput":  # fmt: skip
+        """Collective. ``features`` (of ``reference``): what the stores must have been preprocessed with."""
+        stores = open_stores(urls, alphabet, features, reference)
+        catalog = Catalog.build(stores, world, skip_bad_shards=cfg.skip_bad_shards)
+        plan = plan_eval(catalog.table, rank=world.rank, world=world.size, batch_size=batch_size, limit=limit,
+                         sort_by_length=True)  # fmt: skip
+        return cls(catalog, plan, cfg)
+
+    @property
+    def feature_dtype(self) -> str:
+        return "float16" if self.catalog.itemsize == 2 else "float32"
+
+    def batches(self) -> Iterator[tuple[list[str], Batch]]:
+        """This rank's batches with the ids of their samples (with --skip_bad_shards, the samples of unreadable row
+        groups are left out, and logged by the reader)."""
+        cfg, plan = self.cfg, self.plan
+        reader = PlanReader(self.catalog, plan, threads=cfg.loader_threads, memory_mb=cfg.loader_memory_mb,
+                            prefetch=cfg.loader_prefetch, skip_bad=cfg.skip_bad_shards)  # fmt: skip
+        for step, batch in enumerate(reader):
+            # A batch is assembled only once its row groups are loaded: reader.bad_keys already names its bad ones.
+            keys = plan.batch_keys_rows(step)[0].tolist()
+            ids = [self.ids[plan.offsets[step] + j] for j, k in enumerate(keys) if k not in reader.bad_keys]
+            if ids:
+                yield ids, batch

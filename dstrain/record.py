@@ -1,0 +1,139 @@
+"""The run record: ``RUN/metrics.jsonl``, one JSON object per line, appended by rank 0 as a training run goes. It is
+the machine-readable account of what each epoch, evaluation, checkpoint and stop did; the log's epoch line,
+TensorBoard's scalars, ``dstrain report`` and the tests all read it rather than log text. A resumed run appends to
+the same file, so the record of a run that was stopped and resumed tells the whole story.
+
+Every record has ``event``, ``time`` (Unix seconds), ``step`` (training steps done in all) and ``epoch`` (epochs
+done). The events and their other fields (:data:`EVENTS` lists the required ones; optional fields may be absent):
+
+``start``
+    ``world_size``, ``hosts`` (each rank's host name, in rank order), ``controller`` (gloo or mpi), ``gpus`` (per
+    rank), ``precision``, ``dstrain_version``.
+``resume``
+    ``checkpoint`` (what was loaded), ``epoch_step`` (steps already done in the current epoch; 0 at a boundary).
+``epoch``
+    ``number`` (1-based: the epoch just finished), ``epochs`` (in all), ``loss`` (mean training loss of the epoch's
+    steps run in this process; NaN if none), ``steps`` (run in this process), ``resumed_at_step`` (the epoch step this
+    process started at), ``exact`` (False when a resume re-partitioned the epoch over another world size),
+    ``seconds``, ``utterances_per_s``, ``frames_per_s``, ``padding`` (fraction of padded frames), ``loader_wait_max_s``
+    (the slowest rank's wait for data), ``learning_rate``, ``nonfinite_steps`` (skipped in this epoch); with dev
+    stores also ``dev_loss``, ``dev_wer``, ``dev_cer``, ``best`` (lowest dev loss so far), ``plateau`` (the learning
+    rate was reduced), ``early_stop``.
+``eval``
+    ``split`` (dev or test), ``loss``, ``wer``, ``cer``, ``samples``, ``decoder`` (greedy, or beam for the test set).
+``checkpoint``
+    ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic or stop), ``epoch_step``.
+``nonfinite``
+    ``loss``, ``consecutive`` (skipped steps in a row), ``samples`` (rank 0's sample ids of the step).
+``stop``
+    ``reason``, ``signal`` (the signal's name, or "" when another rank's request or a limit stopped the run),
+    ``exit_code``, ``checkpoint`` (saved before stopping, or null).
+``final``
+    ``epochs_done``, ``weights_sha256`` (every rank's, in rank order: identical in a healthy run), ``test`` (loss,
+    wer, cer, samples of the test set, or null).
+
+Example::
+
+    from dstrain.record import read_record
+    epochs = [r for r in read_record("runs/a/metrics.jsonl") if r["event"] == "epoch"]
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+EVENTS: dict[str, tuple[str, ...]] = {
+    "start": ("world_size", "hosts", "controller", "gpus", "precision", "dstrain_version"),
+    "resume": ("checkpoint", "epoch_step"),
+    "epoch": ("number", "epochs", "loss", "steps", "resumed_at_step", "exact", "seconds", "utterances_per_s",
+              "frames_per_s", "padding", "loader_wait_max_s", "learning_rate", "nonfinite_steps"),  # fmt: skip
+    "eval": ("split", "loss", "wer", "cer", "samples", "decoder"),
+    "checkpoint": ("path", "best", "reason", "epoch_step"),
+    "nonfinite": ("loss", "consecutive", "samples"),
+    "stop": ("reason", "signal", "exit_code", "checkpoint"),
+    "final": ("epochs_done", "weights_sha256", "test"),
+}
+COMMON = ("event", "time", "step", "epoch")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as JSON can hold them: strings (json's NaN literal is not JSON, and jq rejects it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def check(record: dict) -> None:
+    """Raises ValueError when ``record`` lacks a field its event requires (or the event is unknown)."""
+    event = record.get("event")
+    if event not in EVENTS:
+        raise ValueError(f"run record: unknown event {event!r} (known: {', '.join(EVENTS)})")
+    missing = [k for k in COMMON + EVENTS[event] if k not in record]
+    if missing:
+        raise ValueError(f"run record: {event} record lacks {', '.join(missing)}")
+
+
+class RunRecord:
+    """Appends records to ``path``; with ``path`` None (ranks other than 0, runs without a run directory) it only
+    builds and returns them."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def write(self, event: str, *, step: int, epoch: int, **fields: Any) -> dict:
+        record = {"event": event, "time": round(time.time(), 3), "step": int(step), "epoch": int(epoch), **fields}
+        check(record)
+        if self.path is not None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            # One write of one line in append mode: a kill leaves whole lines (at worst without the last one).
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(_json_safe(record), ensure_ascii=False) + "\n")
+        return record
+
+
+def read_record(path: str) -> list[dict]:
+    """Every record of ``path``, in order; a last line cut by a kill is left out, any other bad line is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline after it: the write was cut short
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON record") from None
+        out.append(record)
+    return out
+
+
+def events(records: list[dict], event: str) -> list[dict]:
+    """The records of one event, in order."""
+    return [r for r in records if r.get("event") == event]
+
+
+def format_epoch(r: dict) -> str:
+    """The log's epoch line, from the run record's epoch record."""
+    msg = (f"epoch {r['number']}/{r['epochs']} train loss {r['loss']:.4f} ({r['steps']} steps, {r['seconds']:.1f} s, "
+           f"{r['utterances_per_s']:.1f} utt/s, {r['frames_per_s']:.0f} frames/s, padding {r['padding']:.1%}, "
+           f"loader wait max {r['loader_wait_max_s']:.1f} s)")  # fmt: skip
+    if r["resumed_at_step"]:
+        msg += f" after resuming at step {r['resumed_at_step']}"
+    if "dev_loss" in r:
+        msg += f", dev loss {r['dev_loss']:.4f} WER {r['dev_wer']:.3f} CER {r['dev_cer']:.3f}" + (" (best)" if r["best"] else "")
+    if r.get("plateau"):
+        msg += f", learning rate x{r['plateau']} (plateau)"
+    if r.get("early_stop"):
+        msg += f", early stop: {r['early_stop']}"
+    return msg

@@ -1,0 +1,54 @@
+"""The run record's schema: what each event must carry, how it survives a kill mid-write, and that the trainer's
+epoch line is made from it."""
+import json
+import math
+
+import pytest
+
+from dstrain.record import EVENTS, RunRecord, check, events, format_epoch, read_record
+from dstrain.train.trainer import EPOCH_SCALARS
+
+EPOCH = {"number": 2, "epochs": 3, "loss": 1.5, "steps": 10, "resumed_at_step": 4, "exact": True, "seconds": 2.0,
+         "utterances_per_s": 20.0, "frames_per_s": 2000.0, "padding": 0.125, "loader_wait_max_s": 0.25,
+         "learning_rate": 0.001, "nonfinite_steps": 0}  # fmt: skip
+
+
+def test_every_event_names_its_fields_and_a_missing_one_is_refused(tmp_path):
+    record = RunRecord(str(tmp_path / "run" / "metrics.jsonl"))
+    written = record.write("epoch", step=10, epoch=2, **EPOCH)
+    assert set(EVENTS) == {"start", "resume", "epoch", "eval", "checkpoint", "nonfinite", "stop", "final"}
+    (back,) = read_record(record.path)
+    assert back == written and back["event"] == "epoch" and back["step"] == 10
+    with pytest.raises(ValueError, match="epoch record lacks padding"):
+        record.write("epoch", step=1, epoch=1, **{k: v for k, v in EPOCH.items() if k != "padding"})
+    with pytest.raises(ValueError, match="unknown event 'epochs'"):
+        check({"event": "epochs"})
+    assert len(read_record(record.path)) == 1  # refused records are not written
+
+
+def test_non_finite_figures_stay_valid_json_and_a_cut_last_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    record = RunRecord(str(path))
+    record.write("epoch", step=1, epoch=1, **dict(EPOCH, loss=math.nan))
+    record.write("nonfinite", step=2, epoch=1, loss=math.inf, consecutive=1, samples=[3, 4])
+    text = path.read_text()
+    assert all(json.loads(line) for line in text.splitlines())  # strict JSON: no NaN literal
+    path.write_text(text + '{"event": "epoch", "ti')  # a kill in the middle of a write
+    got = read_record(str(path))
+    assert [r["event"] for r in got] == ["epoch", "nonfinite"] and got[0]["loss"] == "nan"
+    assert events(got, "nonfinite")[0]["samples"] == [3, 4]
+    path.write_text('not json\n{"event": "stop"}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON record"):
+        read_record(str(path))
+
+
+def test_without_a_path_records_are_only_built():
+    assert RunRecord(None).write("eval", step=3, epoch=1, split="dev", loss=1.0, wer=0.5, cer=0.25, samples=4,
+                                 decoder="greedy")["wer"] == 0.5  # fmt: skip
+
+
+def test_the_epoch_line_and_tensorboard_come_from_the_record():
+    line = format_epoch(dict(EPOCH, dev_loss=1.25, dev_wer=0.5, dev_cer=0.25, best=True))
+    assert line.startswith("epoch 2/3 train loss 1.5000 (10 steps, 2.0 s, 20.0 utt/s, 2000 frames/s, padding 12.5%")
+    assert "after resuming at step 4" in line and line.endswith("dev loss 1.2500 WER 0.500 CER 0.250 (best)")
+    assert set(EPOCH_SCALARS) <= set(EPOCH) | {"dev_loss", "dev_wer", "dev_cer"}
