@@ -51,7 +51,7 @@ def store(tmp_path_factory) -> str:
 @pytest.mark.timeout(400)
 def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_path):
     deterministic = env(TF_DETERMINISTIC_OPS="1")
-    # Batch 1: 20 steps per epoch per rank, so a kill soon after epoch 2's first save lands well before its end (with
+    # Batch 1: 21 steps per epoch per rank, so a kill soon after epoch 2's first save lands well before its end (with
     # 10 steps an epoch-end checkpoint could come first, and the resume would not be a mid-epoch one).
     args = ("--dropout_rate", "0", "--checkpoint_steps", "3", "--random_seed", "7")
     reference = run(horovodrun() + train_cmd(store, tmp_path / "ref", *args, batch=1), env=deterministic)
@@ -60,7 +60,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_pa
     want = final_digests(tmp_path / "ref")
     assert len(want) == 2 and len(set(want)) == 1
     epochs = records(tmp_path / "ref", "epoch")
-    assert [r["number"] for r in epochs] == [1, 2, 3] and [r["steps"] for r in epochs] == [20, 20, 20]
+    assert [r["number"] for r in epochs] == [1, 2, 3] and [r["steps"] for r in epochs] == [21, 21, 21]
 
     work = tmp_path / "killed"
     proc = subprocess.Popen(horovodrun() + train_cmd(store, work, *args, batch=1), env=deterministic, stdout=subprocess.PIPE,
@@ -68,7 +68,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_pa
     seen = ""
     for line in proc.stdout:
         seen += line
-        # Epoch 2's first mid-epoch checkpoint (its step 1..3 of 20): kill everything at once, mid-epoch.
+        # Epoch 2's first mid-epoch checkpoint (its step 1..3 of 21): kill everything at once, mid-epoch.
         if re.search(r"saved \S+ at step \d+ \(epoch 2, step [1-3] of it\)", line):
             os.killpg(proc.pid, signal.SIGKILL)
             break
@@ -77,7 +77,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_pa
     resumed = run(horovodrun() + train_cmd(store, work, *args, batch=1), env=deterministic)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     (resume,) = records(work, "resume")
-    assert 0 < resume["epoch_step"] < 20 and resume["epoch"] == 1, resume  # a mid-epoch resume, in epoch 2
+    assert 0 < resume["epoch_step"] < 21 and resume["epoch"] == 1, resume  # a mid-epoch resume, in epoch 2
     epoch2 = [r for r in records(work, "epoch") if r["number"] == 2][-1]
     assert epoch2["resumed_at_step"] == resume["epoch_step"] and epoch2["exact"]
     assert final_digests(work) == want, "the resumed run consumed other samples or diverged"
