@@ -26,8 +26,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
 ``nonfinite``
     ``loss``, ``consecutive`` (skipped steps in a row), ``samples`` (rank 0's sample ids of the step).
 ``stop``
-    ``reason``, ``signal`` (the signal's name, or "" when another rank's request or a limit stopped the run),
-    ``exit_code``, ``checkpoint`` (saved before stopping, or null).
+    ``reason``, ``signal`` (the name of the signal a rank received, or "" when a limit stopped the run),
+    ``requested_by`` (the ranks that received one), ``exit_code``, ``checkpoint`` (saved before stopping, or null).
 ``final``
     ``epochs_done``, ``weights_sha256`` (every rank's, in rank order: identical in a healthy run), ``test`` (loss,
     wer, cer, samples of the test set, or null).
@@ -55,7 +55,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "eval": ("split", "loss", "wer", "cer", "samples", "decoder"),
     "checkpoint": ("path", "best", "reason", "epoch_step"),
     "nonfinite": ("loss", "consecutive", "samples"),
-    "stop": ("reason", "signal", "exit_code", "checkpoint"),
+    "stop": ("reason", "signal", "requested_by", "exit_code", "checkpoint"),
     "final": ("epochs_done", "weights_sha256", "test"),
 }
 COMMON = ("event", "time", "step", "epoch")

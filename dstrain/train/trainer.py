@@ -418,10 +418,12 @@ class Trainer:
 
     def _save_and_stop(self, epoch: int, why: str, exit_code: int = EXIT_PREEMPTED) -> None:
         path = self.save("stop")
-        # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit).
-        self.world.barrier()
+        # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit);
+        # the gather is that barrier, and tells rank 0's record which ranks were asked to stop, by which signal.
+        signals = self.world.allgather_object(self.stop.signal_name)
         saved = (f"checkpoint {path}" if path else "no checkpoint (no --checkpoint_dir)") if self.world.is_root else "rank 0's checkpoint"
-        self._write("stop", reason=why, signal=self.stop.signal_name, exit_code=exit_code, checkpoint=path)
+        self._write("stop", reason=why, signal=next((s for s in signals if s), ""), exit_code=exit_code, checkpoint=path,
+                    requested_by=[r for r, s in enumerate(signals) if s])  # fmt: skip
         log.warning("%s (%s): %s saved at epoch %d, step %d; exiting with %d%s at %.3f", why,
                     self.stop.signal_name or "on another rank", saved, epoch + 1,
                     int(self.progress.step), exit_code, " to be resumed" if exit_code == EXIT_PREEMPTED else "", time.time())  # fmt: skip
