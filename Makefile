@@ -1,7 +1,8 @@
 # Two user-facing targets; each sets everything up first (apt packages, .venv, Horovod built once).
 #   make demo   LDC93S1: import -> shards -> horovodrun -np 2 training on CPU -> export -> transcript
 #   make test   the whole test suite
-.PHONY: demo test
+#   make image  the OCI images, CPU and GPU (tools/build_image.sh: podman, no registry, no daemon)
+.PHONY: demo test image
 SHELL := /bin/bash
 
 demo:
@@ -11,3 +12,6 @@ demo:
 test:
 	@tools/install.sh --test
 	@.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+image:
+	@tools/build_image.sh all

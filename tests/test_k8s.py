@@ -117,12 +117,6 @@ def test_checked_in_examples_match_the_generator(mpijob_schema, tmp_path):
         assert list(yaml.safe_load_all(rendered)) == docs, f"k8s/{name} is stale: run k8s/render_examples.sh"
 
 
-def test_dockerfile_uses_the_installer_and_the_cli():
-    text = (REPO / "k8s" / "Dockerfile").read_text()
-    assert "tools/install.sh" in text and "DSTRAIN_TF=gpu" in text and "HOROVOD_GPU_OPERATIONS=NCCL" in text
-    assert 'ENTRYPOINT ["dstrain"]' in text and "USER 1000" in text and "Port 2222" in text
-
-
 def test_pods_get_a_grace_period_and_forward_sigterm_to_the_ranks():
     job = render(K8sConfig(grace_period_s=1200))[-1]
     for role in ("Launcher", "Worker"):

@@ -31,7 +31,7 @@ class K8sConfig:
     name: str = "dstrain"
     """Prefix of every object's name."""
     image: str = "dstrain:latest"
-    """Image built from k8s/Dockerfile."""
+    """Image built from k8s/Containerfile (make image)."""
     workers: int = 2
     """Worker pods (nodes)."""
     gpus: int = 8
