@@ -16,7 +16,7 @@ STAMP="$VENV/.dstrain-installed"
 APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 cmake g++ make zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"
 
 if [ "${1:-}" = --test ]; then
-  APT_PACKAGES="$APT_PACKAGES strace espeak-ng sox lame slurm-wlm munge"
+  APT_PACKAGES="$APT_PACKAGES strace espeak-ng sox lame slurm-wlm munge openssh-server iproute2"
 fi
 
 log() { printf '[install] %s\n' "$*" >&2; }
