@@ -50,12 +50,10 @@ need_root() {
 
 # --- processes of a node: every process whose network namespace is the node's
 ns_pids() {
-  local ino=$1 p
-  for p in /proc/[0-9]*; do
-    [ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$ino" ] && echo "${p#/proc/}"
-  done
-  return 0
+  { stat -L -c '%i %n' /proc/[0-9]*/ns/net 2>/dev/null || true; } | awk -v ino="$1" '$1 == ino { split($2, p, "/"); print p[3] }'
 }
+
+ns_empty() { [ -z "$(ns_pids "$1")" ]; }
 
 kill_netns() {  # freeze everything first so nothing forks while it is being killed, then SIGKILL, then wait
   local ino=$1 pids round
@@ -65,7 +63,7 @@ kill_netns() {  # freeze everything first so nothing forks while it is being kil
     kill -STOP $pids 2>/dev/null || true
     [ "$(ns_pids "$ino")" = "$pids" ] || continue
     kill -KILL $pids 2>/dev/null || true
-    wait_for test -z "$(ns_pids "$ino")" && return 0
+    wait_for ns_empty "$ino" && return 0
   done
   die "processes of namespace inode $ino survive SIGKILL: $(ns_pids "$ino")"
 }
@@ -240,9 +238,11 @@ cmd_revive() {
 }
 
 cmd_link() {  # up|down NODE
-  local state=$1 n=${2:?NODE}
+  local state=$1 n=${2:?NODE} m
   known "$n"
   ip -n "$SW" link set "v$n" "$state"
+  # Plugged back: forget the failed address resolutions, so the nodes reach each other again at once.
+  if [ "$state" = up ]; then for m in $(nodes); do ip -n "$(ns "$m")" neigh flush all; done; fi
 }
 
 cmd_shape() {
@@ -283,7 +283,7 @@ cmd_down() {
     kill_netns "$(stat -L -c %i "/run/netns/$nsn")"
     ip netns del "$nsn"
   done
-  for n in $(nodes); do rm -rf "${DIR:?}/$n"; done
+  for n in "$DIR"/node[0-9]* "$DIR/head"; do [ -f "$n/netns.inode" ] || [ -f "$n/hosts" ] && rm -rf "$n"; done
   rm -rf "$DIR/ssh" "$DIR/slurm" "$DIR/nodes" "$DIR/shape" "$DIR/sw.inode"
   rmdir "$DIR" 2>/dev/null || true
   echo "cluster in $DIR: down"
