@@ -9,17 +9,37 @@ Three kinds of world, one interface:
 
 A launcher that started several processes says so in the environment; a world of one in that case is an error,
 never a silent fallback (it would have every rank do all the work, or train on a fraction of the data alone).
+
+Horovod worlds of several ranks are watched by :class:`PeerWatch`: a rank that falls silent is named while the job
+waits for it, and one silent for too long (a dead node, a cut link) stops the job instead of hanging it.
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import select
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
+log = logging.getLogger("dstrain.distributed")
+
 CPU_CYCLE_TIME_MS = 5
 """Horovod's cycle time for CPU-only ranks unless HOROVOD_CYCLE_TIME is set (GPU ranks keep Horovod's 1 ms)."""
+PEER_WARN_S = 10.0
+"""A rank silent this long is named in a warning (DSTRAIN_PEER_WARN_SECONDS), well before any timeout ends the job."""
+PEER_TIMEOUT_S = 60.0
+"""A rank silent this long is lost: the ranks that hear nothing from it exit, so the launcher stops the job
+(DSTRAIN_PEER_TIMEOUT_SECONDS; 0 turns the watch off). Gloo's own timeout (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s) often
+ends a Gloo job first; MPI and NCCL have none, so under mpirun and srun this is the bound."""
+EXIT_PEER_LOST = 76
+"""Exit status of a rank that stopped because a peer was lost: rerun (or requeue) to resume from the last checkpoint."""
 
 # Variables launchers set in each process they start, with the number of processes.
 _SIZE_VARIABLES = (
@@ -181,6 +201,8 @@ def start_horovod(pin_gpu: bool = True) -> World:
         os.environ["HOROVOD_CYCLE_TIME"] = str(CPU_CYCLE_TIME_MS)
     hvd.init()
     _check_size(hvd.size(), "Horovod")
+    if hvd.size() > 1:
+        PeerWatch.start(hvd)
     if pin_gpu:
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
@@ -198,3 +220,172 @@ def mpi_world() -> World:
     _check_size(comm.Get_size(), "MPI")
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     return World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), "mpi", comm)
+
+
+class PeerWatch:
+    """Liveness of every rank, apart from Horovod's own traffic: each rank keeps a TCP connection to rank 0 and both
+    ends send a byte every second from a thread. A silence of :data:`PEER_WARN_S` is logged naming the rank, its host
+    and pid (a stopped process, an overloaded or unreachable node), its end too; after :data:`PEER_TIMEOUT_S`, or
+    when the connection closes without a goodbye (a killed process), the rank that noticed logs an error naming the
+    lost one and exits with :data:`EXIT_PEER_LOST`, and its launcher stops every other rank. Collectives cannot do
+    this: a rank blocked in one waits on the network for as long as TCP does (two hours, without Gloo's timeout)."""
+
+    HEARTBEAT_S = 1.0
+    GRACE_S = 5.0  # a connection closed without a goodbye: the peer may be exiting with us (preemption, os._exit)
+
+    def __init__(self, rank: int, warn_s: float, timeout_s: float):
+        self.rank, self.warn_s, self.timeout_s = rank, warn_s, timeout_s
+        self.me = f"{socket.gethostname()}:{os.getpid()}"
+        self.server: socket.socket | None = None
+        self.peers: dict[socket.socket, dict] = {}
+        self._closing = False
+
+    @classmethod
+    def start(cls, hvd: Any) -> PeerWatch | None:
+        timeout_s = float(os.environ.get("DSTRAIN_PEER_TIMEOUT_SECONDS", PEER_TIMEOUT_S))
+        if timeout_s <= 0:
+            return None
+        watch = cls(hvd.rank(), min(float(os.environ.get("DSTRAIN_PEER_WARN_SECONDS", PEER_WARN_S)), timeout_s), timeout_s)
+        address = None
+        if watch.rank == 0:
+            watch.server = socket.create_server(("0.0.0.0", 0), backlog=max(16, hvd.size()))
+            address = (_advertised_address(), watch.server.getsockname()[1])
+        # Horovod: every rank learns where rank 0 listens.
+        address = hvd.broadcast_object(address, root_rank=0)
+        if watch.rank != 0:
+            try:
+                sock = socket.create_connection(address, timeout=10)
+            except OSError as e:
+                log.warning("rank %d: cannot reach rank 0's peer watch at %s:%d (%s): a lost rank 0 will not be "
+                            "noticed here", watch.rank, *address, e)  # fmt: skip
+                return None
+            sock.sendall(f"HELLO {watch.rank} {watch.me}\n".encode())
+            watch._add(sock, "rank 0", f"{address[0]}")
+        threading.Thread(target=watch._loop, name="dstrain-peer-watch", daemon=True).start()
+        atexit.register(watch.close)
+        # A collective that gives up on a silent peer (Gloo's timeout) raises an error that names an address at best.
+        previous = sys.excepthook
+
+        def excepthook(kind, value, tb):
+            previous(kind, value, tb)
+            suspects = watch.suspects()
+            if suspects:
+                watch._lost(f"the error above came while {suspects}")
+
+        sys.excepthook = excepthook
+        return watch
+
+    def _add(self, sock: socket.socket, name: str, where: str) -> None:
+        sock.setblocking(False)
+        self.peers[sock] = {"name": name, "where": where, "last": time.monotonic(), "warned": False, "bye": False,
+                            "closed": None, "buf": b""}  # fmt: skip
+
+    def close(self) -> None:
+        """A clean exit: tell the peers, so that our closed connection is not taken for a lost rank."""
+        self._closing = True
+        for sock in list(self.peers):
+            try:
+                sock.send(b"BYE\n")
+            except OSError:
+                pass
+
+    def _loop(self) -> None:
+        sent = 0.0
+        while not self._closing:
+            watched = [s for s, p in self.peers.items() if p["closed"] is None]
+            ready, _, _ = select.select(watched + ([self.server] if self.server else []), [], [], self.HEARTBEAT_S / 4)
+            for sock in ready:
+                if sock is self.server:
+                    conn, (host, _) = self.server.accept()
+                    conn.sendall(f"HELLO 0 {self.me}\n".encode())
+                    self._add(conn, "a rank", host)
+                else:
+                    self._receive(sock)
+            now = time.monotonic()
+            if now - sent >= self.HEARTBEAT_S:
+                sent = now
+                for sock, p in self.peers.items():
+                    if p["closed"] is None:
+                        try:
+                            sock.send(b".", socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            p["closed"] = now
+            for p in self.peers.values():
+                self._judge(p, now)
+
+    def _receive(self, sock: socket.socket) -> None:
+        p = self.peers[sock]
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            p["closed"] = time.monotonic()
+            return
+        p["last"] = time.monotonic()
+        p["buf"] += data.replace(b".", b"")
+        while b"\n" in p["buf"]:
+            line, p["buf"] = p["buf"].split(b"\n", 1)
+            words = line.decode(errors="replace").split()
+            if words[:1] == ["HELLO"] and len(words) == 3:
+                p["name"], p["where"] = f"rank {words[1]}", words[2]
+            elif words[:1] == ["BYE"]:
+                p["bye"] = True
+        if p["warned"]:
+            p["warned"] = False
+            log.warning("%s (%s) is heard from again", p["name"], p["where"])
+
+    def suspects(self) -> str:
+        """The peers that are silent or gone, described; empty when all are well."""
+        now, out = time.monotonic(), []
+        for p in self.peers.values():
+            if p["bye"]:
+                continue
+            if p["closed"] is not None:
+                out.append(f"{p['name']} ({p['where']}) had closed its connection without a goodbye")
+            elif now - p["last"] >= self.warn_s:
+                out.append(f"{p['name']} ({p['where']}) had been silent for {now - p['last']:.0f} s")
+        return ", ".join(out)
+
+    def _judge(self, p: dict, now: float) -> None:
+        if p["bye"]:
+            return
+        who = f"{p['name']} ({p['where']})"
+        if p["closed"] is not None:
+            if now - p["closed"] >= self.GRACE_S:
+                self._lost(f"{who} is lost: its connection closed without a goodbye (the process was killed, or its node "
+                           "went down)")  # fmt: skip
+            return
+        silent = now - p["last"]
+        if silent >= self.timeout_s:
+            self._lost(f"{who} is lost: nothing heard from it for {silent:.0f} s (its node is down or unreachable, or it "
+                       "is stopped)")  # fmt: skip
+        elif silent >= self.warn_s and not p["warned"]:
+            p["warned"] = True
+            log.warning("%s has been silent for %.0f s (stopped, overloaded, or its node unreachable); waiting for it, "
+                        "for at most %.0f s", who, silent, self.timeout_s)  # fmt: skip
+
+    def _lost(self, what: str) -> None:
+        log.error("%s; this rank (%s) exits with %d so that the launcher stops the job: run the same command (or "
+                  "requeue) on the nodes that are left to resume from the last checkpoint", what, self.me, EXIT_PEER_LOST)  # fmt: skip
+        for handler in logging.getLogger("dstrain").handlers + logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_LOST)
+
+
+def _advertised_address() -> str:
+    """The address rank 0's peers reach it at: on the interface the launcher chose, else its hostname's."""
+    wanted = os.environ.get("HOROVOD_GLOO_IFACE") or os.environ.get("NCCL_SOCKET_IFNAME", "").split(",")[0]
+    if wanted:
+        import psutil
+
+        for a in psutil.net_if_addrs().get(wanted, []):
+            if a.family == socket.AF_INET:
+                return a.address
+    return socket.gethostbyname(socket.gethostname())

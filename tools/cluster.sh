@@ -126,6 +126,8 @@ PrintMotd no
 UseDNS no
 MaxStartups 100:30:200
 MaxSessions 100
+ClientAliveInterval 5
+ClientAliveCountMax 3
 EOF
   # The nodes' /etc/ssh/ssh_config: what a cluster's admins set up, so `ssh node2` just works.
   cat > "$DIR/ssh/ssh_config" <<EOF
@@ -222,6 +224,10 @@ cmd_exec() {
   exec nsenter -t "$pid" --net --uts --mount --wd="$PWD" -- "$@"
 }
 
+cmd_exec_daemon() {  # NODE CMD...: a daemon that forks, whose first words go to the node's log, not our caller's pipes
+  ( cmd_exec "$@" ) </dev/null >>"$DIR/$1/daemons.log" 2>&1
+}
+
 cmd_kill() {
   local n=${1:?kill NODE}
   known "$n"
@@ -234,7 +240,7 @@ cmd_revive() {
   known "$n"
   [ -z "$(anchor "$n")" ] || die "$n is up; kill it first"
   boot_node "$n"
-  if [ -f "$DIR/slurm/slurm.conf" ] && [ "$n" != head ]; then start_slurmd "$n"; fi
+  if [ -f "$DIR/slurm/slurm.conf" ] && [ "$n" != head ]; then cmd_exec_daemon "$n" slurmd -f "$DIR/slurm/slurm.conf" -N "$n"; fi
 }
 
 cmd_link() {  # up|down NODE
@@ -290,32 +296,20 @@ cmd_down() {
 }
 
 # --- SLURM across the nodes: slurmctld (and munged) on a `head` node, one slurmd per node
-start_slurmd() {
-  local n=$1
-  cmd_exec_bg "$n" slurmd -f "$DIR/slurm/slurm.conf" -N "$n"
-}
-
-cmd_exec_bg() {  # NODE CMD...: run a daemon on a node, its output to its own log, not the caller's pipes
-  local n=$1 pid; shift
-  pid=$(anchor "$n") || die "$n is down"
-  nsenter -t "$pid" --net --uts --mount -- "$@" </dev/null >>"$DIR/$n/daemons.log" 2>&1
-}
-
 cmd_slurm() {
   local n workers
   [ -s "$DIR/nodes" ] || die "no cluster in $DIR: tools/cluster.sh up N first"
   add_node head
-  workers=$(nodes | grep -v '^head$' | tr '\n' ' ')
-  mkdir -p "$DIR/slurm"
-  # The configuration, keys and daemons as for the one-node cluster, with the nodes and the controller on head.
-  SLURM_HEAD="head" SLURM_HEAD_ADDR=$(addr head) SLURM_NODES="$(for n in $workers; do echo "$n=$(addr "$n")"; done)" \
-    SLURM_EXEC="$0 --dir $DIR exec-bg" "$HERE/local_slurm.sh" start "$DIR/slurm"
+  workers=$(nodes | grep -v '^head$')
+  # The one-node cluster's configuration and daemons, with the controller on head and a slurmd per node. Nodes not
+  # heard from for 10 s are down (SLURM's default is 300 s), so that a killed node's jobs are requeued soon.
+  SLURM_HEAD=head SLURM_HEAD_ADDR=$(addr head) SLURM_NODES="$(for n in $workers; do printf '%s=%s ' "$n" "$(addr "$n")"; done)" \
+    SLURM_ON="$0 --dir $DIR exec" SLURMD_TIMEOUT=${SLURMD_TIMEOUT:-10} "$HERE/local_slurm.sh" start "$DIR/slurm"
 }
 
 case ${1:-} in
   up) shift; need_root; cmd_up "$@" ;;
   exec) shift; cmd_exec "$@" ;;
-  exec-bg) shift; cmd_exec_bg "$@" ;;
   kill) shift; cmd_kill "$@" ;;
   revive) shift; need_root; cmd_revive "$@" ;;
   cut) shift; cmd_link down "$@" ;;
