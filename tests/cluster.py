@@ -10,7 +10,9 @@ import os
 import re
 import shutil
 import signal
+import sys
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -189,3 +191,61 @@ def stop_group(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+# --- what the multi-node training tests share
+DIGEST = re.compile(r"rank (\d+)/(\d+): final weights sha256 ([0-9a-f]{64})")
+
+
+def final_digests(output: str) -> dict[int, str]:
+    """Every rank's final weights digest, by rank. The one place that reads them: from the ranks' output lines until
+    the run record (RUN/metrics.jsonl) carries them."""
+    return {int(rank): digest for rank, _, digest in DIGEST.findall(output)}
+
+
+def train_argv(store: str, run_dir: Path, *extra: str, epochs: int = 2, batch: int = 2) -> list[str]:
+    """A tiny deterministic ``dstrain train`` (one thread per rank, no dropout) on a synthetic store."""
+    return ["dstrain", "train", "--train_files", store, "--alphabet_config_path", str(REPO / "dstrain" / "data" / "alphabet.txt"),
+            "--n_hidden", "16", "--epochs", str(epochs), "--train_batch_size", str(batch), "--learning_rate", "0.002",
+            "--dropout_rate", "0", "--random_seed", "7", "--checkpoint_dir", str(run_dir),
+            "--inter_op_parallelism_threads", "1", "--intra_op_parallelism_threads", "1", "--loader_threads", "2", *extra]  # fmt: skip
+
+
+def rank_env(**extra: str) -> dict:
+    """The test's environment for commands on the nodes: this venv first on PATH, deterministic TensorFlow ops."""
+    venv_bin = str(Path(sys.executable).parent)
+    return dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1", **extra)
+
+
+class Output:
+    """A process's merged output, read by a thread as it comes: tests wait on its lines, not on the clock."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first match of ``pattern`` in the output; fails if the process ends or ``timeout`` passes first."""
+        regex = re.compile(pattern)
+
+        def found():
+            m = regex.search(self.text)
+            if not m and self.proc.poll() is not None and not self._thread.is_alive():
+                pytest.fail(f"exited with {self.proc.returncode} before /{pattern}/:\n{self.text[-4000:]}")
+            return m
+
+        return wait_for(found, timeout, f"/{pattern}/ in the output", poll=0.1)
+
+    def finish(self, timeout: float) -> int:
+        self.proc.wait(timeout=timeout)
+        self._thread.join(timeout=30)
+        return self.proc.returncode
