@@ -85,6 +85,18 @@ class Cluster:
         ino = int((self.dir / node / "netns.inode").read_text())
         return [pid for pid, i in _net_namespaces().items() if i == ino]
 
+    def ranks(self, node: str) -> list[int]:
+        """The node's ``dstrain train`` Python processes (not the shells, launchers or srun around them)."""
+        ranks = []
+        for pid in self.pids(node):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 2 and os.path.basename(argv[0]).startswith(b"python") and argv[1].endswith(b"/dstrain") and argv[2] == b"train":
+                ranks.append(pid)
+        return ranks
+
     def kill(self, node: str) -> None:
         self.sh("kill", node)
 
@@ -203,12 +215,17 @@ def final_digests(output: str) -> dict[int, str]:
     return {int(rank): digest for rank, _, digest in DIGEST.findall(output)}
 
 
+def tiny_training(*extra: str, epochs: int = 2, batch: int = 2) -> list[str]:
+    """The flags of a tiny deterministic training: small model, one thread per rank, no dropout, a fixed seed."""
+    return ["--n_hidden", "16", "--epochs", str(epochs), "--train_batch_size", str(batch), "--learning_rate", "0.002",
+            "--dropout_rate", "0", "--random_seed", "7", "--inter_op_parallelism_threads", "1",
+            "--intra_op_parallelism_threads", "1", "--loader_threads", "2", *extra]  # fmt: skip
+
+
 def train_argv(store: str, run_dir: Path, *extra: str, epochs: int = 2, batch: int = 2) -> list[str]:
-    """A tiny deterministic ``dstrain train`` (one thread per rank, no dropout) on a synthetic store."""
+    """``dstrain train`` of :func:`tiny_training` on ``store``, saving in ``run_dir``."""
     return ["dstrain", "train", "--train_files", store, "--alphabet_config_path", str(REPO / "dstrain" / "data" / "alphabet.txt"),
-            "--n_hidden", "16", "--epochs", str(epochs), "--train_batch_size", str(batch), "--learning_rate", "0.002",
-            "--dropout_rate", "0", "--random_seed", "7", "--checkpoint_dir", str(run_dir),
-            "--inter_op_parallelism_threads", "1", "--intra_op_parallelism_threads", "1", "--loader_threads", "2", *extra]  # fmt: skip
+            "--checkpoint_dir", str(run_dir), *tiny_training(*extra, epochs=epochs, batch=batch)]  # fmt: skip
 
 
 def rank_env(**extra: str) -> dict:

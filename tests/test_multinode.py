@@ -139,20 +139,6 @@ def test_preflight_check_names_each_broken_node_and_its_fix(store, tmp_path):
         assert not [f for f in os.listdir(run_dir) if f.startswith(".dstrain-check")]
 
 
-def rank_processes(c, node: str) -> list[int]:
-    """The `dstrain train` Python processes of a node (not the shells and launchers around them)."""
-    ranks = []
-    for pid in c.pids(node):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) > 2 and os.path.basename(argv[0]).startswith(b"python") and argv[1].endswith(b"/dstrain") and argv[2] == b"train":
-            ranks.append(pid)
-    return ranks
-
-
 def start_training(c, launcher: str, hosts: str, store: str, run_dir, epochs: int) -> Output:
     """dstrain launch on node1 (driver and rank 0), running until rank 0 has saved a checkpoint inside epoch 2."""
     argv = ["dstrain", "launch", "--launcher", launcher, "--hostfile", hosts, "--",
@@ -171,12 +157,12 @@ def start_training(c, launcher: str, hosts: str, store: str, run_dir, epochs: in
 def test_a_dead_node_stops_every_rank_and_a_rerun_on_the_nodes_left_resumes(launcher, failure, store, tmp_path):
     run_dir = tmp_path / "run"
     with box(tmp_path / "c", 2) as c:
-        out = start_training(c, launcher, hostfile(tmp_path, "node1", "node2"), store, run_dir, epochs=2)
+        out = start_training(c, launcher, hostfile(tmp_path, "node1", "node2"), store, run_dir, epochs=3)
         try:
             t0 = time.monotonic()
             getattr(c, failure)("node2")
             # Every survivor exits: the launcher, and rank 0 beside it on node1.
-            wait_for(lambda: out.proc.poll() is not None and not rank_processes(c, "node1"), BOUND_S[failure] + 30,
+            wait_for(lambda: out.proc.poll() is not None and not c.ranks("node1"), BOUND_S[failure] + 30,
                      f"the survivors to exit after node2's {failure}", poll=0.5)  # fmt: skip
             elapsed = time.monotonic() - t0
         finally:
@@ -190,7 +176,7 @@ def test_a_dead_node_stops_every_rank_and_a_rerun_on_the_nodes_left_resumes(laun
         print(f"{launcher}, node2 {failure}: survivors gone after {elapsed:.1f} s; {lost.group(0)[:200]!r}")
         # The same command on the node that is left: from the last checkpoint, the epoch's rest re-partitioned.
         again = c.run("node1", "dstrain", "launch", "--launcher", launcher, "--hostfile", hostfile(tmp_path, "node1"), "--",
-                      *train_argv(store, run_dir, "--checkpoint_steps", "3", epochs=2, batch=1), env=rank_env(), timeout=400)  # fmt: skip
+                      *train_argv(store, run_dir, "--checkpoint_steps", "3", epochs=3, batch=1), env=rank_env(), timeout=400)  # fmt: skip
         assert again.returncode == 0, again.stdout[-4000:]
         assert "Resuming from checkpoint" in again.stdout and "re-partitioned over 1 ranks" in again.stdout, again.stdout[-3000:]
         assert set(final_digests(again.stdout)) == {0}
@@ -201,7 +187,7 @@ def test_a_stopped_rank_is_named_while_the_job_waits_for_it(store, tmp_path):
     with box(tmp_path / "c", 2) as c:
         out = start_training(c, "horovodrun", hostfile(tmp_path, "node1", "node2"), store, tmp_path / "run", epochs=5)
         try:
-            (rank1,) = rank_processes(c, "node2")
+            (rank1,) = c.ranks("node2")
             os.kill(rank1, signal.SIGSTOP)
             # Named before any timeout (Gloo's is 30 s), while rank 0 waits for it ...
             out.wait_for(rf"rank 1 \(node2:{rank1}\) has been silent for \d+ s", 25)
