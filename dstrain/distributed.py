@@ -97,6 +97,15 @@ class World:
     local_size: int = 1
     backend: str = "single"
     _comm: Any = field(default=None, repr=False)  # horovod.tensorflow module or an mpi4py communicator
+    # Horovod worlds start their PeerWatch at their first collective outside a graph: it exchanges rank 0's address
+    # with a broadcast, which would start TensorFlow's runtime before its thread pools are configured.
+    _watch_pending: bool = field(default=False, repr=False)
+
+    def _collective(self) -> None:
+        """Every eager collective begins here (all ranks make the same calls, so the watch starts everywhere at once)."""
+        if self._watch_pending:
+            self._watch_pending = False
+            PeerWatch.start(self._comm)
 
     @property
     def is_root(self) -> bool:
@@ -108,6 +117,7 @@ class World:
         x = np.asarray(values, dtype=np.float64)
         if self.size == 1:
             return x.copy()
+        self._collective()
         if self.backend == "horovod":
             import tensorflow as tf
 
@@ -124,6 +134,7 @@ class World:
         """Every rank's ``obj``, in rank order, on every rank."""
         if self.size == 1:
             return [obj]
+        self._collective()
         if self.backend == "horovod":
             return self._comm.allgather_object(obj)
         return self._comm.allgather(obj)
@@ -131,6 +142,7 @@ class World:
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         if self.size == 1:
             return obj
+        self._collective()
         if self.backend == "horovod":
             return self._comm.broadcast_object(obj, root_rank=root)
         return self._comm.bcast(obj, root=root)
@@ -138,6 +150,7 @@ class World:
     def barrier(self) -> None:
         if self.size == 1:
             return
+        self._collective()
         if self.backend == "horovod":
             # horovod.tensorflow has no barrier: an allreduce returns only once every rank has contributed.
             import tensorflow as tf
@@ -170,11 +183,13 @@ class World:
     def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
         """Every rank takes ``root``'s values (initial weights, optimizer state, counters after a resume)."""
         if self.size > 1:
+            self._collective()
             self._require_horovod().broadcast_variables(list(variables), root_rank=root)
 
     def join(self) -> None:
         """Wait until every rank has got here (Horovod's join also lets ranks with fewer batches finish)."""
         if self.size > 1 and self.backend == "horovod":
+            self._collective()
             self._comm.join()
         else:
             self.barrier()
@@ -201,13 +216,11 @@ def start_horovod(pin_gpu: bool = True) -> World:
         os.environ["HOROVOD_CYCLE_TIME"] = str(CPU_CYCLE_TIME_MS)
     hvd.init()
     _check_size(hvd.size(), "Horovod")
-    if hvd.size() > 1:
-        PeerWatch.start(hvd)
     if pin_gpu:
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
-    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", hvd)
+    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", hvd, _watch_pending=hvd.size() > 1)
 
 
 def mpi_world() -> World:

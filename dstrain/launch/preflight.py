@@ -137,7 +137,8 @@ def command_paths(command: tuple[str, ...]) -> tuple[list[str], list[str]]:
         with open(values["config"], encoding="utf-8") as f:
             from_file = yaml.safe_load(f) or {}
         values = {**{k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in from_file.items()}, **values}
-    stores = [s for flag in STORE_FLAGS for s in values.get(flag, "").split(",") if s]
+    # A memory:// store lives in one process: nothing another process could be asked about.
+    stores = [s for flag in STORE_FLAGS for s in values.get(flag, "").split(",") if s and not s.startswith("memory://")]
     run_dirs = [values[f] for f in RUN_DIR_FLAGS if values.get(f) and "://" not in values[f]]
     return stores, list(dict.fromkeys(run_dirs))
 
