@@ -85,6 +85,10 @@ class Cluster:
         ino = int((self.dir / node / "netns.inode").read_text())
         return [pid for pid, i in _net_namespaces().items() if i == ino]
 
+    def running(self, node: str, text: str) -> bool:
+        """Whether a process of the node has ``text`` in its command line."""
+        return any(text in _cmdline(pid) for pid in self.pids(node))
+
     def ranks(self, node: str) -> list[int]:
         """The node's ``dstrain train`` Python processes (not the shells, launchers or srun around them)."""
         ranks = []

@@ -40,27 +40,38 @@ def job_info(c: Cluster, job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", on_head(c, "scontrol", "show", "job", job).stdout))
 
 
-def submit_training(c: Cluster, store: str, run_dir, tmp_path, epochs: int) -> str:
+def start_mid_epoch_2(c: Cluster, store: str, tmp_path) -> str:
+    """A two-node training job of 3 epochs, once rank 0 has saved a checkpoint inside epoch 2."""
+    run_dir = tmp_path / "run"
     # train_body.sh adds the stores, alphabet and run directory; the last --intra_op_parallelism_threads wins.
-    args = " ".join(tiny_training("--checkpoint_steps", "3", epochs=epochs, batch=1))
+    args = " ".join(tiny_training("--checkpoint_steps", "3", epochs=3, batch=1))
     out = on_head(c, "sh", "-c", f"cd {tmp_path} && sbatch --parsable --nodes=2 {' '.join(ONE_RANK_PER_NODE)} "
                   f"{REPO}/slurm/train_multinode.sbatch {args}", TRAIN_FILES=store,
                   ALPHABET=str(REPO / "dstrain" / "data" / "alphabet.txt"), CHECKPOINT_DIR=str(run_dir))  # fmt: skip
     assert out.returncode == 0, out.stdout
-    return out.stdout.strip().split(";")[0]
-
-
-def wait_mid_epoch_2(run_dir) -> None:
+    job = out.stdout.strip().split(";")[0]
     log = run_dir / "train.log"
     wait_for(lambda: log.exists() and re.search(r"saved \S+ at step \d+ \(epoch 2, step [1-9]", log.read_text()), 400,
              "a checkpoint inside epoch 2")  # fmt: skip
+    assert job_info(c, job)["NodeList"] == "node[1-2]"
+    return job
+
+
+def finish(c: Cluster, job: str, tmp_path) -> str:
+    """The job's log once it has completed (after its requeue), with one final digest for both ranks."""
+    wait_for(lambda: job_info(c, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job")
+    text = job_log(tmp_path)
+    assert job_info(c, job)["JobState"] == "COMPLETED", text[-4000:]
+    assert "restart 1" in text and "Resuming from checkpoint" in text
+    digests = final_digests(text)
+    assert set(digests) == {0, 1} and len(set(digests.values())) == 1
+    return text
 
 
 def release_requeued(c: Cluster, job: str) -> None:
     """SLURM holds a requeued job for two minutes: start it as soon as the first run's step has gone."""
     wait_for(lambda: (i := job_info(c, job)).get("Restarts") == "1" and i.get("JobState") == "PENDING", 180, "the requeue")
-    step_gone = lambda: subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\.0\]"], capture_output=True).returncode != 0
-    wait_for(step_gone, 120, "the first run's step to exit")
+    wait_for(lambda: not any(c.running(n, f"slurmstepd: [{job}.0]") for n in c.nodes), 120, "the first run's step to exit")
     assert on_head(c, "scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
 
 
@@ -71,31 +82,21 @@ def job_log(tmp_path) -> str:
 
 @pytest.mark.timeout(900)
 def test_two_node_job_checkpoints_on_usr1_requeues_and_resumes_mid_epoch(slurm, store, tmp_path):
-    run_dir = tmp_path / "run"
-    job = submit_training(slurm, store, run_dir, tmp_path, epochs=3)
-    wait_mid_epoch_2(run_dir)
-    assert job_info(slurm, job)["NodeList"] == "node[1-2]"
+    job = start_mid_epoch_2(slurm, store, tmp_path)
     # As SLURM does before a time limit with --signal=USR1@secs: every rank of the job's step is signalled.
     assert on_head(slurm, "scancel", "--signal=USR1", job).returncode == 0
     release_requeued(slurm, job)
-    wait_for(lambda: job_info(slurm, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the resumed job")
-    text = job_log(tmp_path)
-    assert job_info(slurm, job)["JobState"] == "COMPLETED", text[-4000:]
+    text = finish(slurm, job, tmp_path)
     assert "on node[1-2], 2 ranks" in text and "Horovod: 2 process(es), mpi controller" in text
-    assert "Stop requested (SIGUSR1)" in text and "requeueing job" in text and "restart 1" in text
+    assert "Stop requested (SIGUSR1)" in text and "requeueing job" in text
     stopped = re.search(r"Stop requested \(SIGUSR1\): checkpoint \S+ saved at epoch (\d+), step (\d+)", text)
     assert stopped and re.search(rf"Resuming from checkpoint \S+ \(epoch {int(stopped.group(1)) - 1} done, step {stopped.group(2)}\)", text)
     assert f"epoch {stopped.group(1)}: resuming after step" in text, "the requeued job did not resume mid-epoch"
-    digests = final_digests(text)
-    assert set(digests) == {0, 1} and len(set(digests.values())) == 1
 
 
 @pytest.mark.timeout(900)
 def test_a_dead_node_stops_the_job_which_is_requeued_on_the_nodes_left(slurm, store, tmp_path):
-    run_dir = tmp_path / "run"
-    job = submit_training(slurm, store, run_dir, tmp_path, epochs=3)
-    wait_mid_epoch_2(run_dir)
-    assert job_info(slurm, job)["NodeList"] == "node[1-2]"
+    job = start_mid_epoch_2(slurm, store, tmp_path)
     t0 = time.monotonic()
     slurm.kill("node2")
     wait_for(lambda: not slurm.ranks("node1"), 60, "rank 0 on node1 to exit")
@@ -105,14 +106,9 @@ def test_a_dead_node_stops_the_job_which_is_requeued_on_the_nodes_left(slurm, st
     # SLURM marks the node down (SlurmdTimeout) and requeues the job; it runs again on node1 and node3.
     wait_for(lambda: "down" in on_head(slurm, "sinfo", "-h", "-n", "node2", "-o", "%T").stdout, 120, "node2 to be marked down")
     release_requeued(slurm, job)
-    wait_for(lambda: job_info(slurm, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job")
-    text = job_log(tmp_path)
-    assert job_info(slurm, job)["JobState"] == "COMPLETED", text[-4000:]
+    text = finish(slurm, job, tmp_path)
     assert job_info(slurm, job)["NodeList"] == "node[1,3]"
     assert re.search(r"rank 1 \(node2:\d+\) is lost|Node failure on node2", text), text[-4000:]
-    assert "restart 1" in text and "Resuming from checkpoint" in text
-    digests = final_digests(text)
-    assert set(digests) == {0, 1} and len(set(digests.values())) == 1
 
 
 @pytest.mark.timeout(600)

@@ -159,8 +159,11 @@ def _probe_argv(host: str, request: dict, local: bool) -> list[str]:
     argv = [sys.executable, "-m", "dstrain.launch.preflight", json.dumps({**request, "as": host})]
     if local:
         return argv
-    # What horovodrun and mpirun do to start a rank there: ssh, without a password.
-    return ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, shlex.join(argv)]
+    # What mpirun does to start a rank there: ssh without a password, with Open MPI's agent and arguments where set
+    # (the Kubernetes launcher pod's workers listen on port 2222: OMPI_MCA_plm_rsh_args="-p 2222").
+    agent = shlex.split(os.environ.get("OMPI_MCA_plm_rsh_agent", "ssh").split(":")[0]) or ["ssh"]
+    extra = shlex.split(os.environ.get("OMPI_MCA_plm_rsh_args", ""))
+    return [*agent, *extra, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, shlex.join(argv)]
 
 
 def _run(argv: list[str]) -> dict | str:
