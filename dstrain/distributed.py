@@ -235,6 +235,22 @@ def mpi_world() -> World:
     return World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), "mpi", comm)
 
 
+@dataclass
+class _Peer:
+    """What a rank's peer watch knows of one other rank."""
+
+    name: str  # "rank 3"
+    where: str  # "host:pid"
+    last: float  # when it was last heard from (time.monotonic)
+    closed: float | None = None  # when its connection closed
+    warned: bool = False
+    bye: bool = False  # it said goodbye: a clean exit
+    buf: bytes = b""
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.where})"
+
+
 class PeerWatch:
     """Liveness of every rank, apart from Horovod's own traffic: each rank keeps a TCP connection to rank 0 and both
     ends send a byte every second from a thread. A silence of :data:`PEER_WARN_S` is logged naming the rank, its host
@@ -244,13 +260,14 @@ class PeerWatch:
     this: a rank blocked in one waits on the network for as long as TCP does (two hours, without Gloo's timeout)."""
 
     HEARTBEAT_S = 1.0
+    BEAT = b"\0"  # between the text lines (HELLO rank host:pid, BYE), which never hold it
     GRACE_S = 5.0  # a connection closed without a goodbye: the peer may be exiting with us (preemption, os._exit)
 
     def __init__(self, rank: int, warn_s: float, timeout_s: float):
         self.rank, self.warn_s, self.timeout_s = rank, warn_s, timeout_s
         self.me = f"{socket.gethostname()}:{os.getpid()}"
         self.server: socket.socket | None = None
-        self.peers: dict[socket.socket, dict] = {}
+        self.peers: dict[socket.socket, _Peer] = {}
         self._closing = False
 
     @classmethod
@@ -273,7 +290,7 @@ class PeerWatch:
                             "noticed here", watch.rank, *address, e)  # fmt: skip
                 return None
             sock.sendall(f"HELLO {watch.rank} {watch.me}\n".encode())
-            watch._add(sock, "rank 0", f"{address[0]}")
+            watch._add(sock, "rank 0", address[0])
         threading.Thread(target=watch._loop, name="dstrain-peer-watch", daemon=True).start()
         atexit.register(watch.close)
         # A collective that gives up on a silent peer (Gloo's timeout) raises an error that names an address at best.
@@ -290,8 +307,7 @@ class PeerWatch:
 
     def _add(self, sock: socket.socket, name: str, where: str) -> None:
         sock.setblocking(False)
-        self.peers[sock] = {"name": name, "where": where, "last": time.monotonic(), "warned": False, "bye": False,
-                            "closed": None, "buf": b""}  # fmt: skip
+        self.peers[sock] = _Peer(name, where, time.monotonic())
 
     def close(self) -> None:
         """A clean exit: tell the peers, so that our closed connection is not taken for a lost rank."""
@@ -305,7 +321,7 @@ class PeerWatch:
     def _loop(self) -> None:
         sent = 0.0
         while not self._closing:
-            watched = [s for s, p in self.peers.items() if p["closed"] is None]
+            watched = [s for s, p in self.peers.items() if p.closed is None]
             ready, _, _ = select.select(watched + ([self.server] if self.server else []), [], [], self.HEARTBEAT_S / 4)
             for sock in ready:
                 if sock is self.server:
@@ -318,13 +334,13 @@ class PeerWatch:
             if now - sent >= self.HEARTBEAT_S:
                 sent = now
                 for sock, p in self.peers.items():
-                    if p["closed"] is None:
+                    if p.closed is None:
                         try:
-                            sock.send(b".", socket.MSG_DONTWAIT)
+                            sock.send(self.BEAT, socket.MSG_DONTWAIT)
                         except BlockingIOError:
                             pass
                         except OSError:
-                            p["closed"] = now
+                            p.closed = now
             for p in self.peers.values():
                 self._judge(p, now)
 
@@ -337,50 +353,49 @@ class PeerWatch:
         except OSError:
             data = b""
         if not data:
-            p["closed"] = time.monotonic()
+            p.closed = time.monotonic()
             return
-        p["last"] = time.monotonic()
-        p["buf"] += data.replace(b".", b"")
-        while b"\n" in p["buf"]:
-            line, p["buf"] = p["buf"].split(b"\n", 1)
+        p.last = time.monotonic()
+        p.buf += data.replace(self.BEAT, b"")
+        while b"\n" in p.buf:
+            line, p.buf = p.buf.split(b"\n", 1)
             words = line.decode(errors="replace").split()
             if words[:1] == ["HELLO"] and len(words) == 3:
-                p["name"], p["where"] = f"rank {words[1]}", words[2]
+                p.name, p.where = f"rank {words[1]}", words[2]
             elif words[:1] == ["BYE"]:
-                p["bye"] = True
-        if p["warned"]:
-            p["warned"] = False
-            log.warning("%s (%s) is heard from again", p["name"], p["where"])
+                p.bye = True
+        if p.warned:
+            p.warned = False
+            log.warning("%s is heard from again", p)
 
     def suspects(self) -> str:
         """The peers that are silent or gone, described; empty when all are well."""
         now, out = time.monotonic(), []
-        for p in self.peers.values():
-            if p["bye"]:
+        for p in list(self.peers.values()):  # the watch's thread may be adding one
+            if p.bye:
                 continue
-            if p["closed"] is not None:
-                out.append(f"{p['name']} ({p['where']}) had closed its connection without a goodbye")
-            elif now - p["last"] >= self.warn_s:
-                out.append(f"{p['name']} ({p['where']}) had been silent for {now - p['last']:.0f} s")
+            if p.closed is not None:
+                out.append(f"{p} had closed its connection without a goodbye")
+            elif now - p.last >= self.warn_s:
+                out.append(f"{p} had been silent for {now - p.last:.0f} s")
         return ", ".join(out)
 
-    def _judge(self, p: dict, now: float) -> None:
-        if p["bye"]:
+    def _judge(self, p: _Peer, now: float) -> None:
+        if p.bye:
             return
-        who = f"{p['name']} ({p['where']})"
-        if p["closed"] is not None:
-            if now - p["closed"] >= self.GRACE_S:
-                self._lost(f"{who} is lost: its connection closed without a goodbye (the process was killed, or its node "
+        if p.closed is not None:
+            if now - p.closed >= self.GRACE_S:
+                self._lost(f"{p} is lost: its connection closed without a goodbye (the process was killed, or its node "
                            "went down)")  # fmt: skip
             return
-        silent = now - p["last"]
+        silent = now - p.last
         if silent >= self.timeout_s:
-            self._lost(f"{who} is lost: nothing heard from it for {silent:.0f} s (its node is down or unreachable, or it "
+            self._lost(f"{p} is lost: nothing heard from it for {silent:.0f} s (its node is down or unreachable, or it "
                        "is stopped)")  # fmt: skip
-        elif silent >= self.warn_s and not p["warned"]:
-            p["warned"] = True
+        elif silent >= self.warn_s and not p.warned:
+            p.warned = True
             log.warning("%s has been silent for %.0f s (stopped, overloaded, or its node unreachable); waiting for it, "
-                        "for at most %.0f s", who, silent, self.timeout_s)  # fmt: skip
+                        "for at most %.0f s", p, silent, self.timeout_s)  # fmt: skip
 
     def _lost(self, what: str) -> None:
         log.error("%s; this rank (%s) exits with %d so that the launcher stops the job: run the same command (or "

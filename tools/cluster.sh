@@ -318,5 +318,5 @@ case ${1:-} in
   slurm) shift; need_root; cmd_slurm "$@" ;;
   status) cmd_status ;;
   down) cmd_down ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac
