@@ -156,6 +156,8 @@ def track(state_dir: Path) -> None:
 def leftovers() -> list[str]:
     """What this session's clusters left behind: their namespaces, interfaces named like their links in this
     machine's namespace, and processes in their namespaces (ranks, sshd, slurmd, anchors)."""
+    if not _made:
+        return []
     found = []
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     named = {}
