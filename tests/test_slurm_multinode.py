@@ -40,75 +40,68 @@ def job_info(c: Cluster, job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", on_head(c, "scontrol", "show", "job", job).stdout))
 
 
-def start_mid_epoch_2(c: Cluster, store: str, tmp_path) -> str:
-    """A two-node training job of 3 epochs, once rank 0 has saved a checkpoint inside epoch 2."""
-    run_dir = tmp_path / "run"
+def submit(c: Cluster, store: str, run_dir, tmp_path) -> str:
+    """A two-node training job: 4 epochs of ~20 steps per rank, a checkpoint every 3 steps."""
     # train_body.sh adds the stores, alphabet and run directory; the last --intra_op_parallelism_threads wins.
-    args = " ".join(tiny_training("--checkpoint_steps", "3", epochs=3, batch=1))
+    args = " ".join(tiny_training("--checkpoint_steps", "3", epochs=4, batch=1))
     out = on_head(c, "sh", "-c", f"cd {tmp_path} && sbatch --parsable --nodes=2 {' '.join(ONE_RANK_PER_NODE)} "
                   f"{REPO}/slurm/train_multinode.sbatch {args}", TRAIN_FILES=store,
                   ALPHABET=str(REPO / "dstrain" / "data" / "alphabet.txt"), CHECKPOINT_DIR=str(run_dir))  # fmt: skip
     assert out.returncode == 0, out.stdout
-    job = out.stdout.strip().split(";")[0]
+    return out.stdout.strip().split(";")[0]
+
+
+def wait_checkpoint_inside(run_dir, epoch: int) -> None:
     log = run_dir / "train.log"
-    wait_for(lambda: log.exists() and re.search(r"saved \S+ at step \d+ \(epoch 2, step [1-9]", log.read_text()), 400,
-             "a checkpoint inside epoch 2")  # fmt: skip
-    assert job_info(c, job)["NodeList"] == "node[1-2]"
-    return job
+    wait_for(lambda: log.exists() and re.search(rf"saved \S+ at step \d+ \(epoch {epoch}, step [1-9]", log.read_text()),
+             400, f"a checkpoint inside epoch {epoch}")  # fmt: skip
 
 
-def finish(c: Cluster, job: str, tmp_path) -> str:
-    """The job's log once it has completed (after its requeue), with one final digest for both ranks."""
-    wait_for(lambda: job_info(c, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job")
-    text = job_log(tmp_path)
-    assert job_info(c, job)["JobState"] == "COMPLETED", text[-4000:]
-    assert "restart 1" in text and "Resuming from checkpoint" in text
-    digests = final_digests(text)
-    assert set(digests) == {0, 1} and len(set(digests.values())) == 1
-    return text
-
-
-def release_requeued(c: Cluster, job: str) -> None:
-    """SLURM holds a requeued job for two minutes: start it as soon as the first run's step has gone."""
-    wait_for(lambda: (i := job_info(c, job)).get("Restarts") == "1" and i.get("JobState") == "PENDING", 180, "the requeue")
-    wait_for(lambda: not any(c.running(n, f"slurmstepd: [{job}.0]") for n in c.nodes), 120, "the first run's step to exit")
+def release_requeued(c: Cluster, job: str, restarts: int) -> None:
+    """SLURM holds a requeued job for two minutes: start it as soon as the last run's step has gone."""
+    wait_for(lambda: (i := job_info(c, job)).get("Restarts") == str(restarts) and i.get("JobState") == "PENDING", 180,
+             f"requeue number {restarts}")  # fmt: skip
+    wait_for(lambda: not any(c.running(n, f"slurmstepd: [{job}.0]") for n in c.nodes), 120, "the last run's step to exit")
     assert on_head(c, "scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
 
 
-def job_log(tmp_path) -> str:
-    (log,) = tmp_path.glob("dstrain-train-multinode-*.out")
-    return log.read_text()
-
-
-@pytest.mark.timeout(900)
-def test_two_node_job_checkpoints_on_usr1_requeues_and_resumes_mid_epoch(slurm, store, tmp_path):
-    job = start_mid_epoch_2(slurm, store, tmp_path)
-    # As SLURM does before a time limit with --signal=USR1@secs: every rank of the job's step is signalled.
+@pytest.mark.timeout(1200)
+def test_two_node_job_goes_through_usr1_and_a_dead_node_by_requeues(slurm, store, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(slurm, store, run_dir, tmp_path)
+    wait_checkpoint_inside(run_dir, 2)
+    assert job_info(slurm, job)["NodeList"] == "node[1-2]"
+    # As SLURM does before a time limit with --signal=USR1@secs: every rank of the job's step is signalled. The job
+    # checkpoints, requeues itself and resumes mid-epoch.
     assert on_head(slurm, "scancel", "--signal=USR1", job).returncode == 0
-    release_requeued(slurm, job)
-    text = finish(slurm, job, tmp_path)
+    release_requeued(slurm, job, 1)
+    wait_checkpoint_inside(run_dir, 3)
+    (log,) = tmp_path.glob("dstrain-train-multinode-*.out")
+    text = log.read_text()
     assert "on node[1-2], 2 ranks" in text and "Horovod: 2 process(es), mpi controller" in text
-    assert "Stop requested (SIGUSR1)" in text and "requeueing job" in text
+    assert "Stop requested (SIGUSR1)" in text and "requeueing job" in text and "restart 1" in text
     stopped = re.search(r"Stop requested \(SIGUSR1\): checkpoint \S+ saved at epoch (\d+), step (\d+)", text)
     assert stopped and re.search(rf"Resuming from checkpoint \S+ \(epoch {int(stopped.group(1)) - 1} done, step {stopped.group(2)}\)", text)
     assert f"epoch {stopped.group(1)}: resuming after step" in text, "the requeued job did not resume mid-epoch"
 
-
-@pytest.mark.timeout(900)
-def test_a_dead_node_stops_the_job_which_is_requeued_on_the_nodes_left(slurm, store, tmp_path):
-    job = start_mid_epoch_2(slurm, store, tmp_path)
+    # node2 dies mid-epoch: rank 0 stops at once, SLURM marks the node down and the job, requeued, runs on node1 and
+    # node3 from the last checkpoint.
     t0 = time.monotonic()
     slurm.kill("node2")
     wait_for(lambda: not slurm.ranks("node1"), 60, "rank 0 on node1 to exit")
     elapsed = time.monotonic() - t0
     assert elapsed < 30, f"rank 0 took {elapsed:.0f} s to exit after node2 died"
     print(f"srun, node2 killed: rank 0 gone after {elapsed:.1f} s")
-    # SLURM marks the node down (SlurmdTimeout) and requeues the job; it runs again on node1 and node3.
     wait_for(lambda: "down" in on_head(slurm, "sinfo", "-h", "-n", "node2", "-o", "%T").stdout, 120, "node2 to be marked down")
-    release_requeued(slurm, job)
-    text = finish(slurm, job, tmp_path)
-    assert job_info(slurm, job)["NodeList"] == "node[1,3]"
+    release_requeued(slurm, job, 2)
+    wait_for(lambda: job_info(slurm, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job")
+    text = log.read_text()
+    assert job_info(slurm, job)["JobState"] == "COMPLETED", text[-4000:]
+    assert job_info(slurm, job)["NodeList"] == "node[1,3]" and "restart 2" in text
     assert re.search(r"rank 1 \(node2:\d+\) is lost|Node failure on node2", text), text[-4000:]
+    assert text.count("Resuming from checkpoint") == 2
+    digests = final_digests(text)
+    assert set(digests) == {0, 1} and len(set(digests.values())) == 1
 
 
 @pytest.mark.timeout(600)
