@@ -117,3 +117,15 @@ def test_preprocessing_over_two_nodes_gives_the_store_of_one_process(slurm, alph
     job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
     assert job_info(slurm, job)["NodeList"] == "node[1-2]" and "2 rank(s)" in log.read_text()
     assert store_digest(tmp_path / "slurm_store") == store_digest(local)
+
+
+@pytest.mark.timeout(300)
+def test_preflight_inside_an_allocation_asks_every_node_through_srun(slurm, store, tmp_path):
+    check = ["salloc", "--nodelist=node1,node2", "--ntasks-per-node=1", "dstrain", "launch", "--check", "--launcher", "mpirun", "--",
+             "dstrain", "train", "--train_files", store, "--checkpoint_dir", str(tmp_path / "run")]  # fmt: skip
+    ok = on_head(slurm, *check)
+    assert ok.returncode == 0 and "pre-flight check passed on node1, node2" in ok.stdout, ok.stdout
+    assert "network interface eth0 (10.213.0.0/24), shared by every node" in ok.stdout
+    assert slurm.run("node2", "mount", "-t", "tmpfs", "none", store).returncode == 0
+    broken = on_head(slurm, *check)
+    assert broken.returncode != 0 and f"  node2: cannot see the feature store {store}" in broken.stdout, broken.stdout
