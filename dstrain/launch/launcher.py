@@ -160,13 +160,18 @@ def parse_hosts(spec: str) -> tuple[Host, ...]:
     return tuple(out)
 
 
+def from_slurm(cfg: LaunchConfig, env: dict[str, str]) -> bool:
+    """Whether the hosts are the SLURM allocation's (no --hosts, --hostfile or --np)."""
+    return not cfg.hosts and not cfg.hostfile and "SLURM_JOB_NODELIST" in env and not cfg.np
+
+
 def resolve_hosts(cfg: LaunchConfig, env: dict[str, str]) -> tuple[Host, ...]:
     """--hosts, else --hostfile, else the SLURM allocation (unless --np says otherwise), else none (localhost)."""
     if cfg.hosts:
         return parse_hosts(cfg.hosts)
     if cfg.hostfile:
         return hosts_from_hostfile(cfg.hostfile)
-    if "SLURM_JOB_NODELIST" in env and not cfg.np:
+    if from_slurm(cfg, env):
         return hosts_from_slurm(env)
     return ()
 
@@ -226,8 +231,7 @@ def run_preflight(cfg: LaunchConfig, env: dict[str, str]) -> str:
     on this machine alone unless --network_interface names one)."""
     hosts = resolve_hosts(cfg, env) or (Host("localhost", cfg.np or 1),)
     names = list(dict.fromkeys(h.name for h in hosts))
-    slurm = not cfg.hosts and not cfg.hostfile and "SLURM_JOB_NODELIST" in env and not cfg.np
-    interface = preflight.check(names, cfg.command, cfg.network_interface, slurm=slurm)
+    interface = preflight.check(names, cfg.command, cfg.network_interface, slurm=from_slurm(cfg, env))
     print(f"dstrain launch: pre-flight check passed on {', '.join(names)}", flush=True)
     if interface is not None:
         how = "given" if cfg.network_interface else "shared by every node"

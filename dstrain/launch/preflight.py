@@ -181,8 +181,8 @@ def _run(argv: list[str]) -> dict | str:
     return (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
 
 
-def ask(hosts: list[str], request: dict, slurm: bool = False) -> dict[str, dict | str]:
-    """Every host's answer (or the reason it gave none), by host name."""
+def ask(hosts: list[str], request: dict, slurm: bool = False, local: frozenset[str] | set[str] = frozenset()) -> dict[str, dict | str]:
+    """Every host's answer (or the reason it gave none), by host name; ``local`` hosts answer without ssh."""
     if slurm:
         # Inside an allocation: one task per node through srun, as the job's own ranks start.
         argv = ["srun", f"--nodes={len(hosts)}", f"--ntasks={len(hosts)}", "--ntasks-per-node=1", "--kill-on-bad-exit=0",
@@ -198,7 +198,7 @@ def ask(hosts: list[str], request: dict, slurm: bool = False) -> dict[str, dict 
         why = (proc.stderr.strip().splitlines() or ["no answer from srun"])[-1]
         return {h: answers.get(h, why) for h in hosts}
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        return dict(zip(hosts, pool.map(lambda h: _run(_probe_argv(h, request, is_local(h))), hosts)))
+        return dict(zip(hosts, pool.map(lambda h: _run(_probe_argv(h, request, h in local)), hosts)))
 
 
 # --- judging the answers
@@ -294,7 +294,8 @@ def check(hosts: list[str], command: tuple[str, ...], wanted_interface: str = ""
     """Asks every node; raises :class:`PreflightError` listing every problem; returns the interface the ranks should
     use (None for a job on this machine alone)."""
     request = make_request(hosts, command)
-    remote = slurm or not all(is_local(h) for h in hosts)
+    local = {h for h in hosts if not slurm and is_local(h)}
+    remote = slurm or len(local) < len(hosts)
     for path in request["run_dirs"]:
         try:
             os.makedirs(path, exist_ok=True)
@@ -303,7 +304,7 @@ def check(hosts: list[str], command: tuple[str, ...], wanted_interface: str = ""
         except OSError as e:
             raise PreflightError(f"cannot write in the run directory {path} from this node: {e.strerror or e}") from None
     try:
-        answers = ask(hosts, request, slurm)
+        answers = ask(hosts, request, slurm, local)
         ok = {n: a for n, a in answers.items() if isinstance(a, dict)}
         interface = None
         found = []
