@@ -102,7 +102,7 @@ class World:
     _watch_pending: bool = field(default=False, repr=False)
 
     def _collective(self) -> None:
-        """Every eager collective begins here (all ranks make the same calls, so the watch starts everywhere at once)."""
+        """Every eager collective begins here (all ranks make the same calls: the watch starts everywhere at once)."""
         if self._watch_pending:
             self._watch_pending = False
             PeerWatch.start(self._comm)
@@ -220,7 +220,8 @@ def start_horovod(pin_gpu: bool = True) -> World:
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
-    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", hvd, _watch_pending=hvd.size() > 1)
+    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", hvd,
+                 _watch_pending=hvd.size() > 1)
 
 
 def mpi_world() -> World:
@@ -275,7 +276,8 @@ class PeerWatch:
         timeout_s = float(os.environ.get("DSTRAIN_PEER_TIMEOUT_SECONDS", PEER_TIMEOUT_S))
         if timeout_s <= 0:
             return None
-        watch = cls(hvd.rank(), min(float(os.environ.get("DSTRAIN_PEER_WARN_SECONDS", PEER_WARN_S)), timeout_s), timeout_s)
+        warn_s = min(float(os.environ.get("DSTRAIN_PEER_WARN_SECONDS", PEER_WARN_S)), timeout_s)
+        watch = cls(hvd.rank(), warn_s, timeout_s)
         address = None
         if watch.rank == 0:
             watch.server = socket.create_server(("0.0.0.0", 0), backlog=max(16, hvd.size()))

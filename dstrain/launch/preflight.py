@@ -55,7 +55,7 @@ def versions() -> dict[str, str]:
     import dstrain
 
     out = {"dstrain": dstrain.__version__, "python": platform.python_version()}
-    for name, dists in (("tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-intel")), ("horovod", ("horovod",))):
+    for name, dists in (("tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-intel")), ("horovod", ("horovod",))):  # fmt: skip
         out[name] = "not installed"
         for dist in dists:
             try:
@@ -181,7 +181,8 @@ def _run(argv: list[str]) -> dict | str:
     return (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
 
 
-def ask(hosts: list[str], request: dict, slurm: bool = False, local: frozenset[str] | set[str] = frozenset()) -> dict[str, dict | str]:
+def ask(hosts: list[str], request: dict, slurm: bool = False,
+        local: frozenset[str] | set[str] = frozenset()) -> dict[str, dict | str]:  # fmt: skip
     """Every host's answer (or the reason it gave none), by host name; ``local`` hosts answer without ssh."""
     if slurm:
         # Inside an allocation: one task per node through srun, as the job's own ranks start.
@@ -214,7 +215,8 @@ def choose_interface(answers: dict[str, dict], wanted: str = "") -> Interface:
                 f"{_describe(answers[n]['interfaces'])}): choose another --network_interface" for n in lacking))  # fmt: skip
         return Interface(wanted, _common_network(answers, wanted))
     common = set.intersection(*(set(a["interfaces"]) for a in answers.values()))
-    candidates = [i for i in common if not all(ipaddress.ip_interface(x).is_loopback for a in answers.values() for x in a["interfaces"][i])]
+    candidates = [i for i in common
+                  if not all(ipaddress.ip_interface(x).is_loopback for a in answers.values() for x in a["interfaces"][i])]
 
     def preference(name: str) -> tuple:
         bound = all(set(a["resolves"]) & {x.split("/")[0] for x in a["interfaces"][name]} for a in answers.values())
@@ -237,7 +239,8 @@ def _common_network(answers: dict[str, dict], name: str) -> str:
     return networks.pop() if len(networks) == 1 else ""
 
 
-def problems(answers: dict[str, dict | str], interface: Interface | None, request: dict, reference: dict[str, str]) -> list[str]:
+def problems(answers: dict[str, dict | str], interface: Interface | None, request: dict,
+             reference: dict[str, str]) -> list[str]:  # fmt: skip
     """One line per problem, each naming the node and the fix."""
     out = []
     for node, a in answers.items():
@@ -321,7 +324,8 @@ def check(hosts: list[str], command: tuple[str, ...], wanted_interface: str = ""
     finally:
         _remove_tokens(request)
     if found:
-        raise PreflightError(f"pre-flight check failed ({len(found)} problem(s); --nopreflight skips it):\n  " + "\n  ".join(found))
+        lines = "\n  ".join(found)
+        raise PreflightError(f"pre-flight check failed ({len(found)} problem(s); --nopreflight skips it):\n  {lines}")
     return interface
 
 
