@@ -1,8 +1,10 @@
 """The project's sbatch scripts on SLURM across the nodes of a cluster in a box: slurmctld on a `head` node beside
 them, one slurmd per node (tools/cluster.sh slurm). Ranks start through `srun --mpi=pmix`, one per node."""
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -32,8 +34,10 @@ def slurm(tmp_path):
 
 def on_head(c: Cluster, *cmd: str, **env: str) -> subprocess.CompletedProcess:
     """A SLURM client command, where the controller is reachable."""
+    # The venv running these tests (its bin/python is a link: do not resolve it out of the venv).
+    venv = os.path.dirname(os.path.dirname(sys.executable))
     return c.run("head", *cmd, env=rank_env(SLURM_CONF=str(c.dir / "slurm" / "slurm.conf"), DSTRAIN_HOME=str(REPO),
-                                          DSTRAIN_VENV=str(REPO / ".venv"), **env))  # fmt: skip
+                                          DSTRAIN_VENV=venv, **env))  # fmt: skip
 
 
 def job_info(c: Cluster, job: str) -> dict[str, str]:
