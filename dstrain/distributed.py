@@ -300,7 +300,10 @@ class PeerWatch:
 
         def excepthook(kind, value, tb):
             previous(kind, value, tb)
-            suspects = watch.suspects()
+            suspects, deadline = watch.suspects(), time.monotonic() + 2 * watch.HEARTBEAT_S
+            while not suspects and time.monotonic() < deadline:  # a closed connection the watch has not read yet
+                time.sleep(0.1)
+                suspects = watch.suspects()
             if suspects:
                 watch._lost(f"the error above came while {suspects}")
 
