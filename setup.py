@@ -41,6 +41,7 @@ setup(
         "rapidfuzz>=3,<4",
         "matplotlib>=3.7,<4",  # dstrain report
         "webrtcvad-wheels>=2.0.11",  # dstrain transcribe: long recordings split at pauses
+        "psutil>=5",  # dstrain launch: network interfaces of each node
     ],
     extras_require={
         "bench": ["pyctcdecode"],

@@ -24,9 +24,11 @@ else
   srun --mpi="${SRUN_MPI:-pmix}" --kill-on-bad-exit=1 --cpu-bind=none dstrain train "${args[@]}" "$@"
 fi
 rc=$?
-if [ "$rc" -eq 75 ]; then
-  # dstrain saved a checkpoint after SIGUSR1 (time limit near) or SIGTERM (preemption): run again later.
-  echo "dstrain: stopped early with a checkpoint; requeueing job $SLURM_JOB_ID"
+if [ "$rc" -eq 75 ] || [ "$rc" -eq 76 ]; then
+  # 75: dstrain saved a checkpoint after SIGUSR1 (time limit near) or SIGTERM (preemption). 76: a rank lost a peer
+  # (a node died or lost its link) and the others stopped; its last checkpoint is where the requeued job resumes,
+  # on the nodes SLURM gives it (not the dead one, which SLURM marks down after SlurmdTimeout).
+  echo "dstrain: stopped early (status $rc); requeueing job $SLURM_JOB_ID to resume from $CHECKPOINT_DIR"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi

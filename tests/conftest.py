@@ -99,3 +99,14 @@ def synthetic_store(path, n: int, *, row_group_rows: int = 8, shard_rows: int = 
     with layout.open(MANIFEST, "wt") as f:
         f.write(manifest.to_json())
     return str(path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the run if a cluster in a box (tests/cluster.py) left a namespace, link, sshd or rank behind."""
+    import cluster
+
+    left = cluster.leftovers()
+    if left:
+        cluster.clean_up()
+        session.config.get_terminal_writer().line("left behind by the cluster tests:\n  " + "\n  ".join(left), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

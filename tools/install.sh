@@ -20,7 +20,7 @@ APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 cmake g++ make zlib1g-dev l
 
 if [ "${1:-}" = --apt-packages ]; then echo "$APT_PACKAGES"; exit 0; fi
 if [ "${1:-}" = --test ]; then
-  APT_PACKAGES="$APT_PACKAGES strace espeak-ng sox lame slurm-wlm munge"
+  APT_PACKAGES="$APT_PACKAGES strace espeak-ng sox lame slurm-wlm munge openssh-server iproute2"
 fi
 
 log() { printf '[install] %s\n' "$*" >&2; }

@@ -1,9 +1,11 @@
-"""Thin helpers around ``horovodrun`` and ``mpirun``: hosts from SLURM or a hostfile, per-rank environment
+"""Thin helpers around ``horovodrun`` and ``mpirun``: hosts from SLURM or a hostfile, a pre-flight check of every
+node (:mod:`dstrain.launch.preflight`) that also finds the network interface the nodes share, per-rank environment
 defaults, per-rank log files. The launcher process is replaced by horovodrun/mpirun (exec), so signals reach the
 ranks and the exit status is theirs; both abort every rank when one fails.
 
     dstrain launch --np 2 -- dstrain train --train_files ...
     dstrain launch --launcher mpirun --hostfile hosts -- dstrain train ...
+    dstrain launch --check --hostfile hosts -- dstrain train ...   # only the pre-flight check
     dstrain launch --dry_run ...            # print the command instead of running it
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from dstrain.config import option
 from dstrain.distributed import cpu_threads, inter_op_threads
 from dstrain.executables import find_executable
+from dstrain.launch import preflight
 
 LAUNCHERS = ("horovodrun", "mpirun")
 
@@ -27,7 +30,13 @@ HOROVOD_DEFAULTS = {
     "HOROVOD_FUSION_THRESHOLD": str(128 * 1024 * 1024),
     "NCCL_DEBUG": "WARN",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    # A collective that waits this long on a peer fails (Horovod's default, stated here because the README's bounds
+    # on a dead node count on it).
+    "HOROVOD_GLOO_TIMEOUT_SECONDS": "30",
 }
+# Open MPI's daemons probe a silent peer after 10 s idle, every 5 s, and give up after 3 missed probes: mpirun learns
+# of a node that lost its link within ~25 s instead of TCP's two hours, and aborts the job naming it.
+MPI_KEEPALIVE = {"oob_tcp_keepalive_time": "10", "oob_tcp_keepalive_intvl": "5", "oob_tcp_keepalive_probes": "3"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,13 @@ class LaunchConfig:
     """Per-rank stdout/stderr files go here; empty: ranks print to the console."""
     threads_per_rank: int = 0
     """OpenMP/TensorFlow intra-op threads per rank; 0: the node's cores divided by its ranks."""
+    network_interface: str = ""
+    """Network interface the ranks talk over (Horovod's Gloo, Open MPI's TCP, NCCL's sockets); empty: the one every
+    node shares, found by the pre-flight check (nothing is set for a job on this machine alone)."""
+    preflight: bool = True
+    """Check every node before starting the ranks: hostname resolution, shared stores and run directory, versions."""
+    check: bool = False
+    """Run the pre-flight check only, and exit (status 0 when every node is ready)."""
     dry_run: bool = False
     """Print the command, do not run it."""
     env: dict = option(default_factory=dict, cli=False)
@@ -144,13 +160,18 @@ def parse_hosts(spec: str) -> tuple[Host, ...]:
     return tuple(out)
 
 
+def from_slurm(cfg: LaunchConfig, env: dict[str, str]) -> bool:
+    """Whether the hosts are the SLURM allocation's (no --hosts, --hostfile or --np)."""
+    return not cfg.hosts and not cfg.hostfile and "SLURM_JOB_NODELIST" in env and not cfg.np
+
+
 def resolve_hosts(cfg: LaunchConfig, env: dict[str, str]) -> tuple[Host, ...]:
     """--hosts, else --hostfile, else the SLURM allocation (unless --np says otherwise), else none (localhost)."""
     if cfg.hosts:
         return parse_hosts(cfg.hosts)
     if cfg.hostfile:
         return hosts_from_hostfile(cfg.hostfile)
-    if "SLURM_JOB_NODELIST" in env and not cfg.np:
+    if from_slurm(cfg, env):
         return hosts_from_slurm(env)
     return ()
 
@@ -166,15 +187,21 @@ def rank_environment(cfg: LaunchConfig, hosts: tuple[Host, ...], base: dict[str,
     return {k: v for k, v in wanted.items() if k not in base or k in cfg.env}
 
 
-def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: int) -> tuple[list[str], dict[str, str]]:
-    """The launcher argv and the environment to run it with."""
+def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: int,
+                  interface: str = "") -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """The launcher argv and the environment to run it with; ``interface`` is the network the ranks talk over."""
     hosts = resolve_hosts(cfg, base_env) or (Host("localhost", cfg.np or 1),)
     np_ = cfg.np or sum(h.slots for h in hosts)
     extra = rank_environment(cfg, hosts, base_env, cores_per_node)
+    if interface:
+        # NCCL finds its own interface otherwise, and may pick one the other nodes cannot reach (docker0, a VPN).
+        extra.update({"NCCL_SOCKET_IFNAME": interface, "HOROVOD_GLOO_IFACE": interface})
     env = {**base_env, **extra}
     host_arg = ",".join(f"{h.name}:{h.slots}" for h in hosts)
     if cfg.launcher == "horovodrun":
         argv = ["horovodrun", "-np", str(np_), "-H", host_arg, f"--{cfg.controller}"]
+        if interface:
+            argv += ["--network-interfaces", interface]
         if cfg.log_dir:
             argv += ["--output-filename", cfg.log_dir]
     else:
@@ -183,16 +210,45 @@ def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: i
             argv.append("--allow-run-as-root")
         if cfg.log_dir:
             argv += ["--output-filename", cfg.log_dir]
+        for name, value in MPI_KEEPALIVE.items():
+            argv += ["--mca", name, value]
+        if interface:
+            argv += ["--mca", "btl_tcp_if_include", interface, "--mca", "oob_tcp_if_include", interface]
         # mpirun passes only what it is told to the ranks (remote ones included).
-        for name in sorted(set(extra) | {"PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV"}):
+        for name in sorted(set(extra) | FORWARDED | {n for n in env if n.startswith("DSTRAIN_")}):
             if name in env:
                 argv += ["-x", name]
         argv += ["-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]
     return argv + list(cfg.command), env
 
 
+FORWARDED = {"PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "TF_DETERMINISTIC_OPS"}
+"""Variables of the launching shell that mpirun hands to every rank (horovodrun hands them all)."""
+
+
+def run_preflight(cfg: LaunchConfig, env: dict[str, str]) -> str:
+    """The pre-flight check on every host (raises naming each problem); returns the interface to use ("" for a job
+    on this machine alone unless --network_interface names one)."""
+    hosts = resolve_hosts(cfg, env) or (Host("localhost", cfg.np or 1),)
+    names = list(dict.fromkeys(h.name for h in hosts))
+    interface = preflight.check(names, cfg.command, cfg.network_interface, slurm=from_slurm(cfg, env))
+    print(f"dstrain launch: pre-flight check passed on {', '.join(names)}", flush=True)
+    if interface is not None:
+        how = "given" if cfg.network_interface else "shared by every node"
+        print(f"dstrain launch: network interface {interface}, {how}: HOROVOD_GLOO_IFACE, NCCL_SOCKET_IFNAME"
+              f"{', Open MPI btl/oob_tcp_if_include' if cfg.launcher == 'mpirun' else ', horovodrun --network-interfaces'}",
+              flush=True)  # fmt: skip
+        return interface.name
+    return cfg.network_interface
+
+
 def launch(cfg: LaunchConfig) -> int:
-    argv, env = build_command(cfg, dict(os.environ), os.cpu_count() or 1)
+    interface = cfg.network_interface
+    if cfg.preflight or cfg.check:
+        interface = run_preflight(cfg, dict(os.environ))
+    if cfg.check:
+        return 0
+    argv, env = build_command(cfg, dict(os.environ), os.cpu_count() or 1, interface)
     argv[0] = find_executable(argv[0])
     # Ranks started by the launcher find dstrain and Python beside it, activated or not.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")

@@ -1,0 +1,124 @@
+"""tools/cluster.sh, the cluster in a box the multi-node tests run on: nodes with their own names, addresses and sshd
+on a private bridge; kill/revive, cut/heal, shaping; `down` that finds everything, twice or after a crash."""
+import signal
+import subprocess
+
+import pytest
+
+from cluster import CLUSTER_SH, box, cluster_id, leftovers, track, unavailable, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def host_network() -> tuple[str, str]:
+    """This machine's own interfaces/addresses and routes (the cluster must not add to them)."""
+    addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    return "\n".join(sorted(line.split("\\")[0] for line in addrs.splitlines())), routes
+
+
+def test_nodes_have_their_own_names_addresses_and_sshd(tmp_path):
+    before = host_network()
+    with box(tmp_path / "c", 3) as c:
+        assert host_network() == before, "the cluster changed this machine's interfaces or routes"
+        for node in c.nodes:
+            assert c.run(node, "hostname").stdout.strip() == node
+            # Its own name resolves to its address on the bridge (not loopback), and so do the others'.
+            resolved = c.run(node, "getent", "ahostsv4", *c.nodes).stdout
+            for other in c.nodes:
+                assert f"{c.address(other)} " in resolved and other in resolved, resolved
+            own = c.run(node, "python3", "-c", "import socket; print(socket.gethostbyname(socket.gethostname()))")
+            assert own.stdout.strip() == c.address(node)
+            routes = c.run(node, "ip", "route").stdout
+            assert "default" not in routes and routes.strip().startswith("10.213.0.0/24 dev eth0"), routes
+        # ssh between nodes with the cluster's own keys (no password, host keys known).
+        out = c.run("node1", "ssh", "node3", "hostname; ip -o -4 addr show eth0")
+        assert out.returncode == 0, out.stdout
+        assert out.stdout.startswith("node3\n") and c.address("node3") in out.stdout
+        status = c.sh("status").stdout
+        assert all(f"{n} " in status for n in c.nodes) and status.count(", sshd") == 3, status
+
+
+def test_kill_then_revive(tmp_path):
+    with box(tmp_path / "c", 2) as c:
+        sleeper = c.popen("node2", "sleep", "600")
+        wait_for(lambda: sleeper.pid in c.pids("node2"), 10, "the sleeper on node2")
+        c.kill("node2")
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert c.pids("node2") == [], "a process of the killed node survived"
+        refused = c.run("node1", "ssh", "node2", "true")
+        assert refused.returncode == 255 and "refused" in refused.stdout
+        assert "node2 is down" in c.run("node2", "true").stdout
+        assert c.pids("node1"), "killing node2 touched node1"
+        c.revive("node2")
+        back = c.run("node1", "ssh", "node2", "hostname")
+        assert back.returncode == 0 and back.stdout.strip() == "node2"
+
+
+def test_cut_then_heal(tmp_path):
+    with box(tmp_path / "c", 2) as c:
+        c.cut("node2")
+        assert "link cut" in c.sh("status").stdout
+        out = c.run("node1", "ssh", "-o", "ConnectTimeout=2", "node2", "true")
+        assert out.returncode == 255 and "timed out" in out.stdout, out.stdout
+        assert c.pids("node2"), "a cut node keeps running"
+        c.heal("node2")
+        assert c.run("node1", "ssh", "node2", "hostname").stdout.strip() == "node2"
+
+
+RECEIVE = "import socket; s = socket.create_server(('0.0.0.0', 5999)); c, _ = s.accept(); n = 0\n" \
+          "while (b := c.recv(1 << 20)): n += len(b)\nc.sendall(b'k'); print(n)"  # fmt: skip
+SEND = "import socket, sys, time; s = socket.create_connection(('node2', 5999)); t = time.monotonic()\n" \
+       "s.sendall(b'x' * int(sys.argv[1])); s.shutdown(socket.SHUT_WR); s.recv(1)\n" \
+       "print(int(sys.argv[1]) * 8 / (time.monotonic() - t) / 1e6)"  # fmt: skip
+
+
+def send_mbit_per_s(c, nbytes: int) -> float:
+    """One bounded transfer node1 -> node2, in Mbit/s."""
+    receiver = c.popen("node2", "timeout", "60", "python3", "-c", RECEIVE)
+    wait_for(lambda: "0.0.0.0:5999" in c.run("node2", "ss", "-ltn").stdout, 20, "the receiver")
+    sent = c.run("node1", "timeout", "60", "python3", "-c", SEND, str(nbytes))
+    assert receiver.wait(timeout=60) == 0 and int(receiver.stdout.read()) == nbytes
+    return float(sent.stdout)
+
+
+def test_shape_limits_the_links_and_can_be_lifted(tmp_path):
+    with box(tmp_path / "c", 2, "--rate", "20mbit") as c:
+        # 2.5 MB at 20 Mbit/s: about a second; the limit holds whatever the machine's load.
+        assert send_mbit_per_s(c, 2_500_000) < 20 * 1.15
+        c.sh("shape")
+        assert "rate unlimited" in c.sh("status").stdout
+        assert send_mbit_per_s(c, 2_500_000) > 20 * 1.5
+        delayed = c.sh("shape", "--delay", "1ms", check=False)
+        if delayed.returncode:  # kernels without netem say so, and keep the links as they were
+            assert "netem" in delayed.stderr and "rate unlimited, delay none" in c.sh("status").stdout
+
+
+def test_down_is_safe_twice_and_after_a_crash(tmp_path):
+    if unavailable():
+        pytest.skip(unavailable())
+    state = tmp_path / "c"
+    prefix = cluster_id(state) + "-"
+    track(state)
+    # `up` killed half-way: after some of its namespaces exist.
+    up = subprocess.Popen([str(CLUSTER_SH), "--dir", str(state), "up", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: prefix + "node2" in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout, 30,
+                 "up to make node2's namespace", poll=0.005)  # fmt: skip
+    finally:
+        up.send_signal(signal.SIGKILL)
+        up.wait()
+    # Its state directory lost too (a crash that took /tmp): down still finds the namespaces by their names.
+    subprocess.run(["rm", "-rf", str(state / "nodes")], check=True)
+    for _ in range(2):
+        out = subprocess.run([str(CLUSTER_SH), "--dir", str(state), "down"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert prefix not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+    assert not state.exists()
+
+
+def test_leftovers_are_found(tmp_path):
+    with box(tmp_path / "c", 1) as c:
+        found = leftovers()
+        assert any(cluster_id(c.dir) in f for f in found) and any("sshd" in f for f in found), found
+    assert not [f for f in leftovers() if cluster_id(c.dir) in f]

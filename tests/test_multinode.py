@@ -1,0 +1,207 @@
+"""Training across the nodes of a cluster in a box (tools/cluster.sh), one CPU rank per node, through horovodrun
+(Gloo over ssh), mpirun (Open MPI over ssh) and dstrain launch: the same weights as on one node; the interface the
+nodes share found and handed to every layer; a pre-flight check that names each broken node; a dead, cut-off or
+stopped node that never hangs the job, and a rerun on the nodes left that resumes from the last checkpoint."""
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from cluster import Output, box, final_digests, rank_env, stop_group, train_argv, wait_for
+from conftest import synthetic_store
+
+pytestmark = pytest.mark.slow
+MPIRUN = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-x", "PATH", "-x", "TF_DETERMINISTIC_OPS", "-x",
+          "TF_CPP_MIN_LOG_LEVEL", "-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]  # fmt: skip
+# The documented bounds (README, "When a node dies"): from the kill or the cut to the exit of every surviving rank.
+BOUND_S = {"kill": 30, "cut": 75}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    # 41 utterances in row groups of 4 over 3 shards: divides evenly into neither ranks nor batches.
+    return synthetic_store(tmp_path_factory.mktemp("multinode") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11)
+
+
+def hostfile(tmp_path, *hosts: str) -> str:
+    path = tmp_path / "hosts"
+    path.write_text("".join(f"{h} slots=1\n" for h in hosts))
+    return str(path)
+
+
+@pytest.mark.timeout(900)
+def test_horovodrun_and_mpirun_across_nodes_give_the_weights_of_one_node(store, tmp_path):
+    with box(tmp_path / "c", 2) as c:
+        runs = {
+            "one node": ["horovodrun", "-np", "2", "-H", "node1:2", "--gloo"],
+            "horovodrun": ["horovodrun", "-np", "2", "-H", "node1:1,node2:1", "--gloo"],
+            "mpirun": MPIRUN + ["-np", "2", "-H", "node1,node2"],
+        }
+        outputs, listings = {}, {}
+        for name, launcher in runs.items():
+            run_dir = tmp_path / name.replace(" ", "_")
+            out = Output(c.popen("node1", *launcher, *train_argv(store, run_dir, epochs=3), env=rank_env()))
+            try:
+                if name == "horovodrun":
+                    stall_and_resume_rank_1(c, out)
+                assert out.finish(400) == 0, f"{name}:\n{out.text[-4000:]}"
+            finally:
+                stop_group(out.proc)
+            outputs[name] = out.text
+            listings[name] = sorted(os.listdir(run_dir))
+            # Only rank 0 writes: its log has no other rank's lines, and its run directory is one writer's.
+            writers = re.findall(r"rank (\d+) INFO", (run_dir / "train.log").read_text())
+            assert writers and set(writers) == {"0"}
+        for name, text in outputs.items():
+            digests = final_digests(text)
+            assert set(digests) == {0, 1} and len(set(digests.values())) == 1, f"{name}: {digests}"
+        reference = final_digests(outputs["one node"])[0]
+        assert final_digests(outputs["horovodrun"])[0] == reference and final_digests(outputs["mpirun"])[0] == reference
+        assert listings["horovodrun"] == listings["mpirun"] == listings["one node"]
+        # Two ranks shared node1 in the reference, and had a node each in the others (Horovod's local size).
+        assert "2 CPU ranks on this node" in outputs["one node"]
+        assert "2 CPU ranks on this node" not in outputs["horovodrun"] + outputs["mpirun"]
+        assert "gloo controller" in outputs["horovodrun"] and "mpi controller" in outputs["mpirun"]
+
+
+def stall_and_resume_rank_1(c, out: Output) -> None:
+    """SIGSTOP rank 1 on node2 once training runs: rank 0 names it while it waits, before any timeout (Gloo's is
+    30 s); SIGCONT, and the job goes on (to the same weights, which the caller checks)."""
+    out.wait_for(r"epoch 1/3 train loss", 300)
+    (rank1,) = c.ranks("node2")
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        out.wait_for(rf"rank 1 \(node2:{rank1}\) has been silent for \d+ s", 25)
+    finally:
+        os.kill(rank1, signal.SIGCONT)
+    out.wait_for(rf"rank 1 \(node2:{rank1}\) is heard from again", 20)
+
+
+@pytest.mark.timeout(300)
+def test_launch_picks_the_interface_the_nodes_share_and_hands_it_to_every_layer(store, tmp_path):
+    hosts = hostfile(tmp_path, "node1", "node2")
+    rank_command = train_argv(store, tmp_path / "run")
+    with box(tmp_path / "c", 2) as c:
+        launch = ["dstrain", "launch", "--dry_run", "--hostfile", hosts]
+        hvd = c.run("node1", *launch, "--", *rank_command, env=rank_env()).stdout
+        assert "network interface eth0 (10.213.0.0/24), shared by every node" in hvd, hvd
+        assert re.search(r"horovodrun -np 2 -H node1:1,node2:1 --gloo --network-interfaces eth0 ", hvd), hvd
+        mpi = c.run("node1", *launch, "--launcher", "mpirun", "--", *rank_command, env=rank_env()).stdout
+        assert "--mca btl_tcp_if_include eth0 --mca oob_tcp_if_include eth0" in mpi, mpi
+        assert "-x NCCL_SOCKET_IFNAME" in mpi and "-x HOROVOD_GLOO_IFACE" in mpi and "oob_tcp_keepalive_time" in mpi
+        given = c.run("node1", *launch, "--network_interface", "eth0", "--", *rank_command, env=rank_env()).stdout
+        assert "network interface eth0 (10.213.0.0/24), given" in given
+        wrong = c.run("node1", *launch, "--network_interface", "ib0", "--", *rank_command, env=rank_env())
+        assert wrong.returncode == 2 and "node1: no network interface ib0" in wrong.stdout, wrong.stdout
+        assert "node2: no network interface ib0 with an IPv4 address (it has eth0 10.213.0.12/24, lo 127.0.0.1/8)" in wrong.stdout
+
+
+@pytest.mark.timeout(300)
+def test_preflight_check_names_each_broken_node_and_its_fix(store, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rank_command = train_argv(store, run_dir)
+    with box(tmp_path / "c", 2) as c:
+        check = ["dstrain", "launch", "--check", "--hostfile", hostfile(tmp_path, "node1", "node2"), "--", *rank_command]
+
+        def problems() -> list[str]:
+            out = c.run("node1", *check, env=rank_env())
+            assert out.returncode != 0, out.stdout
+            return re.findall(r"^  (\S+: .*)$", out.stdout, re.M)
+
+        ok = c.run("node1", *check, env=rank_env())
+        assert ok.returncode == 0 and "pre-flight check passed on node1, node2" in ok.stdout, ok.stdout
+        assert not [f for f in os.listdir(run_dir) if f.startswith(".dstrain-check")], "tokens left in the run directory"
+
+        # node2's name mapped to loopback, as Debian and Ubuntu do by default.
+        hosts = c.hosts_file("node2")
+        healthy = hosts.read_text()
+        with open(hosts, "w") as f:  # in place: node2 holds the file by inode
+            f.write(healthy.replace("10.213.0.12\tnode2", "127.0.1.1\tnode2"))
+        (line,) = problems()
+        assert line.startswith("node2: its hostname node2 resolves to 127.0.1.1 (loopback)") and "10.213.0.12" in line
+        with open(hosts, "w") as f:
+            f.write(healthy)
+
+        # Storage node2 does not see: the store, then the run directory (node2 has its own, empty, folders there).
+        for path, expected in ((store, f"node2: cannot see the feature store {store}"),
+                               (str(run_dir), f"node2: does not see the file the launching node wrote in the run directory {run_dir}")):  # fmt: skip
+            assert c.run("node2", "mount", "-t", "tmpfs", "none", path).returncode == 0
+            (line,) = problems()
+            assert line.startswith(expected), line
+            assert c.run("node2", "umount", path).returncode == 0
+
+        # The run directory read-only on node2, and another Horovod there.
+        assert c.run("node2", "sh", "-c", f"mount --bind {run_dir} {run_dir} && mount -o remount,bind,ro {run_dir}").returncode == 0
+        (line,) = problems()
+        assert line.startswith(f"node2: cannot write in the run directory {run_dir}: Read-only file system"), line
+        assert c.run("node2", "umount", str(run_dir)).returncode == 0
+        from importlib.metadata import distribution
+
+        metadata = distribution("horovod")._path / "METADATA"
+        fake = tmp_path / "METADATA"
+        fake.write_text(metadata.read_text().replace("Version: 0.28.1", "Version: 0.28.0"))
+        assert c.run("node2", "mount", "--bind", str(fake), str(metadata)).returncode == 0
+        (line,) = problems()
+        assert line.startswith("node2: horovod 0.28.0 (here 0.28.1): install the same"), line
+        assert c.run("node2", "umount", str(metadata)).returncode == 0
+
+        # A node that cannot be reached: the launch itself refuses to start, before any rank.
+        c.kill("node2")
+        launch = c.run("node1", "dstrain", "launch", "--hostfile", hostfile(tmp_path, "node1", "node2"), "--", *rank_command, env=rank_env())
+        assert launch.returncode == 2 and "horovodrun" not in launch.stdout, launch.stdout
+        assert re.search(r"^  node2: could not run the check there \(ssh: connect to host node2 port 22: Connection refused\)",
+                         launch.stdout, re.M), launch.stdout  # fmt: skip
+        assert not [f for f in os.listdir(run_dir) if f.startswith(".dstrain-check")]
+
+
+def launch_argv(launcher: str, hosts: str, store: str, run_dir) -> list[str]:
+    """3 epochs of ~20 steps per rank, a checkpoint every 3 steps, started from node1 (the driver and rank 0)."""
+    return ["dstrain", "launch", "--launcher", launcher, "--hostfile", hosts, "--",
+            *train_argv(store, run_dir, "--checkpoint_steps", "3", epochs=3, batch=1)]  # fmt: skip
+
+
+def start_training(c, launcher: str, hosts: str, store: str, run_dir) -> Output:
+    """The training of :func:`launch_argv`, once rank 0 has saved a checkpoint inside epoch 2."""
+    out = Output(c.popen("node1", *launch_argv(launcher, hosts, store, run_dir), env=rank_env()))
+    try:
+        out.wait_for(r"saved \S+ at step \d+ \(epoch 2, step [1-9]", 300)
+    except BaseException:
+        stop_group(out.proc)
+        raise
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("launcher, failure, rerun", [("horovodrun", "kill", True), ("horovodrun", "cut", False),
+                                                      ("mpirun", "kill", False), ("mpirun", "cut", True)])  # fmt: skip
+def test_a_dead_node_stops_every_rank_and_a_rerun_on_the_nodes_left_resumes(launcher, failure, rerun, store, tmp_path):
+    run_dir = tmp_path / "run"
+    with box(tmp_path / "c", 2) as c:
+        out = start_training(c, launcher, hostfile(tmp_path, "node1", "node2"), store, run_dir)
+        try:
+            t0 = time.monotonic()
+            getattr(c, failure)("node2")
+            # Every survivor exits: the launcher, and rank 0 beside it on node1.
+            wait_for(lambda: out.proc.poll() is not None and not c.ranks("node1"), BOUND_S[failure] + 30,
+                     f"the survivors to exit after node2's {failure}", poll=0.5)  # fmt: skip
+            elapsed = time.monotonic() - t0
+        finally:
+            stop_group(out.proc)
+        out.finish(30)
+        assert out.proc.returncode != 0
+        assert elapsed < BOUND_S[failure], f"the survivors took {elapsed:.0f} s after node2's {failure}:\n{out.text[-3000:]}"
+        # Whichever notices first names it: PeerWatch, mpirun losing its daemon there, or Open MPI in rank 0 losing its peer.
+        lost = re.search(r"rank 1 \(node2:\d+\) (is lost|had been silent|had closed)|lost communication with a remote daemon.*node2"
+                         r"|Peer host:\s+node2", out.text, re.S)  # fmt: skip
+        assert lost, f"no message names node2 or rank 1:\n{out.text[-3000:]}"
+        print(f"{launcher}, node2 {failure}: survivors gone after {elapsed:.1f} s; {lost.group(0)[:200]!r}")
+        if not rerun:  # the rerun is the same whatever stopped the job: once per launcher
+            return
+        # The same command on the node that is left: from the last checkpoint, the epoch's rest re-partitioned.
+        again = c.run("node1", *launch_argv(launcher, hostfile(tmp_path, "node1"), store, run_dir), env=rank_env(), timeout=400)
+        assert again.returncode == 0, again.stdout[-4000:]
+        assert "Resuming from checkpoint" in again.stdout and "re-partitioned over 1 ranks" in again.stdout, again.stdout[-3000:]
+        assert set(final_digests(again.stdout)) == {0}

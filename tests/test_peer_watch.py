@@ -1,0 +1,95 @@
+"""PeerWatch (dstrain/distributed.py) between two processes on this machine, with Horovod's broadcast stood in for by
+a file: a stopped peer is named and welcomed back, a silent or killed one ends the watcher with status 76, a clean
+exit does not. The cluster in a box runs it under real launchers (test_multinode.py)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cluster import Output
+
+pytestmark = pytest.mark.timeout(120)
+
+RANK = textwrap.dedent("""
+    import json, logging, os, sys, time
+    from dstrain.distributed import PeerWatch
+
+    rank, where, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+
+    class FileBroadcast:  # Horovod's broadcast_object, through a file
+        def rank(self): return rank
+        def size(self): return 2
+        def broadcast_object(self, obj, root_rank=0):
+            if rank == 0:
+                with open(where + ".tmp", "w") as f:
+                    json.dump(obj, f)
+                os.replace(where + ".tmp", where)
+                return obj
+            while not os.path.exists(where):
+                time.sleep(0.01)
+            return tuple(json.load(open(where)))
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    PeerWatch.GRACE_S = 1.0
+    PeerWatch.start(FileBroadcast())
+    print("watching", flush=True)
+    time.sleep(seconds)
+    print("done", flush=True)
+""")
+
+
+def start(rank: int, tmp_path, seconds: float) -> Output:
+    env = dict(os.environ, DSTRAIN_PEER_WARN_SECONDS="1", DSTRAIN_PEER_TIMEOUT_SECONDS="4")
+    proc = subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(tmp_path / "address"), str(seconds)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    out = Output(proc)
+    out.wait_for("watching", 60)
+    return out
+
+
+@pytest.fixture
+def pair(tmp_path):
+    procs = []
+
+    def make(seconds0: float = 60, seconds1: float = 60):
+        procs.extend([start(0, tmp_path, seconds0), start(1, tmp_path, seconds1)])
+        return procs
+
+    yield make
+    for out in procs:
+        if out.proc.poll() is None:
+            out.proc.kill()
+        out.finish(30)
+
+
+def test_a_stopped_peer_is_named_welcomed_back_and_lost_if_it_stays_silent(pair):
+    rank0, rank1 = pair()
+    pid = rank1.proc.pid
+    rank1.proc.send_signal(signal.SIGSTOP)
+    rank0.wait_for(rf"WARNING rank 1 \(\S+:{pid}\) has been silent for 1 s \(stopped, overloaded, or its node unreachable\); "
+                   r"waiting for it, for at most 4 s", 20)  # fmt: skip
+    rank1.proc.send_signal(signal.SIGCONT)
+    rank0.wait_for(rf"WARNING rank 1 \(\S+:{pid}\) is heard from again", 20)
+    rank1.proc.send_signal(signal.SIGSTOP)
+    assert rank0.finish(30) == 76
+    assert "rank 1 (" in rank0.text and f":{pid}) is lost: nothing heard from it for 4 s" in rank0.text
+    rank1.proc.send_signal(signal.SIGCONT)
+    # The stopped rank, once running, finds rank 0 gone and leaves too.
+    assert rank1.finish(30) == 76 and "rank 0 (" in rank1.text and "is lost" in rank1.text
+
+
+def test_a_killed_peer_is_lost_at_once(pair):
+    rank0, rank1 = pair()
+    rank1.proc.kill()
+    assert rank0.finish(30) == 76
+    assert "is lost: its connection closed without a goodbye" in rank0.text
+
+
+def test_a_clean_exit_says_goodbye(pair):
+    rank0, rank1 = pair(seconds0=4, seconds1=0)
+    assert rank1.finish(30) == 0
+    assert rank0.finish(30) == 0 and "done" in rank0.text
+    assert "lost" not in rank0.text and "silent" not in rank0.text
