@@ -212,15 +212,6 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 # --- what the multi-node training tests share
-DIGEST = re.compile(r"rank (\d+)/(\d+): final weights sha256 ([0-9a-f]{64})")
-
-
-def final_digests(output: str) -> dict[int, str]:
-    """Every rank's final weights digest, by rank. The one place that reads them: from the ranks' output lines until
-    the run record (RUN/metrics.jsonl) carries them."""
-    return {int(rank): digest for rank, _, digest in DIGEST.findall(output)}
-
-
 def tiny_training(*extra: str, epochs: int = 2, batch: int = 2) -> list[str]:
     """The flags of a tiny deterministic training: small model, one thread per rank, no dropout, a fixed seed."""
     return ["--n_hidden", "16", "--epochs", str(epochs), "--train_batch_size", str(batch), "--learning_rate", "0.002",

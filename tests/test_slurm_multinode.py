@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from cluster import REPO, Cluster, box, final_digests, rank_env, tiny_training, wait_for
+from cluster import REPO, Cluster, box, rank_env, tiny_training, wait_for
+from conftest import final_digests, records
 from conftest import synthetic_store, tool
 from test_preprocess_scale import many_rows_csv, store_digest
 
@@ -103,9 +104,10 @@ def test_two_node_job_goes_through_usr1_and_a_dead_node_by_requeues(slurm, store
     assert job_info(slurm, job)["JobState"] == "COMPLETED", text[-4000:]
     assert job_info(slurm, job)["NodeList"] == "node[1,3]" and "restart 2" in text
     assert re.search(r"rank 1 \(node2:\d+\) is lost|Node failure on node2", text), text[-4000:]
-    assert text.count("Resuming from checkpoint") == 2
-    digests = final_digests(text)
-    assert set(digests) == {0, 1} and len(set(digests.values())) == 1
+    assert len(records(run_dir, "resume")) == 2
+    digests = final_digests(run_dir)
+    assert len(digests) == 2 and len(set(digests)) == 1
+    assert records(run_dir, "start")[-1]["hosts"] == ["node1", "node3"]
 
 
 @pytest.mark.timeout(600)
