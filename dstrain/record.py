@@ -13,8 +13,9 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``checkpoint`` (what was loaded), ``epoch_step`` (steps already done in the current epoch; 0 at a boundary).
 ``epoch``
     ``number`` (1-based: the epoch just finished), ``epochs`` (in all), ``loss`` (mean training loss of the epoch's
-    steps run in this process; NaN if none), ``steps`` (run in this process), ``resumed_at_step`` (the epoch step this
-    process started at), ``exact`` (False when a resume re-partitioned the epoch over another world size),
+    steps run in this process; NaN if none), ``steps`` (optimizer steps run in this process), ``micro_batches``
+    (batches each rank ran: steps x --accumulation_steps, the last group may be short), ``resumed_at_step`` (the
+    epoch step, in micro-batches, this process started at), ``exact`` (False when a resume re-partitioned the epoch over another world size),
     ``seconds``, ``utterances_per_s``, ``frames_per_s``, ``padding`` (fraction of padded frames), ``loader_wait_max_s``
     (the slowest rank's wait for data), ``learning_rate``, ``nonfinite_steps`` (skipped in this epoch); with dev
     stores also ``dev_loss``, ``dev_wer``, ``dev_cer``, ``best`` (lowest dev loss so far), ``plateau`` (the learning
@@ -50,7 +51,7 @@ SCHEMA_VERSION = 1
 EVENTS: dict[str, tuple[str, ...]] = {
     "start": ("world_size", "hosts", "controller", "gpus", "precision", "dstrain_version"),
     "resume": ("checkpoint", "epoch_step"),
-    "epoch": ("number", "epochs", "loss", "steps", "resumed_at_step", "exact", "seconds", "utterances_per_s",
+    "epoch": ("number", "epochs", "loss", "steps", "micro_batches", "resumed_at_step", "exact", "seconds", "utterances_per_s",
               "frames_per_s", "padding", "loader_wait_max_s", "learning_rate", "nonfinite_steps"),  # fmt: skip
     "eval": ("split", "loss", "wer", "cer", "samples", "decoder"),
     "checkpoint": ("path", "best", "reason", "epoch_step"),

@@ -8,7 +8,7 @@ import pytest
 from dstrain.record import EVENTS, RunRecord, check, events, format_epoch, read_record
 from dstrain.train.trainer import EPOCH_SCALARS
 
-EPOCH = {"number": 2, "epochs": 3, "loss": 1.5, "steps": 10, "resumed_at_step": 4, "exact": True, "seconds": 2.0,
+EPOCH = {"number": 2, "epochs": 3, "loss": 1.5, "steps": 10, "micro_batches": 10, "resumed_at_step": 4, "exact": True, "seconds": 2.0,
          "utterances_per_s": 20.0, "frames_per_s": 2000.0, "padding": 0.125, "loader_wait_max_s": 0.25,
          "learning_rate": 0.001, "nonfinite_steps": 0}  # fmt: skip
 

@@ -209,7 +209,7 @@ def test_the_run_record_is_tabled(tmp_path):
 
     write_run(str(tmp_path / "summaries"))
     record = RunRecord(str(tmp_path / "metrics.jsonl"))
-    epoch = {"epochs": 2, "steps": 10, "resumed_at_step": 0, "exact": True, "seconds": 1.0, "utterances_per_s": 1.0,
+    epoch = {"epochs": 2, "steps": 10, "micro_batches": 10, "resumed_at_step": 0, "exact": True, "seconds": 1.0, "utterances_per_s": 1.0,
              "frames_per_s": 1500.0, "padding": 0.1, "loader_wait_max_s": 0.0, "learning_rate": 0.001, "nonfinite_steps": 0}  # fmt: skip
     record.write("epoch", step=10, epoch=1, number=1, loss=3.5, dev_loss=3.0, dev_wer=0.9, dev_cer=0.5, best=True, **epoch)
     record.write("stop", step=13, epoch=1, reason="Stop requested", signal="SIGUSR1", requested_by=[0], exit_code=75, checkpoint="c")

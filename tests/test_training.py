@@ -371,3 +371,38 @@ def test_bytes_output_mode_on_a_russian_sample(tmp_path):
     text = open(tmp_path / "ru.csv", encoding="utf-8").read().splitlines()[1].split(",", 2)[2]
     (sample,) = json.load(open(tmp_path / "test.json", encoding="utf-8"))
     assert sample["src"] == text and sample["res"] == text, sample
+
+
+def _final_weights(run_dir) -> list:
+    """The run's latest checkpoint's model weights (numpy), in a subprocess-free way: the run directory's own loader."""
+    from dstrain.rundir import RunDir
+
+    model, _, _ = RunDir(str(run_dir)).restore_model(RunDir(str(run_dir)).latest_checkpoint())
+    return model.get_weights()
+
+
+@pytest.mark.timeout(500)
+def test_accumulation_equals_one_larger_batch_and_fp16_compression_stays_close(tmp_path):
+    import numpy as np
+
+    # In input order without buckets, 4 micro-batches of 2 are exactly the batch of 8 a plain run takes.
+    url = synthetic_store(tmp_path / "s", 32, row_group_rows=8, frames=(40, 70), seed=8)
+    plain = ("--noshuffle", "--length_buckets", "1", "--dropout_rate", "0", "--learning_rate", "0.001")
+    runs = {"big": ("--train_batch_size", "8"), "acc": ("--train_batch_size", "2", "--accumulation_steps", "4"),
+            "fp16": ("--train_batch_size", "8", "--gradient_compression", "fp16")}  # fmt: skip
+    for name, extra in runs.items():
+        out = run(horovodrun() + train_cmd(url, tmp_path / name, *plain, *extra, epochs=2))
+        assert out.returncode == 0, (name, out.stdout[-3000:])
+        d = final_digests(tmp_path / name)
+        assert d[0] == d[1], name
+    big, acc = records(tmp_path / "big", "epoch"), records(tmp_path / "acc", "epoch")
+    assert [r["steps"] for r in big] == [r["steps"] for r in acc] == [2, 2]
+    assert [r["micro_batches"] for r in big] == [2, 2] and [r["micro_batches"] for r in acc] == [8, 8]
+    assert [r["loss"] for r in acc] == pytest.approx([r["loss"] for r in big], rel=1e-4)
+    weights = {name: _final_weights(tmp_path / name) for name in runs}
+    for a, b in zip(weights["big"], weights["acc"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    # float16 on the wire: not the same bits, but the same training within float16's precision.
+    assert final_digests(tmp_path / "fp16") != final_digests(tmp_path / "big")
+    for a, b in zip(weights["big"], weights["fp16"]):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)

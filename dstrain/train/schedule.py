@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dstrain.config import option
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -19,6 +21,13 @@ class OptimConfig:
     it: the scaled rate is too large for the first steps); 0 means none."""
     max_grad_norm: float = 0.0
     """Clip the global norm of the (averaged) gradients to this; 0 means no clipping."""
+    accumulation_steps: int = 1
+    """Micro-batches whose gradients each rank sums before one allreduce and one optimizer step: the global batch is
+    --train_batch_size x ranks x this, at 1/this of the collectives. Steps (warm-up, --checkpoint_steps) count
+    optimizer steps."""
+    gradient_compression: str = option("none", choices=("none", "fp16"))
+    """Send the gradients of the allreduce as float16 (Horovod's fp16 compression: half the bytes between ranks;
+    reduced in float16, applied in float32)."""
     early_stop: bool = False
     """Stop when the dev loss has not improved by --es_min_delta in --es_epochs epochs."""
     es_epochs: int = 25
@@ -37,6 +46,8 @@ class OptimConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup_steps and max_grad_norm must be >= 0")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.es_epochs < 1 or self.plateau_epochs < 1:
             raise ValueError("es_epochs and plateau_epochs must be >= 1")
         if not 0 < self.plateau_reduction <= 1:

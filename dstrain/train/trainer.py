@@ -170,6 +170,13 @@ class Trainer:
         spec = (tf.TensorSpec([None, None, self.features.n_mel], dtype), tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32))  # fmt: skip
         self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([3], tf.float32),))
+        # --accumulation_steps: gradient sums of the micro-batches before the last of each group (float32 even under
+        # mixed precision: the gradients are unscaled first).
+        self.accumulated: list[tf.Variable] = []
+        if cfg.optim.accumulation_steps > 1:
+            self.accumulated = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False) for v in self.model.trainable_variables]
+            self.acc_stats = tf.Variable(tf.zeros([5]), trainable=False)  # loss sum, utterances, non-finite, frames, micro-batches
+            self.accumulate_step = tf.function(self._accumulate, input_signature=spec)
         # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
         self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
 
@@ -243,31 +250,54 @@ class Trainer:
         return path
 
     # --- one step (traced once by tf.function)
-    def _train_step(self, x, x_len, y, y_len, flags):
-        """flags = (stop requested here, loader wait seconds, learning rate). Returns [mean loss, skipped, stop,
-        utterances, frames, mean wait] over all ranks."""
-        model, optimizer, world = self.model, self.optimizer, self.world
-        # The optimizer keeps its own copy of the rate (a variable it made from ours): set that one.
-        optimizer.learning_rate.assign(flags[2])
+    def _gradients(self, x, x_len, y, y_len):
+        """This rank's mean loss over the batch, its gradients (unscaled, zeroed if not finite), whether they were
+        finite, the utterances and the frames."""
+        model, optimizer = self.model, self.optimizer
         with tf.GradientTape() as tape:
             logits = model((x, x_len), training=True)
             losses = ctc_loss(logits, x_len, y, y_len)
             count = tf.cast(tf.shape(losses)[0], tf.float32)
             loss = tf.reduce_sum(losses) / tf.maximum(count, 1.0)
             scaled = optimizer.get_scaled_loss(loss) if self.amp else loss
-        variables = model.trainable_variables
-        grads = tape.gradient(scaled, variables)
+        grads = tape.gradient(scaled, model.trainable_variables)
         if self.amp:
             grads = optimizer.get_unscaled_gradients(grads)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads] + [tf.math.is_finite(loss)])
-        bad_here = 1.0 - tf.cast(finite, tf.float32)
+        grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+        return tf.where(finite, loss, 0.0), grads, finite, count, tf.cast(tf.reduce_sum(x_len), tf.float32)
+
+    def _accumulate(self, x, x_len, y, y_len):
+        """A micro-batch that is not the last of its group: its gradients and figures are added up here, locally;
+        no collective runs."""
+        loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len)
+        for acc, g in zip(self.accumulated, grads):
+            acc.assign_add(g)
+        self.acc_stats.assign_add(tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0]))
+        return loss
+
+    def _train_step(self, x, x_len, y, y_len, flags):
+        """The (last) micro-batch of an optimizer step. flags = (stop requested here, loader wait seconds, learning
+        rate). Returns [mean loss, skipped, stop, utterances, frames, mean wait] over all ranks and micro-batches."""
+        optimizer, world, variables = self.optimizer, self.world, self.model.trainable_variables
+        # The optimizer keeps its own copy of the rate (a variable it made from ours): set that one.
+        optimizer.learning_rate.assign(flags[2])
+        loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len)
+        stats = tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0])
+        if self.accumulated:
+            # The group's gradients: the mean of its micro-batches' mean gradients (equal-sized micro-batches: the
+            # mean gradient of one batch as large as the group).
+            stats += self.acc_stats
+            grads = [(acc + g) / stats[4] for acc, g in zip(self.accumulated, grads)]
+            for acc in self.accumulated:
+                acc.assign(tf.zeros_like(acc))
+            self.acc_stats.assign(tf.zeros_like(self.acc_stats))
         # Horovod: one allreduce carries the loss sum, the count, whether any rank is non-finite or was asked to
-        # stop, and the loader wait (for the log).
-        frames = tf.cast(tf.reduce_sum(x_len), tf.float32)
-        summed = world.allreduce_tensor(tf.stack([tf.where(finite, loss * count, 0.0), count, bad_here, flags[0], flags[1], frames]))
+        # stop, the frames and the loader wait (for the log).
+        summed = world.allreduce_tensor(tf.stack([stats[0], stats[1], stats[2], flags[0], flags[1], stats[3]]))
         any_bad = summed[2] > 0
-        # Horovod: average the gradients (a rank's non-finite ones are zeroed first; the step is skipped anyway).
-        grads = world.average_gradients([tf.where(finite, g, tf.zeros_like(g)) for g in grads])
+        # Horovod: average the gradients over ranks (a rank's non-finite ones are zeros; the step is skipped anyway).
+        grads = world.average_gradients(grads, compression=self.cfg.optim.gradient_compression)
         if self.cfg.optim.max_grad_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, self.cfg.optim.max_grad_norm)
         if self.amp:
@@ -301,25 +331,38 @@ class Trainer:
         t0, loss_sum, steps, utterances, frames, skipped_steps = time.time(), 0.0, 0, 0.0, 0, 0
         wait_total, rate = 0.0, 0.0
         bar = self.proc.progress_bar(plan.start_step + plan.steps, plan.start_step, f"epoch {epoch + 1}/{cfg.epochs}")
+        group = cfg.optim.accumulation_steps
         batches = iter(reader)
         try:
             batch, step = self._to_device(next(batches, None)), int(progress.step)
             wait_now = reader.wait_s
             while batch is not None:
-                rate = learning_rate(cfg.optim, world.size, step, self.history.plateau_factor)
-                flags = tf.constant([1.0 if self.stop.requested else 0.0, wait_now, rate], tf.float32)
-                out = self.train_step(*batch, flags)
+                # The last micro-batch of a group of --accumulation_steps (groups count from the epoch's start, and the
+                # epoch's last micro-batch closes a short group) makes the optimizer step; the others only add up.
+                epoch_step = plan.start_step + data.done
+                closes_group = (epoch_step + 1) % group == 0 or data.done + 1 == plan.steps
+                if closes_group:
+                    rate = learning_rate(cfg.optim, world.size, step, self.history.plateau_factor)
+                    flags = tf.constant([1.0 if self.stop.requested else 0.0, wait_now, rate], tf.float32)
+                    out = self.train_step(*batch, flags)
+                    wait_now = 0.0
+                else:
+                    self.accumulate_step(*batch)
                 # The next batch is fetched and sent to the device while this step runs; then one read of its results.
                 wait_before = reader.wait_s
                 batch = self._to_device(next(batches, None))
-                wait_now = reader.wait_s - wait_before
+                wait_now += reader.wait_s - wait_before
+                data.step_done()
+                if bar is not None:
+                    bar.update(1)
+                if not closes_group:
+                    continue
                 loss, skipped, stop, count, n_frames, wait = out.numpy().tolist()
                 progress.step.assign_add(1)
                 step, steps = step + 1, steps + 1
                 utterances += count
                 frames += int(n_frames)
                 wait_total += wait
-                data.step_done()
                 if skipped:
                     skipped_steps += 1
                     self._nonfinite(plan, data.done - 1, loss)
@@ -327,7 +370,6 @@ class Trainer:
                     progress.nonfinite.assign(0)
                     loss_sum += loss
                 if bar is not None:
-                    bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if self.summaries is not None and (step - 1) % cfg.summary_steps == 0:
                     self._step_summaries(step - 1, loss, wait)
@@ -347,7 +389,8 @@ class Trainer:
         data.end_epoch()
         figures = {
             "number": epoch + 1, "epochs": cfg.epochs, "loss": loss_sum / (steps - skipped_steps) if steps > skipped_steps else math.nan,
-            "steps": steps, "resumed_at_step": plan.start_step, "exact": plan.exact, "seconds": round(seconds, 3),
+            "steps": steps, "micro_batches": plan.steps, "resumed_at_step": plan.start_step,
+            "exact": plan.exact, "seconds": round(seconds, 3),
             "utterances_per_s": utterances / max(seconds, 1e-9), "frames_per_s": frames / max(seconds, 1e-9),
             "padding": plan.padding_fraction, "loader_wait_max_s": wait_max, "learning_rate": rate,
             "nonfinite_steps": skipped_steps,
