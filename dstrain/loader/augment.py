@@ -195,15 +195,16 @@ class _Ctx:
 # Operations
 
 
-class Augmentation:
-    """One parsed ``--augment`` op. Subclasses declare PARAMS as ``name -> (kind, default)``."""
+class ParsedOp:
+    """An op read by :func:`parse_spec`: its spec, probability ``p`` and parameter values as attributes. Subclasses
+    declare ``PARAMS`` as ``name -> (kind, default)``; this module's filterbank ops and preprocessing's waveform ops
+    (:mod:`dstrain.prep.augment`) both are."""
 
     name: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, tuple[str, object]]] = {}
     ALIASES: ClassVar[dict[str, str]] = {}
     REFUSED: ClassVar[dict[str, str]] = {}
     """Parameters DeepSpeech had that cannot work here -> what to do instead."""
-    domain: str = "spectrogram"
 
     def __init__(self, spec: str, p: float, values: dict[str, object]) -> None:
         self.spec = spec
@@ -211,18 +212,24 @@ class Augmentation:
         for key, value in values.items():
             setattr(self, key, value)
 
+    def validate(self) -> None:
+        """Rejects values that can never work, at parse time rather than hours into the work."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec}>"
+
+
+class Augmentation(ParsedOp):
+    """One parsed training-time ``--augment`` op."""
+
+    domain: str = "spectrogram"
+
     @property
     def stage(self) -> int:
         return _STAGE_SPECTROGRAM if self.domain == "spectrogram" else _STAGE_FEATURES
 
-    def validate(self) -> None:
-        """Rejects values that can never work, at parse time rather than hours into training."""
-
     def apply(self, w: _Work, ctx: _Ctx) -> None:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.spec}>"
 
 
 def _fill(w: _Work, domain: str, fill: str) -> Union[float, np.ndarray]:

@@ -41,7 +41,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -50,7 +50,7 @@ import soxr
 
 from dstrain.audio import AudioError, read_audio
 from dstrain.config import option
-from dstrain.loader.augment import FILTERBANK_OPS, ValueRange, parse_spec
+from dstrain.loader.augment import FILTERBANK_OPS, ParsedOp, ValueRange, parse_spec
 from dstrain.prep.csvfile import read_csv_rows
 
 NOISE_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
@@ -93,30 +93,14 @@ class _Ctx:
     sample_rate: int
 
 
-class WaveOp:
+class WaveOp(ParsedOp):
     """One parsed waveform op; ``apply`` returns a new float32 signal (the input is not modified)."""
-
-    name: ClassVar[str] = ""
-    PARAMS: ClassVar[dict[str, tuple[str, object]]] = {}
-    ALIASES: ClassVar[dict[str, str]] = {}
-    REFUSED: ClassVar[dict[str, str]] = {}
-
-    def __init__(self, spec: str, p: float, values: dict[str, object]) -> None:
-        self.spec, self.p = spec, p
-        for key, value in values.items():
-            setattr(self, key, value)
-
-    def validate(self) -> None:
-        """Rejects values that can never work, at parse time."""
 
     def check_rate(self, sample_rate: int) -> None:
         """Rejects a sample rate this op cannot handle, before any work."""
 
     def apply(self, x: np.ndarray, ctx: _Ctx) -> np.ndarray:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.spec}>"
 
 
 def _positive(name: str, r: ValueRange) -> None:
