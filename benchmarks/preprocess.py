@@ -7,6 +7,10 @@ decode MP3, so for MP3 the reference decodes with dstrain's reader and then runs
 >= 2x the TensorFlow path.
 
     .venv/bin/python benchmarks/preprocess.py [--seconds 3]
+    .venv/bin/python benchmarks/preprocess.py --augment   # cost of one augmented copy per waveform op instead
+
+``--augment`` times what one copy made by ``dstrain preprocess --augment OP --augment_copies 1`` costs (the op, then
+the features of its result) against storing the original (read + features), both on LDC93S1 in the same run.
 """
 from __future__ import annotations
 
@@ -43,7 +47,10 @@ def rate(fn, audio_seconds: float, budget: float, windows: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per measurement")
+    parser.add_argument("--augment", action="store_true", help="time preprocessing's waveform augmentation ops")
     args = parser.parse_args()
+    if args.augment:
+        return augment_costs(args.seconds)
 
     import tensorflow as tf
 
@@ -83,6 +90,31 @@ def main() -> None:
         compute = rate(lambda: log_mel(power_spectrogram(samples, cfg), cfg), seconds, args.seconds)
         tf_compute = rate(lambda: tf_mfcc(tf.constant(samples)).numpy(), seconds, args.seconds)
         print(f"{'features only':<12} {compute:>24.0f} {tf_compute:>16.0f} {compute / tf_compute:>6.2f}x")
+
+
+AUGMENT_OPS = ("speed[factor=1.1]", "resample[rate=8000]", "reverb", "codec[format=opus,bitrate=16000]",
+               "codec[format=mp3,bitrate=16000]", "overlay[source={noise},snr=10]", "volume[dbfs=-6]")  # fmt: skip
+
+
+def augment_costs(budget: float) -> None:
+    import numpy as np
+
+    from dstrain.prep.augment import WaveAugmenter, parse_ops
+
+    cfg = FeatureConfig()
+    samples = read_audio(LDC93S1)
+    seconds = samples.size / cfg.sample_rate
+    original = rate(lambda: log_mel(power_spectrogram(read_audio(LDC93S1), cfg), cfg), seconds, budget)
+    print(f"{'one copy by':<34} {'x realtime/core':>16} {'cost vs the original':>22}")
+    print(f"{'(the original: read + features)':<34} {original:>16.0f} {1.0:>21.2f}x")
+    with tempfile.TemporaryDirectory() as noise:
+        # A noise corpus of one 30 s file; decoded once, then cached by the op as in a preprocessing worker.
+        soundfile.write(os.path.join(noise, "n.wav"), 0.1 * np.random.default_rng(0).standard_normal(30 * 16000), 16000)
+        for spec in AUGMENT_OPS:
+            aug = WaveAugmenter(parse_ops([spec.format(noise=noise)], cfg.sample_rate, open_noise=True), 1, 0, cfg.sample_rate)
+            copy = rate(lambda: log_mel(power_spectrogram(aug.copy(samples, 0, 1)[0], cfg), cfg), seconds, budget)
+            print(f"{spec.split('[')[0] + ('[' + spec.split('[')[1] if 'codec' in spec else ''):<34} "
+                  f"{copy:>16.0f} {original / copy:>21.2f}x")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ Ops (defaults as in DeepSpeech 0.9 unless stated):
 * ``overlay[source=...,snr=3.0,layers=1]``: ``layers`` noise utterances from the caller's
   ``noise_source`` mixed in mel power at ``snr`` dB (mean mel power ratio), then levelled back.
 
+Waveform ops (``codec``, ``resample``, ``reverb``, ``speed``, ``volume[dbfs]``, ``overlay`` of audio files) are
+refused here: :mod:`dstrain.prep.augment` applies them at preprocessing into stored, labelled copies
+(``dstrain preprocess --augment ... --augment_copies K``), and the errors say so.
+
 ``fill=mean`` (an extension) masks with each channel's mean log mel over the utterance, which is what
 SpecAugment's zero is after per-channel mean normalisation; DeepSpeech's ``fill=zero`` writes silence.
 """
@@ -191,13 +195,16 @@ class _Ctx:
 # Operations
 
 
-class Augmentation:
-    """One parsed ``--augment`` op. Subclasses declare PARAMS as ``name -> (kind, default)``."""
+class ParsedOp:
+    """An op read by :func:`parse_spec`: its spec, probability ``p`` and parameter values as attributes. Subclasses
+    declare ``PARAMS`` as ``name -> (kind, default)``; this module's filterbank ops and preprocessing's waveform ops
+    (:mod:`dstrain.prep.augment`) both are."""
 
     name: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, tuple[str, object]]] = {}
     ALIASES: ClassVar[dict[str, str]] = {}
-    domain: str = "spectrogram"
+    REFUSED: ClassVar[dict[str, str]] = {}
+    """Parameters DeepSpeech had that cannot work here -> what to do instead."""
 
     def __init__(self, spec: str, p: float, values: dict[str, object]) -> None:
         self.spec = spec
@@ -205,18 +212,24 @@ class Augmentation:
         for key, value in values.items():
             setattr(self, key, value)
 
+    def validate(self) -> None:
+        """Rejects values that can never work, at parse time rather than hours into the work."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec}>"
+
+
+class Augmentation(ParsedOp):
+    """One parsed training-time ``--augment`` op."""
+
+    domain: str = "spectrogram"
+
     @property
     def stage(self) -> int:
         return _STAGE_SPECTROGRAM if self.domain == "spectrogram" else _STAGE_FEATURES
 
-    def validate(self) -> None:
-        """Rejects values that can never work, at parse time rather than hours into training."""
-
     def apply(self, w: _Work, ctx: _Ctx) -> None:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.spec}>"
 
 
 def _fill(w: _Work, domain: str, fill: str) -> Union[float, np.ndarray]:
@@ -405,6 +418,9 @@ class Volume(Augmentation):
 
     name = "volume"
     PARAMS = {"gain": ("float", "0~6")}
+    REFUSED = {"dbfs": "dbfs levels a waveform's peak, which a filterbank store does not have; use volume[gain=<dB>] "
+                       "for a relative gain, or level the waveform while preprocessing: dstrain preprocess --augment "
+                       "'volume[dbfs=...]' --augment_copies K"}  # fmt: skip
 
     @property
     def stage(self) -> int:
@@ -466,6 +482,8 @@ def _noise_frames(noise: np.ndarray, rng: np.random.Generator, n_frames: int, n_
 _OPS: dict[str, type[Augmentation]] = {
     cls.name: cls for cls in (FrequencyMask, TimeMask, Dropout, Add, Multiply, Pitch, Tempo, Warp, Volume, Overlay)
 }
+FILTERBANK_OPS: tuple[str, ...] = tuple(sorted(_OPS))
+"""The ops of training-time ``--augment`` (preprocessing's ``--augment`` refuses them, naming this one)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -520,25 +538,32 @@ def _bilinear(x: np.ndarray, qt: np.ndarray, qf: np.ndarray) -> np.ndarray:
 # Parsing
 
 
-def _parse_one(spec: str, noise_source) -> Augmentation:
+def parse_spec(
+    spec: str,
+    ops: Mapping[str, type],
+    unknown: Callable[[str], str],
+    kinds: Optional[Mapping[str, Callable[[str], object]]] = None,
+) -> tuple[type, float, dict[str, object]]:
+    """One ``NAME[p=...,key=value,...]`` of the op classes ``ops`` (each with ``PARAMS``: name -> (kind, default),
+    ``ALIASES`` and ``REFUSED``: parameter -> why) -> (class, p, value of every parameter). Kinds ``int`` and
+    ``float`` are :class:`ValueRange`, ``number`` a float, those in ``kinds`` what that parser returns, any other
+    the string. ``unknown(name)`` words the error for a name not in ``ops``. Shared with preprocessing's waveform
+    augmentation (:mod:`dstrain.prep.augment`), so both read DeepSpeech's syntax alike."""
     match = _SPEC.match(spec.strip())
     if not match:
         raise ValueError(f"augmentation {spec!r}: expected NAME or NAME[key=value,...]")
     name = match.group("name")
-    cls = _OPS.get(name)
+    cls = ops.get(name)
     if cls is None:
-        raise ValueError(f"augmentation {spec!r}: unknown augmentation {name!r} (known: {', '.join(sorted(_OPS))})")
+        raise ValueError(f"augmentation {spec!r}: {unknown(name)}")
     given: dict[str, str] = {}
     params = match.group("params")
     for part in [] if params is None or not params.strip() else params.split(","):
         key, sep, value = (s.strip() for s in part.partition("="))
         if not sep or not key:
             raise ValueError(f"augmentation {spec!r}: {part.strip()!r} is not key=value")
-        if key == "dbfs" and cls is Volume:
-            raise ValueError(
-                f"augmentation {spec!r}: dbfs levels a waveform's peak, which a filterbank store does not have; "
-                "use volume[gain=<dB>] for a relative gain"
-            )
+        if key in cls.REFUSED:
+            raise ValueError(f"augmentation {spec!r}: {cls.REFUSED[key]}")
         key = cls.ALIASES.get(key, key)
         if key != "p" and key not in cls.PARAMS:
             raise ValueError(
@@ -563,24 +588,48 @@ def _parse_one(spec: str, noise_source) -> Augmentation:
                 values[key] = parse_range(str(raw), integer=kind == "int")
             elif kind == "number":
                 values[key] = float(raw)
-            elif kind == "domain":
-                if raw == "signal":
-                    raise ValueError(
-                        "domain=signal needs audio, but the feature store holds log mel filterbanks; use "
-                        "domain=spectrogram (mel power) or domain=features (log mel)"
-                    )
-                if raw not in ("spectrogram", "features"):
-                    raise ValueError(f"unknown domain {raw!r} (use spectrogram or features)")
-                values[key] = raw
-            elif kind == "fill":
-                if raw not in ("zero", "mean"):
-                    raise ValueError(f"unknown fill {raw!r} (use zero or mean)")
-                values[key] = raw
+            elif kinds and kind in kinds:
+                values[key] = kinds[kind](raw)
             else:
                 values[key] = raw
         except ValueError as e:
             raise ValueError(f"augmentation {spec!r}: {key}: {e}") from None
+    return cls, p, values
 
+
+WAVEFORM_OPS = ("codec", "resample", "reverb", "speed")
+"""Ops that need the waveform: :mod:`dstrain.prep.augment` makes them into stored copies at preprocessing; here
+they are refused with that advice (as are ``overlay`` of audio files and ``volume[dbfs]``, which preprocessing has)."""
+
+_AT_PREPROCESSING = "make augmented copies while preprocessing: dstrain preprocess --augment '{spec}' --augment_copies K"
+
+
+def _domain(raw: str) -> str:
+    if raw == "signal":
+        raise ValueError(
+            "domain=signal needs audio, but the feature store holds log mel filterbanks; use domain=spectrogram "
+            "(mel power) or domain=features (log mel), or augment the waveform when preprocessing "
+            "(dstrain preprocess --augment ... --augment_copies K)"
+        )
+    if raw not in ("spectrogram", "features"):
+        raise ValueError(f"unknown domain {raw!r} (use spectrogram or features)")
+    return raw
+
+
+def _fill_kind(raw: str) -> str:
+    if raw not in ("zero", "mean"):
+        raise ValueError(f"unknown fill {raw!r} (use zero or mean)")
+    return raw
+
+
+def _parse_one(spec: str, noise_source) -> Augmentation:
+    def unknown(name: str) -> str:
+        if name in WAVEFORM_OPS:
+            return (f"{name} needs the waveform, and the feature store holds log mel filterbanks; "
+                    + _AT_PREPROCESSING.format(spec=spec.strip()))  # fmt: skip
+        return f"unknown augmentation {name!r} (known: {', '.join(sorted(_OPS))})"
+
+    cls, p, values = parse_spec(spec, _OPS, unknown, {"domain": _domain, "fill": _fill_kind})
     aug = cls(spec, p, values)
     try:
         aug.validate()

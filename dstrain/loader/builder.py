@@ -118,6 +118,26 @@ class NoiseStore:
         return rows[int(rng.integers(len(rows)))]
 
 
+def mixing_weights(catalog: Catalog, n_stores: int, train_weights: Sequence[float], augmented_weight: float
+                   ) -> tuple[float, ...] | None:  # fmt: skip
+    """``PlanSpec.weights``: ``--train_weights`` per store (empty: in proportion to their sizes), and within a store,
+    its augmented copies drawn ``augmented_weight`` times as often per sample as its originals (``Catalog.group``
+    gives each its own weight). None where every sample is drawn once."""
+    if not catalog.has_augmented:
+        return tuple(train_weights) or None
+    if augmented_weight == 1 and not train_weights:
+        return None
+    rows = np.zeros((n_stores, 2))
+    for ref, frames in zip(catalog.refs, catalog.frames):
+        rows[ref.store, int(ref.augmented)] += frames.size
+    weights: list[float] = []
+    for s, (originals, copies) in enumerate(rows):
+        share = train_weights[s] if train_weights else originals + copies
+        per_sample = originals + augmented_weight * copies
+        weights += [share * originals / per_sample, share * augmented_weight * copies / per_sample] if per_sample else [0.0, 0.0]
+    return tuple(weights)
+
+
 def window_row_groups(catalog: Catalog, memory_mb: float) -> int:
     """Row groups per shuffle window: half the memory budget holds the window, the other half the prefetched next."""
     sizes = [catalog.nbytes(k) for k in range(len(catalog.refs))]
@@ -154,13 +174,18 @@ class TrainInput:
         if alphabet is None:
             alphabet = FeatureStore.open(urls[0]).manifest.get_alphabet()
         stores = open_stores(urls, alphabet)
-        catalog = Catalog.build(stores, world, cfg.skip_bad_shards)
+        catalog = Catalog.build(stores, world, cfg.skip_bad_shards, augmented=cfg.augmented_weight > 0)
         for s in catalog.skipped:
             log.warning("--skip_bad_shards: left out %s", s)
         spec = PlanSpec(batch_size=batch_size, shuffle=shuffle, sortagrad=cfg.sortagrad, reverse=cfg.reverse_train,
                         limit=cfg.limit_train, buckets=cfg.length_buckets, remainder=cfg.remainder,
                         window_row_groups=window_row_groups(catalog, cfg.loader_memory_mb),
-                        weights=cfg.train_weights or None)  # fmt: skip
+                        weights=mixing_weights(catalog, len(stores), cfg.train_weights, cfg.augmented_weight))  # fmt: skip
+        copies = sum(s.manifest.augmented_utterances for s in stores)
+        if copies and world.is_root:
+            log.info("training stores hold %d augmented copies (of %d utterances): --augmented_weight %g%s", copies,
+                     sum(s.manifest.utterances for s in stores), cfg.augmented_weight,
+                     " leaves them out" if cfg.augmented_weight == 0 else "")  # fmt: skip
         augmenter = None
         if cfg.augment:
             specs = expand_specs(cfg.augment)
@@ -260,7 +285,7 @@ class EvalInput:
               reference: str = "the training stores") -> "EvalInput":  # fmt: skip
         """Collective. ``features`` (of ``reference``): what the stores must have been preprocessed with."""
         stores = open_stores(urls, alphabet, features, reference)
-        catalog = Catalog.build(stores, world, skip_bad_shards=cfg.skip_bad_shards)
+        catalog = Catalog.build(stores, world, skip_bad_shards=cfg.skip_bad_shards, augmented=False)  # originals only
         plan = plan_eval(catalog.table, rank=world.rank, world=world.size, batch_size=batch_size, limit=limit,
                          sort_by_length=True)  # fmt: skip
         return cls(catalog, plan, cfg)

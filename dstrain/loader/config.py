@@ -35,6 +35,10 @@ class LoaderConfig:
     """Use at most this many test samples; 0 means all."""
     train_weights: tuple[float, ...] = option((), parse=lambda v: tuple(float(x) for x in v.split(",") if x))
     """Mixing weights of the --train_files stores, comma-separated; empty: in proportion to their sizes."""
+    augmented_weight: float = 1.0
+    """How often an augmented copy stored by dstrain preprocess --augment_copies is drawn, against an original
+    utterance of the same store: 1 treats copies as any utterance, 0 leaves them out, 0.5 draws each copy half as often
+    as an original (the epoch keeps its size). Dev and test sets never use copies."""
     skip_bad_shards: bool = False
     """Leave out missing, truncated or corrupt shards (counted and logged, agreed by all ranks) instead of stopping."""
     augment: tuple[str, ...] = option((), append=True)
@@ -47,5 +51,7 @@ class LoaderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.loader_memory_mb <= 0:
             raise ValueError(f"loader_memory_mb must be > 0, got {self.loader_memory_mb}")
+        if not self.augmented_weight >= 0 or self.augmented_weight == float("inf"):
+            raise ValueError(f"augmented_weight must be a finite number >= 0, got {self.augmented_weight}")
         if any(w < 0 for w in self.train_weights) or (self.train_weights and sum(self.train_weights) == 0):
             raise ValueError(f"train_weights must be >= 0 and not all 0, got {self.train_weights}")

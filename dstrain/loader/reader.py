@@ -38,6 +38,8 @@ class RowGroupRef:
     """Row group within the shard."""
     store: int
     """Index of the store in the list the catalog was made from."""
+    augmented: bool = False
+    """The row group holds augmented copies (a shard preprocessing flagged ``augmented``)."""
 
 
 @dataclass
@@ -52,9 +54,20 @@ class Catalog:
     """Shards left out by --skip_bad_shards, with the reason."""
 
     @property
+    def has_augmented(self) -> bool:
+        return any(r.augmented for r in self.refs)
+
+    def group(self, key: int) -> int:
+        """The mixing group of a row group (``RowGroup.store``, what ``PlanSpec.weights`` index): its store, or with
+        augmented copies in the catalog, ``2 x store + 1`` for copies and ``2 x store`` for originals, so a store's
+        copies can be weighted apart from its originals (:func:`dstrain.loader.builder.mixing_weights`)."""
+        ref = self.refs[key]
+        return 2 * ref.store + int(ref.augmented) if self.has_augmented else ref.store
+
+    @property
     def table(self) -> RowGroupTable:
         if not hasattr(self, "_table"):
-            self._table = RowGroupTable([RowGroup(k, f, self.refs[k].store) for k, f in enumerate(self.frames)])
+            self._table = RowGroupTable([RowGroup(k, f, self.group(k)) for k, f in enumerate(self.frames)])
         return self._table
 
     def nbytes(self, key: int) -> int:
@@ -62,13 +75,14 @@ class Catalog:
         return int(self.frames[key].sum()) * self.n_mel * self.itemsize
 
     @classmethod
-    def build(cls, stores: Sequence[FeatureStore], world: World, skip_bad_shards: bool = False) -> "Catalog":
+    def build(cls, stores: Sequence[FeatureStore], world: World, skip_bad_shards: bool = False,
+              augmented: bool = True) -> "Catalog":  # fmt: skip
         """Rank 0 reads every shard's footer and ``n_frames`` column (and checks sizes against the manifest); every
-        rank gets the same catalog."""
+        rank gets the same catalog. ``augmented=False`` leaves out the shards of augmented copies."""
         result = None
         if world.is_root:
             try:
-                result = _scan(stores, skip_bad_shards)
+                result = _scan(stores, skip_bad_shards, augmented)
             except StoreError as e:
                 result = e
         result = world.broadcast_object(result)
@@ -77,7 +91,7 @@ class Catalog:
         return result
 
 
-def _scan(stores: Sequence[FeatureStore], skip_bad_shards: bool) -> Catalog:
+def _scan(stores: Sequence[FeatureStore], skip_bad_shards: bool, augmented: bool = True) -> Catalog:
     refs: list[RowGroupRef] = []
     frames: list[np.ndarray] = []
     skipped: list[str] = []
@@ -86,6 +100,8 @@ def _scan(stores: Sequence[FeatureStore], skip_bad_shards: bool) -> Catalog:
     for si, store in enumerate(stores):
         sizes_bad = {p.split(":", 1)[0]: p for p in store.verify(checksums=False)}
         for shard, url in zip(store.manifest.shards, store.shard_urls()):
+            if shard.augmented and not augmented:
+                continue
             problem = sizes_bad.get(shard.path)
             meta = None
             if problem is None:
@@ -105,7 +121,7 @@ def _scan(stores: Sequence[FeatureStore], skip_bad_shards: bool) -> Catalog:
                 skipped.append(f"{store.layout.url(shard.path)}: {problem}")
                 continue
             for i, f in enumerate(meta):
-                refs.append(RowGroupRef(url, i, si))
+                refs.append(RowGroupRef(url, i, si, shard.augmented))
                 frames.append(f)
     return Catalog(refs, frames, n_mel, itemsize, skipped)
 

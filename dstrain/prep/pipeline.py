@@ -12,6 +12,11 @@ valid marker. Rank 0 writes ``_rejects.csv`` and, last, ``_manifest.json``.
 A stop request (SIGTERM, SIGUSR1: ``scancel``, a pod deletion) makes every process abandon the chunk it is on (its
 partial shards get no marker), keep the chunks already complete, and exit 75; the same command then finishes the
 store, identical to one made without interruption.
+
+With ``--augment ... --augment_copies K`` (:mod:`dstrain.prep.augment`) each utterance is followed by K augmented
+copies, made from its waveform in the same chunk and written to the chunk's own ``shard-CCCCCC-aug-PPP.parquet``
+shards (flagged ``augmented`` in the manifest, ids ``ID-augK``), so the loader can weight or leave them out by row
+group.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from dstrain.config import option, parse_list
 from dstrain.distributed import World, mpi_world
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
 from dstrain.preemption import Preempted
+from dstrain.prep.augment import REJECT_PREFIX, AugmentConfig, AugmentTally, WaveAugmenter, copy_id, manifest_section
 from dstrain.prep.csvfile import Row, read_csv_rows
 from dstrain.store.stats import FeatureStats
 from dstrain.store import Manifest, ShardInfo, ShardWriter, StoreError, StoreLayout
@@ -74,6 +80,7 @@ class PreprocessConfig:
     """Store labels as UTF-8 bytes (DeepSpeech's --bytes_output_mode: any language, no alphabet needed;
     --alphabet may be omitted)."""
     features: FeatureConfig = option(default_factory=FeatureConfig, cli=False)
+    augmentation: AugmentConfig = option(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if not self.csv_files:
@@ -103,6 +110,8 @@ class Processed:
     labels: list[int] | None = None
     log_mel: np.ndarray | None = None
     duration: float = 0.0
+    samples: np.ndarray | None = None
+    """The waveform the features came from (augmented copies start from it)."""
 
 
 def process_row(row: Row, alphabet: Alphabet, cfg: FeatureConfig, max_duration: float) -> Processed:
@@ -117,14 +126,18 @@ def process_row(row: Row, alphabet: Alphabet, cfg: FeatureConfig, max_duration: 
     except AudioError as e:
         reason = "missing_file" if "not found" in str(e) else ("empty_audio" if "no audio samples" in str(e) else "unreadable_audio")
         return Processed(row, reason, str(e))
+    return featurize(row, samples, alphabet.encode(transcript), cfg, max_duration)
+
+
+def featurize(row: Row, samples: np.ndarray, labels: list[int], cfg: FeatureConfig, max_duration: float) -> Processed:
+    """Features of a waveform, or why it cannot be stored (an original or an augmented copy)."""
     duration = samples.shape[0] / cfg.sample_rate
     if max_duration > 0 and duration > max_duration:
         return Processed(row, "too_long", f"{duration:.2f} s > --max_duration {max_duration}")
-    labels = alphabet.encode(transcript)
     features = log_mel(power_spectrogram(samples, cfg), cfg)
     if features.shape[0] < ctc_min_frames(labels):
         return Processed(row, "too_short", f"{features.shape[0]} frames < {ctc_min_frames(labels)} needed by CTC")
-    return Processed(row, labels=labels, log_mel=features, duration=duration)
+    return Processed(row, labels=labels, log_mel=features, duration=duration, samples=samples)
 
 
 _ABANDON = None  # in pool workers: the parent's Event, set when a stop request came (see preprocess)
@@ -152,8 +165,8 @@ class ChunkJob:
     or None when a stop request made it abandon the chunk (its shards are incomplete and it has no marker: a rerun
     redoes it)."""
 
-    def __init__(self, cfg: PreprocessConfig, alphabet: Alphabet, rows: list[Row]):
-        self.cfg, self.alphabet, self.rows = cfg, alphabet, rows
+    def __init__(self, cfg: PreprocessConfig, alphabet: Alphabet, rows: list[Row], augmenter: WaveAugmenter | None = None):
+        self.cfg, self.alphabet, self.rows, self.augmenter = cfg, alphabet, rows, augmenter
 
     def __call__(self, chunk: int) -> tuple[int, int, int] | None:
         try:
@@ -167,8 +180,11 @@ class ChunkJob:
         rejects = []
         stats = FeatureStats.empty(cfg.features.n_mel)
         layout = StoreLayout(cfg.output)
+        tally = AugmentTally()
         with ShardWriter(layout, lambda part: layout.shard_name(chunk, part), cfg.shard_size_mb, cfg.feature_dtype,
-                         cfg.row_group_rows) as writer:
+                         cfg.row_group_rows) as writer, \
+             ShardWriter(layout, lambda part: layout.shard_name(chunk, part, augmented=True), cfg.shard_size_mb,
+                         cfg.feature_dtype, cfg.row_group_rows, augmented=True) as copies:  # fmt: skip
             for row in self.rows[start : start + cfg.chunk_rows]:
                 if _stop_requested():
                     raise _Abandoned  # the writer does not flush on an exception: no shard of it is final
@@ -180,12 +196,36 @@ class ChunkJob:
                     id=f"{row.index:09d}", source=row.source, transcript=row.transcript.strip(),
                     labels=p.labels, duration=p.duration, log_mel=p.log_mel,
                 )  # fmt: skip
-                # Statistics of what is stored (float16 rounding included), for input normalisation.
+                # Statistics of what is stored (float16 rounding included), for input normalisation; of the originals
+                # only, which is what the model will be given at inference.
                 stats = stats.merge(FeatureStats.from_features(p.log_mel.astype(cfg.feature_dtype)))
-        marker = {"chunk": chunk, "shards": [asdict(s) for s in writer.shards], "rejects": rejects, "stats": stats.to_dict()}
+                if self.augmenter is not None:
+                    self._add_copies(row, p, copies, rejects, tally)
+        shards = writer.shards + copies.shards
+        marker = {"chunk": chunk, "shards": [asdict(s) for s in shards], "rejects": rejects, "stats": stats.to_dict()}
+        if self.augmenter is not None:
+            marker["augmentation"] = tally.to_dict()
         with layout.open(layout.chunk_marker_name(chunk), "wt", encoding="utf-8") as f:
             json.dump(marker, f)
-        return chunk, sum(s.rows for s in writer.shards), len(rejects)
+        return chunk, sum(s.rows for s in shards), len(rejects)
+
+    def _add_copies(self, row: Row, original: Processed, writer: ShardWriter, rejects: list, tally: AugmentTally) -> None:
+        """The augmented copies of one stored utterance; those that cannot be stored are rejected as
+        ``augmented_<reason>``, naming the copy and the ops applied."""
+        cfg = self.cfg
+        for k in range(1, self.augmenter.n_copies + 1):
+            if _stop_requested():
+                raise _Abandoned
+            samples, applied = self.augmenter.copy(original.samples, row.index, k)
+            c = featurize(row, samples, original.labels, cfg.features, cfg.max_duration)
+            if c.reason is not None:
+                tally.rejects[REJECT_PREFIX + c.reason] += 1
+                ops = "+".join(applied) or "unchanged"
+                rejects.append([row.source, row.transcript, REJECT_PREFIX + c.reason, f"copy {k} ({ops}): {c.detail}"])
+                continue
+            tally.count(applied)
+            writer.add(id=copy_id(f"{row.index:09d}", k), source=row.source, transcript=row.transcript.strip(),
+                       labels=c.labels, duration=c.duration, log_mel=c.log_mel)  # fmt: skip
 
 
 def _read_marker(layout: StoreLayout, chunk: int, verify: bool) -> dict | None:
@@ -205,8 +245,10 @@ def _read_marker(layout: StoreLayout, chunk: int, verify: bool) -> dict | None:
     return marker
 
 
-def _fingerprint(cfg: PreprocessConfig, alphabet: Alphabet, rows: list[Row]) -> str:
+def _fingerprint(cfg: PreprocessConfig, alphabet: Alphabet, rows: list[Row], augmenter: WaveAugmenter | None) -> str:
     h = hashlib.sha256()
+    if augmenter is not None:
+        h.update(augmenter.fingerprint().encode())
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "overwrite", "output")}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(alphabet.sha256().encode())
@@ -225,7 +267,8 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
     alphabet = cfg.alphabet()
     rows = list(read_csv_rows(cfg.csv_files))
     layout = StoreLayout(cfg.output)
-    fingerprint = _fingerprint(cfg, alphabet, rows)
+    augmenter = WaveAugmenter.build(cfg.augmentation, cfg.features.sample_rate)  # lists noise corpora: every rank
+    fingerprint = _fingerprint(cfg, alphabet, rows, augmenter)
 
     error = None
     if world.rank == 0:
@@ -242,7 +285,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
     todo = [c for c in mine if _read_marker(layout, c, verify=True) is None]
     if len(todo) < len(mine):
         log.info("rank %d: %d of its %d chunk(s) already complete, resuming", world.rank, len(mine) - len(todo), len(mine))
-    job = ChunkJob(cfg, alphabet, rows)
+    job = ChunkJob(cfg, alphabet, rows, augmenter)
     bar = tqdm(total=len(todo), disable=not progress or world.rank != 0, desc="preprocess", unit="chunk")
     done = 0
 
@@ -284,7 +327,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
                         f"chunks complete; run the same command again to finish the store")  # fmt: skip
     if world.rank != 0:
         return None
-    return _finish(layout, cfg, alphabet, n_chunks)
+    return _finish(layout, cfg, alphabet, n_chunks, augmenter)
 
 
 def _prepare(layout: StoreLayout, cfg: PreprocessConfig, fingerprint: str, n_rows: int) -> None:
@@ -309,9 +352,11 @@ def _prepare(layout: StoreLayout, cfg: PreprocessConfig, fingerprint: str, n_row
         json.dump({"fingerprint": fingerprint, "rows": n_rows, "chunk_rows": cfg.chunk_rows}, f)
 
 
-def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_chunks: int) -> Manifest:
+def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_chunks: int,
+            augmenter: WaveAugmenter | None) -> Manifest:  # fmt: skip
     """Rank 0: gather every chunk's shards and rejects into _rejects.csv and, last, the manifest."""
     shards: list[ShardInfo] = []
+    tally = AugmentTally()
     stats: list[FeatureStats] = []
     reasons: Counter[str] = Counter()
     rejects = io.StringIO()
@@ -323,6 +368,7 @@ def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_ch
             raise StoreError(f"chunk {chunk} has no marker after every rank finished; re-run to complete it")
         shards += [ShardInfo(**s) for s in marker["shards"]]
         stats.append(FeatureStats.from_dict(marker["stats"]))
+        tally = tally.merge(AugmentTally.from_dict(marker.get("augmentation", {})))
         for r in marker["rejects"]:
             reasons[r[2]] += 1
             writer.writerow(r)
@@ -337,7 +383,9 @@ def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_ch
         rejects={"count": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
         feature_stats=FeatureStats.merge_all(stats).to_dict(),  # in chunk order: the same for any workers or ranks
         bytes_output_mode=cfg.bytes_output_mode,
-    )
+        augmentation=None if augmenter is None else manifest_section(
+            cfg.augmentation, augmenter, tally, sum(s.rows for s in shards if s.augmented)),
+    )  # fmt: skip
     with layout.open(MANIFEST, "wt", encoding="utf-8") as f:
         f.write(manifest.to_json())
     layout.remove(PROGRESS)
@@ -357,4 +405,10 @@ def run(cfg: PreprocessConfig) -> int:
     rejected = m.rejects.get("count", 0)
     print(f"{rejected} rejected" + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
           + (f" (see {StoreLayout(cfg.output).url(REJECTS)})" if rejected else ""))
+    if m.augmentation:
+        a = m.augmentation
+        seconds = sum(s.seconds for s in m.shards if s.augmented)
+        print(f"of which {a['utterances']} augmented copies ({seconds:.1f} s), ops applied: "
+              + ", ".join(f"{op} {n}" for op, n in a["applied"].items())
+              + (f"; {a['rejects']['count']} copies rejected" if a["rejects"]["count"] else ""))  # fmt: skip
     return 0

@@ -6,6 +6,7 @@ Layout::
       _manifest.json               written last: a store without it is incomplete
       shard-000000-000.parquet     one row per utterance; named chunk-part (see dstrain.prep.pipeline)
       shard-000000-001.parquet
+      shard-000000-aug-000.parquet augmented copies of chunk 0's utterances (preprocessing's --augment_copies)
       _rejects.csv                 samples that did not make it, with a reason
       _progress/                   only while preprocessing runs: chunk markers for resuming
 

@@ -31,6 +31,12 @@ def run_info(cfg: ShardsInfoConfig) -> int:
         print(f"  alphabet: {len(m.alphabet)} labels, sha256 {m.alphabet_sha256[:16]}…")
         rejects = m.rejects.get("by_reason", {})
         print(f"  rejected at preprocessing: {m.rejects.get('count', 0)}" + "".join(f", {n} {r}" for r, n in rejects.items()))
+        if m.augmentation:
+            a = m.augmentation
+            print(f"  augmented copies: {m.augmented_utterances} ({a['copies_per_utterance']} per utterance, seed "
+                  f"{a['seed']}, {' '.join(a['specs'])}); ops applied: "
+                  + ", ".join(f"{n} {op}" for op, n in a["applied"].items())
+                  + f"; copies rejected: {a['rejects']['count']}")  # fmt: skip
         problems = store.verify(checksums=not cfg.no_verify)
         bad += len(problems)
         what = "sizes" if cfg.no_verify else "checksums"

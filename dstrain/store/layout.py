@@ -83,9 +83,10 @@ class StoreLayout:
         return REJECTS
 
     @staticmethod
-    def shard_name(chunk: int, part: int) -> str:
-        """Shards are named by the chunk of input rows that made them, so any number of workers names them alike."""
-        return f"shard-{chunk:06d}-{part:03d}.parquet"
+    def shard_name(chunk: int, part: int, augmented: bool = False) -> str:
+        """Shards are named by the chunk of input rows that made them, so any number of workers names them alike;
+        a chunk's augmented copies have shards of their own (``shard-CCCCCC-aug-PPP.parquet``)."""
+        return f"shard-{chunk:06d}-{'aug-' if augmented else ''}{part:03d}.parquet"
 
     @staticmethod
     def chunk_marker_name(chunk: int) -> str:

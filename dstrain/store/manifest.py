@@ -48,6 +48,8 @@ class ShardInfo:
     sha256: str
     frames: int
     seconds: float
+    augmented: bool = False
+    """Holds augmented copies made at preprocessing (:mod:`dstrain.prep.augment`), not original utterances."""
 
 
 @dataclass
@@ -65,6 +67,9 @@ class Manifest:
     before it was recorded."""
     bytes_output_mode: bool = False
     """Labels are UTF-8 bytes (DeepSpeech's --bytes_output_mode), not alphabet indices."""
+    augmentation: dict | None = None
+    """How preprocessing made augmented copies and what came of them (specs, copies per utterance, seed, ops
+    applied, rejects: :func:`dstrain.prep.augment.manifest_section`); None: the store has none."""
 
     @property
     def utterances(self) -> int:
@@ -73,6 +78,11 @@ class Manifest:
     @property
     def hours(self) -> float:
         return sum(s.seconds for s in self.shards) / 3600.0
+
+    @property
+    def augmented_utterances(self) -> int:
+        """Augmented copies among :attr:`utterances`."""
+        return sum(s.rows for s in self.shards if s.augmented)
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(**self.features)

@@ -28,10 +28,10 @@ class ShardWriter:
     """
 
     def __init__(self, layout: StoreLayout, name: Callable[[int], str], shard_size_mb: float = 256.0, feature_dtype: str = "float32",
-                 row_group_rows: int = ROW_GROUP_ROWS):  # fmt: skip
+                 row_group_rows: int = ROW_GROUP_ROWS, augmented: bool = False):  # fmt: skip
         if shard_size_mb <= 0:
             raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
-        self.layout, self.name, self.row_group_rows = layout, name, row_group_rows
+        self.layout, self.name, self.row_group_rows, self.augmented = layout, name, row_group_rows, augmented
         self.target_bytes = int(shard_size_mb * 1024 * 1024)
         self.feature_dtype = feature_dtype
         self.schema = shard_schema(feature_dtype)
@@ -86,6 +86,7 @@ class ShardWriter:
                 sha256=hashlib.sha256(data).hexdigest(),
                 frames=int(sum(columns["n_frames"])),
                 seconds=float(sum(columns["duration"])),
+                augmented=self.augmented,
             )
         )
         self.next_index += 1
