@@ -199,7 +199,7 @@ def test_ldc93s1_batch(ldc93s1_store):
 # The input builder
 
 
-def _train_input(url, **loader):
+def _train_input(url, batch_size=4, **loader):
     from dstrain.alphabet import Alphabet
     from dstrain.loader.builder import TrainInput
     from dstrain.loader.config import LoaderConfig
@@ -207,7 +207,7 @@ def _train_input(url, **loader):
     from conftest import DATA
 
     return TrainInput.build([url], Alphabet.from_file(str(DATA / "alphabet.txt")), LoaderConfig(**loader), World(),
-                            batch_size=4, seed=3, epochs=2)  # fmt: skip
+                            batch_size=batch_size, seed=3, epochs=2)  # fmt: skip
 
 
 def test_augmentation_keeps_every_sample_long_enough_for_ctc(tmp_path):
@@ -226,22 +226,52 @@ def test_augmentation_keeps_every_sample_long_enough_for_ctc(tmp_path):
     data.close()
 
 
-def test_train_input_state_resumes_mid_epoch(tmp_path):
+@pytest.mark.parametrize("loader", [{}, {"batch_frames": 600}], ids=["fixed", "batch_frames"])
+def test_train_input_state_resumes_mid_epoch(tmp_path, loader):
     url = synthetic_store(tmp_path / "s", 40, row_group_rows=4, seed=6)
-    data = _train_input(url)
+    data = _train_input(url, **loader)
     full = [b[1].tolist() for b in data.reader(0)]
     data.end_epoch()
-    data = _train_input(url)
+    data = _train_input(url, **loader)
     reader = data.reader(0)
     for _, batch in zip(range(3), reader):
         data.step_done()
     state = data.state_dict()
     reader.close()
     assert state["position"]["step"] == 3
-    again = _train_input(url)
+    assert ("batch_frames" in json.dumps(state)) == bool(loader)
+    again = _train_input(url, **loader)
     again.load_state_dict(state)
     rest = again.reader(0)
     assert rest.plan.start_step == 3 and rest.plan.exact
     assert [b[1].tolist() for b in rest] == full[3:]
     again.end_epoch()
     assert again.state_dict() == {"position": None}
+
+
+def test_batch_frames_hold_after_tempo_lengthens_utterances(tmp_path):
+    # Tempo 0.8 plays slower: every utterance gets 1.25x its stored frames, so batches are planned to 800 / 1.25.
+    url = synthetic_store(tmp_path / "s", 40, row_group_rows=4, frames=(60, 200), seed=7)
+    data = _train_input(url, batch_frames=800, augment=("tempo[factor=0.8]",))
+    assert data.spec.batch_frames == 640 and data.spec.batch_size == 0
+    shapes = [x.shape[0] * x.shape[1] for x, *_ in data.reader(0)]
+    assert len(shapes) == data.plan.steps and max(shapes) <= 800
+    assert max(shapes) > 640, "tempo did not lengthen the batches: the test would not tell"
+    assert max(data.plan.batch_sizes) > 2 * min(data.plan.batch_sizes)  # short utterances come many to a batch
+    data.close()
+    plain = _train_input(url, batch_frames=800)
+    assert plain.spec.batch_frames == 800
+    plain.close()
+
+
+def test_batch_frames_smaller_than_an_utterance_is_one_clear_error(tmp_path):
+    url = synthetic_store(tmp_path / "s", 30, frames=(60, 200), seed=8)
+    longest = max(int(f) for fr in Catalog.build([FeatureStore.open(url)], World()).frames for f in fr)
+    with pytest.raises(ValueError) as e:
+        _train_input(url, batch_frames=150)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("--batch_frames 150: ")
+    assert f"the longest has {longest} frames ({longest * 0.02:.1f} s); raise --batch_frames to at least {longest}" in message
+    assert "dstrain preprocess --max_duration" in message
+    with pytest.raises(ValueError, match=r"lengthens utterances up to 1.25x: 160 frames planned"):
+        _train_input(url, batch_frames=200, augment=("tempo[factor=0.8]",))

@@ -1003,6 +1003,13 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
                        exact=exact, note=note)
 
 
+def sample_lengths(row_groups: RowGroups, limit: int = 0) -> np.ndarray:
+    """Frame counts of the samples training plans draw from (after ``limit``): ``batch_frames`` must hold the
+    longest."""
+    table = _as_table(row_groups)
+    return table.n_frames[_limited(table, limit)]
+
+
 def plan_eval(
     row_groups: RowGroups,
     *,
@@ -1063,4 +1070,5 @@ __all__ = [
     "plan_epoch",
     "plan_eval",
     "resume_plan",
+    "sample_lengths",
 ]

@@ -60,7 +60,7 @@ class TrainConfig:
     epochs: int = 75
     """Total epochs; a resumed run continues until this many are done."""
     train_batch_size: int = 1
-    """Utterances per step on each worker."""
+    """Utterances per step on each worker (not used with --batch_frames)."""
     dev_batch_size: int = 8
     """Utterances per dev evaluation step on each worker."""
     export_dir: str = ""
@@ -266,8 +266,11 @@ class Trainer:
         frames = tf.cast(tf.reduce_sum(x_len), tf.float32)
         summed = world.allreduce_tensor(tf.stack([tf.where(finite, loss * count, 0.0), count, bad_here, flags[0], flags[1], frames]))
         any_bad = summed[2] > 0
+        # The step's loss is the mean over all its utterances on all ranks, so each rank's gradient (of its own mean)
+        # counts by its share of them; with equal counts (fixed batches) the factor is exactly 1.
+        share = count * world.size / tf.maximum(summed[1], 1.0)
         # Horovod: average the gradients (a rank's non-finite ones are zeroed first; the step is skipped anyway).
-        grads = world.average_gradients([tf.where(finite, g, tf.zeros_like(g)) for g in grads])
+        grads = world.average_gradients([tf.where(finite, g * share, tf.zeros_like(g)) for g in grads])
         if self.cfg.optim.max_grad_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, self.cfg.optim.max_grad_norm)
         if self.amp:
@@ -479,7 +482,9 @@ def train(cfg: TrainConfig) -> dict:
     try:
         trainer.fit()
     except tf.errors.ResourceExhaustedError as e:
-        raise MemoryError(f"out of memory at --train_batch_size {cfg.train_batch_size} (n_hidden {cfg.model.n_hidden}): "
+        batch = (f"--batch_frames {cfg.loader.batch_frames}" if cfg.loader.batch_frames
+                 else f"--train_batch_size {cfg.train_batch_size}")  # fmt: skip
+        raise MemoryError(f"out of memory at {batch} (n_hidden {cfg.model.n_hidden}): "
                           f"try a smaller batch, --precision fp16/bf16, or fewer --length_buckets' long samples "
                           f"(--max_duration at preprocessing). {str(e).splitlines()[0]}") from None  # fmt: skip
     digest = weights_digest(trainer.model)
