@@ -140,9 +140,9 @@ MEMORY_PROBE = textwrap.dedent("""
     from dstrain.loader.builder import window_row_groups
     from dstrain.loader.sampler import PlanSpec, plan_epoch
     from dstrain.store import FeatureStore
-    url, budget = sys.argv[1], float(sys.argv[2])
+    url, budget, frames = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     cat = Catalog.build([FeatureStore.open(url)], World())
-    spec = PlanSpec(batch_size=4, window_row_groups=window_row_groups(cat, budget))
+    spec = PlanSpec(batch_size=0 if frames else 4, batch_frames=frames, window_row_groups=window_row_groups(cat, budget))
     plan = plan_epoch(cat.table, spec, rank=0, world=1, epoch=0, seed=0)
     def rss():  # resident now, in MiB (ru_maxrss is a high-water mark the imports may already have set)
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -166,7 +166,8 @@ MEMORY_PROBE = textwrap.dedent("""
 LOADER_OVERHEAD_MB = 48
 
 
-def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path):
+@pytest.mark.parametrize("frames", [0, 6000], ids=["fixed", "batch_frames"])
+def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path, frames):
     # 240 utterances of ~1000 frames x 40 float32: ~38 MiB of features, 5x+ the 6 MiB budget.
     url = synthetic_store(tmp_path / "big", 240, row_group_rows=4, shard_rows=60, frames=(900, 1100), seed=6)
     store_mb = sum(s.frames for s in FeatureStore.open(url).manifest.shards) * 40 * 4 / 2**20
@@ -174,7 +175,8 @@ def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path):
     assert store_mb > 5 * budget
 
     def probe(mb: float) -> dict:
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, url, str(mb)], capture_output=True, text=True, timeout=300)
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, url, str(mb), str(frames)], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -275,3 +277,20 @@ def test_batch_frames_smaller_than_an_utterance_is_one_clear_error(tmp_path):
     assert "dstrain preprocess --max_duration" in message
     with pytest.raises(ValueError, match=r"lengthens utterances up to 1.25x: 160 frames planned"):
         _train_input(url, batch_frames=200, augment=("tempo[factor=0.8]",))
+
+
+@pytest.mark.parametrize("spec", [{"batch_size": 16}, {"batch_size": 0, "batch_frames": 12000}], ids=["batch", "frames"])
+def test_reader_keeps_the_budget_when_windows_are_a_step_or_two(tmp_path, spec):
+    # Windows of 2 row groups (8 rows) hold 1 batch of 16 or a few of ~11: batches in flight span several windows,
+    # whose row groups the reader must let go of before it loads more.
+    from dstrain.loader.builder import window_row_groups
+
+    url = synthetic_store(tmp_path / "s", 96, row_group_rows=4, frames=(900, 1100), seed=9)
+    cat = Catalog.build([FeatureStore.open(url)], World())
+    budget, row_group = 3.0, max(cat.nbytes(k) for k in range(len(cat.refs))) / 2**20
+    plan = plan_epoch(cat.table, PlanSpec(window_row_groups=window_row_groups(cat, budget), **spec), rank=0, world=1,
+                      epoch=0, seed=0)  # fmt: skip
+    assert plan.window_steps <= 2
+    reader = PlanReader(cat, plan, threads=4, memory_mb=budget, prefetch=2)
+    assert sum(len(b[1]) for b in reader) == plan.samples
+    assert reader.resident_peak / 2**20 <= budget + row_group
