@@ -499,6 +499,17 @@ def test_duration_batches_guarantees(layout, world, remainder):
     assert d["batch_frames"] == frames and d["max_batch_frames"] <= frames and (S == 0 or 0 < d["budget_fill"] <= 1)
 
 
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_duration_batches_with_store_weights_and_limit(remainder):
+    table = RowGroupTable(groups([100] * 10 + [50] * 4, stores=[0] * 10 + [1] * 4))
+    plans = plan_all(table, duration(4000, remainder, weights=(1, 3)), world=3, epoch=1, seed=4)
+    check_duration(plans, 4000, remainder, 1200)
+    ids = flat(plans, "sample_ids", pad=False)
+    assert np.sum(table.stores[table.rg_index[ids]] == 1) >= 900 - 3  # store 1 upsampled 4.5x
+    limited = plan_all(table, duration(4000, remainder, limit=300), world=3, epoch=1, seed=4)
+    check_duration(limited, 4000, remainder, 300)
+
+
 def test_duration_batches_fill_the_budget_short_many_long_few():
     rgs = uniform(n_groups=100)
     frames = 16000
