@@ -140,9 +140,9 @@ MEMORY_PROBE = textwrap.dedent("""
     from dstrain.loader.builder import window_row_groups
     from dstrain.loader.sampler import PlanSpec, plan_epoch
     from dstrain.store import FeatureStore
-    url, budget = sys.argv[1], float(sys.argv[2])
+    url, budget, frames = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     cat = Catalog.build([FeatureStore.open(url)], World())
-    spec = PlanSpec(batch_size=4, window_row_groups=window_row_groups(cat, budget))
+    spec = PlanSpec(batch_size=0 if frames else 4, batch_frames=frames, window_row_groups=window_row_groups(cat, budget))
     plan = plan_epoch(cat.table, spec, rank=0, world=1, epoch=0, seed=0)
     def rss():  # resident now, in MiB (ru_maxrss is a high-water mark the imports may already have set)
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -166,7 +166,8 @@ MEMORY_PROBE = textwrap.dedent("""
 LOADER_OVERHEAD_MB = 48
 
 
-def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path):
+@pytest.mark.parametrize("frames", [0, 6000], ids=["fixed", "batch_frames"])
+def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path, frames):
     # 240 utterances of ~1000 frames x 40 float32: ~38 MiB of features, 5x+ the 6 MiB budget.
     url = synthetic_store(tmp_path / "big", 240, row_group_rows=4, shard_rows=60, frames=(900, 1100), seed=6)
     store_mb = sum(s.frames for s in FeatureStore.open(url).manifest.shards) * 40 * 4 / 2**20
@@ -174,7 +175,8 @@ def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path):
     assert store_mb > 5 * budget
 
     def probe(mb: float) -> dict:
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, url, str(mb)], capture_output=True, text=True, timeout=300)
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, url, str(mb), str(frames)], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -199,7 +201,7 @@ def test_ldc93s1_batch(ldc93s1_store):
 # The input builder
 
 
-def _train_input(url, **loader):
+def _train_input(url, batch_size=4, **loader):
     from dstrain.alphabet import Alphabet
     from dstrain.loader.builder import TrainInput
     from dstrain.loader.config import LoaderConfig
@@ -207,7 +209,7 @@ def _train_input(url, **loader):
     from conftest import DATA
 
     return TrainInput.build([url], Alphabet.from_file(str(DATA / "alphabet.txt")), LoaderConfig(**loader), World(),
-                            batch_size=4, seed=3, epochs=2)  # fmt: skip
+                            batch_size=batch_size, seed=3, epochs=2)  # fmt: skip
 
 
 def test_augmentation_keeps_every_sample_long_enough_for_ctc(tmp_path):
@@ -226,22 +228,69 @@ def test_augmentation_keeps_every_sample_long_enough_for_ctc(tmp_path):
     data.close()
 
 
-def test_train_input_state_resumes_mid_epoch(tmp_path):
+@pytest.mark.parametrize("loader", [{}, {"batch_frames": 600}], ids=["fixed", "batch_frames"])
+def test_train_input_state_resumes_mid_epoch(tmp_path, loader):
     url = synthetic_store(tmp_path / "s", 40, row_group_rows=4, seed=6)
-    data = _train_input(url)
+    data = _train_input(url, **loader)
     full = [b[1].tolist() for b in data.reader(0)]
     data.end_epoch()
-    data = _train_input(url)
+    data = _train_input(url, **loader)
     reader = data.reader(0)
     for _, batch in zip(range(3), reader):
         data.step_done()
     state = data.state_dict()
     reader.close()
     assert state["position"]["step"] == 3
-    again = _train_input(url)
+    assert ("batch_frames" in json.dumps(state)) == bool(loader)
+    again = _train_input(url, **loader)
     again.load_state_dict(state)
     rest = again.reader(0)
     assert rest.plan.start_step == 3 and rest.plan.exact
     assert [b[1].tolist() for b in rest] == full[3:]
     again.end_epoch()
     assert again.state_dict() == {"position": None}
+
+
+def test_batch_frames_hold_after_tempo_lengthens_utterances(tmp_path):
+    # Tempo 0.8 plays slower: every utterance gets 1.25x its stored frames, so batches are planned to 800 / 1.25.
+    url = synthetic_store(tmp_path / "s", 40, row_group_rows=4, frames=(60, 200), seed=7)
+    data = _train_input(url, batch_frames=800, augment=("tempo[factor=0.8]",))
+    assert data.spec.batch_frames == 640 and data.spec.batch_size == 0
+    shapes = [x.shape[0] * x.shape[1] for x, *_ in data.reader(0)]
+    assert len(shapes) == data.plan.steps and max(shapes) <= 800
+    assert max(shapes) > 640, "tempo did not lengthen the batches: the test would not tell"
+    assert max(data.plan.batch_sizes) > 2 * min(data.plan.batch_sizes)  # short utterances come many to a batch
+    data.close()
+    plain = _train_input(url, batch_frames=800)
+    assert plain.spec.batch_frames == 800
+    plain.close()
+
+
+def test_batch_frames_smaller_than_an_utterance_is_one_clear_error(tmp_path):
+    url = synthetic_store(tmp_path / "s", 30, frames=(60, 200), seed=8)
+    longest = max(int(f) for fr in Catalog.build([FeatureStore.open(url)], World()).frames for f in fr)
+    with pytest.raises(ValueError) as e:
+        _train_input(url, batch_frames=150)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("--batch_frames 150: ")
+    assert f"the longest has {longest} frames ({longest * 0.02:.1f} s); raise --batch_frames to at least {longest}" in message
+    assert "dstrain preprocess --max_duration" in message
+    with pytest.raises(ValueError, match=r"lengthens utterances up to 1.25x: 160 frames planned"):
+        _train_input(url, batch_frames=200, augment=("tempo[factor=0.8]",))
+
+
+@pytest.mark.parametrize("spec", [{"batch_size": 16}, {"batch_size": 0, "batch_frames": 12000}], ids=["batch", "frames"])
+def test_reader_keeps_the_budget_when_windows_are_a_step_or_two(tmp_path, spec):
+    # Windows of 2 row groups (8 rows) hold 1 batch of 16 or a few of ~11: batches in flight span several windows,
+    # whose row groups the reader must let go of before it loads more.
+    from dstrain.loader.builder import window_row_groups
+
+    url = synthetic_store(tmp_path / "s", 96, row_group_rows=4, frames=(900, 1100), seed=9)
+    cat = Catalog.build([FeatureStore.open(url)], World())
+    budget, row_group = 3.0, max(cat.nbytes(k) for k in range(len(cat.refs))) / 2**20
+    plan = plan_epoch(cat.table, PlanSpec(window_row_groups=window_row_groups(cat, budget), **spec), rank=0, world=1,
+                      epoch=0, seed=0)  # fmt: skip
+    assert plan.window_steps <= 2
+    reader = PlanReader(cat, plan, threads=4, memory_mb=budget, prefetch=2)
+    assert sum(len(b[1]) for b in reader) == plan.samples
+    assert reader.resident_peak / 2**20 <= budget + row_group

@@ -444,3 +444,202 @@ def test_a_million_samples_plan_quickly():
     p = plan_epoch(table, PlanSpec(batch_size=32, window_row_groups=8), rank=7, world=8, epoch=3, seed=1)
     assert p.steps == (table.n_samples // 8) // 32
     assert p.max_resident <= 12
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Duration batches (batch_frames)
+
+
+def duration(frames, remainder="drop", **kw):
+    return PlanSpec(batch_size=0, batch_frames=frames, remainder=remainder, **kw)
+
+
+def check_duration(plans, frames, remainder, pool_size):
+    """Every guarantee of duration batches that holds for any data: the budget, equal steps and batch sizes on all
+    ranks at every step, balance, at most one sample dropped or repeated per rank."""
+    steps = {p.steps for p in plans}
+    assert len(steps) == 1, f"ranks disagree on step count: {steps}"
+    (S,) = steps
+    for p in plans:
+        assert p.batch_size == 0 and p.batch_frames == frames
+        assert np.all(p.batch_frames_used <= frames), "a batch over the frame budget"
+        assert np.all(p.batch_sizes >= 1)
+        assert np.array_equal(p.batch_sizes, plans[0].batch_sizes), "ranks run batches of different sizes"
+        assert p.windows[0].start == 0 and p.windows[-1].stop == p.steps if S else not p.windows
+        for s in range(p.steps):
+            assert set(p.batch_keys_rows(s)[0].tolist()) <= set(p.resident(s))
+    assigned = [p.assigned for p in plans]
+    assert sum(assigned) == pool_size and max(assigned) - min(assigned) <= 1
+    real = flat(plans, pad=False)
+    assert np.unique(real).size == real.size, "a draw is used twice (or by two ranks)"
+    if remainder == "drop":
+        assert all(p.padded == 0 and p.dropped <= 1 and p.samples == p.assigned - p.dropped for p in plans)
+    else:
+        assert real.size == pool_size, "pad must cover every draw"
+        for p in plans:
+            assert p.dropped == 0 and p.padded <= 1 and p.samples == p.assigned + p.padded
+            own = set(p.entries[~p.is_pad].tolist())
+            if own:
+                assert set(p.entries[p.is_pad].tolist()) <= own, "pad repeats must be the rank's own samples"
+    return S
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", range(1, 9))
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_duration_batches_guarantees(layout, world, remainder):
+    table = RowGroupTable(groups(LAYOUTS[layout]))
+    frames = 5000  # samples of 20..2000 frames: 2 to 250 of them a batch
+    plans = plan_all(table, duration(frames, remainder, window_row_groups=2), world=world, epoch=2, seed=7)
+    S = check_duration(plans, frames, remainder, table.n_samples)
+    P = table.n_samples
+    assert (S >= 1) == (P >= world if remainder == "drop" else P >= 1)
+    d = describe(plans[0])
+    json.dumps(d)
+    assert d["batch_frames"] == frames and d["max_batch_frames"] <= frames and (S == 0 or 0 < d["budget_fill"] <= 1)
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_duration_batches_with_store_weights_and_limit(remainder):
+    table = RowGroupTable(groups([100] * 10 + [50] * 4, stores=[0] * 10 + [1] * 4))
+    plans = plan_all(table, duration(4000, remainder, weights=(1, 3)), world=3, epoch=1, seed=4)
+    check_duration(plans, 4000, remainder, 1200)
+    ids = flat(plans, "sample_ids", pad=False)
+    assert np.sum(table.stores[table.rg_index[ids]] == 1) >= 900 - 3  # store 1 upsampled 4.5x
+    limited = plan_all(table, duration(4000, remainder, limit=300), world=3, epoch=1, seed=4)
+    check_duration(limited, 4000, remainder, 300)
+
+
+def test_duration_batches_fill_the_budget_short_many_long_few():
+    rgs = uniform(n_groups=100)
+    frames = 16000
+    plans = plan_all(rgs, duration(frames, window_row_groups=8), world=4, epoch=1, seed=3)
+    check_duration(plans, frames, "drop", 6400)
+    p = plans[0]
+    short, long = p.step_max_frames < 500, p.step_max_frames > 1500
+    assert p.batch_sizes[short].min() > p.batch_sizes[long].max()  # 20..2000 frames: 32+ short ones, at most 10 long
+    # batches are as full as the budget allows: one more sample as long as the step's longest would not fit
+    longest = np.stack([q.step_max_frames for q in plans]).max(0)
+    assert np.mean((p.batch_sizes + 1) * longest > frames) > 0.9
+    assert describe(p)["budget_fill"] > 0.85
+    # fewer steps than fixed batches that fit the longest sample (16000 / 2000 = 8 a batch)
+    fixed = plan_epoch(rgs, PlanSpec(batch_size=8, window_row_groups=8), rank=0, world=4, epoch=1, seed=3)
+    assert p.steps < 0.6 * fixed.steps
+
+
+def test_duration_batches_align_ranks_step_by_step():
+    rgs = uniform()
+    kw = dict(world=4, epoch=3, seed=5)
+    plain = plan_all(rgs, duration(12000, buckets=0, window_row_groups=8), **kw)
+    coarse = plan_all(rgs, duration(12000, buckets=8, window_row_groups=8), **kw)
+    spread = lambda plans: float(np.mean(np.ptp(np.stack([q.step_max_frames for q in plans]), axis=0)))  # noqa: E731
+    assert spread(coarse) < 0.4 * spread(plain)
+    b = np.stack([p.step_bucket for p in coarse])
+    assert np.mean(b.max(0) - b.min(0) <= 1) > 0.95
+    assert max(p.padding_fraction for p in coarse) < 0.5 * min(p.padding_fraction for p in plain)
+    first = coarse[0].step_max_frames[: coarse[0].windows[0].stop]
+    assert np.any(np.diff(first) < 0), "the step order within a window is shuffled"
+    # residency as with fixed batches of the same window
+    fixed = plan_all(rgs, PlanSpec(batch_size=16, window_row_groups=8), **kw)
+    assert max(p.max_resident for p in coarse) <= max(p.max_resident for p in fixed) + 1
+
+
+def test_duration_batches_sortagrad_and_reverse():
+    rgs = uniform(n_groups=60)
+    for spec, sign in ((duration(8000, sortagrad=True), 1), (duration(8000, reverse=True, remainder="pad"), -1)):
+        plans = plan_all(rgs, spec, world=3, epoch=0, seed=2)
+        check_duration(plans, 8000, spec.remainder, RowGroupTable(rgs).n_samples)
+        for p in plans:
+            assert p.length_ordered and np.all(sign * np.diff(p.n_frames) >= 0)
+        # shortest first: batches shrink as samples grow
+        assert sign * (plans[0].batch_sizes[0] - plans[0].batch_sizes[-1]) > 0
+
+
+def test_duration_batches_a_sample_over_the_budget_is_an_error():
+    rgs = make_row_groups([[100, 300, 2500, 200], [2600, 50]])
+    with pytest.raises(ValueError, match=r"batch_frames 2000: 2 sample\(s\) are longer, the longest 2600 frames; raise"):
+        plan_epoch(rgs, duration(2000), rank=0, world=1, epoch=0, seed=0)
+    # limit keeps only the first rows of the store: the long ones are not used, so not an error
+    assert plan_epoch(rgs, duration(2000, limit=2), rank=0, world=1, epoch=0, seed=0).samples == 2
+    with pytest.raises(ValueError, match="not both"):
+        PlanSpec(batch_size=4, batch_frames=2000)
+    with pytest.raises(ValueError):
+        PlanSpec(batch_size=0)
+
+
+@pytest.mark.parametrize("world", [1, 3, 8])
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_duration_resume_same_world_is_the_tail(world, remainder):
+    rgs = groups(LAYOUTS["uneven"])
+    spec = duration(6000, remainder, window_row_groups=2)
+    plans = plan_all(rgs, spec, world=world, epoch=2, seed=9)
+    S = plans[0].steps
+    for cut in sorted({0, 1, S // 3, S // 2, S - 1, S}):
+        pos = plans[0].position_after(cut)
+        d = json.loads(json.dumps(pos.to_dict()))
+        assert all(s["batch_frames"] == 6000 and s["batch_size"] == 0 for s in d["segments"])
+        pos = LoaderPosition.from_dict(d)
+        for r, full in enumerate(plans):
+            tail = resume_plan(pos, rgs, spec, rank=r, world=world)
+            lo = full.offsets[cut]
+            assert tail.exact and tail.start_step == cut and tail.steps == S - cut
+            assert np.array_equal(tail.sample_ids, full.sample_ids[lo:]) and np.array_equal(tail.is_pad, full.is_pad[lo:])
+            assert np.array_equal(tail.batch_sizes, full.batch_sizes[cut:])
+            if tail.steps:
+                assert set(tail.resident(0)) <= set(full.resident(cut))
+            if cut < S:
+                assert tail.position_after(1) == full.position_after(cut + 1)
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_duration_resume_other_world_and_budget_consumes_the_rest_once(remainder):
+    """Fixed batches at world 8, then duration batches at world 3, then another budget at world 5: every draw once."""
+    rgs = groups(LAYOUTS["uneven"] * 3, seed=2)
+    pool = RowGroupTable(rgs).n_samples
+    first = plan_all(rgs, PlanSpec(batch_size=4, remainder=remainder, window_row_groups=3), world=8, epoch=1, seed=1)
+    k1 = first[0].steps // 3
+    used = [p.entries[: k1 * 4] for p in first]
+    pos = first[0].position_after(k1)
+    assert "batch_frames" not in json.dumps(pos.to_dict()), "fixed-batch positions keep their JSON"
+
+    spec2 = duration(5000, remainder, window_row_groups=3)
+    second = [resume_plan(pos, rgs, spec2, rank=r, world=3) for r in range(3)]
+    done1 = np.unique(np.concatenate(used))
+    check_duration(second, 5000, remainder, pool - done1.size)
+    assert not second[0].exact and "world 8 x batch 4 for" in second[0].note and second[0].start_step == k1
+    assert not set(flat(second, pad=False).tolist()) & set(done1.tolist())
+
+    k2 = second[0].steps // 2
+    used += [p.entries[: p.offsets[k2]] for p in second]
+    pos2 = LoaderPosition.from_dict(json.loads(json.dumps(second[1].position_after(k2).to_dict())))
+    assert [(s.world, s.batch_frames) for s in pos2.segments] == [(8, 0), (3, 5000)] and pos2.step == k1 + k2
+    again = resume_plan(pos2, rgs, spec2, rank=2, world=3)
+    assert np.array_equal(again.sample_ids, second[2].sample_ids[second[2].offsets[k2] :])
+
+    spec3 = duration(9000, remainder, window_row_groups=3)
+    third = [resume_plan(pos2, rgs, spec3, rank=r, world=5) for r in range(5)]
+    assert "world 3 x batches of 5000 frames" in third[0].note
+    done2 = np.unique(np.concatenate(used))
+    check_duration(third, 9000, remainder, pool - done2.size)
+    everything = np.concatenate(used + [p.entries for p in third])
+    counts = Counter(everything.tolist())
+    if remainder == "drop":
+        assert max(counts.values()) == 1 and pool - len(counts) <= 5  # at most one sample per rank of the last segment
+    else:
+        assert set(counts) == set(range(pool))
+        assert not set(flat(third, pad=False).tolist()) & set(done2.tolist())
+    # and back from duration batches to fixed ones
+    fixed = [resume_plan(pos2, rgs, PlanSpec(batch_size=4, remainder=remainder, window_row_groups=3), rank=r, world=2)
+             for r in range(2)]  # fmt: skip
+    check_train_rest(fixed, 4, remainder, pool - done2.size)
+
+
+def test_duration_batches_plan_a_million_samples_at_world_512():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(200, 300, size=4000)
+    table = RowGroupTable(make_row_groups([rng.integers(50, 1500, size=s) for s in sizes]))
+    spec = duration(48000, window_row_groups=8)
+    a, b = (plan_epoch(table, spec, rank=r, world=512, epoch=3, seed=1) for r in (0, 511))
+    assert a.steps == b.steps > 0 and np.array_equal(a.batch_sizes, b.batch_sizes)
+    assert a.batch_frames_used.max() <= 48000 and a.max_resident <= 12
+    assert a.samples == b.samples == table.n_samples // 512

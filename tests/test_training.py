@@ -406,3 +406,86 @@ def test_accumulation_equals_one_larger_batch_and_fp16_compression_stays_close(t
     assert final_digests(tmp_path / "fp16") != final_digests(tmp_path / "big")
     for a, b in zip(weights["big"], weights["fp16"]):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.timeout(400)
+def test_batch_frames_two_ranks_run_equal_steps_with_identical_weights(store, tmp_path):
+    import numpy as np
+
+    from dstrain.alphabet import Alphabet
+    from dstrain.distributed import World
+    from dstrain.loader.builder import TrainInput
+    from dstrain.loader.config import LoaderConfig
+    from dstrain.loader.sampler import plan_all
+
+    work = tmp_path / "w"
+    out = run(horovodrun() + train_cmd(store, work, "--batch_frames", "400", "--dropout_rate", "0", epochs=2))
+    assert out.returncode == 0, out.stdout[-4000:]
+    d = final_digests(work)
+    assert len(d) == 2 and d[0] == d[1]
+    # The run's plans, recomputed as every rank computes them: the same steps on both ranks, batches within budget.
+    data = TrainInput.build([store], Alphabet.from_file(str(DATA / "alphabet.txt")), LoaderConfig(batch_frames=400),
+                            World(), batch_size=2, seed=4568, epochs=2)  # fmt: skip
+    epochs = records(work, "epoch")
+    assert [r["number"] for r in epochs] == [1, 2]
+    for epoch, record in enumerate(epochs):
+        plans = plan_all(data.catalog.table, data.spec, world=2, epoch=epoch, seed=4568)
+        assert plans[0].steps == plans[1].steps == record["steps"]
+        assert np.array_equal(plans[0].batch_sizes, plans[1].batch_sizes)
+        assert all(p.batch_frames_used.max() <= 400 for p in plans)
+        assert record["padding"] == pytest.approx(plans[0].padding_fraction)
+        assert record["steps"] < 10  # batch 2 would take 10 steps; 40..90 frames fit 4 to 10 a batch
+    data.close()
+
+
+UNEQUAL_STEP = textwrap.dedent("""
+    import json, sys, numpy as np, tensorflow as tf
+    from dstrain import runtime
+    from dstrain.loader.reader import pad_batch, read_row_group
+    from dstrain.model import ModelConfig, ctc_loss
+    from dstrain.runtime import ProcessConfig
+    from dstrain.train.trainer import TrainConfig, Trainer
+    store, alphabet, out = sys.argv[1:4]
+    cfg = TrainConfig(train_files=(store,), alphabet_config_path=alphabet, model=ModelConfig(n_hidden=16, dropout_rate=0.0),
+                      process=ProcessConfig(inter_op_parallelism_threads=1, intra_op_parallelism_threads=1))
+    trainer = Trainer(cfg, runtime.start(cfg.process))
+    trainer.restore_and_broadcast()
+    world, model = trainer.world, trainer.model
+    rows = read_row_group(trainer.data.catalog.refs[0], trainer.data.catalog.n_mel)
+    def batch(idx):
+        return pad_batch([rows.features[i] for i in idx], [rows.labels[i] for i in idx])
+    def mean_loss_grad(idx):
+        x, x_len, y, y_len = batch(idx)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(ctc_loss(model((x, x_len), training=True), x_len, y, y_len))
+        return loss, tape.gradient(loss, model.trainable_variables)
+    # The reference: the gradient of the mean loss of all three utterances in one batch, from the same weights; and
+    # what averaging the two ranks' own means would give instead.
+    loss, want = mean_loss_grad([0, 1, 2])
+    mean_of_means = [0.5 * (a + b) for a, b in zip(mean_loss_grad([0])[1], mean_loss_grad([1, 2])[1])]
+    # The step: one utterance on rank 0, two on rank 1.
+    result = trainer.train_step(*batch([0] if world.rank == 0 else [1, 2]), tf.constant([0.0, 0.0, 0.001], tf.float32))
+    # Adam's first moment after one step is (1 - beta_1) g of the gradient the step applied.
+    got = [v for v in trainer.optimizer.variables if v.name.startswith("m/")]
+    assert len(got) == len(want), (len(got), len(want))
+    flat = lambda ts: np.concatenate([np.ravel(t) for t in ts])
+    got, want, other = flat(got), flat([0.1 * g for g in want]), flat([0.1 * g for g in mean_of_means])
+    scale = float(np.abs(want).max())
+    report = {"loss": float(result[0]), "want_loss": float(loss), "count": float(result[3]),
+              "error": float(np.abs(got - want).max() / scale), "mean_of_means_error": float(np.abs(other - want).max() / scale)}
+    if world.is_root:
+        json.dump(report, open(out, "w"))
+    world.join()
+""")
+
+
+@pytest.mark.timeout(400)
+def test_a_step_over_unequal_batches_is_the_mean_over_all_its_utterances(store, tmp_path):
+    """One utterance on rank 0 and two on rank 1 give the gradient of one batch of all three: each rank's gradient
+    counts by its share of the step's utterances (averaging the two ranks' means would weigh rank 0's one twice)."""
+    path = tmp_path / "report.json"
+    out = run(horovodrun() + [sys.executable, "-c", UNEQUAL_STEP, store, str(DATA / "alphabet.txt"), str(path)])
+    assert out.returncode == 0, out.stdout[-4000:]
+    report = json.loads(path.read_text())
+    assert report["count"] == 3 and report["loss"] == pytest.approx(report["want_loss"], rel=1e-5)
+    assert report["error"] < 1e-4 and report["mean_of_means_error"] > 1e-2, report

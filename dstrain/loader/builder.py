@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -42,6 +43,7 @@ from dstrain.loader.sampler import (
     plan_epoch,
     plan_eval,
     resume_plan,
+    sample_lengths,
 )
 from dstrain.store import FeatureStore, StoreError
 from dstrain.store.stats import FeatureStats
@@ -138,6 +140,32 @@ def mixing_weights(catalog: Catalog, n_stores: int, train_weights: Sequence[floa
     return tuple(weights)
 
 
+def planned_frames(batch_frames: int, augmenter: Augmenter | None) -> tuple[int, float]:
+    """(frame budget the plans use, the most augmentation lengthens an utterance): ``--batch_frames`` shrunk by
+    tempo's largest stretch, so that batches stay within ``--batch_frames`` once augmented."""
+    stretch = 1.0
+    for aug in augmenter.augmentations if augmenter is not None else ():
+        if aug.name == "tempo":  # T / factor frames
+            stretch *= max(1.0, 1.0 / aug.factor.bounds()[0])
+    return int(batch_frames / stretch), stretch
+
+
+def check_batch_frames(lengths: np.ndarray, batch_frames: int, augmenter: Augmenter | None, step_ms: float) -> int:
+    """The plans' frame budget (see :func:`planned_frames`); one error naming the longest utterance and the ways out
+    when some utterance cannot fit."""
+    frames, stretch = planned_frames(batch_frames, augmenter)
+    over = int((lengths > frames).sum())
+    if over:
+        longest = int(lengths.max())
+        tempo = f" (tempo augmentation lengthens utterances up to {stretch:.3g}x: {frames} frames planned)"
+        tempo = tempo if stretch > 1 else ""
+        raise ValueError(f"--batch_frames {batch_frames}{tempo}: {over} training utterance(s) do not fit a batch, the "
+                         f"longest has {longest} frames ({longest * step_ms / 1000:.1f} s); raise --batch_frames to at "
+                         f"least {math.ceil(longest * stretch)}, or leave long utterances out with dstrain preprocess "
+                         "--max_duration")  # fmt: skip
+    return frames
+
+
 def window_row_groups(catalog: Catalog, memory_mb: float) -> int:
     """Row groups per shuffle window: half the memory budget holds the window, the other half the prefetched next."""
     sizes = [catalog.nbytes(k) for k in range(len(catalog.refs))]
@@ -177,8 +205,20 @@ class TrainInput:
         catalog = Catalog.build(stores, world, cfg.skip_bad_shards, augmented=cfg.augmented_weight > 0)
         for s in catalog.skipped:
             log.warning("--skip_bad_shards: left out %s", s)
-        spec = PlanSpec(batch_size=batch_size, shuffle=shuffle, sortagrad=cfg.sortagrad, reverse=cfg.reverse_train,
-                        limit=cfg.limit_train, buckets=cfg.length_buckets, remainder=cfg.remainder,
+        augmenter = None
+        if cfg.augment:
+            specs = expand_specs(cfg.augment)
+            noise = {url: NoiseStore.open(url) for url in overlay_sources(specs)}
+            augmenter = Augmenter.from_specs(specs, noise_source=noise, features=stores[0].features)
+        frames = 0
+        if cfg.batch_frames:
+            frames = check_batch_frames(sample_lengths(catalog.table, cfg.limit_train), cfg.batch_frames, augmenter,
+                                        stores[0].features.step_ms)  # fmt: skip
+            log.info("--batch_frames %d: batches of up to %d padded frames per rank (--train_batch_size is not used)",
+                     cfg.batch_frames, frames)  # fmt: skip
+        spec = PlanSpec(batch_size=0 if frames else batch_size, batch_frames=frames, shuffle=shuffle,
+                        sortagrad=cfg.sortagrad, reverse=cfg.reverse_train, limit=cfg.limit_train,
+                        buckets=cfg.length_buckets, remainder=cfg.remainder,
                         window_row_groups=window_row_groups(catalog, cfg.loader_memory_mb),
                         weights=mixing_weights(catalog, len(stores), cfg.train_weights, cfg.augmented_weight))  # fmt: skip
         copies = sum(s.manifest.augmented_utterances for s in stores)
@@ -186,11 +226,6 @@ class TrainInput:
             log.info("training stores hold %d augmented copies (of %d utterances): --augmented_weight %g%s", copies,
                      sum(s.manifest.utterances for s in stores), cfg.augmented_weight,
                      " leaves them out" if cfg.augmented_weight == 0 else "")  # fmt: skip
-        augmenter = None
-        if cfg.augment:
-            specs = expand_specs(cfg.augment)
-            noise = {url: NoiseStore.open(url) for url in overlay_sources(specs)}
-            augmenter = Augmenter.from_specs(specs, noise_source=noise, features=stores[0].features)
         return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmenter=augmenter)
 
     @property

@@ -20,9 +20,14 @@ class LoaderConfig:
     length_buckets: int = 30
     """Length buckets (frame-count quantiles of the training set); at each step all ranks draw from the same one.
     1 disables bucketing."""
+    batch_frames: int = 0
+    """Batches by duration: each rank's batch holds as many utterances as fit in this many frames of padded batch
+    (utterances x longest utterance), instead of --train_batch_size utterances; at 20 ms frames 50 frames are one
+    second, so 30000 is 10 minutes of padded audio. 0 means fixed --train_batch_size."""
     remainder: str = option("pad", choices=("pad", "drop"))
     """Samples that do not fill the last batch of a rank: pad repeats at most one batch of that rank's own samples,
-    drop leaves out at most one batch per rank. Either way every rank runs the same number of steps."""
+    drop leaves out at most one batch per rank (with --batch_frames: at most one utterance). Either way every rank
+    runs the same number of steps."""
     sortagrad: bool = False
     """First epoch in order of length, shortest first (DeepSpeech 2's SortaGrad)."""
     reverse_train: bool = False
@@ -49,6 +54,8 @@ class LoaderConfig:
         for name in ("loader_threads", "loader_prefetch", "length_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_frames < 0:
+            raise ValueError(f"batch_frames must be >= 0, got {self.batch_frames}")
         if self.loader_memory_mb <= 0:
             raise ValueError(f"loader_memory_mb must be > 0, got {self.loader_memory_mb}")
         if not self.augmented_weight >= 0 or self.augmented_weight == float("inf"):

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -225,8 +225,16 @@ class PlanReader:
                     # first), then further ahead while the budget allows.
                     while next_load < len(self._order):
                         key = self._order[next_load]
-                        if all(k in loads for k in needed) and resident + self.catalog.nbytes(key) > self.budget:
+                        over = resident + self.catalog.nbytes(key) > self.budget
+                        if over and all(k in loads for k in needed):
                             break
+                        if over and pending:
+                            # Batches in flight still hold earlier windows' row groups (windows of few steps, large
+                            # batches): finish them and drop what only they used before going over the budget.
+                            wait(pending)
+                            for old in [k for k in loads if self._last_use[k] < step]:
+                                loads.pop(old)
+                                resident -= self.catalog.nbytes(old)
                         loads[key] = pool.submit(self._load, key)
                         resident += self.catalog.nbytes(key)
                         next_load += 1

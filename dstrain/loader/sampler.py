@@ -42,6 +42,17 @@ Training plan (:func:`plan_epoch`)
 6. *Length-ordered epochs* (``sortagrad``: epoch 0 shortest first; ``reverse``: longest first): the rank's whole run is
    one window, sorted by exact length; step ``s`` is each rank's ``s``-th shortest (longest) batch. Ranks stay balanced
    step by step, but the window is the rank's whole share (a reader holds or re-reads its 1/world of the data).
+7. *Duration batches* (``batch_frames = N`` instead of ``batch_size``): a batch holds as many samples as fit in ``N``
+   frames of padded batch tensor (samples x longest sample <= N), so short samples come many to a batch and long ones
+   few. Steps 1-2 are unchanged; then every rank keeps exactly ``n`` samples (drop: ``floor(P/world)``, a rank with
+   one more leaves out a random one of its last window; pad: ``ceil(P/world)``, a rank with one fewer repeats one of
+   its own). Windows are ``K * mean_rows_per_row_group`` samples (the same residency as fixed batches). Every rank can
+   compute every other rank's windows from the shared pool order; each sorts its window by (bucket, random) as in 5,
+   so position ``i`` is the same length quantile on every rank, and batches are cut at the same positions on all
+   ranks, greedily, along the longest sample *any* rank has at each position: every rank's batch fits ``N``, all
+   ranks run the same number of steps (window by window), and at each step the same number of samples of the same
+   length quantile. One shared permutation orders each window's steps, as in 5. A sample longer than ``N`` is an
+   error (it could never fit). Planning costs one sort of the whole pool whatever the world size.
 
 Evaluation plan (:func:`plan_eval`): contiguous runs of the data in its natural order, every sample exactly once over
 all ranks, no padding or dropping; ranks may differ by one step (or have none at all).
@@ -53,7 +64,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -169,7 +180,7 @@ class PlanSpec:
     for what each setting guarantees."""
 
     batch_size: int
-    """Samples per step on each rank."""
+    """Samples per step on each rank (0 with ``batch_frames``)."""
     shuffle: bool = True
     """One shared permutation of row groups per (seed, epoch); False: input order, no buckets."""
     sortagrad: bool = False
@@ -186,9 +197,16 @@ class PlanSpec:
     """What happens to the samples that do not fill a rank's last batch: ``drop`` or ``pad``."""
     weights: Optional[tuple[float, ...]] = None
     """Mixing weight per store (``RowGroup.store``); None: each sample once."""
+    batch_frames: int = 0
+    """Duration batches: at most this many frames in a rank's padded batch (samples x longest sample), as many
+    samples as fit; ``batch_size`` must then be 0. 0: fixed ``batch_size``."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_frames < 0:
+            raise ValueError(f"batch_frames must be >= 0, not {self.batch_frames}")
+        if self.batch_frames and self.batch_size:
+            raise ValueError(f"give batch_size ({self.batch_size}) or batch_frames ({self.batch_frames}), not both")
+        if not self.batch_frames and self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, not {self.batch_size}")
         if self.remainder not in ("drop", "pad"):
             raise ValueError(f"remainder must be 'drop' or 'pad', not {self.remainder!r}")
@@ -213,25 +231,33 @@ class Window:
 
 @dataclass(frozen=True)
 class Segment:
-    """A stretch of an epoch run with one layout: ``steps`` steps at ``world`` ranks of ``batch_size``."""
+    """A stretch of an epoch run with one layout: ``steps`` steps at ``world`` ranks of ``batch_size`` samples (or of
+    duration batches of at most ``batch_frames`` padded frames, ``batch_size`` 0)."""
 
     world: int
     batch_size: int
     window_row_groups: int
     steps: int
+    batch_frames: int = 0
 
     @property
-    def layout(self) -> tuple[int, int, int]:
-        return (self.world, self.batch_size, self.window_row_groups)
+    def layout(self) -> tuple[int, int, int, int]:
+        return (self.world, self.batch_size, self.window_row_groups, self.batch_frames)
+
+    def __str__(self) -> str:
+        batches = f"batches of {self.batch_frames} frames" if self.batch_frames else f"batch {self.batch_size}"
+        return f"world {self.world} x {batches} for {self.steps} steps"
 
 
 @dataclass(frozen=True)
 class LoaderPosition:
     """Where training stands in an epoch; JSON-safe via :meth:`to_dict` for checkpoints.
 
-    ``segments`` lists the layouts the epoch ran under, in order (a new one each time the world size, batch size or
-    window changed), each with the steps it ran. ``fingerprint`` identifies the data and the loader settings that must
-    stay the same within an epoch ("" disables the check). Get one from :meth:`EpochPlan.position_after`.
+    ``segments`` lists the layouts the epoch ran under, in order (a new one each time the world size, batch size,
+    frame budget or window changed), each with the steps it ran; a segment of duration batches carries
+    ``batch_frames`` (absent from the JSON of fixed ones, whose positions read as before). ``fingerprint`` identifies
+    the data and the loader settings that must stay the same within an epoch ("" disables the check). Get one from
+    :meth:`EpochPlan.position_after`.
     """
 
     epoch: int
@@ -263,7 +289,7 @@ class LoaderPosition:
             "seed": int(self.seed),
             "segments": [
                 {"world": s.world, "batch_size": s.batch_size, "window_row_groups": s.window_row_groups,
-                 "steps": s.steps}
+                 "steps": s.steps, **({"batch_frames": s.batch_frames} if s.batch_frames else {})}
                 for s in self.segments
             ],
             "fingerprint": self.fingerprint,
@@ -274,7 +300,8 @@ class LoaderPosition:
         if d.get("version", POSITION_VERSION) != POSITION_VERSION:
             raise ValueError(f"loader position version {d.get('version')} not understood")
         segs = tuple(
-            Segment(int(s["world"]), int(s["batch_size"]), int(s["window_row_groups"]), int(s["steps"]))
+            Segment(int(s["world"]), int(s["batch_size"]), int(s["window_row_groups"]), int(s["steps"]),
+                    int(s.get("batch_frames", 0)))
             for s in d.get("segments", [])
         )
         pos = cls(int(d["epoch"]), int(d["seed"]), segs, str(d.get("fingerprint", "")))
@@ -323,6 +350,8 @@ class EpochPlan:
     prior_segments: tuple[Segment, ...] = ()
     segment_offset: int = 0
     fingerprint: str = ""
+    batch_frames: int = 0
+    """Duration batches' budget of padded frames (``batch_size`` is then 0 and ``batch_sizes`` vary); 0: fixed."""
 
     # -- batches
     @property
@@ -374,11 +403,16 @@ class EpochPlan:
         return np.searchsorted(self.bucket_bounds, self.step_max_frames, side="right")
 
     @property
+    def batch_frames_used(self) -> np.ndarray:
+        """Frames of each padded batch tensor (samples x longest): at most ``batch_frames`` for duration batches."""
+        return self.step_max_frames * self.batch_sizes
+
+    @property
     def padding_fraction(self) -> float:
         """Padded frames / frames of the padded batch shapes (``sum(size * max_len)``), pad repeats counted as data."""
         if self.samples == 0:
             return 0.0
-        shaped = float((self.step_max_frames * self.batch_sizes).sum())
+        shaped = float(self.batch_frames_used.sum())
         return 0.0 if shaped == 0 else 1.0 - float(self.n_frames.sum()) / shaped
 
     # -- residency
@@ -410,15 +444,17 @@ class EpochPlan:
         if not 0 <= steps_done <= self.steps:
             raise ValueError(f"steps_done {steps_done} outside 0..{self.steps}")
         done = self.segment_offset + steps_done
-        current = (Segment(self.world, self.batch_size, self.window_row_groups, done),) if done else ()
-        return LoaderPosition(self.epoch, self.seed, self.prior_segments + current, self.fingerprint)
+        seg = Segment(self.world, self.batch_size, self.window_row_groups, done, self.batch_frames)
+        return LoaderPosition(self.epoch, self.seed, self.prior_segments + ((seg,) if done else ()), self.fingerprint)
 
     def __repr__(self) -> str:
         return f"EpochPlan({describe(self)})"
 
 
 def describe(plan: EpochPlan) -> dict[str, Any]:
-    """Numbers to log for a plan (JSON-safe)."""
+    """Numbers to log for a plan (JSON-safe). ``max_batch_frames``: the largest padded batch tensor, in frames;
+    ``budget_fill``: the mean padded batch's share of ``batch_frames`` (duration batches)."""
+    shaped = plan.batch_frames_used
     return {
         "mode": plan.mode,
         "epoch": plan.epoch,
@@ -427,6 +463,10 @@ def describe(plan: EpochPlan) -> dict[str, Any]:
         "start_step": plan.start_step,
         "steps": plan.steps,
         "batch_size": plan.batch_size,
+        "batch_frames": plan.batch_frames,
+        "mean_batch_size": round(plan.samples / plan.steps, 2) if plan.steps else 0.0,
+        "max_batch_frames": int(shaped.max(initial=0)),
+        "budget_fill": round(float(shaped.mean()) / plan.batch_frames, 4) if plan.batch_frames and plan.steps else 0.0,
         "samples": plan.samples,
         "unique_samples": int(np.unique(plan.entries).size),
         "assigned": plan.assigned,
@@ -494,6 +534,14 @@ class _RankRun:
     window_steps: int
     assigned: int
     dropped: int
+    offsets: np.ndarray
+    """Batch ``i`` is entries ``[offsets[i], offsets[i+1])``."""
+    window_starts: np.ndarray
+    """First step of each window."""
+
+
+def _fixed_layout(steps: int, batch_size: int, window_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(steps + 1, dtype=np.int64) * batch_size, np.arange(0, steps, window_steps, dtype=np.int64)
 
 
 class _Epoch:
@@ -506,6 +554,8 @@ class _Epoch:
             table, epoch, seed, spec.shuffle, spec.reverse, spec.remainder
         )
         self.avail = _limited(table, spec.limit)
+        if spec.batch_frames:
+            _check_budget(table.n_frames[self.avail], spec.batch_frames)
         self.bounds = _bucket_bounds(table.n_frames[self.avail], spec.buckets)
         used_groups = np.unique(table.rg_index[self.avail]).size
         self.mean_rows = self.avail.size / max(1, used_groups)
@@ -593,7 +643,7 @@ class _Epoch:
         seq_sid, seq_pidx = sids[lo : lo + n], pidx[lo : lo + n]
         if S == 0:
             empty = np.zeros(0, np.int64)
-            return _RankRun(empty, empty, np.zeros(0, bool), 0, Sw, n, n)
+            return _RankRun(empty, empty, np.zeros(0, bool), 0, Sw, n, n, *_fixed_layout(0, B, Sw))
         W = -(-S // Sw)
         rng = np.random.default_rng([self.seed, self.epoch, salt, 2, world, rank])
         rand = rng.random(n) if self.shuffle else np.arange(n, dtype=np.float64)
@@ -634,7 +684,132 @@ class _Epoch:
             shared = np.random.default_rng([self.seed, self.epoch, salt, 3, world]).random(S)
             batches = batches[np.lexsort((shared, np.arange(S) // Sw))]
         flat = batches.ravel()
-        return _RankRun(e_sid[flat], e_pidx[flat], e_pad[flat], S, Sw, n, int(dropped))
+        return _RankRun(e_sid[flat], e_pidx[flat], e_pad[flat], S, Sw, n, int(dropped), *_fixed_layout(S, B, Sw))
+
+    def runner(self, sids: np.ndarray, pidx: np.ndarray, *, world: int, batch_size: int, batch_frames: int,
+               window_row_groups: int, salt: int) -> Callable[[int], _RankRun]:
+        """``rank -> _RankRun`` over the (remaining) pool for one layout; what all ranks share is computed once."""
+        if batch_frames:
+            return _DurationRuns(self, sids, pidx, world=world, batch_frames=batch_frames,
+                                 window_row_groups=window_row_groups, salt=salt).run
+        return lambda rank: self.run(sids, pidx, rank=rank, world=world, batch_size=batch_size,
+                                     window_row_groups=window_row_groups, salt=salt)
+
+    def sort_key(self, lengths: np.ndarray) -> np.ndarray:
+        """What batches are cut along within a window (ties broken at random): exact length in length-ordered epochs,
+        else the length bucket (none without shuffle)."""
+        if self.length_ordered:
+            return -lengths if self.reverse else lengths
+        if self.shuffle and self.bounds.size:
+            return np.searchsorted(self.bounds, lengths, side="right")
+        return np.zeros(lengths.size, np.int64)
+
+
+def _check_budget(lengths: np.ndarray, batch_frames: int) -> None:
+    over = lengths > batch_frames
+    if over.any():
+        raise ValueError(
+            f"batch_frames {batch_frames}: {int(over.sum())} sample(s) are longer, the longest {int(lengths.max())} "
+            f"frames; raise batch_frames to at least {int(lengths.max())}, or leave long samples out when preprocessing"
+        )
+
+
+def _greedy_cuts(longest: np.ndarray, budget: int, window: int) -> np.ndarray:
+    """Batch boundaries over positions ``0..n`` such that ``size x max(longest[batch]) <= budget``, each batch as
+    long as it may be, never across a window boundary (multiples of ``window``)."""
+    n = longest.size
+    cuts = [0]
+    for a in range(0, n, window):
+        b, i = min(n, a + window), a
+        while i < b:
+            cap = min(b - i, budget // max(1, int(longest[i])))
+            if cap < 1:
+                raise ValueError(f"a sample of {int(longest[i])} frames does not fit batch_frames {budget}")
+            # size x running max only grows along the batch: the first size over the budget ends it
+            shaped = np.maximum.accumulate(longest[i : i + cap]) * np.arange(1, cap + 1)
+            i += int(np.searchsorted(shaped, budget, side="right"))
+            cuts.append(i)
+    return np.asarray(cuts, dtype=np.int64)
+
+
+class _DurationRuns:
+    """Every rank's run of duration batches for one layout, computed alike on every rank (see :func:`plan_epoch`).
+
+    All ranks hold the same number of samples (the remainder rule evens out the one-row difference) and the same
+    window size, so position ``i`` of a window sorted by (bucket, random) is the same length quantile on every rank;
+    batches are cut at the same positions on every rank, along the longest sample any rank has at each position, so
+    every rank's batch fits the budget, and one shared permutation orders a window's steps.
+    """
+
+    def __init__(self, ep: _Epoch, sids: np.ndarray, pidx: np.ndarray, *, world: int, batch_frames: int,
+                 window_row_groups: int, salt: int):
+        P = int(sids.size)
+        base, extra = divmod(P, world)
+        ranks = np.arange(world)
+        self.assigned = base + (ranks < extra)
+        lo = ranks * base + np.minimum(ranks, extra)
+        n = base if ep.remainder == "drop" else base + (1 if extra else 0)
+        self.dropped = np.maximum(self.assigned - n, 0)
+        if n == 0:
+            self.pos, self.pad = np.zeros((world, 0), np.int64), np.zeros((world, 0), bool)
+            self.offsets, self.starts, self.window_steps = np.zeros(1, np.int64), np.zeros(0, np.int64), 1
+            self.sids, self.pidx = sids, pidx
+            return
+        wn = n if ep.length_ordered or window_row_groups <= 0 else max(1, min(n, int(window_row_groups * ep.mean_rows)))
+        last_lo = (-(-n // wn) - 1) * wn
+        rng = np.random.default_rng([ep.seed, ep.epoch, salt, 4, world])
+        # 32-bit random ties: one integer sort key below (a float one would need a slower lexsort)
+        rand = rng.integers(0, 1 << 32, size=P, dtype=np.int64) if ep.shuffle else np.arange(P, dtype=np.int64)
+        pad_rand = rng.integers(0, 1 << 32, size=world, dtype=np.int64) if ep.shuffle else P + ranks
+        # pos: each rank's entries as positions in ``sids``, in its run order; one sample more or less than n is
+        # evened out in the rank's last window (drop: a random one; pad: a random one repeated, the latest if none).
+        pos = np.minimum(lo[:, None] + np.arange(n), max(P - 1, 0))
+        pad = np.zeros((world, n), bool)
+        e_rand = rand[pos]
+        for r in np.flatnonzero(self.assigned != n).tolist():
+            own = np.arange(lo[r], lo[r] + self.assigned[r])
+            if self.assigned[r] > n:
+                tail = own[last_lo:]
+                own = own[own != tail[np.argmax(rand[tail])]]
+                pos[r], e_rand[r] = own, rand[own]
+                continue
+            if own.size:
+                cand = own[last_lo:] if own.size > last_lo else own[-1:]
+                repeat = cand[np.argmin(rand[cand])]
+            else:  # fewer samples than ranks: borrow
+                repeat = r % P
+            pos[r] = np.append(own, repeat)
+            e_rand[r] = np.append(rand[own], pad_rand[r])
+            pad[r, -1] = True
+        win = np.arange(n) // wn
+        lengths = ep.table.n_frames[sids[pos]]
+        key = ep.sort_key(lengths.ravel())
+        key = key - key.min()
+        # sorted within each window of each rank: by (rank, window, key, random), as one int64 where it fits
+        group = ((ranks[:, None] * (int(win[-1]) + 1) + win).ravel()) * (int(key.max()) + 1) + key
+        if group.max() < 1 << 31:
+            order = np.argsort((group << 32) | e_rand.ravel(), kind="stable")
+        else:
+            order = np.lexsort((e_rand.ravel(), group))
+        pos, pad, lengths = (a.ravel()[order].reshape(world, n) for a in (pos, pad, lengths))
+        cuts = _greedy_cuts(lengths.max(axis=0), batch_frames, wn)
+        S = cuts.size - 1
+        step_win = win[cuts[:-1]]
+        perm = np.arange(S)
+        if ep.shuffle and not ep.length_ordered:  # one permutation of steps within each window, shared by all ranks
+            perm = np.lexsort((np.random.default_rng([ep.seed, ep.epoch, salt, 3, world]).random(S), step_win))
+        sizes = np.diff(cuts)[perm]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        columns = np.repeat(cuts[:-1][perm] - self.offsets[:-1], sizes) + np.arange(n)
+        self.pos, self.pad = pos[:, columns], pad[:, columns]
+        self.starts = np.flatnonzero(np.diff(step_win[perm], prepend=-1)).astype(np.int64)
+        self.window_steps = int(np.diff(np.append(self.starts, S)).max())
+        self.sids, self.pidx = sids, pidx
+
+    def run(self, rank: int) -> _RankRun:
+        pos = self.pos[rank]
+        return _RankRun(self.sids[pos], self.pidx[pos], self.pad[rank], int(self.offsets.size - 1), self.window_steps,
+                        int(self.assigned[rank]), int(self.dropped[rank]), self.offsets, self.starts)
 
 
 def _fingerprint(table: RowGroupTable, spec: PlanSpec) -> str:
@@ -653,21 +828,22 @@ def _fingerprint(table: RowGroupTable, spec: PlanSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def _windows(table: RowGroupTable, sids: np.ndarray, offsets: np.ndarray, first_step: int, window_steps: int,
+def _windows(table: RowGroupTable, sids: np.ndarray, offsets: np.ndarray, first_step: int, starts: np.ndarray,
              total_steps: int) -> tuple[Window, ...]:
+    """The windows of a plan that starts at step ``first_step`` of a run whose windows start at steps ``starts``."""
     steps = offsets.size - 1
     if steps == 0:
         return ()
     entry_step = np.repeat(np.arange(steps), np.diff(offsets))
-    entry_win = (first_step + entry_step) // window_steps
+    entry_win = np.searchsorted(starts, first_step + entry_step, side="right") - 1
     n_rg = max(1, table.n_row_groups)
     codes = np.unique(entry_win * n_rg + table.rg_index[sids])
     wins, rgs = codes // n_rg, codes % n_rg
     cuts = np.flatnonzero(np.diff(wins)) + 1
     out = []
     for w_rgs, w in zip(np.split(rgs, cuts), wins[np.concatenate([[0], cuts])]):
-        start = max(int(w) * window_steps, first_step) - first_step
-        stop = min((int(w) + 1) * window_steps, total_steps) - first_step
+        start = max(int(starts[w]), first_step) - first_step
+        stop = (int(starts[w + 1]) if w + 1 < starts.size else total_steps) - first_step
         out.append(Window(start, stop, tuple(table.keys[w_rgs].tolist())))
     return tuple(out)
 
@@ -681,18 +857,18 @@ def _train_plan(ep: _Epoch, run: _RankRun, spec: PlanSpec, *, rank: int, world: 
                 prior: tuple[Segment, ...], pool_size: int, exact: bool, note: str) -> EpochPlan:
     if offset > run.steps:
         raise ValueError(f"position is at step {offset} of a segment plan that has only {run.steps} steps")
-    t, B = ep.table, spec.batch_size
-    sids, pidx, pad = run.sids[offset * B :], run.pidx[offset * B :], run.pad[offset * B :]
-    offsets = np.arange(0, sids.size + 1, B, dtype=np.int64)
+    t, first = ep.table, int(run.offsets[offset])
+    sids, pidx, pad = run.sids[first:], run.pidx[first:], run.pad[first:]
+    offsets = run.offsets[offset:] - first
     keys, rows = t.locate(sids)
     return EpochPlan(
-        rank=rank, world=world, epoch=ep.epoch, seed=ep.seed, batch_size=B, window_row_groups=spec.window_row_groups,
-        start_step=sum(s.steps for s in prior) + offset, window_steps=run.window_steps,
-        sample_ids=sids, keys=keys, rows=rows, n_frames=t.n_frames[sids], is_pad=pad, entries=pidx, offsets=offsets,
-        windows=_windows(t, sids, offsets, offset, run.window_steps, run.steps), bucket_bounds=ep.bounds,
-        assigned=run.assigned, dropped=run.dropped, pool_size=pool_size, mode="train",
+        rank=rank, world=world, epoch=ep.epoch, seed=ep.seed, batch_size=spec.batch_size,
+        window_row_groups=spec.window_row_groups, start_step=sum(s.steps for s in prior) + offset,
+        window_steps=run.window_steps, sample_ids=sids, keys=keys, rows=rows, n_frames=t.n_frames[sids], is_pad=pad,
+        entries=pidx, offsets=offsets, windows=_windows(t, sids, offsets, offset, run.window_starts, run.steps),
+        bucket_bounds=ep.bounds, assigned=run.assigned, dropped=run.dropped, pool_size=pool_size, mode="train",
         length_ordered=ep.length_ordered, exact=exact, note=note, prior_segments=prior, segment_offset=offset,
-        fingerprint=ep.fingerprint,
+        fingerprint=ep.fingerprint, batch_frames=spec.batch_frames,
     )
 
 
@@ -703,7 +879,7 @@ def _train_plan(ep: _Epoch, run: _RankRun, spec: PlanSpec, *, rank: int, world: 
 def plan_epoch(row_groups: RowGroups, spec: PlanSpec, *, rank: int, world: int, epoch: int, seed: int) -> EpochPlan:
     """Rank ``rank``'s training batches for ``epoch``. Pure: the same arguments give the same plan on any machine.
 
-    Guarantees (``P`` = draws in the epoch's pool, ``B`` = ``batch_size``):
+    Guarantees (``P`` = draws in the epoch's pool, ``B`` = ``batch_size``; for ``batch_frames`` see Duration batches):
 
     * **Shared order**: one permutation of row groups seeded by ``(seed, epoch)`` orders the pool for all ranks; a
       different epoch or seed gives a different order.
@@ -728,6 +904,16 @@ def plan_epoch(row_groups: RowGroups, spec: PlanSpec, *, rank: int, world: int, 
       (DeepSpeech ``--reverse_train``) runs longest first (and implies ordering epoch 0). With ``shuffle=False`` every
       epoch is length-ordered when either is set. Step ``s`` is every rank's ``s``-th batch in length order, so ranks
       stay balanced step by step; the window is the rank's whole share.
+    * **Duration batches** (``batch_frames`` ``N``, ``batch_size`` 0): every batch of every rank has at most ``N``
+      frames of padded tensor (``batch_sizes * step_max_frames <= N``; ``batch_frames_used``); batch sizes vary with
+      length but are the same on every rank at every step, and every rank runs the same steps. Each rank keeps
+      exactly ``n`` of its samples: ``remainder="drop"``: ``n = floor(P/world)``, a rank drops at most one sample (a
+      random one of its last window); ``"pad"``: ``n = ceil(P/world)``, a rank repeats at most one of its own (a
+      random one of its last window, else its latest; a rank with none borrows from the pool). A window is
+      ``window_row_groups * mean rows per row group`` samples of the rank, so residency is as with fixed batches;
+      within it batches are cut greedily (each as full as the budget allows) along the longest sample of any rank at
+      each position of the (bucket, random) order, which is why all ranks can share the cuts and the step order.
+      ``window_steps`` is then the longest window's. A sample longer than ``N`` raises ``ValueError``.
     * ``shuffle=False``: fixed order (row groups and rows as given, no buckets); remainders are taken from the end.
     * ``limit`` (DeepSpeech ``--limit_train``): at most ``limit`` samples in all, a fixed subset: the first rows of each
       store in input order, stores in proportion to their sizes.
@@ -739,8 +925,8 @@ def plan_epoch(row_groups: RowGroups, spec: PlanSpec, *, rank: int, world: int, 
     _check_world(rank, world)
     table = _as_table(row_groups)
     ep = _Epoch(table, spec, epoch=epoch, seed=seed)
-    run = ep.run(ep.pool, np.arange(ep.pool.size), rank=rank, world=world, batch_size=spec.batch_size,
-                 window_row_groups=spec.window_row_groups, salt=0)
+    run = ep.runner(ep.pool, np.arange(ep.pool.size), world=world, batch_size=spec.batch_size,
+                    batch_frames=spec.batch_frames, window_row_groups=spec.window_row_groups, salt=0)(rank)
     return _train_plan(ep, run, spec, rank=rank, world=world, offset=0, prior=(), pool_size=int(ep.pool.size), exact=True,
                        note="")
 
@@ -755,15 +941,17 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
     """The rest of ``position.epoch`` for ``rank`` (epoch and seed come from ``position``; a fresh
     ``LoaderPosition.start(epoch, seed)`` gives the whole epoch).
 
-    * Same layout (world, batch size, window) as the position's last segment: exactly the tail of that segment's plan,
-      from its step ``position.step``, reached by slicing (nothing skipped is read). For a run never resized this is
-      the uninterrupted plan's tail, so the samples consumed after kill + restart are those of an uninterrupted run.
+    * Same layout (world, batch size or batch_frames, window) as the position's last segment: exactly the tail of
+      that segment's plan, from its step ``position.step``, reached by slicing (nothing skipped is read). For a run
+      never resized this is the uninterrupted plan's tail, so the samples consumed after kill + restart are those of
+      an uninterrupted run.
     * Another layout: the draws of the epoch not consumed yet (all ranks' batches of the steps done in each earlier
       segment, each recomputed from its own layout, however many there were) are re-partitioned over the new ranks
-      with all of :func:`plan_epoch`'s guarantees (equal steps, balance, remainder rule, windows, buckets), still in
-      the epoch's row-group order. Every draw is consumed once over the whole epoch, up to the remainder rule of the
-      last segment; which rank sees which sample, and the order, differ from an uninterrupted run (``exact`` is False,
-      ``note`` says so). The next epoch plans normally at the new size.
+      with all of :func:`plan_epoch`'s guarantees (equal steps, balance, remainder rule, windows, buckets, the frame
+      budget), still in the epoch's row-group order; fixed and duration batches may follow each other. Every draw is
+      consumed once over the whole epoch, up to the remainder rule of the last segment; which rank sees which
+      sample, and the order, differ from an uninterrupted run (``exact`` is False, ``note`` says so). The next epoch
+      plans normally at the new size.
 
     Loader settings other than the layout must not change within an epoch: a non-empty ``position.fingerprint`` that
     does not match the data and settings raises ``ValueError``.
@@ -777,7 +965,7 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
             "buckets, remainder, weights must stay the same within an epoch)"
         )
     segs = tuple(s for s in position.segments if s.steps > 0)
-    layout = (world, spec.batch_size, spec.window_row_groups)
+    layout = (world, spec.batch_size, spec.window_row_groups, spec.batch_frames)
     if segs and segs[-1].layout == layout:
         prior, offset = segs[:-1], segs[-1].steps
     else:
@@ -785,23 +973,24 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
     sids, pidx = ep.pool, np.arange(ep.pool.size)
     for i, seg in enumerate(prior):
         consumed = np.zeros(ep.pool.size, bool)
+        runner = ep.runner(sids, pidx, world=seg.world, batch_size=seg.batch_size, batch_frames=seg.batch_frames,
+                           window_row_groups=seg.window_row_groups, salt=i)
         for r in range(seg.world):
-            old = ep.run(sids, pidx, rank=r, world=seg.world, batch_size=seg.batch_size,
-                         window_row_groups=seg.window_row_groups, salt=i)
+            old = runner(r)
             if seg.steps > old.steps:
                 raise ValueError(f"segment {i} ran {seg.steps} steps but its plan has only {old.steps}")
-            consumed[old.pidx[: seg.steps * seg.batch_size]] = True
+            consumed[old.pidx[: old.offsets[seg.steps]]] = True
         keep = ~consumed[pidx]
         sids, pidx = sids[keep], pidx[keep]
-    run = ep.run(sids, pidx, rank=rank, world=world, batch_size=spec.batch_size,
-                 window_row_groups=spec.window_row_groups, salt=len(prior))
+    run = ep.runner(sids, pidx, world=world, batch_size=spec.batch_size, batch_frames=spec.batch_frames,
+                    window_row_groups=spec.window_row_groups, salt=len(prior))(rank)
     exact = not prior
     step = position.step
     if exact:
         note = f"epoch {ep.epoch}: resumed exactly at step {step} (world {world}), as an uninterrupted run"
         note = note if step else ""
     else:
-        history = ", ".join(f"world {s.world} x batch {s.batch_size} for {s.steps} steps" for s in segs)
+        history = ", ".join(str(s) for s in segs)
         note = (
             f"epoch {ep.epoch}: resumed at step {step} after {history}; the {sids.size} of {ep.pool.size} samples "
             f"not consumed at the time of the change were re-partitioned over {world} ranks"
@@ -812,6 +1001,13 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
         )
     return _train_plan(ep, run, spec, rank=rank, world=world, offset=offset, prior=prior, pool_size=int(sids.size),
                        exact=exact, note=note)
+
+
+def sample_lengths(row_groups: RowGroups, limit: int = 0) -> np.ndarray:
+    """Frame counts of the samples training plans draw from (after ``limit``): ``batch_frames`` must hold the
+    longest."""
+    table = _as_table(row_groups)
+    return table.n_frames[_limited(table, limit)]
 
 
 def plan_eval(
@@ -851,7 +1047,7 @@ def plan_eval(
     return EpochPlan(
         rank=rank, world=world, epoch=0, seed=0, batch_size=B, window_row_groups=window_row_groups, start_step=0,
         window_steps=Sw, sample_ids=seq, keys=keys, rows=rows, n_frames=t.n_frames[seq], is_pad=np.zeros(n, bool),
-        entries=seq.copy(), offsets=offsets, windows=_windows(t, seq, offsets, 0, Sw, S),
+        entries=seq.copy(), offsets=offsets, windows=_windows(t, seq, offsets, 0, np.arange(0, S, Sw), S),
         bucket_bounds=np.zeros(0), assigned=n, dropped=0, pool_size=P, mode="eval", length_ordered=sort_by_length,
         exact=True, note="",
     )
@@ -874,4 +1070,5 @@ __all__ = [
     "plan_epoch",
     "plan_eval",
     "resume_plan",
+    "sample_lengths",
 ]

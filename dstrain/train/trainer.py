@@ -60,7 +60,7 @@ class TrainConfig:
     epochs: int = 75
     """Total epochs; a resumed run continues until this many are done."""
     train_batch_size: int = 1
-    """Utterances per step on each worker."""
+    """Utterances per step on each worker (not used with --batch_frames)."""
     dev_batch_size: int = 8
     """Utterances per dev evaluation step on each worker."""
     export_dir: str = ""
@@ -272,7 +272,7 @@ class Trainer:
         no collective runs."""
         loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len)
         for acc, g in zip(self.accumulated, grads):
-            acc.assign_add(g)
+            acc.assign_add(g * count)  # utterance-weighted: duration batches hold unequal counts
         self.acc_stats.assign_add(tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0]))
         return loss
 
@@ -285,10 +285,8 @@ class Trainer:
         loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len)
         stats = tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0])
         if self.accumulated:
-            # The group's gradients: the mean of its micro-batches' mean gradients (equal-sized micro-batches: the
-            # mean gradient of one batch as large as the group).
             stats += self.acc_stats
-            grads = [(acc + g) / stats[4] for acc, g in zip(self.accumulated, grads)]
+            grads = [acc + g * count for acc, g in zip(self.accumulated, grads)]  # sum over utterances of the group
             for acc in self.accumulated:
                 acc.assign(tf.zeros_like(acc))
             self.acc_stats.assign(tf.zeros_like(self.acc_stats))
@@ -296,8 +294,13 @@ class Trainer:
         # stop, the frames and the loader wait (for the log).
         summed = world.allreduce_tensor(tf.stack([stats[0], stats[1], stats[2], flags[0], flags[1], stats[3]]))
         any_bad = summed[2] > 0
+        # The step's loss is the mean over all its utterances on all ranks and micro-batches, so each rank's gradient
+        # counts by its share of them (the average below divides by the world size). Without accumulation, grads is
+        # the rank's mean gradient and the factor is exactly 1 with equal counts (fixed batches); with it, grads is
+        # the utterance-weighted sum of the group's mean gradients.
+        share = (1.0 if self.accumulated else count) * world.size / tf.maximum(summed[1], 1.0)
         # Horovod: average the gradients over ranks (a rank's non-finite ones are zeros; the step is skipped anyway).
-        grads = world.average_gradients(grads, compression=self.cfg.optim.gradient_compression)
+        grads = world.average_gradients([g * share for g in grads], compression=self.cfg.optim.gradient_compression)
         if self.cfg.optim.max_grad_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, self.cfg.optim.max_grad_norm)
         if self.amp:
@@ -522,7 +525,9 @@ def train(cfg: TrainConfig) -> dict:
     try:
         trainer.fit()
     except tf.errors.ResourceExhaustedError as e:
-        raise MemoryError(f"out of memory at --train_batch_size {cfg.train_batch_size} (n_hidden {cfg.model.n_hidden}): "
+        batch = (f"--batch_frames {cfg.loader.batch_frames}" if cfg.loader.batch_frames
+                 else f"--train_batch_size {cfg.train_batch_size}")  # fmt: skip
+        raise MemoryError(f"out of memory at {batch} (n_hidden {cfg.model.n_hidden}): "
                           f"try a smaller batch, --precision fp16/bf16, or fewer --length_buckets' long samples "
                           f"(--max_duration at preprocessing). {str(e).splitlines()[0]}") from None  # fmt: skip
     digest = weights_digest(trainer.model)
