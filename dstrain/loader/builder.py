@@ -162,8 +162,12 @@ class TrainInput:
                         window_row_groups=window_row_groups(catalog, cfg.loader_memory_mb),
                         weights=cfg.train_weights or None)  # fmt: skip
         augmenter = None
-        if cfg.augment:
-            specs = expand_specs(cfg.augment)
+        translated = cfg.deepspeech06.translate(stores[0].features.step_ms)
+        if world.is_root:
+            for _, note in translated:
+                log.info(note)
+        specs = expand_specs(cfg.augment) + [spec for spec, _ in translated]
+        if specs:
             noise = {url: NoiseStore.open(url) for url in overlay_sources(specs)}
             augmenter = Augmenter.from_specs(specs, noise_source=noise, features=stores[0].features)
         return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmenter=augmenter)
@@ -257,12 +261,13 @@ class EvalInput:
     @classmethod
     def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, cfg: LoaderConfig, world: World, *,
               batch_size: int, limit: int = 0, features: FeatureConfig | None = None,
-              reference: str = "the training stores") -> "EvalInput":  # fmt: skip
-        """Collective. ``features`` (of ``reference``): what the stores must have been preprocessed with."""
+              reference: str = "the training stores", reverse: bool = False) -> "EvalInput":  # fmt: skip
+        """Collective. ``features`` (of ``reference``): what the stores must have been preprocessed with; ``reverse``:
+        longest batches first."""
         stores = open_stores(urls, alphabet, features, reference)
         catalog = Catalog.build(stores, world, skip_bad_shards=cfg.skip_bad_shards)
         plan = plan_eval(catalog.table, rank=world.rank, world=world.size, batch_size=batch_size, limit=limit,
-                         sort_by_length=True)  # fmt: skip
+                         sort_by_length=True, reverse=reverse)  # fmt: skip
         return cls(catalog, plan, cfg)
 
     @property
