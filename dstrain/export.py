@@ -97,9 +97,9 @@ class ExportOptions:
     """Name of the TFLite files: NAME.tflite and NAME_streaming.tflite (DeepSpeech's --export_file_name, whose
     default output_graph named its .pb/.tflite; the SavedModel's saved_model.pb is named by TensorFlow)."""
     export_batch_size: int = 1
-    """Batch size of the whole-utterance TFLite model, as DeepSpeech's exported graph: 1 takes log_mel [1,T,n_mel];
-    N > 1 takes N utterances (log_mel [N,T,n_mel] and lengths [N]); 0 means any batch size. The SavedModel takes any
-    batch size."""
+    """Batch size of the whole-utterance TFLite model, as DeepSpeech's exported graph: 1 takes log_mel [1,T,n_mel],
+    N > 1 takes N utterances (log_mel [N,T,n_mel] and lengths [N]). The SavedModel takes any batch size (TFLite's
+    LSTM needs a fixed one, so DeepSpeech's 0 for "any" is refused)."""
     export_beam_width: int = 500
     """Beam width recorded in the export as its default: dstrain transcribe uses it unless --beam_width is given, as
     DeepSpeech's client did."""
@@ -116,8 +116,9 @@ class ExportOptions:
             raise ValueError(f"export_model_name must not contain '/', got {self.export_model_name!r}")
         if not self.export_file_name or "/" in self.export_file_name or self.export_file_name.endswith(".tflite"):
             raise ValueError(f"export_file_name must be a file name without '/' or .tflite, got {self.export_file_name!r}")
-        if self.export_batch_size < 0:
-            raise ValueError(f"export_batch_size must be >= 0 (0 means any batch size), got {self.export_batch_size}")
+        if self.export_batch_size < 1:
+            raise ValueError(f"export_batch_size must be >= 1 (TFLite's LSTM needs a fixed batch size; the SavedModel "
+                             f"takes any), got {self.export_batch_size}")  # fmt: skip
         if self.export_beam_width < 1:
             raise ValueError(f"export_beam_width must be >= 1, got {self.export_beam_width}")
 
@@ -195,8 +196,8 @@ class _Exported(tf.Module):
 
 
 def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_steps: int = 0, batch_size: int = 1) -> bytes:
-    """TFLite flatbuffer, builtin ops only: the whole-utterance model (``batch_size`` utterances, 0: any number, of
-    any number of frames) or, with ``streaming_steps``, the stream_step graph. ``metadata`` is embedded (read back by
+    """TFLite flatbuffer, builtin ops only: the whole-utterance model (``batch_size`` utterances of any number of
+    frames) or, with ``streaming_steps``, the stream_step graph. ``metadata`` is embedded (read back by
     :func:`read_tflite_metadata`)."""
     model = inference_model(model)
     if streaming_steps:
@@ -208,10 +209,9 @@ def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_st
             return {"log_probs": tf.nn.log_softmax(model((log_mel, tf.shape(log_mel)[1:2]), training=False))}
 
     else:
-        b = batch_size or None
 
-        @tf.function(input_signature=[tf.TensorSpec([b, None, model.input_width], tf.float32, "log_mel"),
-                                      tf.TensorSpec([b], tf.int32, "lengths")])  # fmt: skip
+        @tf.function(input_signature=[tf.TensorSpec([batch_size, None, model.input_width], tf.float32, "log_mel"),
+                                      tf.TensorSpec([batch_size], tf.int32, "lengths")])  # fmt: skip
         def fn(log_mel, lengths):
             return {"log_probs": batch_log_probs(model, log_mel, lengths)}
 

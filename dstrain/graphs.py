@@ -87,8 +87,8 @@ def stream_step_fn(model: DeepSpeech, n_steps: int):
             context = buffer[:, n:]
         else:
             x = mfcc
-        for n in (1, 2, 3):
-            x = model.dense_layer(n, x, False)
+        for layer in (1, 2, 3):
+            x = model.dense_layer(layer, x, False)
         # Outputs before the stream's first n_context are lead-in (centred on frames before the start): no LSTM step.
         steps = frames_seen[0] + tf.range(n) >= c
         h, cell_state, outputs = lstm_h, lstm_c, []

@@ -137,16 +137,14 @@ class TFLiteModel(LoadedModel):
         return out
 
     def _batched(self, log_mels: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
-        """A model exported with --export_batch_size N (0: any): N utterances per call, short batches padded with
+        """A model exported with --export_batch_size N: N utterances per call, a short last batch padded with
         one-frame rows whose outputs are dropped."""
-        size = batch or _BatchedModel.batch_size
         out = []
-        for start in range(0, len(log_mels), size):
-            group = [np.asarray(x, np.float32) for x in log_mels[start : start + size]]
-            rows = batch or len(group)
-            lengths = np.ones(rows, np.int32)
+        for start in range(0, len(log_mels), batch):
+            group = [np.asarray(x, np.float32) for x in log_mels[start : start + batch]]
+            lengths = np.ones(batch, np.int32)
             lengths[: len(group)] = [len(x) for x in group]
-            x = np.zeros((rows, max(int(lengths.max()), 1), self.features.n_mel), np.float32)
+            x = np.zeros((batch, max(int(lengths.max()), 1), self.features.n_mel), np.float32)
             for i, g in enumerate(group):
                 x[i, : len(g)] = g
             result = self.runner(log_mel=x, lengths=lengths)["log_probs"]
