@@ -105,6 +105,16 @@ def test_layer_norm_builds_deepspeechs_normalised_model():
     np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
     np.testing.assert_allclose(y.std(-1), 1, atol=1e-3)
     assert not DeepSpeech.for_features(parse(*TRAIN, "--n_hidden", "16").model, FeatureConfig(), 5).norms
+    # Exports carry it: the streaming graph gives what the whole-utterance model gives.
+    from dstrain.export import ExportOptions, export_metadata
+    from dstrain.inference import CheckpointModel
+
+    alphabet = Alphabet.from_file(ALPHABET)
+    model = DeepSpeech.for_features(cfg, FeatureConfig(), len(alphabet) + 1)
+    model.norms[3].beta.assign(tf.fill([16], 0.5))
+    loaded = CheckpointModel(model, alphabet, FeatureConfig(), export_metadata(model, alphabet, FeatureConfig(), {}, ExportOptions()))
+    x = np.random.default_rng(2).standard_normal((23, 40)).astype(np.float32)
+    np.testing.assert_allclose(loaded.streamer(n_steps=7).run(x), loaded.log_probs([x])[0], atol=1e-4)
     # Its checkpoints say so: a model without --layer_norm cannot take them.
     from dstrain.rundir import RunInfo
     from dstrain.train.checkpoint import check_geometry
@@ -324,12 +334,12 @@ def test_feature_flags_are_preprocessing_parameters():
 
 def test_training_checks_the_stores_feature_parameters():
     cfg = parse(*TRAIN, "--audio_sample_rate", "8000", "--feature_win_len", "32")
-    assert cfg.features == ExpectedFeatures(audio_sample_rate=8000, feature_win_len=32)
-    cfg.features.check(FeatureConfig(sample_rate=8000), "s")  # matches
+    assert cfg.feature_check == ExpectedFeatures(audio_sample_rate=8000, feature_win_len=32)
+    cfg.feature_check.check(FeatureConfig(sample_rate=8000), "s")  # matches
     ExpectedFeatures().check(FeatureConfig(sample_rate=8000), "s")  # unset: the store's own
     with pytest.raises(ValueError, match=r"^--audio_sample_rate 8000: s was preprocessed with --audio_sample_rate 16000; "
                                          r"preprocess it again with dstrain preprocess --audio_sample_rate 8000"):  # fmt: skip
-        cfg.features.check(FeatureConfig(), "s")
+        cfg.feature_check.check(FeatureConfig(), "s")
     with pytest.raises(ValueError, match="--feature_win_step 10: s was preprocessed with --feature_win_step 20"):
         ExpectedFeatures(feature_win_step=10).check(FeatureConfig(), "s")
     # A checkpoint of another feature geometry cannot be fine-tuned on these stores.
@@ -406,3 +416,46 @@ def test_release_fine_tuning_with_normalisation_on_is_an_error(tmp_path):
     line = _one_error_line(_cli("train", "--train_files", str(tmp_path / "nostore"), "--alphabet_config_path", ALPHABET,
                                 "--load_checkpoint_dir", str(release), "--save_checkpoint_dir", str(tmp_path / "run")))  # fmt: skip
     assert "pass --nofeature_normalization to fine-tune it" in line
+
+
+# --- one 2-rank run: what the flags change in training itself
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_track_metrics_files_and_test_and_export_the_best_checkpoint(tmp_path):
+    from test_training import horovodrun, run, train_cmd
+
+    from conftest import final_digests, records
+    from dstrain.export import read_export_metadata
+    from dstrain.rundir import RunDir
+
+    train = synthetic_store(tmp_path / "train", 12, row_group_rows=4, frames=(30, 60), seed=5)
+    m1 = synthetic_store(tmp_path / "m1", 5, frames=(30, 60), seed=6)
+    m2 = synthetic_store(tmp_path / "m2", 3, frames=(30, 60), seed=7)
+    work, export = tmp_path / "run", tmp_path / "export"
+    out = run(horovodrun() + train_cmd(train, work, "--dev_files", train, "--metrics_files", f"{m1},{m2}", "--test_files", train,
+                                       "--load_evaluate", "best", "--export_dir", str(export), "--export_beam_width", "33",
+                                       "--beam_width", "8", "--reverse_dev", "--beta1", "0.8", "--dropout_rate2", "0.1",
+                                       epochs=3, batch=3))  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:]
+    digests = final_digests(work)
+    assert len(digests) == 2 and digests[0] == digests[1]
+    epochs = records(work, "epoch")
+    assert [sorted(r["metrics_loss"]) for r in epochs] == [sorted([m1, m2])] * 3
+    evals = records(work, "eval")
+    metrics = [r for r in evals if r["split"] == "metrics"]
+    assert [(r["store"], r["samples"]) for r in metrics] == [(m1, 5), (m2, 3)] * 3
+    assert all(r["metrics_loss"][m1] == m["loss"] for r, m in zip(epochs, metrics[::2]))
+    # Only the dev loss chooses the best checkpoint.
+    dev = [r["dev_loss"] for r in epochs]
+    assert [r["best"] for r in epochs] == [d == min(dev[: i + 1]) for i, d in enumerate(dev)]
+    assert [r["split"] for r in evals if r["split"] != "metrics"] == ["dev"] * 3 + ["test"]
+    # --load_evaluate best: the test set and the export use the best-dev checkpoint, not the final weights.
+    best = RunDir(str(work)).best_checkpoint()
+    (final,) = records(work, "final")
+    assert final["evaluated"] == best and final["test"]["samples"] == 12
+    meta = read_export_metadata(str(export))
+    assert meta["weights_from"] == best and meta["beam_width"] == 33
+    saved = json.load(open(work / "config.json"))["train"]
+    assert saved["optim"]["beta1"] == 0.8 and saved["model"]["dropout_rate2"] == 0.1 and saved["loader"]["reverse_dev"]

@@ -98,7 +98,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     evaluate: LoadEvaluateConfig = field(default_factory=LoadEvaluateConfig)
-    features: ExpectedFeatures = field(default_factory=ExpectedFeatures)
+    feature_check: ExpectedFeatures = field(default_factory=ExpectedFeatures)
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -153,7 +153,7 @@ class Trainer:
         self.data = TrainInput.build(cfg.train_files, self.alphabet, cfg.loader, world, batch_size=cfg.train_batch_size,
                                      seed=cfg.random_seed, epochs=cfg.epochs, shuffle=cfg.shuffle)  # fmt: skip
         self.features = self.data.features
-        cfg.features.check(self.features, cfg.train_files[0])
+        cfg.feature_check.check(self.features, cfg.train_files[0])
         self.dev = self._eval_input(cfg.dev_files, cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
         self.metrics = {url: self._eval_input((url,), cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
                         for url in cfg.metrics_files}  # fmt: skip
@@ -478,6 +478,8 @@ class Trainer:
     def use_evaluation_weights(self) -> None:
         """Collective, after training: the weights testing and exporting use (--load_evaluate): the best-dev
         checkpoint (best; auto when there is one), else the final weights (last: what the latest checkpoint holds)."""
+        if not (self.cfg.test.test_files or self.cfg.export_dir):
+            return
         which, path, error = self.cfg.evaluate.load_evaluate, "", ""
         if self.world.is_root and self.checkpoints is not None and which != "last":
             path = self.checkpoints.best.latest_checkpoint or ""
