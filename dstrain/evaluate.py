@@ -25,6 +25,7 @@ from dstrain.loader.builder import EvalInput
 from dstrain.loader.config import LoaderConfig
 from dstrain.metrics import edit_distance, error_rates
 from dstrain.model import ctc_loss
+from dstrain.rundir import LoadEvaluateConfig
 
 log = logging.getLogger("dstrain.evaluate")
 
@@ -40,6 +41,9 @@ class EvaluationSetConfig:
     """Test feature store(s), comma-separated: WER/CER after training, or what dstrain evaluate scores."""
     test_batch_size: int = 8
     """Utterances per evaluation step on each worker."""
+    reverse_test: bool = False
+    """Test batches longest first instead of shortest first (DeepSpeech's --reverse_test; the order of
+    --test_output_file follows it)."""
     report_count: int = 5
     """Best, median and worst samples to print."""
     test_output_file: str = ""
@@ -55,11 +59,12 @@ class EvalConfig:
     """dstrain evaluate: WER/CER of a checkpoint or an export on test stores"""
 
     checkpoint_dir: str = ""
-    """A training run: its best-dev checkpoint, else the latest."""
+    """A training run: the checkpoint --load_evaluate names (auto: its best-dev, else the latest)."""
     model: str = ""
     """An export folder or a .tflite file (instead of --checkpoint_dir)."""
     test: EvaluationSetConfig = field(default_factory=EvaluationSetConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    evaluate: LoadEvaluateConfig = field(default_factory=LoadEvaluateConfig)
 
     def __post_init__(self) -> None:
         if not self.test.test_files:
@@ -158,7 +163,7 @@ def print_report(name: str, summary: dict) -> None:
 
 def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetConfig, dec: DecoderConfig, world: World) -> dict | None:
     """Decode this rank's samples, gather all ranks', report and write on rank 0 (which returns the summary)."""
-    log.info("decoding %d samples (beam width %d%s)", len(post.probs), dec.beam_width, ", scorer" if dec.scorer_path else "")
+    log.info("decoding %d samples (beam width %d%s)", len(post.probs), dec.width(), ", scorer" if dec.scorer_path else "")
     samples = sample_report(post, decode_all(post, alphabet, dec, dec.scorer(alphabet)))
     gathered = world.allgather_object(samples)
     if not world.is_root:
@@ -175,9 +180,9 @@ def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetCon
 def eval_posteriors(cfg: EvalConfig, world: World) -> tuple[Alphabet, Posteriors]:
     """The model of ``--model`` or ``--checkpoint_dir`` on this rank's share of the test stores."""
     source = cfg.model or cfg.checkpoint_dir
-    model = load_model(source)
+    model = load_model(source, which=cfg.evaluate.load_evaluate)
     data = EvalInput.build(cfg.test.test_files, model.alphabet, LoaderConfig(), world, batch_size=cfg.test.test_batch_size,
-                           features=model.features, reference=f"the model ({source})")  # fmt: skip
+                           features=model.features, reference=f"the model ({source})", reverse=cfg.test.reverse_test)  # fmt: skip
     log.info("evaluating %s (%s) on %d samples, %d on this rank", source, model.kind, data.plan.pool_size, data.plan.samples)
     return model.alphabet, posteriors(data, model.batch_log_probs, model.alphabet)
 

@@ -4,8 +4,10 @@
 Layout::
 
     EXPORT_DIR/
-      saved_model.pb, variables/   TensorFlow SavedModel; signatures (``[T]`` = frames at 20 ms):
-                                     serving_default  samples [N] (16 kHz mono, float in [-1, 1]) -> log_probs [T, C]
+      saved_model.pb, variables/   TensorFlow SavedModel; signatures (``[T]`` = frames, 20 ms unless --feature_win_step):
+                                     serving_default  samples [N] (mono at the export's sample_rate, 16 kHz unless
+                                                      preprocessed with --audio_sample_rate; float in [-1, 1])
+                                                      -> log_probs [T, C]
                                      log_probs        log_mel [B,T,n_mel], lengths [B] -> log_probs [B,T,C]
                                      log_mel          samples [N] -> log_mel [T, n_mel] (what preprocessing stores)
                                      stream_step      one chunk of --n_steps frames with its state (see below)
@@ -13,8 +15,10 @@ Layout::
       alphabet.txt                 the training alphabet, DeepSpeech format
       dstrain_export.json          metadata: sample rate, feature and model parameters, alphabet, author, licence...
       flags.json                   the resolved configuration of the export (or of the training run that exported)
-      model.tflite                 --export_tflite: batch 1, any number of frames, log mel in, log_probs out
+      model.tflite                 --export_tflite: batch 1 (--export_batch_size), any number of frames, log mel in,
+                                   log_probs out (NAME.tflite with --export_file_name NAME)
       model_streaming.tflite       --export_tflite: the stream_step signature with a fixed --n_steps
+                                   (NAME_streaming.tflite)
       SCORER.scorer                --export_zip: the --scorer_path package, copied in
     EXPORT_DIR.zip                 --export_zip: all of the above (DeepSpeech's package_zip)
 
@@ -47,6 +51,7 @@ from dstrain.graphs import (
     stream_step_fn,
 )
 from dstrain.model import DeepSpeech
+from dstrain.rundir import LoadEvaluateConfig
 
 log = logging.getLogger("dstrain")
 
@@ -85,6 +90,22 @@ class ExportOptions:
     """IETF BCP 47 tag of the language the model was trained on, with script and region, e.g. en-Latn-GB."""
     export_min_ds_version: str = ""
     """Oldest dstrain version that can use the export; empty records this dstrain's version."""
+    export_max_ds_version: str = ""
+    """Newest dstrain version known to use the export, recorded in its metadata (DeepSpeech wrote it to the model's
+    .md file); empty means no upper bound."""
+    export_file_name: str = "model"
+    """Name of the TFLite files: NAME.tflite and NAME_streaming.tflite (DeepSpeech's --export_file_name, whose
+    default output_graph named its .pb/.tflite; the SavedModel's saved_model.pb is named by TensorFlow)."""
+    export_batch_size: int = 1
+    """Batch size of the whole-utterance TFLite model, as DeepSpeech's exported graph: 1 takes log_mel [1,T,n_mel],
+    N > 1 takes N utterances (log_mel [N,T,n_mel] and lengths [N]). The SavedModel takes any batch size (TFLite's
+    LSTM needs a fixed one, so DeepSpeech's 0 for "any" is refused)."""
+    export_beam_width: int = 500
+    """Beam width recorded in the export as its default: dstrain transcribe uses it unless --beam_width is given, as
+    DeepSpeech's client did."""
+    remove_export: bool = False
+    """Delete the export folder (it must hold an earlier dstrain export) before writing the new one; otherwise files
+    of an earlier export are replaced and others left alone."""
     export_description: str = ""
     """Free description: training data, architecture changes, evaluation results."""
 
@@ -93,6 +114,18 @@ class ExportOptions:
             raise ValueError(f"n_steps must be >= 1, got {self.n_steps}")
         if "/" in self.export_model_name:
             raise ValueError(f"export_model_name must not contain '/', got {self.export_model_name!r}")
+        if not self.export_file_name or "/" in self.export_file_name or self.export_file_name.endswith(".tflite"):
+            raise ValueError(f"export_file_name must be a file name without '/' or .tflite, got {self.export_file_name!r}")
+        if self.export_batch_size < 1:
+            raise ValueError(f"export_batch_size must be >= 1 (TFLite's LSTM needs a fixed batch size; the SavedModel "
+                             f"takes any), got {self.export_batch_size}")  # fmt: skip
+        if self.export_beam_width < 1:
+            raise ValueError(f"export_beam_width must be >= 1, got {self.export_beam_width}")
+
+    @property
+    def tflite_names(self) -> tuple[str, str]:
+        """File names of the whole-utterance and the streaming TFLite models."""
+        return f"{self.export_file_name}.tflite", f"{self.export_file_name}_streaming.tflite"
 
 
 @dataclass(frozen=True)
@@ -102,12 +135,13 @@ class ExportConfig:
     export_dir: str = option()
     """Directory to write the export to (created; files of an earlier export there are replaced)."""
     checkpoint_dir: str = ""
-    """The training run to export: its best-dev checkpoint, else its latest."""
+    """The training run to export: the checkpoint --load_evaluate names (auto: its best-dev, else its latest)."""
     checkpoint_path: str = ""
     """One checkpoint to export instead (RUN/train/ckpt-N); its run is --checkpoint_dir, else two levels up."""
-    scorer_path: str = ""
-    """DeepSpeech .scorer package bundled by --export_zip."""
+    scorer_path: str = option("", names=("--scorer_path", "--scorer"))
+    """DeepSpeech .scorer package bundled by --export_zip (--scorer is DeepSpeech's alias)."""
     options: ExportOptions = field(default_factory=ExportOptions)
+    evaluate: LoadEvaluateConfig = field(default_factory=LoadEvaluateConfig)
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir and not self.checkpoint_path:
@@ -161,17 +195,25 @@ class _Exported(tf.Module):
 # --- TFLite
 
 
-def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_steps: int = 0) -> bytes:
-    """TFLite flatbuffer, builtin ops only: the whole-utterance model (batch 1, any number of frames) or, with
-    ``streaming_steps``, the stream_step graph. ``metadata`` is embedded (read back by :func:`read_tflite_metadata`)."""
+def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_steps: int = 0, batch_size: int = 1) -> bytes:
+    """TFLite flatbuffer, builtin ops only: the whole-utterance model (``batch_size`` utterances of any number of
+    frames) or, with ``streaming_steps``, the stream_step graph. ``metadata`` is embedded (read back by
+    :func:`read_tflite_metadata`)."""
     model = inference_model(model)
     if streaming_steps:
         fn = stream_step_fn(model, streaming_steps)
-    else:
+    elif batch_size == 1:
 
         @tf.function(input_signature=[tf.TensorSpec([1, None, model.input_width], tf.float32, "log_mel")])
         def fn(log_mel):
             return {"log_probs": tf.nn.log_softmax(model((log_mel, tf.shape(log_mel)[1:2]), training=False))}
+
+    else:
+
+        @tf.function(input_signature=[tf.TensorSpec([batch_size, None, model.input_width], tf.float32, "log_mel"),
+                                      tf.TensorSpec([batch_size], tf.int32, "lengths")])  # fmt: skip
+        def fn(log_mel, lengths):
+            return {"log_probs": batch_log_probs(model, log_mel, lengths)}
 
     # The converter saves what it is given: the variables alone take 1 s, the Keras model with its traces 10 s.
     holder = tf.Module()
@@ -179,7 +221,8 @@ def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_st
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], holder)
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    meta = dict(metadata, tflite={"streaming": bool(streaming_steps), "n_steps": streaming_steps, "quantized": quantize})
+    meta = dict(metadata, tflite={"streaming": bool(streaming_steps), "n_steps": streaming_steps, "quantized": quantize,
+                                  "batch_size": 1 if streaming_steps else batch_size})  # fmt: skip
     return _with_metadata(converter.convert(), json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
 
@@ -242,6 +285,9 @@ def export_metadata(model: DeepSpeech, alphabet: Alphabet | UTF8Alphabet, featur
         "license": options.export_license,
         "language": options.export_language,
         "min_ds_version": options.export_min_ds_version or dstrain.__version__,
+        "max_ds_version": options.export_max_ds_version,
+        "beam_width": options.export_beam_width,
+        "tflite_files": list(options.tflite_names) if options.export_tflite else [],
         "description": options.export_description,
         **info,
     }
@@ -269,10 +315,15 @@ def export_model(
     """Write the export (see the module docstring); ``info`` (training progress, weights source) joins the metadata,
     ``config`` (the resolved flags) is saved as flags.json. Returns the metadata record."""
     model = inference_model(model)
+    if options.remove_export and os.path.isdir(export_dir):
+        _remove_export(export_dir)
     os.makedirs(export_dir, exist_ok=True)
-    for stale in (TFLITE_NAME, STREAMING_TFLITE_NAME, FLAGS_NAME):
-        if os.path.exists(os.path.join(export_dir, stale)):
-            os.remove(os.path.join(export_dir, stale))
+    stale = {TFLITE_NAME, STREAMING_TFLITE_NAME, *options.tflite_names, FLAGS_NAME}
+    if os.path.exists(os.path.join(export_dir, META_NAME)):  # an earlier export's TFLite files, whatever their names
+        stale.update(read_export_metadata(export_dir).get("tflite_files", []))
+    for name in stale:
+        if os.path.exists(os.path.join(export_dir, name)):
+            os.remove(os.path.join(export_dir, name))
     meta = export_metadata(model, alphabet, features, info, options)
     module = _Exported(model, features, json.dumps(meta, ensure_ascii=False), options.n_steps)
     tf.saved_model.save(module, export_dir, signatures=module.signatures())
@@ -280,15 +331,25 @@ def export_model(
         with open(os.path.join(export_dir, ALPHABET_NAME), "w", encoding="utf-8") as f:
             f.write(alphabet.serialize())
     if options.export_tflite:
-        for name, steps in ((TFLITE_NAME, 0), (STREAMING_TFLITE_NAME, options.n_steps)):
+        for name, steps in zip(options.tflite_names, (0, options.n_steps)):
             with open(os.path.join(export_dir, name), "wb") as f:
-                f.write(tflite_model(model, meta, options.export_quantize, steps))
+                f.write(tflite_model(model, meta, options.export_quantize, steps, options.export_batch_size))
     if config is not None:
         _write_json(os.path.join(export_dir, FLAGS_NAME), config)
     _write_json(os.path.join(export_dir, META_NAME), meta)
     if options.export_zip:
         log.info("Packaged %s", package_zip(export_dir, scorer_path))
     return meta
+
+
+def _remove_export(export_dir: str) -> None:
+    """--remove_export: the whole folder goes, but only when it holds a dstrain export (a mistyped path is not
+    emptied)."""
+    if os.listdir(export_dir) and not os.path.exists(os.path.join(export_dir, META_NAME)):
+        raise ValueError(f"--remove_export: {export_dir} holds files but no earlier export ({META_NAME}); "
+                         "not deleting it (remove it yourself, or choose another --export_dir)")  # fmt: skip
+    shutil.rmtree(export_dir)
+    log.info("--remove_export: removed the earlier export in %s", export_dir)
 
 
 def package_zip(export_dir: str, scorer_path: str = "") -> str:
@@ -309,7 +370,7 @@ def _restore(cfg: ExportConfig):
     run = cfg.checkpoint_dir or os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint_path)))
     if not RunDir(run).exists():
         raise FileNotFoundError(f"{run}: no config.json; give the run of --checkpoint_path as --checkpoint_dir")
-    return RunDir(run).restore_model(cfg.checkpoint_path or None)
+    return RunDir(run).restore_model(cfg.checkpoint_path or None, cfg.evaluate.load_evaluate)
 
 
 def run_export(cfg: ExportConfig) -> int:

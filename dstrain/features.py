@@ -15,33 +15,42 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dstrain.config import option
+
 _FILTERBANK_FLOOR = 1e-12  # Mfcc::Compute's kFilterbankFloor, before the log
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Feature parameters; stored in every shard manifest and export."""
+    """Features: what preprocessing computes; recorded in the store's manifest and in exports, read back from there"""
 
-    sample_rate: int = 16000
-    """Audio sample rate in Hz after normalisation (DeepSpeech's --audio_sample_rate)."""
-    window_ms: float = 32.0
-    """Spectrogram window length in milliseconds (--feature_win_len)."""
-    step_ms: float = 20.0
-    """Spectrogram window step in milliseconds (--feature_win_step)."""
-    n_mel: int = 40
+    sample_rate: int = option(16000, names=("--audio_sample_rate",))
+    """Sample rate in Hz the audio is resampled to before features are computed (DeepSpeech's --audio_sample_rate;
+    8000 for telephony corpora). Models trained on the store expect it, and dstrain transcribe resamples to it."""
+    window_ms: float = option(32.0, names=("--feature_win_len",))
+    """Spectrogram window length in milliseconds (DeepSpeech's --feature_win_len); a whole number of samples."""
+    step_ms: float = option(20.0, names=("--feature_win_step",))
+    """Spectrogram window step in milliseconds (DeepSpeech's --feature_win_step), the model's frame period."""
+    n_mel: int = option(40, cli=False)
     """Mel filterbank channels (TensorFlow Mfcc's filterbank_channel_count)."""
-    lower_hz: float = 20.0
+    lower_hz: float = option(20.0, cli=False)
     """Lowest filterbank frequency in Hz."""
-    upper_hz: float = 8000.0
-    """Highest filterbank frequency in Hz (DeepSpeech uses sample_rate / 2)."""
-    n_mfcc: int = 26
+    upper_hz: float = option(0.0, cli=False)
+    """Highest filterbank frequency in Hz; 0 means sample_rate / 2 (as DeepSpeech: 8000 at 16 kHz)."""
+    n_mfcc: int = option(26, cli=False)
     """MFCC coefficients fed to the model (DeepSpeech's n_input)."""
 
     def __post_init__(self) -> None:
-        if self.window_samples * 1000 != self.window_ms * self.sample_rate:
-            raise ValueError(f"window_ms={self.window_ms} is not a whole number of samples at {self.sample_rate} Hz")
-        if self.step_samples * 1000 != self.step_ms * self.sample_rate:
-            raise ValueError(f"step_ms={self.step_ms} is not a whole number of samples at {self.sample_rate} Hz")
+        if self.sample_rate < 1:
+            raise ValueError(f"--audio_sample_rate must be a positive number of Hz, got {self.sample_rate}")
+        if not self.upper_hz:
+            object.__setattr__(self, "upper_hz", self.sample_rate / 2)  # recorded resolved: manifests compare equal
+        for name, flag in (("window_ms", "--feature_win_len"), ("step_ms", "--feature_win_step")):
+            value = getattr(self, name)
+            samples = value * self.sample_rate / 1000
+            if value <= 0 or abs(samples - round(samples)) > 1e-6:
+                raise ValueError(f"{flag} ({name}) {value} ms is not a positive whole number of samples at "
+                                 f"--audio_sample_rate {self.sample_rate} ({samples:g}); adjust it or resample the audio")  # fmt: skip
         if not 0 <= self.lower_hz < self.upper_hz <= self.sample_rate / 2:
             raise ValueError(f"need 0 <= lower_hz < upper_hz <= sample_rate/2, got {self.lower_hz}, {self.upper_hz}")
         if not 0 < self.n_mfcc <= self.n_mel:
@@ -70,6 +79,29 @@ class FeatureConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExpectedFeatures:
+    """Feature parameters (DeepSpeech's flags: dstrain preprocess sets them, stores record them, training checks them)"""
+
+    audio_sample_rate: int | None = None
+    """Sample rate in Hz the training stores must have been preprocessed at (dstrain preprocess --audio_sample_rate);
+    unset: the stores' own, whatever it is. The model, its checkpoints and exports take the stores' rate."""
+    feature_win_len: float | None = None
+    """Feature window length in milliseconds the training stores must have (dstrain preprocess --feature_win_len);
+    unset: the stores' own."""
+    feature_win_step: float | None = None
+    """Feature window step in milliseconds the training stores must have (dstrain preprocess --feature_win_step);
+    unset: the stores' own."""
+
+    def check(self, features: FeatureConfig, where: str) -> None:
+        """A store preprocessed otherwise than these flags say is an error naming the flag and the fix."""
+        for flag, name in (("audio_sample_rate", "sample_rate"), ("feature_win_len", "window_ms"), ("feature_win_step", "step_ms")):
+            want, have = getattr(self, flag), getattr(features, name)
+            if want is not None and want != have:
+                raise ValueError(f"--{flag} {want:g}: {where} was preprocessed with --{flag} {have:g}; preprocess it "
+                                 f"again with dstrain preprocess --{flag} {want:g}, or leave --{flag} out")  # fmt: skip
 
 
 # Frames per FFT block: keeps each temporary under glibc's 128 KiB mmap threshold (31 x 512 x 8 bytes), so

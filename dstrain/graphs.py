@@ -87,8 +87,8 @@ def stream_step_fn(model: DeepSpeech, n_steps: int):
             context = buffer[:, n:]
         else:
             x = mfcc
-        for layer in model.dense:
-            x = model._clipped(layer, x, False)
+        for layer in (1, 2, 3):
+            x = model.dense_layer(layer, x, False)
         # Outputs before the stream's first n_context are lead-in (centred on frames before the start): no LSTM step.
         steps = frames_seen[0] + tf.range(n) >= c
         h, cell_state, outputs = lstm_h, lstm_c, []
@@ -96,7 +96,7 @@ def stream_step_fn(model: DeepSpeech, n_steps: int):
             _, (h_next, c_next) = model.lstm.cell(x[:, i], [h, cell_state], training=False)
             h, cell_state = tf.where(steps[i], h_next, h), tf.where(steps[i], c_next, cell_state)
             outputs.append(h)
-        x = model._clipped(model.dense5, tf.stack(outputs, axis=1), False)
+        x = model.dense_layer(5, tf.stack(outputs, axis=1), False)
         return {
             "log_probs": tf.nn.log_softmax(model.out(x)), "context": context, "lstm_h": h, "lstm_c": cell_state,
             "frames_seen": tf.minimum(frames_seen + n, c),

@@ -125,12 +125,30 @@ class TFLiteModel(LoadedModel):
     def log_probs(self, log_mels: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self.streaming:
             return [self.streamer().run(x) for x in log_mels]
+        batch = int(self.metadata.get("tflite", {}).get("batch_size", 1))
+        if batch != 1:
+            return self._batched(log_mels, batch)
         out = []
         for x in log_mels:
             if len(x) == 0:
                 out.append(np.zeros((0, self.metadata["n_classes"]), np.float32))
                 continue
             out.append(self.runner(log_mel=np.asarray(x, np.float32)[None])["log_probs"][0])
+        return out
+
+    def _batched(self, log_mels: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+        """A model exported with --export_batch_size N: N utterances per call, a short last batch padded with
+        one-frame rows whose outputs are dropped."""
+        out = []
+        for start in range(0, len(log_mels), batch):
+            group = [np.asarray(x, np.float32) for x in log_mels[start : start + batch]]
+            lengths = np.ones(batch, np.int32)
+            lengths[: len(group)] = [len(x) for x in group]
+            x = np.zeros((batch, max(int(lengths.max()), 1), self.features.n_mel), np.float32)
+            for i, g in enumerate(group):
+                x[i, : len(g)] = g
+            result = self.runner(log_mel=x, lengths=lengths)["log_probs"]
+            out += [result[i, : len(g)] for i, g in enumerate(group)]
         return out
 
 
@@ -210,9 +228,9 @@ def _metadata_alphabet(meta: dict, fallback_dir: str | None = None) -> Alphabet 
     return Alphabet.from_file(os.path.join(fallback_dir or ".", ALPHABET_NAME))
 
 
-def load_model(path: str, num_threads: int | None = None) -> LoadedModel:
-    """An export folder (its SavedModel), a ``.tflite`` file (whole-utterance or streaming) or a run directory (its
-    best-dev, else latest checkpoint)."""
+def load_model(path: str, num_threads: int | None = None, which: str = "auto") -> LoadedModel:
+    """An export folder (its SavedModel), a ``.tflite`` file (whole-utterance or streaming) or a run directory (the
+    checkpoint ``which`` names, as --load_evaluate: auto is its best-dev, else latest)."""
     if os.path.isfile(path) and path.endswith(".tflite"):
         meta = read_tflite_metadata(path)
         return TFLiteModel(path, _metadata_alphabet(meta), FeatureConfig(**meta["features"]), meta, num_threads)
@@ -222,6 +240,6 @@ def load_model(path: str, num_threads: int | None = None) -> LoadedModel:
     run = RunDir(path)
     if not run.exists():
         raise FileNotFoundError(f"{path}: neither an export folder ({META_NAME}), a .tflite file nor a run directory (config.json)")
-    model, info, source = run.restore_model()
+    model, info, source = run.restore_model(which=which)
     meta = export_metadata(model, info.alphabet, info.features, {"weights_from": source}, ExportOptions())
     return CheckpointModel(model, info.alphabet, info.features, meta)

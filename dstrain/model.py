@@ -25,7 +25,24 @@ class ModelConfig:
     relu_clip: float = 20.0
     """ReLU activations are clipped at this value."""
     dropout_rate: float = 0.05
-    """Dropout on dense layers 1, 2, 3 and 5 during training; 0 disables it."""
+    """Dropout on the output of dense layer 1 during training, and of layers 2, 3 and 5 unless --dropout_rate2,
+    --dropout_rate3, --dropout_rate6 say otherwise; 0 disables it."""
+    dropout_rate2: float = -1.0
+    """Dropout on dense layer 2's output; -1 means --dropout_rate (DeepSpeech's)."""
+    dropout_rate3: float = -1.0
+    """Dropout on dense layer 3's output; -1 means --dropout_rate."""
+    dropout_rate4: float = 0.0
+    """Dropout on the LSTM's (layer 4's) output; -1 means --dropout_rate. DeepSpeech 0.9.3 accepted it and never
+    applied it, so its default 0 is DeepSpeech's model."""
+    dropout_rate5: float = 0.0
+    """Accepted as DeepSpeech 0.9.3 did, where it had no effect: layer 5's output dropout is --dropout_rate6 there
+    and here. Anything but 0 is an error that says so."""
+    dropout_rate6: float = -1.0
+    """Dropout on dense layer 5's output, what enters the output layer (DeepSpeech's create_model applies
+    --dropout_rate6 there); -1 means --dropout_rate."""
+    layer_norm: bool = False
+    """Layer normalisation after the clipped ReLU of dense layers 1, 2, 3 and 5, before their dropout (DeepSpeech's
+    --layer_norm: a gain and a bias per unit, epsilon 1e-12); DeepSpeech checkpoints trained with it import."""
     feature_normalization: bool = True
     """Normalise each filterbank channel by the training store's mean and deviation in the model's first op;
     --nofeature_normalization gives DeepSpeech's inputs (needed to fine-tune a DeepSpeech release checkpoint)."""
@@ -37,8 +54,24 @@ class ModelConfig:
             raise ValueError(f"n_context must be >= 0, got {self.n_context}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        for n in (2, 3, 4, 6):
+            rate = getattr(self, f"dropout_rate{n}")
+            if rate != -1.0 and not 0.0 <= rate < 1.0:
+                raise ValueError(f"dropout_rate{n} must be in [0, 1) or -1 (same as --dropout_rate), got {rate}")
+        if self.dropout_rate5 != 0.0:
+            raise ValueError(f"dropout_rate5 {self.dropout_rate5}: DeepSpeech 0.9.3 never applied it (layer 5's output "
+                             "dropout is --dropout_rate6); give --dropout_rate6 instead")  # fmt: skip
         if self.relu_clip <= 0:
             raise ValueError(f"relu_clip must be > 0, got {self.relu_clip}")
+
+    def layer_dropout(self) -> dict[int, float]:
+        """Training dropout on the output of layers 1, 2, 3, 4 (the LSTM) and 5, -1s resolved as DeepSpeech's
+        util/config.py resolves them."""
+        def rate(value: float) -> float:
+            return self.dropout_rate if value == -1.0 else value
+
+        return {1: self.dropout_rate, 2: rate(self.dropout_rate2), 3: rate(self.dropout_rate3),
+                4: rate(self.dropout_rate4), 5: rate(self.dropout_rate6)}  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +111,11 @@ class DeepSpeech(tf.keras.Model):
         self.dense5 = tf.keras.layers.Dense(cfg.n_hidden, name="layer_5")
         # Float32 output keeps softmax and CTC stable under mixed precision.
         self.out = tf.keras.layers.Dense(n_classes, name="layer_6", dtype="float32")
-        self.dropout = tf.keras.layers.Dropout(cfg.dropout_rate)
+        # On the outputs of layers 1, 2, 3, 4 (the LSTM) and 5.
+        self.dropouts = [tf.keras.layers.Dropout(rate) for rate in cfg.layer_dropout().values()]
+        # Layers 1, 2, 3 and 5; only with --layer_norm, so models without it keep their checkpoints' variables.
+        self.norms = [tf.keras.layers.LayerNormalization(epsilon=1e-12, name=f"layer_{n}_norm")
+                      for n in (1, 2, 3, 5)] if cfg.layer_norm else []  # fmt: skip
 
     @classmethod
     def for_features(cls, cfg: ModelConfig, features: FeatureConfig, n_classes: int) -> "DeepSpeech":
@@ -104,10 +141,14 @@ class DeepSpeech(tf.keras.Model):
         windows = tf.signal.frame(padded, 2 * c + 1, 1, axis=1)  # [B, T, 2C+1, n_input]
         return tf.reshape(windows, [tf.shape(features)[0], -1, (2 * c + 1) * self.n_input])
 
-    def _clipped(self, layer: tf.keras.layers.Layer, x: tf.Tensor, training: bool) -> tf.Tensor:
+    def dense_layer(self, n: int, x: tf.Tensor, training: bool) -> tf.Tensor:
+        """Dense layer ``n`` (1, 2, 3 or 5) as DeepSpeech's ``dense()``: clipped ReLU, layer norm, dropout."""
+        layer = self.dense5 if n == 5 else self.dense[n - 1]
         y = layer(x)  # in the layer's compute dtype (float16/bfloat16 under mixed precision)
         x = tf.minimum(tf.nn.relu(y), tf.cast(self.cfg.relu_clip, y.dtype))
-        return self.dropout(x, training=training)
+        if self.norms:
+            x = self.norms[3 if n == 5 else n - 1](x)
+        return self.dropouts[n - 1](x, training=training)
 
     def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
         features, lengths = inputs
@@ -117,11 +158,11 @@ class DeepSpeech(tf.keras.Model):
             mask = tf.sequence_mask(lengths, maxlen=tf.shape(features)[1], dtype=tf.float32)
             features = self.front_end(features) * mask[:, :, None]
         x = self.context_window(features)
-        for layer in self.dense:
-            x = self._clipped(layer, x, training)
+        for n in (1, 2, 3):
+            x = self.dense_layer(n, x, training)
         mask = tf.sequence_mask(lengths, maxlen=tf.shape(features)[1])
-        x = self.lstm(x, mask=mask, training=training)
-        x = self._clipped(self.dense5, x, training)
+        x = self.dropouts[3](self.lstm(x, mask=mask, training=training), training=training)
+        x = self.dense_layer(5, x, training)
         return self.out(x)
 
 

@@ -19,9 +19,10 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``seconds``, ``utterances_per_s``, ``frames_per_s``, ``padding`` (fraction of padded frames), ``loader_wait_max_s``
     (the slowest rank's wait for data), ``learning_rate``, ``nonfinite_steps`` (skipped in this epoch); with dev
     stores also ``dev_loss``, ``dev_wer``, ``dev_cer``, ``best`` (lowest dev loss so far), ``plateau`` (the learning
-    rate was reduced), ``early_stop``.
+    rate was reduced), ``early_stop``; with --metrics_files ``metrics_loss`` (each store's loss, by its URL).
 ``eval``
-    ``split`` (dev or test), ``loss``, ``wer``, ``cer``, ``samples``, ``decoder`` (greedy, or beam for the test set).
+    ``split`` (dev, test, or metrics with ``store``: one of --metrics_files), ``loss``, ``wer``, ``cer``, ``samples``,
+    ``decoder`` (greedy, or beam for the test set).
 ``checkpoint``
     ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic or stop), ``epoch_step``.
 ``nonfinite``
@@ -31,7 +32,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``requested_by`` (the ranks that received one), ``exit_code``, ``checkpoint`` (saved before stopping, or null).
 ``final``
     ``epochs_done``, ``weights_sha256`` (every rank's, in rank order: identical in a healthy run), ``test`` (loss,
-    wer, cer, samples of the test set, or null).
+    wer, cer, samples of the test set, or null), ``evaluated`` (the checkpoint --load_evaluate chose for the test set
+    and the export, or "final weights").
 
 Example::
 
@@ -133,6 +135,8 @@ def format_epoch(r: dict) -> str:
         msg += f" after resuming at step {r['resumed_at_step']}"
     if "dev_loss" in r:
         msg += f", dev loss {r['dev_loss']:.4f} WER {r['dev_wer']:.3f} CER {r['dev_cer']:.3f}" + (" (best)" if r["best"] else "")
+    for store, loss in r.get("metrics_loss", {}).items():
+        msg += f", {store} loss {loss:.4f}"
     if r.get("plateau"):
         msg += f", learning rate x{r['plateau']} (plateau)"
     if r.get("early_stop"):

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 import dstrain
 from dstrain.alphabet import Alphabet
+from dstrain.config import option
 from dstrain.features import FeatureConfig
 from dstrain.model import DeepSpeech, ModelConfig
 
@@ -34,6 +35,15 @@ BEST = "best_dev"
 SUMMARIES = "summaries"
 LOG = "train.log"
 METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class LoadEvaluateConfig:
+    """Which checkpoint evaluation loads"""
+
+    load_evaluate: str = option("auto", choices=("auto", "best", "last"))
+    """Checkpoint of a run that testing, exporting and evaluation load (DeepSpeech's): best (lowest dev loss), last
+    (the latest; after training, the final weights), or auto: best, else last."""
 
 
 @dataclass
@@ -119,16 +129,22 @@ class RunDir:
     def best_checkpoint(self) -> str | None:
         return tf.train.latest_checkpoint(self.best_dir)
 
-    def best_or_latest(self) -> str:
-        source = self.best_checkpoint() or self.latest_checkpoint()
+    def best_or_latest(self, which: str = "auto") -> str:
+        """The checkpoint ``--load_evaluate`` names: best (lowest dev loss), last, or auto: best, else last."""
+        if which == "best":
+            source, where = self.best_checkpoint(), f"{BEST}/"
+        elif which == "last":
+            source, where = self.latest_checkpoint(), f"{LATEST}/"
+        else:
+            source, where = self.best_checkpoint() or self.latest_checkpoint(), f"{BEST}/ or {LATEST}/"
         if not source:
-            raise FileNotFoundError(f"{self.path}: no checkpoint in {BEST}/ or {LATEST}/")
+            raise FileNotFoundError(f"{self.path}: no checkpoint in {where} (--load_evaluate {which})")
         return source
 
-    def restore_model(self, checkpoint: str | None = None) -> tuple[DeepSpeech, RunInfo, str]:
-        """The run's model with the weights of ``checkpoint`` (default: best dev, else latest), for inference."""
+    def restore_model(self, checkpoint: str | None = None, which: str = "auto") -> tuple[DeepSpeech, RunInfo, str]:
+        """The run's model with the weights of ``checkpoint`` (default: --load_evaluate's, ``which``), for inference."""
         info = self.read()
         model = DeepSpeech.for_features(info.model, info.features, len(info.alphabet) + 1)
-        source = checkpoint or self.best_or_latest()
+        source = checkpoint or self.best_or_latest(which)
         tf.train.Checkpoint(model=model).restore(source).expect_partial()
         return model, info, source

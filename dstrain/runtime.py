@@ -27,6 +27,8 @@ class ProcessConfig:
     """TensorFlow intra-op threads; 0 means TensorFlow's choice."""
     use_allow_growth: bool = False
     """Let TensorFlow take GPU memory as it needs it instead of all at once."""
+    log_placement: bool = False
+    """Log the device (CPU, GPU) every TensorFlow operation runs on, as DeepSpeech's --log_placement."""
     horovod_timeline: str = ""
     """Write Horovod's timeline (chrome://tracing JSON) of the collectives to this file."""
     log_level: str = option("info", choices=("debug", "info", "warning", "error"))
@@ -76,6 +78,8 @@ def configure_tensorflow(cfg: ProcessConfig, world: World) -> int:
     import tensorflow as tf
 
     gpus = tf.config.get_visible_devices("GPU")
+    if cfg.log_placement:
+        tf.debugging.set_log_device_placement(True)
     if cfg.use_allow_growth:
         for g in gpus:
             tf.config.experimental.set_memory_growth(g, True)

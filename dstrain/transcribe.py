@@ -290,7 +290,7 @@ class Transcriber:
         for row, i in enumerate(todo):
             probs[row, : lengths[row]] = np.exp(log_probs[i])
         results = ctc_beam_search_decoder_batch(
-            probs, lengths, self.model.alphabet, dec.beam_width, min(self.cfg.processes, len(todo)), dec.cutoff_prob,
+            probs, lengths, self.model.alphabet, dec.width(self.model.metadata.get("beam_width")), min(self.cfg.processes, len(todo)), dec.cutoff_prob,
             dec.cutoff_top_n, self.scorer, self.hot_words, self.cfg.candidate_transcripts,
         )  # fmt: skip
         for i, result in zip(todo, results):

@@ -246,3 +246,67 @@ def test_hidden_size_mismatch_names_variable(checkpoint):
     msg = r"^layer_1/weights: checkpoint \[130, 8\], model \[130, 16\]: n_hidden differs"
     with pytest.raises(ValueError, match=msg):
         load_deepspeech_checkpoint(prefix, model)
+
+
+def _layer_norm_weights(seed: int = 4) -> dict[str, np.ndarray]:
+    """A --layer_norm checkpoint: tf.contrib.layers.layer_norm's gain and bias inside dense layers 1, 2, 3 and 5."""
+    rng = np.random.default_rng(seed)
+    weights = _weights(seed)
+    for layer in ("layer_1", "layer_2", "layer_3", "layer_5"):
+        weights[f"{layer}/LayerNorm/gamma"] = (1 + 0.3 * rng.standard_normal(N_HIDDEN)).astype(np.float32)
+        weights[f"{layer}/LayerNorm/beta"] = (0.3 * rng.standard_normal(N_HIDDEN)).astype(np.float32)
+    return weights
+
+
+def _deepspeech_layer_norm_logits(weights: dict[str, np.ndarray], x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """DeepSpeech 0.9.3's create_model with --layer_norm, in numpy: dense() is bias_add(matmul), clipped ReLU, then
+    contrib's layer_norm over the units (moments over axis 1 of the [B*T, units] rows, variance_epsilon 1e-12)."""
+
+    def dense(name, inp, relu=True, norm=True):
+        out = inp @ weights[f"{name}/weights"] + weights[f"{name}/bias"]
+        if not relu:
+            return out
+        out = np.minimum(np.maximum(out, 0), RELU_CLIP)
+        if norm:
+            mean, var = out.mean(-1, keepdims=True), out.var(-1, keepdims=True)
+            out = (out - mean) / np.sqrt(var + 1e-12) * weights[f"{name}/LayerNorm/gamma"] + weights[f"{name}/LayerNorm/beta"]
+        return out
+
+    eye = np.eye(WINDOW * N_INPUT).reshape(WINDOW, N_INPUT, WINDOW * N_INPUT).astype(np.float32)
+    windows = tf.nn.conv1d(input=x, filters=eye, stride=1, padding="SAME").numpy()
+    l3 = dense("layer_3", dense("layer_2", dense("layer_1", windows)))
+    h = tf.raw_ops.BlockLSTM(
+        seq_len_max=np.int64(x.shape[1]), x=np.transpose(l3, [1, 0, 2]).astype(np.float32), cs_prev=np.zeros((len(x), N_HIDDEN), np.float32),
+        h_prev=np.zeros((len(x), N_HIDDEN), np.float32), w=weights[f"{LSTM_SCOPE}/kernel"], wci=np.zeros(N_HIDDEN, np.float32),
+        wcf=np.zeros(N_HIDDEN, np.float32), wco=np.zeros(N_HIDDEN, np.float32), b=weights[f"{LSTM_SCOPE}/bias"],
+        forget_bias=0.0, cell_clip=-1.0, use_peephole=False,
+    ).h.numpy().transpose(1, 0, 2)  # fmt: skip
+    return dense("layer_6", dense("layer_5", h), relu=False)
+
+
+def test_layer_norm_checkpoint_imports_into_a_layer_norm_model(tmp_path, data):
+    x, lengths = data
+    weights = _layer_norm_weights()
+    prefix = _save_tf1(str(tmp_path / "ln"), weights)
+    plain = _model()
+    with pytest.raises(ValueError, match=r"trained with --layer_norm \(layer_1/LayerNorm/beta.*pass --layer_norm to load it"):
+        load_deepspeech_checkpoint(prefix, plain)
+
+    tf.random.set_seed(1)
+    model = DeepSpeech(ModelConfig(n_hidden=N_HIDDEN, n_context=N_CONTEXT, relu_clip=RELU_CLIP, dropout_rate=0.0, layer_norm=True),
+                       n_input=N_INPUT, n_classes=N_CLASSES)  # fmt: skip
+    report = load_deepspeech_checkpoint(prefix, model)
+    assert sum(line.startswith("loaded ") for line in report) == 6
+    assert any("layer_5/LayerNorm/gamma" in line and line.startswith("loaded ") for line in report)
+    np.testing.assert_array_equal(model.norms[3].beta.numpy(), weights["layer_5/LayerNorm/beta"])
+    got = model((tf.constant(x), tf.constant(lengths)), training=False).numpy()
+    expected = _deepspeech_layer_norm_logits(weights, x, lengths)
+    np.testing.assert_allclose(_valid(got, lengths), _valid(expected, lengths), atol=1e-4, rtol=0)
+    # The gains and biases matter: the same weights without them give other logits.
+    without = _model()
+    load_deepspeech_checkpoint(_save_tf1(str(tmp_path / "plain"), _weights(4)), without)
+    assert np.abs(_valid(without((tf.constant(x), tf.constant(lengths))).numpy(), lengths) - _valid(expected, lengths)).max() > 0.1
+
+    # And a model built with --layer_norm refuses a checkpoint trained without it.
+    with pytest.raises(ValueError, match="trained without --layer_norm, so leave --layer_norm out"):
+        load_deepspeech_checkpoint(_save_tf1(str(tmp_path / "plain2"), _weights()), model)

@@ -197,7 +197,7 @@ def test_streaming_equals_whole_utterance(ldc):
 def test_quantized_tflite_still_transcribes_exactly(ldc):
     assert os.path.getsize(ldc.quantized_tflite) < 0.5 * os.path.getsize(os.path.join(ldc.export_dir, TFLITE_NAME))
     loaded = load_model(ldc.quantized_tflite)
-    assert loaded.metadata["tflite"] == {"streaming": False, "n_steps": 0, "quantized": True}
+    assert loaded.metadata["tflite"] == {"streaming": False, "n_steps": 0, "quantized": True, "batch_size": 1}
     assert _transcript(loaded.log_probs([ldc.log_mel])[0], loaded.alphabet) == TEXT
 
 

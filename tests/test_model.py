@@ -20,7 +20,7 @@ def test_relu_clip_and_layer_count():
     model((tf.zeros([1, 1, 2]), tf.ones([1], tf.int32)))
     names = [w.name.split("/")[1] for w in model.trainable_weights]
     assert sorted(set(names)) == ["layer_1", "layer_2", "layer_3", "layer_4", "layer_5", "layer_6"]
-    y = model._clipped(model.dense[0], tf.fill([1, 1, 38], 100.0), training=False)
+    y = model.dense_layer(1, tf.fill([1, 1, 38], 100.0), training=False)
     assert float(tf.reduce_max(y)) <= 0.5
 
 

@@ -206,8 +206,12 @@ class TrainInput:
         for s in catalog.skipped:
             log.warning("--skip_bad_shards: left out %s", s)
         augmenter = None
-        if cfg.augment:
-            specs = expand_specs(cfg.augment)
+        translated = cfg.deepspeech06.translate(stores[0].features.step_ms)
+        if world.is_root:
+            for _, note in translated:
+                log.info(note)
+        specs = expand_specs(cfg.augment) + [spec for spec, _ in translated]
+        if specs:
             noise = {url: NoiseStore.open(url) for url in overlay_sources(specs)}
             augmenter = Augmenter.from_specs(specs, noise_source=noise, features=stores[0].features)
         frames = 0
@@ -317,12 +321,13 @@ class EvalInput:
     @classmethod
     def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, cfg: LoaderConfig, world: World, *,
               batch_size: int, limit: int = 0, features: FeatureConfig | None = None,
-              reference: str = "the training stores") -> "EvalInput":  # fmt: skip
-        """Collective. ``features`` (of ``reference``): what the stores must have been preprocessed with."""
+              reference: str = "the training stores", reverse: bool = False) -> "EvalInput":  # fmt: skip
+        """Collective. ``features`` (of ``reference``): what the stores must have been preprocessed with; ``reverse``:
+        longest batches first."""
         stores = open_stores(urls, alphabet, features, reference)
         catalog = Catalog.build(stores, world, skip_bad_shards=cfg.skip_bad_shards, augmented=False)  # originals only
         plan = plan_eval(catalog.table, rank=world.rank, world=world.size, batch_size=batch_size, limit=limit,
-                         sort_by_length=True)  # fmt: skip
+                         sort_by_length=True, reverse=reverse)  # fmt: skip
         return cls(catalog, plan, cfg)
 
     @property

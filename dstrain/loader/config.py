@@ -1,9 +1,10 @@
 """Input pipeline options (training; dev and test sets use the reader settings, never augmentation)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dstrain.config import option
+from dstrain.loader.legacy_augment import LegacyAugmentConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class LoaderConfig:
     """First epoch in order of length, shortest first (DeepSpeech 2's SortaGrad)."""
     reverse_train: bool = False
     """First epoch in order of length, longest first (DeepSpeech's --reverse_train: finds out-of-memory early)."""
+    reverse_dev: bool = False
+    """Dev (and --metrics_files) batches longest first instead of shortest first (DeepSpeech's --reverse_dev), within
+    each window of row groups the loader holds (the whole set when it fits in --loader_memory_mb)."""
     limit_train: int = 0
     """Use at most this many training samples; 0 means all."""
     limit_dev: int = 0
@@ -49,6 +53,7 @@ class LoaderConfig:
     augment: tuple[str, ...] = option((), append=True)
     """Training augmentation, DeepSpeech 0.9's syntax, repeatable: --augment frequency_mask[p=0.8,n=2,size=4]
     --augment tempo[factor=1~0.1]; --augment default takes the recommended set. Off by default, never on dev/test."""
+    deepspeech06: LegacyAugmentConfig = field(default_factory=LegacyAugmentConfig)
 
     def __post_init__(self) -> None:
         for name in ("loader_threads", "loader_prefetch", "length_buckets"):

@@ -1019,13 +1019,15 @@ def plan_eval(
     limit: int = 0,
     sort_by_length: bool = False,
     window_row_groups: int = DEFAULT_WINDOW_ROW_GROUPS,
+    reverse: bool = False,
 ) -> EpochPlan:
     """Evaluation batches for ``rank``: every sample (after ``limit``) exactly once over all ranks, no padding, no drop.
 
     Rank ``r`` reads the ``r``-th contiguous run of the data in input order (runs differ by at most one sample), in
     batches of ``batch_size`` (its last one may be short): ranks differ by at most one step, and ranks beyond the
     number of samples have none. ``sort_by_length`` sorts by length within each window (about ``window_row_groups``
-    row groups; ``<= 0``: the rank's whole run) to cut padding; the order is fixed either way.
+    row groups; ``<= 0``: the rank's whole run) to cut padding, longest first with ``reverse`` (DeepSpeech's
+    --reverse_dev/--reverse_test); the order is fixed either way.
     """
     _check_world(rank, world)
     if batch_size < 1:
@@ -1041,7 +1043,7 @@ def plan_eval(
     Sw = max(1, S) if window_row_groups <= 0 else max(1, int(window_row_groups * mean_rows) // B)
     if sort_by_length and n:
         win = np.arange(n) // (Sw * B)
-        seq = seq[np.lexsort((np.arange(n), t.n_frames[seq], win))]
+        seq = seq[np.lexsort((np.arange(n), -t.n_frames[seq] if reverse else t.n_frames[seq], win))]
     offsets = np.minimum(np.arange(S + 1, dtype=np.int64) * B, n)
     keys, rows = t.locate(seq)
     return EpochPlan(

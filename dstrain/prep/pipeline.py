@@ -28,7 +28,7 @@ import logging
 import signal
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import TimeoutError, get_context
 
 import numpy as np
@@ -79,7 +79,7 @@ class PreprocessConfig:
     bytes_output_mode: bool = False
     """Store labels as UTF-8 bytes (DeepSpeech's --bytes_output_mode: any language, no alphabet needed;
     --alphabet may be omitted)."""
-    features: FeatureConfig = option(default_factory=FeatureConfig, cli=False)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     augmentation: AugmentConfig = option(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 import tensorflow as tf
 
 from dstrain.config import option
-from dstrain.model import DeepSpeech
+from dstrain.model import DeepSpeech, ModelConfig
 from dstrain.rundir import RunDir, RunInfo
 
 log = logging.getLogger("dstrain.checkpoint")
@@ -118,10 +118,15 @@ class Progress:
 def check_geometry(saved: RunInfo, model: DeepSpeech, n_classes: int, drop_source_layers: int, where: str) -> None:
     """A checkpoint of another shape cannot be loaded: name what differs and how to proceed."""
     mismatches = []
-    for name in ("n_hidden", "n_context"):
+    for name in ("n_hidden", "n_context", "layer_norm"):
         a, b = getattr(saved.model, name), getattr(model.cfg, name)
         if a != b:
             mismatches.append(f"{name} {a} in the checkpoint, --{name} {b} now")
+    features = model.front_end.features if model.front_end is not None else None
+    for name, flag in (("sample_rate", "audio_sample_rate"), ("window_ms", "feature_win_len"), ("step_ms", "feature_win_step")):
+        a, b = getattr(saved.features, name), getattr(features, name, None)
+        if features is not None and a != b:
+            mismatches.append(f"{flag} {a} in the checkpoint, {b} in the training stores")
     if saved.features.n_mfcc != model.n_input:
         mismatches.append(f"{saved.features.n_mfcc} MFCC inputs in the checkpoint, {model.n_input} now (feature parameters)")
     saved_classes = len(saved.alphabet) + 1
@@ -182,6 +187,18 @@ def is_deepspeech_release(path: str) -> bool:
     except (ValueError, tf.errors.NotFoundError, FileNotFoundError, OSError):
         return False
     return "layer_1/weights" in names
+
+
+def check_release_fine_tuning(cfg: CheckpointConfig, model: ModelConfig) -> None:
+    """A DeepSpeech release was trained on raw MFCCs: fine-tuning it with input normalisation on (the default) would
+    feed its weights inputs they never saw. Every rank checks (the checkpoint is on shared storage), before any data
+    is read, so all stop with the same one-line error."""
+    load = cfg.load_dir
+    if not load or load == cfg.save_dir or cfg.load_train == "init" or not model.feature_normalization:
+        return
+    if is_deepspeech_release(load):
+        raise ValueError(f"--load_checkpoint_dir {load} is a DeepSpeech release checkpoint, trained on raw MFCCs: pass "
+                         "--nofeature_normalization to fine-tune it (dstrain normalises its inputs by default)")  # fmt: skip
 
 
 def load_weights_from(path: str, model: DeepSpeech, n_classes: int, drop_source_layers: int, which: str) -> str:

@@ -20,6 +20,10 @@ DeepSpeech's graph (training/deepspeech_training/train.py, v0.9.3) and how each 
   only initialises. So: split the kernel's rows at ``n_in``, reorder blocks ``(i, j, f, o) -> (i, f, j, o)``
   and add ``forget_bias`` (0 here) to the ``f`` block of the bias.
 
+With ``--layer_norm`` (DeepSpeech's ``dense()``: ``tf.contrib.layers.layer_norm`` after the clipped ReLU, before
+dropout, on layers 1, 2, 3 and 5), each of those layers also has ``layer_N/LayerNorm/gamma`` and ``beta`` ``[out]``:
+Keras ``LayerNormalization`` (last axis, epsilon 1e-12, contrib's) ``gamma``/``beta`` as they are.
+
 Frames past an utterance's length differ (DeepSpeech zeroes the LSTM output there, Keras repeats the last
 valid one); CTC never reads them. DeepSpeech 0.9.3 feeds un-normalised MFCCs (26 coefficients, 32 ms window,
 20 ms step, 16 kHz): imported weights only make sense on the same features.
@@ -108,20 +112,28 @@ def _hint(layer: str, ckpt: tuple[int, ...], want: tuple[int, ...], drop: int) -
     return "n_hidden differs (DeepSpeech 0.9.3 releases use n_hidden 2048)"
 
 
-def _model_targets(model: DeepSpeech) -> dict[str, list[tuple[str, tf.Variable]]]:
-    """For each source layer: (description, Keras variable) in the order :func:`_source_arrays` yields."""
+def _model_targets(model: DeepSpeech) -> dict[str, list[tf.Variable]]:
+    """For each source layer, the Keras variables its checkpoint arrays go to, in :func:`_source_names`' order (the
+    LSTM's two arrays become three)."""
     cell = model.lstm.cell
-    targets = {f"layer_{n}": layer for n, layer in zip((1, 2, 3), model.dense)}
-    targets.update(layer_5=model.dense5, layer_6=model.out)
-    out = {name: [("kernel", layer.kernel), ("bias", layer.bias)] for name, layer in targets.items()}
-    out["lstm"] = [("kernel", cell.kernel), ("recurrent_kernel", cell.recurrent_kernel), ("bias", cell.bias)]
+    dense = {f"layer_{n}": layer for n, layer in zip((1, 2, 3, 5), [*model.dense, model.dense5])}
+    out = {name: [layer.kernel, layer.bias] for name, layer in dense.items()}
+    for name, norm in zip(dense, model.norms):
+        out[name] += [norm.gamma, norm.beta]
+    out["layer_6"] = [model.out.kernel, model.out.bias]
+    out["lstm"] = [cell.kernel, cell.recurrent_kernel, cell.bias]
     return out
 
 
-def _source_names(layer: str) -> tuple[str, str]:
+def _source_names(layer: str, layer_norm: bool) -> tuple[str, ...]:
+    """The checkpoint's arrays of ``layer``; with --layer_norm, dense layers 1, 2, 3 and 5 also have the gain and
+    bias of ``tf.contrib.layers.layer_norm`` (scope LayerNorm inside the layer's)."""
     if layer == "lstm":
         return f"{LSTM_SCOPE}/kernel", f"{LSTM_SCOPE}/bias"
-    return f"{layer}/weights", f"{layer}/bias"
+    names = (f"{layer}/weights", f"{layer}/bias")
+    if layer_norm and layer != "layer_6":
+        names += (f"{layer}/LayerNorm/gamma", f"{layer}/LayerNorm/beta")
+    return names
 
 
 def load_deepspeech_checkpoint(path: str, model: DeepSpeech, drop_source_layers: int = 0) -> list[str]:
@@ -129,7 +141,8 @@ def load_deepspeech_checkpoint(path: str, model: DeepSpeech, drop_source_layers:
 
     ``path``: a checkpoint prefix (``.../best_dev-1466475``) or a directory holding one. The ``drop_source_layers``
     top layers (1: layer_6; 2: + layer_5; 3: + the LSTM; ... at most 5; layer_1 always loads), as DeepSpeech's
-    ``--drop_source_layers``, are not read and keep the values ``model`` has (its fresh initialisation).
+    ``--drop_source_layers``, are not read and keep the values ``model`` has (its fresh initialisation). A checkpoint
+    trained with DeepSpeech's ``--layer_norm`` needs a model built with ``--layer_norm`` and the other way round.
     Optimizer state in the checkpoint is ignored. Every shape is checked before anything is assigned: a
     mismatch or a missing variable raises ``ValueError`` and leaves ``model`` unchanged.
     """
@@ -147,14 +160,16 @@ def load_deepspeech_checkpoint(path: str, model: DeepSpeech, drop_source_layers:
     dropped = set(_DROP_ORDER[len(_DROP_ORDER) - drop_source_layers :]) if drop_source_layers else set()
 
     report: list[str] = []
-    expected = {n for layer in _LAYERS for n in _source_names(layer)}
-    layer_norm = sorted(n for n in shapes if re.match(r"layer_\d/LayerNorm/", n) and not _is_optimizer_state(n))
-    if layer_norm:
-        raise ValueError(
-            f"{prefix}: checkpoint was trained with --layer_norm ({', '.join(layer_norm)}); "
-            "dstrain's model has no layer normalisation"
-        )
-    missing = [n for layer in _LAYERS if layer not in dropped for n in _source_names(layer) if n not in shapes]
+    layer_norm = bool(model.norms)
+    normalised = sorted(n for n in shapes if re.match(r"layer_\d/LayerNorm/", n) and not _is_optimizer_state(n))
+    if normalised and not layer_norm:
+        raise ValueError(f"{prefix}: checkpoint was trained with --layer_norm ({', '.join(normalised[:4])}"
+                         f"{' ...' if len(normalised) > 4 else ''}); pass --layer_norm to load it")  # fmt: skip
+    if layer_norm and not normalised:
+        raise ValueError(f"{prefix}: checkpoint has no layer normalisation (layer_N/LayerNorm/gamma); it was trained "
+                         "without --layer_norm, so leave --layer_norm out to load it")  # fmt: skip
+    expected = {n for layer in _LAYERS for n in _source_names(layer, layer_norm)}
+    missing = [n for layer in _LAYERS if layer not in dropped for n in _source_names(layer, layer_norm) if n not in shapes]
     if missing:
         found = sorted(n for n in shapes if not _is_optimizer_state(n))
         raise ValueError(
@@ -164,30 +179,29 @@ def load_deepspeech_checkpoint(path: str, model: DeepSpeech, drop_source_layers:
 
     assignments: list[tuple[tf.Variable, np.ndarray]] = []
     for layer in _LAYERS:
-        w_name, b_name = _source_names(layer)
+        names = _source_names(layer, layer_norm)
         if layer in dropped:
-            report.append(f"kept fresh (drop_source_layers={drop_source_layers}): {w_name}, {b_name}")
+            report.append(f"kept fresh (drop_source_layers={drop_source_layers}): {', '.join(names)}")
             continue
         vars_ = targets[layer]
         if layer == "lstm":
-            n_in = vars_[0][1].shape[0]
-            h = vars_[1][1].shape[0]
-            want_w, want_b = (n_in + h, 4 * h), (4 * h,)
+            n_in, h = vars_[0].shape[0], vars_[1].shape[0]
+            wanted = [(n_in + h, 4 * h), (4 * h,)]
         else:
-            want_w, want_b = tuple(vars_[0][1].shape), tuple(vars_[1][1].shape)
-        for name, want in ((w_name, want_w), (b_name, want_b)):
+            wanted = [tuple(v.shape) for v in vars_]
+        for name, want in zip(names, wanted):
             if shapes[name] != want:
                 raise ValueError(
                     f"{name}: checkpoint {list(shapes[name])}, model {list(want)}: "
                     f"{_hint(layer, shapes[name], want, drop_source_layers)}"
                 )
-        w, b = reader.get_tensor(w_name), reader.get_tensor(b_name)
-        arrays = list(convert_lstm_weights(w, b)) if layer == "lstm" else [w, b]
-        for (desc, var), value in zip(vars_, arrays):
-            assignments.append((var, value))
+        arrays = [reader.get_tensor(n) for n in names]
+        if layer == "lstm":
+            arrays = list(convert_lstm_weights(*arrays))
+        assignments += list(zip(vars_, arrays))
         report.append(
-            f"loaded {w_name} {list(w.shape)}, {b_name} {list(b.shape)} -> "
-            + ", ".join(var.name for _, var in vars_)
+            "loaded " + ", ".join(f"{n} {list(shapes[n])}" for n in names) + " -> "
+            + ", ".join(var.name for var in vars_)
             + (" (gates i,j,f,o -> i,f,c,o)" if layer == "lstm" else "")
         )
 

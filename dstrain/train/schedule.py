@@ -1,5 +1,5 @@
-"""Learning rate and stopping decisions, as pure functions of the global (all-rank) figures, so every rank that
-computes them takes the same decision."""
+"""The optimizer, the learning rate and stopping decisions; the last two as pure functions of the global (all-rank)
+figures, so every rank that computes them takes the same decision."""
 from __future__ import annotations
 
 import math
@@ -19,6 +19,12 @@ class OptimConfig:
     warmup_steps: int = 0
     """Steps over which the learning rate rises linearly from 1/warmup_steps of its value (large world sizes need
     it: the scaled rate is too large for the first steps); 0 means none."""
+    beta1: float = 0.9
+    """Adam's beta 1: decay of the running mean of gradients."""
+    beta2: float = 0.999
+    """Adam's beta 2: decay of the running mean of squared gradients."""
+    epsilon: float = 1e-8
+    """Adam's epsilon, added to the root of the squared-gradient average."""
     max_grad_norm: float = 0.0
     """Clip the global norm of the (averaged) gradients to this; 0 means no clipping."""
     accumulation_steps: int = 1
@@ -44,6 +50,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup_steps and max_grad_norm must be >= 0")
         if self.accumulation_steps < 1:
@@ -52,6 +63,13 @@ class OptimConfig:
             raise ValueError("es_epochs and plateau_epochs must be >= 1")
         if not 0 < self.plateau_reduction <= 1:
             raise ValueError(f"plateau_reduction must be in (0, 1], got {self.plateau_reduction}")
+
+
+def adam(cfg: OptimConfig, rate: float):
+    """DeepSpeech's optimizer: Adam with --beta1, --beta2 and --epsilon (the rate is set again at every step)."""
+    import tensorflow as tf
+
+    return tf.keras.optimizers.Adam(learning_rate=rate, beta_1=cfg.beta1, beta_2=cfg.beta2, epsilon=cfg.epsilon)
 
 
 def learning_rate(cfg: OptimConfig, world_size: int, step: int, plateau_factor: float = 1.0) -> float:

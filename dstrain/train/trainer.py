@@ -31,16 +31,18 @@ from dstrain.config import option, parse_list, to_dict
 from dstrain.decoder.config import DecoderConfig
 from dstrain.evaluate import EvaluationSetConfig, global_loss, greedy_error_counts, posteriors, report_test_set
 from dstrain.export import ExportOptions, export_model
+from dstrain.features import ExpectedFeatures
 from dstrain.loader.builder import EvalInput, TrainInput
 from dstrain.loader.config import LoaderConfig
 from dstrain.loader.sampler import EpochPlan, describe
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
 from dstrain.preemption import EXIT_PREEMPTED, Preempted
 from dstrain.record import RunRecord, format_epoch
-from dstrain.rundir import RunDir
+from dstrain.rundir import LoadEvaluateConfig, RunDir
 from dstrain.runtime import ProcessConfig
-from dstrain.train.checkpoint import CheckpointConfig, Checkpoints, Progress, check_geometry, load_weights_from, read_json
-from dstrain.train.schedule import DevHistory, OptimConfig, learning_rate
+from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, Progress, check_geometry, check_release_fine_tuning,
+                                      load_weights_from, read_json)  # fmt: skip
+from dstrain.train.schedule import DevHistory, OptimConfig, adam, learning_rate
 
 log = logging.getLogger("dstrain.train")
 
@@ -57,6 +59,9 @@ class TrainConfig:
     """alphabet.txt the stores were preprocessed with (not needed with --bytes_output_mode)."""
     dev_files: tuple[str, ...] = option((), parse=parse_list)
     """Dev feature store(s), comma-separated: dev loss and greedy WER/CER each epoch, best checkpoint, early stop."""
+    metrics_files: tuple[str, ...] = option((), parse=parse_list)
+    """Feature store(s), comma-separated, whose loss and greedy WER/CER are tracked each epoch after the dev set, each
+    reported apart (run record, log, TensorBoard) and never choosing the best checkpoint or a stop (DeepSpeech's)."""
     epochs: int = 75
     """Total epochs; a resumed run continues until this many are done."""
     train_batch_size: int = 1
@@ -92,6 +97,8 @@ class TrainConfig:
     export: ExportOptions = field(default_factory=ExportOptions)
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    evaluate: LoadEvaluateConfig = field(default_factory=LoadEvaluateConfig)
+    feature_check: ExpectedFeatures = field(default_factory=ExpectedFeatures)
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -105,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.automatic_mixed_precision and self.precision == "bf16":
             raise ValueError("--automatic_mixed_precision is float16: give it or --precision bf16, not both")
+        if self.evaluate.load_evaluate == "best" and not self.checkpoint.save_dir:
+            raise ValueError("--load_evaluate best needs --checkpoint_dir (where the best-dev checkpoint is saved)")
 
     @property
     def compute_precision(self) -> str:
@@ -139,18 +148,23 @@ class Trainer:
         # Python's, NumPy's and TensorFlow's generators: unseeded Keras initialisers draw from Python's.
         tf.keras.utils.set_random_seed(cfg.random_seed)
 
+        check_release_fine_tuning(cfg.checkpoint, cfg.model)
         self.alphabet = UTF8Alphabet() if cfg.bytes_output_mode else Alphabet.from_file(cfg.alphabet_config_path)
         self.data = TrainInput.build(cfg.train_files, self.alphabet, cfg.loader, world, batch_size=cfg.train_batch_size,
                                      seed=cfg.random_seed, epochs=cfg.epochs, shuffle=cfg.shuffle)  # fmt: skip
         self.features = self.data.features
-        self.dev = self._eval_input(cfg.dev_files, cfg.dev_batch_size, cfg.loader.limit_dev)
+        cfg.feature_check.check(self.features, cfg.train_files[0])
+        self.dev = self._eval_input(cfg.dev_files, cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
+        self.metrics = {url: self._eval_input((url,), cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
+                        for url in cfg.metrics_files}  # fmt: skip
+        self.weights_from = "final weights"
         self.n_classes = len(self.alphabet) + 1
 
         self.model = DeepSpeech.for_features(cfg.model, self.features, self.n_classes)
         if cfg.model.feature_normalization:
             stats = self.data.feature_statistics()
             self.model.front_end.set_statistics(stats.mean, stats.std())
-        optimizer = tf.keras.optimizers.Adam(learning_rate=learning_rate(cfg.optim, world.size, 0), beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+        optimizer = adam(cfg.optim, learning_rate(cfg.optim, world.size, 0))
         self.amp = cfg.compute_precision == "fp16"
         self.optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer) if self.amp else optimizer
         self.optimizer.build(self.model.trainable_variables)
@@ -180,11 +194,12 @@ class Trainer:
         # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
         self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
 
-    def _eval_input(self, urls: tuple[str, ...], batch_size: int, limit: int) -> EvalInput | None:
+    def _eval_input(self, urls: tuple[str, ...], batch_size: int, limit: int, reverse: bool) -> EvalInput | None:
         if not urls:
             return None
         return EvalInput.build(urls, self.alphabet, self.cfg.loader, self.world, batch_size=batch_size, limit=limit,
-                               features=self.features, reference=f"the training stores ({self.cfg.train_files[0]})")  # fmt: skip
+                               features=self.features, reference=f"the training stores ({self.cfg.train_files[0]})",
+                               reverse=reverse)  # fmt: skip
 
     def _write(self, event: str, **fields) -> dict:
         return self.record.write(event, step=int(self.progress.step), epoch=int(self.progress.epoch), **fields)
@@ -427,6 +442,8 @@ class Trainer:
                 figures["early_stop"] = f"no dev improvement of {cfg.optim.es_min_delta} in {cfg.optim.es_epochs} epochs"
                 keep_going = False
             progress.history.assign(json.dumps(self.history.to_dict()))
+        if self.metrics:
+            figures["metrics_loss"] = self.evaluate_metrics()
         record = self._write("epoch", **figures)
         log.info(format_epoch(record))
         if self.summaries is not None:
@@ -447,6 +464,21 @@ class Trainer:
         figures = {"loss": loss, "samples": n, "wer": we / max(w, 1.0), "cer": ce / max(c, 1.0)}
         self._write("eval", split="dev", decoder="greedy", **figures)
         return figures
+
+    def evaluate_metrics(self) -> dict[str, float]:
+        """--metrics_files: each store's loss (and greedy WER/CER in its eval record), apart from the dev set's."""
+        losses = {}
+        for i, (url, data) in enumerate(self.metrics.items()):
+            post = posteriors(data, self.logits, self.alphabet)
+            loss, n = global_loss(post, self.world)
+            we, w, ce, c = self.world.allreduce(greedy_error_counts(post, self.alphabet))  # Horovod: corpus figures
+            self._write("eval", split="metrics", store=url, decoder="greedy", loss=loss, samples=n, wer=we / max(w, 1.0),
+                        cer=ce / max(c, 1.0))  # fmt: skip
+            if self.summaries is not None:
+                with self.summaries.as_default(step=int(self.progress.step)):
+                    tf.summary.scalar(f"loss/metrics_{i}", loss)
+            losses[url] = loss
+        return losses
 
     def _step_summaries(self, step: int, loss: float, wait: float) -> None:
         with self.summaries.as_default(step=step):
@@ -489,8 +521,29 @@ class Trainer:
             self.data.close()
 
     # --- after training
+    def use_evaluation_weights(self) -> None:
+        """Collective, after training: the weights testing and exporting use (--load_evaluate): the best-dev
+        checkpoint (best; auto when there is one), else the final weights (last: what the latest checkpoint holds)."""
+        if not (self.cfg.test.test_files or self.cfg.export_dir):
+            return
+        which, path, error = self.cfg.evaluate.load_evaluate, "", ""
+        if self.world.is_root and self.checkpoints is not None and which != "last":
+            path = self.checkpoints.best.latest_checkpoint or ""
+            if path:
+                tf.train.Checkpoint(model=self.model).restore(path).expect_partial()  # the counters stay as they are
+            elif which == "best":
+                error = f"{self.cfg.checkpoint.save_dir}: no best-dev checkpoint to test and export (--load_evaluate best)"
+        # Horovod: every rank evaluates rank 0's choice.
+        path, error = self.world.broadcast_object((path, error))
+        if error:
+            raise FileNotFoundError(error)
+        if path:
+            self.world.broadcast_variables(self.model.variables)
+            self.weights_from = path
+
     def test(self) -> dict | None:
-        data = self._eval_input(self.cfg.test.test_files, self.cfg.test.test_batch_size, self.cfg.loader.limit_test)
+        data = self._eval_input(self.cfg.test.test_files, self.cfg.test.test_batch_size, self.cfg.loader.limit_test,
+                                self.cfg.test.reverse_test)  # fmt: skip
         if data is None:
             return None
         post = posteriors(data, self.logits, self.alphabet)
@@ -505,11 +558,7 @@ class Trainer:
     def export(self) -> None:
         if not self.world.is_root or not self.cfg.export_dir:
             return
-        source = "final weights"
-        if self.checkpoints is not None and self.dev is not None and self.checkpoints.best.latest_checkpoint:
-            path = self.checkpoints.best.latest_checkpoint
-            self.checkpoints.restore(path)
-            source = path
+        source = self.weights_from
         info = {"epochs": int(self.progress.epoch), "weights_from": source}
         export_model(self.cfg.export_dir, self.model, self.alphabet, self.features, info, options=self.cfg.export,
                      scorer_path=self.cfg.decoder.scorer_path, config=to_dict(self.cfg))  # fmt: skip
@@ -532,10 +581,12 @@ def train(cfg: TrainConfig) -> dict:
                           f"(--max_duration at preprocessing). {str(e).splitlines()[0]}") from None  # fmt: skip
     digest = weights_digest(trainer.model)
     print(f"rank {proc.world.rank}/{proc.world.size}: final weights sha256 {digest}", flush=True)
+    trainer.use_evaluation_weights()
     results = {"epochs_done": int(trainer.progress.epoch), "weights_sha256": digest, "test": trainer.test()}
     # Horovod: every rank's digest, in the record (they must all be the same).
     digests = proc.world.allgather_object(digest)
-    trainer._write("final", epochs_done=results["epochs_done"], weights_sha256=digests, test=results["test"])
+    trainer._write("final", epochs_done=results["epochs_done"], weights_sha256=digests, test=results["test"],
+                   evaluated=trainer.weights_from)  # fmt: skip
     trainer.export()
     proc.world.join()  # Horovod: nobody leaves while rank 0 still exports
     return results
