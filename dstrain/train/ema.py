@@ -14,10 +14,8 @@ the raw weights keep training.
 from __future__ import annotations
 
 import contextlib
-import random
 from typing import Callable, Iterator
 
-import numpy as np
 import tensorflow as tf
 
 from dstrain.model import DeepSpeech
@@ -43,12 +41,7 @@ class WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
         self.model, self.decay = model, decay
-        # Building a model draws seeds for its initialisers and dropout layers from Python's and NumPy's generators;
-        # put them back, so turning the average on leaves the training itself (dropout, augmentation) as it was.
-        states = random.getstate(), np.random.get_state()
         self.average = new_model()
-        random.setstate(states[0])
-        np.random.set_state(states[1])
         self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name=UPDATES)
         self.pairs = list(zip(model.weights, self.average.weights))
         bad = [(a.name, b.name) for a, b in self.pairs if a.shape != b.shape]
