@@ -3,7 +3,8 @@ that ``dstrain evaluate``, ``dstrain export``, ``dstrain transcribe`` and fine-t
 
 Each checkpoint contributes the weights evaluation would use from it (:func:`dstrain.rundir.evaluation_weights`):
 its moving average when it was trained with --ema_decay, else its raw weights, so an average of averages is what
-gets evaluated when the run had one. Which checkpoints: :meth:`RunDir.last_checkpoints`, :meth:`RunDir.best_checkpoints`.
+gets evaluated when the run had one. Which checkpoints: :meth:`RunDir.last_checkpoints` and
+:meth:`RunDir.best_checkpoints`.
 
 Example::
 

@@ -212,6 +212,15 @@ def check_release_fine_tuning(cfg: CheckpointConfig, model: ModelConfig) -> None
                          "--nofeature_normalization to fine-tune it (dstrain normalises its inputs by default)")  # fmt: skip
 
 
+def check_not_averaged(cfg: CheckpointConfig) -> None:
+    """A run directory written by dstrain average holds weights, not a training state: training neither resumes it
+    nor saves into it. Every rank checks, before anything is written there (the directory is on shared storage)."""
+    save = cfg.save_dir
+    if save and RunDir(save).exists() and RunDir(save).read().averaged:
+        raise ValueError(f"{save} holds averaged weights (dstrain average), not a training state: start a new run from "
+                         f"them with --load_checkpoint_dir {save} and another --checkpoint_dir")  # fmt: skip
+
+
 def load_weights_from(path: str, model: DeepSpeech, n_classes: int, drop_source_layers: int, which: str) -> str:
     """Fine-tuning / transfer learning: the model weights (not the optimizer, not the counters) of another run or
     a DeepSpeech release; ``drop_source_layers`` top layers keep their fresh initialisation. A run's checkpoint gives

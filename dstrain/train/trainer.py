@@ -41,8 +41,8 @@ from dstrain.preemption import EXIT_PREEMPTED, Preempted
 from dstrain.record import RunRecord, format_epoch
 from dstrain.rundir import LoadEvaluateConfig, RunDir, evaluation_weights, restore_evaluation_weights
 from dstrain.runtime import ProcessConfig
-from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, Progress, check_geometry, check_release_fine_tuning,
-                                      load_weights_from, read_json)  # fmt: skip
+from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, Progress, check_geometry, check_not_averaged,
+                                      check_release_fine_tuning, load_weights_from, read_json)  # fmt: skip
 from dstrain.train.ema import WeightAverage
 from dstrain.train.schedule import DevHistory, OptimConfig, adam, learning_rate
 
@@ -244,9 +244,6 @@ class Trainer:
         if cfg.load_train == "init":
             return "Starting from fresh weights (--load_train init)", None
         save, load = cfg.save_dir, cfg.load_dir
-        if save and self.save_run.exists() and self.save_run.read().averaged:
-            raise ValueError(f"{save} holds averaged weights (dstrain average), not a training state to resume: start a "
-                             f"new run from them with --load_checkpoint_dir {save} and another --checkpoint_dir")  # fmt: skip
         if save and self.checkpoints is not None:
             path = None
             if cfg.load_train in ("auto", "last") and load == save:
@@ -600,6 +597,7 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict:
     """Train on every rank; returns this rank's summary. Raises :class:`Preempted` after a stop request."""
     save = cfg.checkpoint.save_dir
+    check_not_averaged(cfg.checkpoint)
     proc = runtime.start(cfg.process, RunDir(save) if save else None)
     trainer = Trainer(cfg, proc)
     trainer.restore_and_broadcast()
