@@ -239,6 +239,20 @@ def test_moving_average_on_two_ranks_is_identical_resumes_exactly_and_leaves_tra
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_steps_skipped_by_the_loss_scale_leave_the_average_alone(store, tmp_path):
+    from test_training import train_cmd
+
+    # float16's dynamic loss scale starts too high: its first steps overflow and are skipped.
+    out = run(train_cmd(store, tmp_path / "w", "--ema_decay", "0.9", "--precision", "fp16", epochs=2, batch=4))
+    assert out.returncode == 0, out.stdout[-3000:]
+    (final,) = records(tmp_path / "w", "final")
+    skipped = sum(e["nonfinite_steps"] for e in records(tmp_path / "w", "epoch"))
+    reader = tf.train.load_checkpoint(RunDir(str(tmp_path / "w")).latest_checkpoint())
+    assert skipped > 0 and reader.get_tensor("ema_updates/.ATTRIBUTES/VARIABLE_VALUE") == final["step"] - skipped
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_averaged_checkpoint_is_evaluated_exported_and_fine_tuned(store, ema_run, tmp_path):
     from test_training import train_cmd
