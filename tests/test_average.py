@@ -93,6 +93,18 @@ class FakeRun:
         return path
 
 
+def test_a_checkpoint_without_an_average_resumes_with_one(tmp_path):
+    """--ema_decay turned on when resuming a run trained without it: the rest of the checkpoint is restored (the
+    caller starts the average at the weights), and numbering goes on after it."""
+    plain = FakeRun(tmp_path / "run")
+    plain.save(1.0)
+    path = plain.save(2.0)
+    resumed = FakeRun(tmp_path / "run", ema=True)
+    resumed.ckpt.restore(path)
+    assert int(resumed.progress.step) == 2 and all((w == 2.0).all() for w in resumed.model.get_weights())
+    assert os.path.basename(resumed.save(3.0)) == "ckpt-3"
+
+
 def averaged(tmp_path, run: FakeRun, name: str, **how) -> list[np.ndarray]:
     average(AverageConfig(run_dir=run.run.path, output=str(tmp_path / name), **how))
     model, _, source = RunDir(str(tmp_path / name)).restore_model()

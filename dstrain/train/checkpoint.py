@@ -156,16 +156,15 @@ class Checkpoints:
         self.on_written = on_written
         self.last_save = time.monotonic()
 
-    def restore(self, path: str) -> bool:
-        """Everything ``path`` holds; returns whether that included the weights' average. A checkpoint saved before
-        --ema_decay was turned on has none: the rest is restored, and the caller starts the average afresh."""
+    def restore(self, path: str) -> None:
+        """Everything ``path`` holds. A checkpoint saved before --ema_decay was turned on has no average of the
+        weights: the rest is restored, and the caller starts the average afresh."""
         if EMA_MODEL not in self.parts or evaluation_weights(path) == "ema":
             self.ckpt.restore(path).assert_existing_objects_matched()
-            return EMA_MODEL in self.parts
+            return
         older = tf.train.Checkpoint(**{k: v for k, v in self.parts.items() if k not in WeightAverage.KEYS})
         older.restore(path).assert_existing_objects_matched()
         self.ckpt.save_counter.assign(older.save_counter)  # numbering goes on after the restored one's
-        return False
 
     def _options(self, kind: str) -> tf.train.CheckpointOptions | None:
         if self.on_written is None:
