@@ -46,6 +46,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                            "WER/CER of a checkpoint or export on test stores"),
     ("lm-optimize",): Command("dstrain.evaluate:LmOptimizeConfig", "dstrain.evaluate:run_lm_optimize",
                               "search lm_alpha/lm_beta on a dev set with optuna"),
+    ("average",): Command("dstrain.average:AverageConfig", "dstrain.average:run_average",
+                          "mean of a run's last or best-dev checkpoints -> a checkpoint to evaluate, export, fine-tune"),
     ("export",): Command("dstrain.export:ExportConfig", "dstrain.export:run_export",
                          "export a run's checkpoint: SavedModel, TFLite, streaming, zip with a scorer"),
     ("report",): Command("dstrain.report:ReportConfig", "dstrain.report:run_report",

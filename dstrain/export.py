@@ -51,7 +51,7 @@ from dstrain.graphs import (
     stream_step_fn,
 )
 from dstrain.model import DeepSpeech
-from dstrain.rundir import LoadEvaluateConfig
+from dstrain.rundir import LoadEvaluateConfig, evaluation_weights
 
 log = logging.getLogger("dstrain")
 
@@ -376,7 +376,10 @@ def _restore(cfg: ExportConfig):
 def run_export(cfg: ExportConfig) -> int:
     """``dstrain export``."""
     model, run_info, source = _restore(cfg)
-    info = {"weights_from": source, "run": os.path.abspath(cfg.checkpoint_dir or os.path.dirname(source))}
+    info = {"weights_from": source, "weights": evaluation_weights(source),
+            "run": os.path.abspath(cfg.checkpoint_dir or os.path.dirname(source))}  # fmt: skip
+    if run_info.averaged:
+        info["averaged"] = run_info.averaged  # dstrain average's sources
     config = {"export": to_dict(cfg), "train": run_info.train}
     export_model(cfg.export_dir, model, run_info.alphabet, run_info.features, info, options=cfg.options,
                  scorer_path=cfg.scorer_path, config=config)  # fmt: skip

@@ -24,7 +24,7 @@ from dstrain.export import (
 from dstrain.features import FeatureConfig
 from dstrain.graphs import batch_log_probs, stream_step_fn
 from dstrain.model import DeepSpeech
-from dstrain.rundir import RunDir
+from dstrain.rundir import RunDir, evaluation_weights
 
 
 class LoadedModel:
@@ -241,5 +241,6 @@ def load_model(path: str, num_threads: int | None = None, which: str = "auto") -
     if not run.exists():
         raise FileNotFoundError(f"{path}: neither an export folder ({META_NAME}), a .tflite file nor a run directory (config.json)")
     model, info, source = run.restore_model(which=which)
-    meta = export_metadata(model, info.alphabet, info.features, {"weights_from": source}, ExportOptions())
+    meta = export_metadata(model, info.alphabet, info.features, {"weights_from": source, "weights": evaluation_weights(source)},
+                           ExportOptions())  # fmt: skip
     return CheckpointModel(model, info.alphabet, info.features, meta)

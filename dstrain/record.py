@@ -22,7 +22,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     rate was reduced), ``early_stop``; with --metrics_files ``metrics_loss`` (each store's loss, by its URL).
 ``eval``
     ``split`` (dev, test, or metrics with ``store``: one of --metrics_files), ``loss``, ``wer``, ``cer``, ``samples``,
-    ``decoder`` (greedy, or beam for the test set).
+    ``decoder`` (greedy, or beam for the test set), ``weights`` (which were evaluated: ``ema``, the moving average of
+    --ema_decay, or ``raw``; absent in records written before it existed).
 ``checkpoint``
     ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic or stop), ``epoch_step``.
 ``nonfinite``
@@ -33,7 +34,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
 ``final``
     ``epochs_done``, ``weights_sha256`` (every rank's, in rank order: identical in a healthy run), ``test`` (loss,
     wer, cer, samples of the test set, or null), ``evaluated`` (the checkpoint --load_evaluate chose for the test set
-    and the export, or "final weights").
+    and the export, or "final weights"), ``weights`` (ema or raw: which weights of it the test set and the export
+    used); with --ema_decay ``ema_weights_sha256`` (every rank's digest of the moving average, in rank order).
 
 Example::
 

@@ -1,5 +1,6 @@
-"""Checkpoints: model, optimizer, progress counters and the loader's position in one tf.train.Checkpoint, kept in a
-:class:`RunDir`; what to load before training (resume, fine-tune, DeepSpeech release) and when to save.
+"""Checkpoints: model, optimizer, progress counters, the loader's position and (--ema_decay) the weights' moving
+average in one tf.train.Checkpoint, kept in a :class:`RunDir`; what to load before training (resume, fine-tune,
+DeepSpeech release) and when to save.
 
 Only rank 0 saves; every rank restores the same state by broadcast. Saving cannot leave a broken latest checkpoint:
 TensorFlow writes the files under a temporary name, and the ``checkpoint`` index that names the latest one is
@@ -19,7 +20,8 @@ import tensorflow as tf
 
 from dstrain.config import option
 from dstrain.model import DeepSpeech, ModelConfig
-from dstrain.rundir import RunDir, RunInfo
+from dstrain.rundir import EMA_MODEL, MODEL, RunDir, RunInfo, evaluation_weights, restore_evaluation_weights
+from dstrain.train.ema import WeightAverage
 
 log = logging.getLogger("dstrain.checkpoint")
 
@@ -145,16 +147,24 @@ class Checkpoints:
     """
 
     def __init__(self, run: RunDir, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5,
-                 on_written: Callable[[str, str], None] | None = None):  # fmt: skip
+                 on_written: Callable[[str, str], None] | None = None, ema: WeightAverage | None = None):  # fmt: skip
         self.run = run
-        self.ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress.trackables())
+        self.parts = {MODEL: model, "optimizer": optimizer, **progress.trackables(), **(ema.trackables() if ema else {})}
+        self.ckpt = tf.train.Checkpoint(**self.parts)
         self.latest = tf.train.CheckpointManager(self.ckpt, run.latest_dir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(self.ckpt, run.best_dir, max_to_keep=1)
         self.on_written = on_written
         self.last_save = time.monotonic()
 
     def restore(self, path: str) -> None:
-        self.ckpt.restore(path).assert_existing_objects_matched()
+        """Everything ``path`` holds. A checkpoint saved before --ema_decay was turned on has no average of the
+        weights: the rest is restored, and the caller starts the average afresh."""
+        if EMA_MODEL not in self.parts or evaluation_weights(path) == "ema":
+            self.ckpt.restore(path).assert_existing_objects_matched()
+            return
+        older = tf.train.Checkpoint(**{k: v for k, v in self.parts.items() if k not in WeightAverage.KEYS})
+        older.restore(path).assert_existing_objects_matched()
+        self.ckpt.save_counter.assign(older.save_counter)  # numbering goes on after the restored one's
 
     def _options(self, kind: str) -> tf.train.CheckpointOptions | None:
         if self.on_written is None:
@@ -201,9 +211,19 @@ def check_release_fine_tuning(cfg: CheckpointConfig, model: ModelConfig) -> None
                          "--nofeature_normalization to fine-tune it (dstrain normalises its inputs by default)")  # fmt: skip
 
 
+def check_not_averaged(cfg: CheckpointConfig) -> None:
+    """A run directory written by dstrain average holds weights, not a training state: training neither resumes it
+    nor saves into it. Every rank checks, before anything is written there (the directory is on shared storage)."""
+    save = cfg.save_dir
+    if save and RunDir(save).exists() and RunDir(save).read().averaged:
+        raise ValueError(f"{save} holds averaged weights (dstrain average), not a training state: start a new run from "
+                         f"them with --load_checkpoint_dir {save} and another --checkpoint_dir")  # fmt: skip
+
+
 def load_weights_from(path: str, model: DeepSpeech, n_classes: int, drop_source_layers: int, which: str) -> str:
     """Fine-tuning / transfer learning: the model weights (not the optimizer, not the counters) of another run or
-    a DeepSpeech release; ``drop_source_layers`` top layers keep their fresh initialisation. Returns the source."""
+    a DeepSpeech release; ``drop_source_layers`` top layers keep their fresh initialisation. A run's checkpoint gives
+    the weights evaluation would use (its moving average when it has one). Returns the source."""
     if is_deepspeech_release(path):
         from dstrain.train.deepspeech_import import load_deepspeech_checkpoint
 
@@ -217,10 +237,10 @@ def load_weights_from(path: str, model: DeepSpeech, n_classes: int, drop_source_
     if not source:
         raise FileNotFoundError(f"{path}: no checkpoint to start from")
     keep = [v.numpy() for v in _top_layers(model, drop_source_layers)]
-    tf.train.Checkpoint(model=model).restore(source).expect_partial()
+    weights = restore_evaluation_weights(model, source)
     for v, value in zip(_top_layers(model, drop_source_layers), keep):
         v.assign(value)
-    return source
+    return f"{source} (its moving average)" if weights == "ema" else source
 
 
 def _top_layers(model: DeepSpeech, n: int) -> list[tf.Variable]:

@@ -34,6 +34,10 @@ class OptimConfig:
     gradient_compression: str = option("none", choices=("none", "fp16"))
     """Send the gradients of the allreduce as float16 (Horovod's fp16 compression: half the bytes between ranks;
     reduced in float16, applied in float32)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 means off), updated after
+    every optimizer step that is not skipped, with the decay of update n (0-based) warmed up as min(D, (1+n)/(10+n));
+    saved in checkpoints, and what dev evaluation, test, export and dstrain evaluate use."""
     early_stop: bool = False
     """Stop when the dev loss has not improved by --es_min_delta in --es_epochs epochs."""
     es_epochs: int = 25
@@ -55,6 +59,8 @@ class OptimConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 means off), got {self.ema_decay}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup_steps and max_grad_norm must be >= 0")
         if self.accumulation_steps < 1:

@@ -12,6 +12,7 @@ records.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,10 +39,11 @@ from dstrain.loader.sampler import EpochPlan, describe
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
 from dstrain.preemption import EXIT_PREEMPTED, Preempted
 from dstrain.record import RunRecord, format_epoch
-from dstrain.rundir import LoadEvaluateConfig, RunDir
+from dstrain.rundir import LoadEvaluateConfig, RunDir, evaluation_weights, restore_evaluation_weights
 from dstrain.runtime import ProcessConfig
-from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, Progress, check_geometry, check_release_fine_tuning,
-                                      load_weights_from, read_json)  # fmt: skip
+from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, Progress, check_geometry, check_not_averaged,
+                                      check_release_fine_tuning, load_weights_from, read_json)  # fmt: skip
+from dstrain.train.ema import WeightAverage
 from dstrain.train.schedule import DevHistory, OptimConfig, adam, learning_rate
 
 log = logging.getLogger("dstrain.train")
@@ -168,12 +170,19 @@ class Trainer:
         self.amp = cfg.compute_precision == "fp16"
         self.optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer) if self.amp else optimizer
         self.optimizer.build(self.model.trainable_variables)
+        self.ema = None
+        if cfg.optim.ema_decay:
+            self.ema = WeightAverage(self.model, cfg.optim.ema_decay,
+                                     lambda: DeepSpeech.for_features(cfg.model, self.features, self.n_classes))  # fmt: skip
+        # The weights dev evaluation uses, and (after use_evaluation_weights) test and export: "ema" or "raw".
+        self.evaluated_weights = "ema" if self.ema else "raw"
         self.progress = Progress.new()
         self.history = DevHistory()
         self.save_run = RunDir(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
         self.checkpoints = None
         if world.is_root and self.save_run is not None:
-            self.checkpoints = Checkpoints(self.save_run, self.model, self.optimizer, self.progress, cfg.checkpoint.max_to_keep)
+            self.checkpoints = Checkpoints(self.save_run, self.model, self.optimizer, self.progress, cfg.checkpoint.max_to_keep,
+                                           ema=self.ema)  # fmt: skip
         self.record = RunRecord(self.save_run.metrics_path if world.is_root and self.save_run else None)
         self.summaries = None
         summary_dir = cfg.summary_dir or (self.save_run.summaries_dir if self.save_run else "")
@@ -212,10 +221,14 @@ class Trainer:
         if self.world.is_root:
             message, loaded = self._load()
             log.info(message)
+            if self.ema is not None and not (loaded and evaluation_weights(loaded) == "ema"):
+                self.ema.reset()
+                log.info("Moving average of the weights (--ema_decay %g) starts at the weights loaded", self.cfg.optim.ema_decay)
             if self.save_run is not None:
                 self.save_run.write_config(to_dict(self.cfg), self.features, self.alphabet, self.world.size)
-        # Horovod: every rank starts from rank 0's weights, optimizer state and counters.
-        self.world.broadcast_variables(self.model.variables + self.optimizer.variables + self.progress.numeric())
+        # Horovod: every rank starts from rank 0's weights, optimizer state, counters and weights' average.
+        averaged = self.ema.variables() if self.ema is not None else []
+        self.world.broadcast_variables(self.model.variables + self.optimizer.variables + self.progress.numeric() + averaged)
         self.progress.set_strings(self.world.broadcast_object(self.progress.strings()))
         self.history = DevHistory.from_dict(read_json(self.progress.history))
         position = self.progress.strings()["position"]
@@ -318,12 +331,18 @@ class Trainer:
         grads = world.average_gradients([g * share for g in grads], compression=self.cfg.optim.gradient_compression)
         if self.cfg.optim.max_grad_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, self.cfg.optim.max_grad_norm)
+        skipped = any_bad
         if self.amp:
             # The loss scale optimizer skips a non-finite step and lowers its scale: make it see one on every rank.
             grads = [tf.where(any_bad, tf.fill(tf.shape(g), np.float32(np.inf)), g) for g in grads]
             optimizer.apply_gradients(zip(grads, variables))
+            if self.ema is not None:  # it also skips an overflow of the reduced gradients (fp16 compression)
+                skipped = tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
         else:
             tf.cond(any_bad, lambda: tf.no_op(), lambda: optimizer.apply_gradients(zip(grads, variables)).op)
+        if self.ema is not None:
+            # Once per optimizer step (accumulated micro-batches never get here), after it, and not when it skipped.
+            tf.cond(skipped, lambda: tf.no_op(), self.ema.update)
         # One tensor, so the loop reads everything with one copy from the device.
         return tf.stack([summed[0] / tf.maximum(summed[1], 1.0), tf.cast(any_bad, tf.float32), tf.cast(summed[3] > 0, tf.float32),
                          summed[1], summed[5], summed[4] / world.size])  # fmt: skip
@@ -430,7 +449,8 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         is_best, keep_going = False, True
         if self.dev is not None:
-            dev = self.evaluate_dev()
+            with self._averaged():
+                dev = self.evaluate_dev()
             self.history.add(dev["loss"])
             is_best = dev["loss"] < float(progress.best_dev_loss)
             if is_best:
@@ -443,7 +463,8 @@ class Trainer:
                 keep_going = False
             progress.history.assign(json.dumps(self.history.to_dict()))
         if self.metrics:
-            figures["metrics_loss"] = self.evaluate_metrics()
+            with self._averaged():
+                figures["metrics_loss"] = self.evaluate_metrics()
         record = self._write("epoch", **figures)
         log.info(format_epoch(record))
         if self.summaries is not None:
@@ -456,13 +477,17 @@ class Trainer:
         self._agree_on_stop(int(progress.epoch) - 1)
         return keep_going
 
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """Dev and --metrics_files evaluation see the weights' average when there is one."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate_dev(self) -> dict:
         post = posteriors(self.dev, self.logits, self.alphabet)
         loss, n = global_loss(post, self.world)
         # Horovod: corpus WER/CER from every rank's edit counts.
         we, w, ce, c = self.world.allreduce(greedy_error_counts(post, self.alphabet))
         figures = {"loss": loss, "samples": n, "wer": we / max(w, 1.0), "cer": ce / max(c, 1.0)}
-        self._write("eval", split="dev", decoder="greedy", **figures)
+        self._write("eval", split="dev", decoder="greedy", weights=self.evaluated_weights, **figures)
         return figures
 
     def evaluate_metrics(self) -> dict[str, float]:
@@ -473,7 +498,7 @@ class Trainer:
             loss, n = global_loss(post, self.world)
             we, w, ce, c = self.world.allreduce(greedy_error_counts(post, self.alphabet))  # Horovod: corpus figures
             self._write("eval", split="metrics", store=url, decoder="greedy", loss=loss, samples=n, wer=we / max(w, 1.0),
-                        cer=ce / max(c, 1.0))  # fmt: skip
+                        cer=ce / max(c, 1.0), weights=self.evaluated_weights)  # fmt: skip
             if self.summaries is not None:
                 with self.summaries.as_default(step=int(self.progress.step)):
                     tf.summary.scalar(f"loss/metrics_{i}", loss)
@@ -523,23 +548,27 @@ class Trainer:
     # --- after training
     def use_evaluation_weights(self) -> None:
         """Collective, after training: the weights testing and exporting use (--load_evaluate): the best-dev
-        checkpoint (best; auto when there is one), else the final weights (last: what the latest checkpoint holds)."""
+        checkpoint (best; auto when there is one), else the final weights (last: what the latest checkpoint holds);
+        of either, the moving average when there is one."""
         if not (self.cfg.test.test_files or self.cfg.export_dir):
             return
-        which, path, error = self.cfg.evaluate.load_evaluate, "", ""
+        which, path, error, weights = self.cfg.evaluate.load_evaluate, "", "", self.evaluated_weights
         if self.world.is_root and self.checkpoints is not None and which != "last":
             path = self.checkpoints.best.latest_checkpoint or ""
             if path:
-                tf.train.Checkpoint(model=self.model).restore(path).expect_partial()  # the counters stay as they are
+                weights = restore_evaluation_weights(self.model, path)  # the counters stay as they are
             elif which == "best":
                 error = f"{self.cfg.checkpoint.save_dir}: no best-dev checkpoint to test and export (--load_evaluate best)"
         # Horovod: every rank evaluates rank 0's choice.
-        path, error = self.world.broadcast_object((path, error))
+        path, error, weights = self.world.broadcast_object((path, error, weights))
         if error:
             raise FileNotFoundError(error)
         if path:
             self.world.broadcast_variables(self.model.variables)
             self.weights_from = path
+        elif self.ema is not None:
+            self.ema.copy_to_model()  # the raw weights are done training
+        self.evaluated_weights = weights
 
     def test(self) -> dict | None:
         data = self._eval_input(self.cfg.test.test_files, self.cfg.test.test_batch_size, self.cfg.loader.limit_test,
@@ -552,14 +581,14 @@ class Trainer:
         if summary is None:
             return None
         figures = {k: summary[k] for k in ("wer", "cer", "loss", "samples")}
-        self._write("eval", split="test", decoder="beam", **figures)
+        self._write("eval", split="test", decoder="beam", weights=self.evaluated_weights, **figures)
         return figures
 
     def export(self) -> None:
         if not self.world.is_root or not self.cfg.export_dir:
             return
         source = self.weights_from
-        info = {"epochs": int(self.progress.epoch), "weights_from": source}
+        info = {"epochs": int(self.progress.epoch), "weights_from": source, "weights": self.evaluated_weights}
         export_model(self.cfg.export_dir, self.model, self.alphabet, self.features, info, options=self.cfg.export,
                      scorer_path=self.cfg.decoder.scorer_path, config=to_dict(self.cfg))  # fmt: skip
         log.info("Exported %s to %s", source, self.cfg.export_dir)
@@ -568,6 +597,7 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict:
     """Train on every rank; returns this rank's summary. Raises :class:`Preempted` after a stop request."""
     save = cfg.checkpoint.save_dir
+    check_not_averaged(cfg.checkpoint)
     proc = runtime.start(cfg.process, RunDir(save) if save else None)
     trainer = Trainer(cfg, proc)
     trainer.restore_and_broadcast()
@@ -581,12 +611,16 @@ def train(cfg: TrainConfig) -> dict:
                           f"(--max_duration at preprocessing). {str(e).splitlines()[0]}") from None  # fmt: skip
     digest = weights_digest(trainer.model)
     print(f"rank {proc.world.rank}/{proc.world.size}: final weights sha256 {digest}", flush=True)
+    averaged = {}
+    if trainer.ema is not None:
+        # Horovod: every rank's digest of the average too (computed alike everywhere, so the same everywhere).
+        averaged["ema_weights_sha256"] = proc.world.allgather_object(weights_digest(trainer.ema.average))
     trainer.use_evaluation_weights()
     results = {"epochs_done": int(trainer.progress.epoch), "weights_sha256": digest, "test": trainer.test()}
     # Horovod: every rank's digest, in the record (they must all be the same).
     digests = proc.world.allgather_object(digest)
     trainer._write("final", epochs_done=results["epochs_done"], weights_sha256=digests, test=results["test"],
-                   evaluated=trainer.weights_from)  # fmt: skip
+                   evaluated=trainer.weights_from, weights=trainer.evaluated_weights, **averaged)  # fmt: skip
     trainer.export()
     proc.world.join()  # Horovod: nobody leaves while rank 0 still exports
     return results
