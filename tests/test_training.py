@@ -464,7 +464,9 @@ UNEQUAL_STEP = textwrap.dedent("""
     loss, want = mean_loss_grad([0, 1, 2])
     mean_of_means = [0.5 * (a + b) for a, b in zip(mean_loss_grad([0])[1], mean_loss_grad([1, 2])[1])]
     # The step: one utterance on rank 0, two on rank 1.
-    result = trainer.train_step(*batch([0] if world.rank == 0 else [1, 2]), tf.constant([0.0, 0.0, 0.001], tf.float32))
+    idx = [0] if world.rank == 0 else [1, 2]
+    keys = np.array([[0, i] for i in idx], np.int64)
+    result = trainer.train_step(*batch(idx), keys, tf.constant([0.0, 0.0, 0.001], tf.float32))
     # Adam's first moment after one step is (1 - beta_1) g of the gradient the step applied.
     got = [v for v in trainer.optimizer.variables if v.name.startswith("m/")]
     assert len(got) == len(want), (len(got), len(want))

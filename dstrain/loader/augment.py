@@ -671,6 +671,19 @@ def parse_augmentations(
     return [_parse_one(spec, noise_source) for spec in specs or ()]
 
 
+LOADER_ONLY: tuple[str, ...] = ("overlay",)
+"""Ops that need more than the batch (``overlay`` reads noise utterances from another store): the loader applies them;
+the device applies the others (:mod:`dstrain.loader.device_augment`)."""
+
+
+def split_ops(augmentations: Sequence[Augmentation]) -> tuple[list[Augmentation], list[Augmentation]]:
+    """(ops for the loader, ops for the device), in the order they run (DeepSpeech's domain order, then the command
+    line's): the loader takes everything up to the last of :data:`LOADER_ONLY`, so that no op changes places."""
+    ordered = sorted(augmentations, key=lambda a: a.stage)
+    last = max((i for i, a in enumerate(ordered) if a.name in LOADER_ONLY), default=-1)
+    return ordered[: last + 1], ordered[last + 1 :]
+
+
 def expand_specs(specs: Sequence[str]) -> list[str]:
     """``--augment`` values with ``default`` replaced by :data:`DEFAULT_AUGMENT`."""
     return [s for a in specs for s in (DEFAULT_AUGMENT if a == "default" else (a,))]
