@@ -216,7 +216,7 @@ def _frequency_mask(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> Non
         return
     n_mel = c.features.n_mel
     size = tf.clip_by_value(_pick(op.size, c.clock, size_u), 1.0, float(max(1, n_mel - 1)))
-    f0 = tf.floor(start_u * tf.maximum(1.0, n_mel - size))  # as numpy's integers(0, n_mel - size)
+    f0 = tf.floor(start_u * tf.maximum(n_mel - size, 1.0))  # as numpy's integers(0, n_mel - size)
     active = tf.range(k, dtype=tf.float64)[None, :] < n
     channel = tf.range(n_mel, dtype=tf.float64)[None, None, :]
     inside = (channel >= f0[..., None]) & (channel < (f0 + size)[..., None]) & active[..., None]
@@ -234,8 +234,8 @@ def _time_mask(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     frames = tf.cast(w.lengths, tf.float64)[:, None]
     # DeepSpeech truncates ms * frames/ms to whole frames, then keeps at least one frame unmasked.
     size = tf.floor(_pick(op.size, c.clock, size_u) * c.frames_per_ms)
-    size = tf.minimum(tf.maximum(size, 1.0), tf.maximum(1.0, frames - 1.0))
-    t0 = tf.floor(start_u * tf.maximum(1.0, frames - size))
+    size = tf.minimum(tf.maximum(size, 1.0), tf.maximum(frames - 1.0, 1.0))
+    t0 = tf.floor(start_u * tf.maximum(frames - size, 1.0))
     end = tf.minimum(t0 + size, frames)
     active = tf.range(k, dtype=tf.float64)[None, :] < n
     t = tf.range(tf.shape(w.x)[1], dtype=tf.float64)[None, None, :]
