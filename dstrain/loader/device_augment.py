@@ -53,82 +53,93 @@ _GOLDEN = 0x9E3779B9
 # Counter-based random numbers
 
 
+# A two-round xorshift-multiply mixer from Chris Wellons' hash prospector ([16 21f0aaad 15 735a2d97 15]): a bijection of
+# [0, 2**32) with low avalanche bias whose multipliers are below 2**31, so that a 32-bit word times one stays below
+# 2**63 in int64 (TensorFlow has no unsigned 32-bit multiply on every device, and signed overflow is undefined).
+_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
+_SHIFTS = (16, 15, 15)
+
+
 def _mix_int(x: int) -> int:
     """:func:`_mix` on a Python int: the seed's part of every key is folded in once, at trace time."""
     x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _MASK32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
+    for shift, multiplier in zip(_SHIFTS, _MULTIPLIERS):
+        x = ((x ^ (x >> shift)) * multiplier) & _MASK32
+    return x ^ (x >> _SHIFTS[-1])
 
 
 def _c(v: int) -> tf.Tensor:
     return tf.constant(v, tf.int64)
 
 
-def _mul32(x: tf.Tensor, c: int) -> tf.Tensor:
-    # x * c mod 2**32 without overflowing int64 (signed overflow is not defined behaviour in TensorFlow's kernels):
-    # x < 2**32 times each 16-bit half of c stays below 2**48.
-    low = x * _c(c & 0xFFFF)
-    high = tf.bitwise.left_shift(tf.bitwise.bitwise_and(x * _c(c >> 16), _c(0xFFFF)), _c(16))
-    return tf.bitwise.bitwise_and(low + high, _c(_MASK32))
-
-
-def _xorshift(x: tf.Tensor, s: int) -> tf.Tensor:
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _c(s)))
-
-
 def _mix(x: tf.Tensor) -> tf.Tensor:
-    """murmur3's 32-bit finaliser (a bijection of [0, 2**32) with full avalanche) on int64 tensors."""
-    x = _mul32(_xorshift(x, 16), 0x85EBCA6B)
-    x = _mul32(_xorshift(x, 13), 0xC2B2AE35)
-    return _xorshift(x, 16)
+    """The mixer on int64 tensors of 32-bit words."""
+    for shift, multiplier in zip(_SHIFTS, _MULTIPLIERS):
+        x = tf.bitwise.bitwise_and(tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _c(shift))) * _c(multiplier),
+                                   _c(_MASK32))  # fmt: skip
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _c(_SHIFTS[-1])))
 
 
 def _absorb(h: tf.Tensor, word: Union[tf.Tensor, int]) -> tf.Tensor:
-    word = _c(word & _MASK32) if isinstance(word, int) else tf.bitwise.bitwise_and(word, _c(_MASK32))
-    return _mix(tf.bitwise.bitwise_xor(h, word))
+    """``h`` with a 32-bit ``word`` (a non-negative int64 below 2**32, or a Python int) mixed in."""
+    return _mix(tf.bitwise.bitwise_xor(h, _c(word & _MASK32) if isinstance(word, int) else word))
 
 
 def sample_keys(seed: int, keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Two independent 32-bit words per sample (int64 ``[B]``) from (seed, epoch, sample id): ``keys`` ``[B, 2]``."""
     s = _mix_int(_mix_int((seed & _MASK32) ^ _SEED_DOMAIN) ^ ((seed >> 32) & _MASK32))
     keys = tf.cast(keys, tf.int64)
-    sid = keys[:, 1]
-    k1 = _absorb(_absorb(_absorb(tf.fill(tf.shape(sid), _c(s)), keys[:, 0]), sid), tf.bitwise.right_shift(sid, _c(32)))
+    low = tf.bitwise.bitwise_and(keys, _c(_MASK32))
+    high = tf.bitwise.bitwise_and(tf.bitwise.right_shift(keys, _c(32)), _c(_MASK32))
+    k1 = _absorb(_absorb(_absorb(tf.fill(tf.shape(keys)[:1], _c(s)), low[:, 0]), low[:, 1]), high[:, 1])
     # The second word keys the last round of every draw: two samples whose first words happen to differ only in the
     # bits a draw's index flips would otherwise get the same numbers, shifted.
     return k1, _absorb(k1, _GOLDEN)
 
 
+def _uniform(bits: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Uniforms in [0, 1) from 32 random bits: all 32 in float64, the top 24 in float32 (exact there)."""
+    if dtype == tf.float64:
+        return tf.cast(bits, tf.float64) * (1.0 / 2**32)
+    return tf.cast(tf.bitwise.right_shift(bits, _c(8)), tf.float32) * (1.0 / 2**24)
+
+
+def _draw_count(op: Augmentation) -> int:
+    """The per-sample draws of an op, its ``p`` draw included (each op checks that it takes exactly these)."""
+    if op.name in ("frequency_mask", "time_mask"):  # p, n, then a size and a start per mask
+        return 2 + 2 * max(0, op.n.bounds()[1])
+    if op.name == "warp":  # p, nt, nf, wt, wf, then two uniforms per normal of the 2 x nt x nf grid
+        return 5 + 4 * max(0, op.nt.bounds()[1]) * max(0, op.nf.bounds()[1])
+    return 2  # p and the op's parameter
+
+
 class _Draws:
-    """One op's random numbers: ``take(n)`` the next n per sample, ``elements`` one or more per value of a tensor."""
+    """The random numbers of a batch: all ops' per-sample draws hashed in one pass (few, large kernels rather than
+    many small ones), each op reading its own consecutive ones with :meth:`take`; :meth:`elements` draws one or
+    more per value of a tensor."""
 
-    def __init__(self, k1: tf.Tensor, k2: tf.Tensor, stream: int):
-        self.k2, self.stream, self.used = k2, stream, 0
-        self.h = _absorb(k1, _mix_int(2 * stream + 1))
-        self.h_elements = _absorb(k1, _mix_int(2 * stream + 2))
+    def __init__(self, k1: tf.Tensor, k2: tf.Tensor, total: int):
+        self.k1, self.k2, self.used, self.stream = k1, k2, 0, 0
+        index = tf.range(total, dtype=tf.int64)[None, :]
+        self.u = _uniform(_absorb(_absorb(k1[:, None], index), k2[:, None]), tf.float64)  # [B, total]
 
-    def _uniform(self, h: tf.Tensor, k2: tf.Tensor, index: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-        bits = _absorb(_absorb(h, index), k2)
-        if dtype == tf.float64:  # all 32 bits
-            return tf.cast(bits, tf.float64) * (1.0 / 2**32)
-        return tf.cast(tf.bitwise.right_shift(bits, _c(8)), tf.float32) * (1.0 / 2**24)  # exact in float32
+    def start(self, stream: int) -> "_Draws":
+        """The next op's draws: ``stream`` tells its element-wise draws apart from other ops'."""
+        self.stream = stream
+        return self
 
     def take(self, n: int) -> tf.Tensor:
         """``[B, n]`` float64 uniforms in [0, 1): the op's next n draws of each sample."""
-        index = tf.range(self.used, self.used + n, dtype=tf.int64)[None, :]
         self.used += n
-        return self._uniform(self.h[:, None], self.k2[:, None], index, tf.float64)
+        return self.u[:, self.used - n : self.used]
 
     def elements(self, shape: tf.Tensor, per_value: int) -> list[tf.Tensor]:
         """``per_value`` float32 uniform tensors of ``shape`` ``[B, T, F]``: value (t, f) of sample b draws from its
         position t * F + f, so its numbers do not depend on the padded length T."""
         n_mel = tf.cast(shape[2], tf.int64)
         position = tf.range(tf.cast(shape[1], tf.int64))[:, None] * n_mel + tf.range(n_mel)[None, :]
-        h, k2 = self.h_elements[:, None, None], self.k2[:, None, None]
-        return [self._uniform(h, k2, position[None] * per_value + i, tf.float32) for i in range(per_value)]
+        h, k2 = _absorb(self.k1, _mix_int(self.stream + 1))[:, None, None], self.k2[:, None, None]
+        return [_uniform(_absorb(_absorb(h, position[None] * per_value + i), k2), tf.float32) for i in range(per_value)]
 
 
 def _normal(u1: tf.Tensor, u2: tf.Tensor) -> tf.Tensor:
@@ -275,6 +286,19 @@ def _pitch(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     w.update(applied, low * (1.0 - frac) + high * frac)
 
 
+def _rows(active: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(the active samples' indices [A], each sample's row among them, A for the others): ops that only some samples
+    draw (``p`` < 1) compute on those alone."""
+    rows = tf.cast(tf.where(active)[:, 0], tf.int32)
+    return rows, tf.where(active, tf.cumsum(tf.cast(active, tf.int32)) - 1, tf.size(rows))
+
+
+def _merge(active: tf.Tensor, where_rows: tf.Tensor, new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
+    """``old`` with the active samples' rows replaced by ``new``'s (a gather, no scatter: deterministic anywhere)."""
+    padded = tf.concat([new, tf.zeros_like(old[:1])], axis=0)
+    return tf.where(active[:, None, None], tf.gather(padded, where_rows), old)
+
+
 def _tempo(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     factor = _pick(op.factor, c.clock, d.take(1))[:, 0]
     frames = tf.cast(w.lengths, tf.float64)
@@ -285,17 +309,21 @@ def _tempo(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     changed = applied & tf.not_equal(new, frames)
     lengths = tf.where(changed, tf.cast(new, tf.int32), w.lengths)
     n_out = tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 1)  # an empty batch has no longest
+    x = w.pow()
+    t_in, n_mel = tf.shape(x)[1], c.features.n_mel
+    kept = tf.pad(x[:, :n_out], [[0, 0], [0, tf.maximum(n_out - t_in, 0)], [0, 0]])  # unchanged samples, to T'
+    rows, where_rows = _rows(changed)
     # Source frame of each output frame, as the loader's (float64): dst * T / T'.
-    src = tf.range(n_out, dtype=tf.float64)[None, :] * (frames / tf.where(changed, new, frames))[:, None]
-    last = tf.maximum(w.lengths - 1, 0)[:, None]
+    old, new = tf.gather(frames, rows), tf.gather(new, rows)
+    src = tf.range(n_out, dtype=tf.float64)[None, :] * (old / new)[:, None]
+    last = tf.maximum(tf.cast(old, tf.int32) - 1, 0)[:, None]
     i0 = tf.minimum(tf.cast(src, tf.int32), last)
     i1 = tf.minimum(i0 + 1, last)
     frac = tf.cast(src - tf.cast(i0, tf.float64), tf.float32)[:, :, None]
-    x = w.pow()
-    stretched = tf.gather(x, i0, axis=1, batch_dims=1) * (1.0 - frac) + tf.gather(x, i1, axis=1, batch_dims=1) * frac
-    t = tf.shape(x)[1]
-    kept = tf.pad(x[:, :n_out], [[0, 0], [0, tf.maximum(n_out - t, 0)], [0, 0]])  # unchanged samples, to T'
-    w.x = tf.where(changed[:, None, None], stretched, kept)
+    flat = tf.reshape(x, [-1, n_mel])  # frames of all samples: one gather of whole frames per tap
+    first = (rows * t_in)[:, None]
+    stretched = tf.gather(flat, first + i0) * (1.0 - frac) + tf.gather(flat, first + i1) * frac
+    w.x = _merge(changed, where_rows, stretched, kept)
     w.lengths = lengths
 
 
@@ -319,62 +347,82 @@ def _cubic_taps(n_in: tf.Tensor, n_out: tf.Tensor, positions: tf.Tensor) -> list
     return taps
 
 
+def _upsampling(n_in: tf.Tensor, n_out: tf.Tensor, positions: tf.Tensor, depth: int) -> tf.Tensor:
+    """The taps of :func:`_cubic_taps` as weights ``[B, P, depth]`` (grid points past a sample's ``n_in`` weigh 0)."""
+    return tf.add_n([tf.one_hot(index, depth, dtype=tf.float32) * weight[:, :, None]
+                     for index, weight in _cubic_taps(n_in, n_out, positions)])  # fmt: skip
+
+
 def _warp(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     nt_max, nf_max = max(0, op.nt.bounds()[1]), max(0, op.nf.bounds()[1])
     u = d.take(4)
     normal_u = d.take(4 * nt_max * nf_max)
-    if nt_max == 0 or nf_max == 0 or op.wt.bounds() == op.wf.bounds() == (0, 0):
+    warps_time, warps_freq = op.wt.bounds() != (0, 0), op.wf.bounds() != (0, 0)
+    if nt_max == 0 or nf_max == 0 or not (warps_time or warps_freq):
         return
     nt, nf = _pick(op.nt, c.clock, u[:, 0:1])[:, 0], _pick(op.nf, c.clock, u[:, 1:2])[:, 0]
     wt, wf = _pick(op.wt, c.clock, u[:, 2:3])[:, 0], _pick(op.wf, c.clock, u[:, 3:4])[:, 0]
-    active = applied & (nt > 0) & (nf > 0) & ((wt != 0) | (wf != 0))
+    active = applied & (nt > 0) & (nf > 0) & (tf.not_equal(wt, 0.0) | tf.not_equal(wf, 0.0))
+    rows, where_rows = _rows(active)
+    nt, nf, wt, wf, normal_u = (tf.gather(v, rows) for v in (nt, nf, wt, wf, normal_u))
+    lengths = tf.gather(w.lengths, rows)
+    frames = tf.cast(lengths, tf.float64)
     n_mel = c.features.n_mel
-    frames = tf.cast(w.lengths, tf.float64)
     # wt = 1 is a standard deviation of half the distance between grid lines, as in DeepSpeech.
-    scale = tf.stack([wt * frames / (2 * (nt + 1)), wf * n_mel / (2 * (nf + 1))], axis=1)  # [B, 2]
+    scale = tf.stack([wt * frames / (2 * (nt + 1)), wf * n_mel / (2 * (nf + 1))], axis=1)  # [A, 2]
     half = 2 * nt_max * nf_max
     z = tf.reshape(_normal(normal_u[:, :half], normal_u[:, half:]), [-1, 2, nt_max, nf_max]) * scale[:, :, None, None]
     interior = ((tf.range(nt_max, dtype=tf.float64)[None, :, None] < nt[:, None, None])
                 & (tf.range(nf_max, dtype=tf.float64)[None, None, :] < nf[:, None, None]))  # fmt: skip
     grid = tf.where(interior[:, None], z, 0.0)
-    grid = tf.cast(tf.pad(grid, [[0, 0], [0, 0], [1, 1], [1, 1]]), tf.float32)  # zero shift at the edges
-    # Dense flow [B, T, 2, F]: upsampled along time, then along frequency, tap by tap (no matrix products, whose
-    # rounding could depend on the padded length).
-    by_time = tf.transpose(grid, [0, 2, 1, 3])  # [B, nt+2, 2, nf+2]
+    grid = tf.cast(tf.pad(grid, [[0, 0], [0, 0], [1, 1], [1, 1]]), tf.float32)  # [A, 2, Gt, Gf], zero at the edges
+    # Dense flow: the grid upsampled along frequency (per sample, small), then along time. Sums of products in a
+    # fixed order rather than matrix products, whose rounding could change with the padded length.
     t_pad = tf.shape(w.x)[1]
-    along_t = None
-    for index, weight in _cubic_taps(nt + 2, frames, tf.range(t_pad, dtype=tf.float64)):
-        term = tf.gather(by_time, index, axis=1, batch_dims=1) * weight[:, :, None, None]
-        along_t = term if along_t is None else along_t + term
-    flow = None
-    for index, weight in _cubic_taps(nf + 2, tf.zeros_like(nf) + n_mel, tf.range(n_mel, dtype=tf.float64)):
-        term = tf.gather(along_t, index, axis=3, batch_dims=1) * weight[:, None, None, :]
-        flow = term if flow is None else flow + term
-    qt = tf.range(t_pad, dtype=tf.float32)[None, :, None] - flow[:, :, 0, :]
-    qf = tf.range(n_mel, dtype=tf.float32)[None, None, :] - flow[:, :, 1, :]
-    w.update(active, _bilinear(w.pow(), qt, qf, w.lengths))
+    along_f = _upsampling(nf + 2, tf.zeros_like(nf) + n_mel, tf.range(n_mel, dtype=tf.float64), nf_max + 2)  # [A, F, Gf]
+    along_t = _upsampling(nt + 2, frames, tf.range(t_pad, dtype=tf.float64), nt_max + 2)  # [A, T, Gt]
+    coarse = tf.add_n([grid[:, :, :, j, None] * along_f[:, None, None, :, j] for j in range(nf_max + 2)])  # [A, 2, Gt, F]
+
+    def flow(axis: int) -> tf.Tensor:  # [A, T, F]
+        return tf.add_n([along_t[:, :, i, None] * coarse[:, axis, None, i, :] for i in range(nt_max + 2)])
+
+    x = tf.gather(w.pow(), rows)
+    qt = tf.range(t_pad, dtype=tf.float32)[None, :, None] - flow(0) if warps_time else None
+    qf = tf.range(n_mel, dtype=tf.float32)[None, None, :] - flow(1) if warps_freq else None
+    w.x = _merge(active, where_rows, _bilinear(x, qt, qf, lengths), w.x)
 
 
-def _bilinear(x: tf.Tensor, qt: tf.Tensor, qf: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
-    """Each sample of ``x`` ``[B, T, F]`` at fractional ``(qt, qf)``, clamped to its own frames and the channels (as
-    tfa's dense_image_warp and the loader's ``_bilinear``)."""
+def _bilinear(x: tf.Tensor, qt: Optional[tf.Tensor], qf: Optional[tf.Tensor], lengths: tf.Tensor) -> tf.Tensor:
+    """Each sample of ``x`` ``[B, T, F]`` at fractional ``(qt, qf)`` (None: the frame's or channel's own position),
+    clamped to its own frames and the channels (as tfa's dense_image_warp and the loader's ``_bilinear``)."""
     n_mel = x.shape[2]
+    t_pad = tf.shape(x)[1]
 
     def corners(q: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         q = tf.minimum(tf.maximum(q, 0.0), n - 1.0)
         i0 = tf.minimum(tf.floor(q), tf.maximum(n - 2.0, 0.0))
         return tf.cast(i0, tf.int32), tf.cast(tf.minimum(i0 + 1.0, n - 1.0), tf.int32), q - i0
 
-    t0, t1, at = corners(qt, tf.cast(lengths, tf.float32)[:, None, None])
-    f0, f1, af = corners(qf, tf.constant(float(n_mel)))
-    flat = tf.reshape(x, [tf.shape(x)[0], tf.shape(x)[1] * n_mel])
+    flat = tf.reshape(x, [-1])
+    frame0 = tf.range(tf.shape(x)[0])[:, None, None] * t_pad
+    channel = tf.range(n_mel)[None, None, :]
+    if qt is None:
+        rows = [(frame0 + tf.range(t_pad)[None, :, None]) * n_mel, None]
+        at = None
+    else:
+        t0, t1, at = corners(qt, tf.cast(lengths, tf.float32)[:, None, None])
+        rows = [(frame0 + t0) * n_mel, (frame0 + t1) * n_mel]
 
-    def value(ti: tf.Tensor, fi: tf.Tensor) -> tf.Tensor:
-        return tf.gather(flat, ti * n_mel + fi, batch_dims=1)
+    if qf is not None:
+        f0, f1, af = corners(qf, tf.constant(float(n_mel)))
 
-    top = value(t0, f0) * (1.0 - af) + value(t0, f1) * af
-    bottom = value(t1, f0) * (1.0 - af) + value(t1, f1) * af
-    return top * (1.0 - at) + bottom * at
+    def along_f(row: tf.Tensor) -> tf.Tensor:
+        if qf is None:
+            return tf.gather(flat, row + channel)
+        return tf.gather(flat, row + f0) * (1.0 - af) + tf.gather(flat, row + f1) * af
+
+    top = along_f(rows[0])
+    return top if at is None else top * (1.0 - at) + along_f(rows[1]) * at
 
 
 def _volume(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
@@ -440,9 +488,12 @@ class DeviceAugmenter:
         clock = tf.clip_by_value(tf.cast(keys[:, 0], tf.float64) / max(1, self.epochs - 1), 0.0, 1.0)
         ctx = _Ctx(clock, ctc_min_frames(labels, label_lengths), 1.0 / self.step_ms, self.features)
         w = _Work(tf.ensure_shape(tf.cast(x, tf.float32), [None, None, n_mel]), tf.cast(lengths, tf.int32))
+        draws = _Draws(k1, k2, sum(_draw_count(aug) for aug in self.augmentations))
         for stream, aug in enumerate(self.augmentations):
-            draws = _Draws(k1, k2, stream)
+            before = draws.start(stream).used
             applied = draws.take(1)[:, 0] < aug.p  # p=0 never (draws >= 0), p=1 always (draws < 1)
             _DEVICE_OPS[aug.name](aug, w, draws, ctx, applied)
+            if draws.used - before != _draw_count(aug):  # an op's draws would shift every later op's
+                raise AssertionError(f"{aug.name} took {draws.used - before} draws, _draw_count says {_draw_count(aug)}")
         out = w.log()
         return tf.where(w.valid()[:, :, None], out, 0.0), w.lengths
