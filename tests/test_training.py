@@ -52,8 +52,9 @@ def store(tmp_path_factory) -> str:
 def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_path):
     deterministic = env(TF_DETERMINISTIC_OPS="1")
     # Batch 1: 21 steps per epoch per rank, so a kill soon after epoch 2's first save lands well before its end (with
-    # 10 steps an epoch-end checkpoint could come first, and the resume would not be a mid-epoch one).
-    args = ("--dropout_rate", "0", "--checkpoint_steps", "3", "--random_seed", "7")
+    # 10 steps an epoch-end checkpoint could come first, and the resume would not be a mid-epoch one). Augmentation in
+    # the training step draws from each sample's (seed, epoch, id), so the resumed steps augment alike.
+    args = ("--dropout_rate", "0", "--checkpoint_steps", "3", "--random_seed", "7", "--augment", "default")
     reference = run(horovodrun() + train_cmd(store, tmp_path / "ref", *args, batch=1), env=deterministic)
     assert reference.returncode == 0, reference.stdout[-4000:]
     # The run record: one epoch record per epoch, and a final record with both ranks' (identical) weights.
