@@ -21,7 +21,8 @@ Each configuration runs with 1 and ``os.cpu_count()`` threads in a fresh subproc
 (``/proc/self/statm`` sampled every 2 ms): "peak MB" is the peak resident set (TensorFlow's runtime included for
 DeepSpeech), "+MB" the peak growth of anonymous memory over the process before the pipeline started. Rates are the
 best of several windows of continuous reading, epoch boundaries included: other work on the machine only ever slows
-a window down. Targets: dstrain >= 10x DeepSpeech's frames/s at the same thread count; with ``--augment default``,
+a window down. "frames/CPU-s" divides the frames of all windows by the CPU time the process spent on them (the
+memory sampler's included): the cost per frame, which other work on the machine hides less than wall-clock rates. Targets: dstrain >= 10x DeepSpeech's frames/s at the same thread count; with ``--augment default``,
 >= 2.4M frames/s per process (the same-run ratio to augmentation off is printed beside it). The default run takes
 about 2 minutes on 2 cores.
 
@@ -151,10 +152,12 @@ class PeakMemory:
         self.sample()
 
 
-def best_rate(batches, seconds: float, windows: int) -> tuple[float, float]:
-    """(frames/s, utterances/s) of the best of ``windows`` windows of ``seconds / windows`` each; ``batches`` yields
-    (frames, utterances) per batch, endlessly."""
+def best_rate(batches, seconds: float, windows: int) -> tuple[float, float, float]:
+    """(frames/s, utterances/s) of the best of ``windows`` windows of ``seconds / windows`` each, and frames per
+    second of this process's CPU time over all windows (what other work on the machine barely changes); ``batches``
+    yields (frames, utterances) per batch, endlessly."""
     best = (0.0, 0.0)
+    total_frames, cpu_start = 0, time.process_time()
     for _ in range(windows):
         frames = utts = 0
         start = time.perf_counter()
@@ -163,9 +166,10 @@ def best_rate(batches, seconds: float, windows: int) -> tuple[float, float]:
             frames += f
             utts += u
         elapsed = time.perf_counter() - start
+        total_frames += frames
         if frames / elapsed > best[0]:
             best = (frames / elapsed, utts / elapsed)
-    return best
+    return best + (total_frames / max(time.process_time() - cpu_start, 1e-9),)
 
 
 def dstrain_batches(store: str, threads: int, batch_size: int, memory_mb: float, augment: bool):
@@ -269,9 +273,9 @@ def worker(spec: dict) -> dict:
         batches = deepspeech_batches(spec["csv"], os.path.join(DATA, "alphabet.txt"), threads, batch_size)
     with PeakMemory() as mem:
         next(batches)  # warm-up: catalog read, TensorFlow graph traced
-        frames, utts = best_rate(batches, spec["seconds"], spec["windows"])
+        frames, utts, per_cpu_s = best_rate(batches, spec["seconds"], spec["windows"])
         batches.close()
-    return {"frames": frames, "utts": utts, "peak_mb": mem.peak / 2**20,
+    return {"frames": frames, "utts": utts, "per_cpu_s": per_cpu_s, "peak_mb": mem.peak / 2**20,
             "grew_mb": (mem.peak_anon - mem.start_anon) / 2**20}  # fmt: skip
 
 
@@ -334,11 +338,11 @@ def main() -> None:
                     old = best.get((name, threads))
                     if old is not None:  # the faster round's rates; the larger memory figures of both
                         faster = old if old["frames"] > r["frames"] else r
-                        r = {**faster, "peak_mb": max(old["peak_mb"], r["peak_mb"]),
-                             "grew_mb": max(old["grew_mb"], r["grew_mb"])}  # fmt: skip
+                        r = {**faster, "per_cpu_s": max(old["per_cpu_s"], r["per_cpu_s"]),
+                             "peak_mb": max(old["peak_mb"], r["peak_mb"]), "grew_mb": max(old["grew_mb"], r["grew_mb"])}  # fmt: skip
                     best[(name, threads)] = r
-        print(f"{'configuration':<28} {'threads':>7} {'frames/s':>10} {'utt/s':>8} {'peak MB':>8} {'+MB':>6} "
-              f"{'vs DeepSpeech':>13} {'vs off':>6}")  # fmt: skip
+        print(f"{'configuration':<28} {'threads':>7} {'frames/s':>10} {'utt/s':>8} {'frames/CPU-s':>12} {'peak MB':>8} "
+              f"{'+MB':>6} {'vs DeepSpeech':>13} {'vs off':>6}")  # fmt: skip
         verdicts = []
         off, on = "dstrain, augment off", "dstrain, --augment default"
         for (name, threads), r in best.items():
@@ -349,8 +353,8 @@ def main() -> None:
                     verdicts.append(x >= TARGET)
                 ratio = f"{x:.1f}x"
                 versus_off = f"{r['frames'] / best[(off, threads)]['frames']:.2f}"
-            print(f"{name:<28} {threads:>7} {r['frames']:>10.0f} {r['utts']:>8.0f} {r['peak_mb']:>8.0f} "
-                  f"{r['grew_mb']:>6.0f} {ratio:>13} {versus_off:>6}")  # fmt: skip
+            print(f"{name:<28} {threads:>7} {r['frames']:>10.0f} {r['utts']:>8.0f} {r['per_cpu_s']:>12.0f} "
+                  f"{r['peak_mb']:>8.0f} {r['grew_mb']:>6.0f} {ratio:>13} {versus_off:>6}")  # fmt: skip
         print(f"target >= {TARGET:g}x DeepSpeech's frames/s at the same thread count, augmentation off on both sides: "
               f"{'met' if all(verdicts) else 'NOT met'} ({sum(verdicts)} of {len(verdicts)} configurations); with "
               "--augment default the ratio is informative (DeepSpeech's path above does no augmentation at all)")

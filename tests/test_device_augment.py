@@ -10,6 +10,8 @@ from dstrain.features import FeatureConfig
 from dstrain.loader.augment import (
     _FLOOR_LOG,
     DEFAULT_AUGMENT,
+    FILTERBANK_OPS,
+    LOADER_ONLY,
     Augmenter,
     _bilinear,
     _cubic_weights,
@@ -17,7 +19,7 @@ from dstrain.loader.augment import (
     sample_rng,
     split_ops,
 )
-from dstrain.loader.device_augment import DeviceAugmenter, _cubic_taps, ctc_min_frames
+from dstrain.loader.device_augment import DEVICE_OPS, DeviceAugmenter, _cubic_taps, ctc_min_frames
 from dstrain.loader.device_augment import _bilinear as device_bilinear
 
 N_MEL = FeatureConfig().n_mel
@@ -306,6 +308,8 @@ def test_the_loader_keeps_overlay_and_whatever_runs_before_it():
     assert [a.name for a in loader] == ["volume", "overlay"]
     assert [a.name for a in device] == ["volume", "time_mask", "tempo"]
     assert split_ops(parse_augmentations(DEFAULT_AUGMENT))[0] == []
+    # every op runs on one side or the other
+    assert sorted(DEVICE_OPS + LOADER_ONLY) == sorted(FILTERBANK_OPS) and not set(DEVICE_OPS) & set(LOADER_ONLY)
     with pytest.raises(ValueError, match="overlay.*cannot run on the device"):
         DeviceAugmenter(ops, seed=0, epochs=1)
 

@@ -1,5 +1,9 @@
 """Training-time augmentation of stored log mel filterbanks, with DeepSpeech 0.9's ``--augment`` syntax.
 
+Where it runs: training applies these ops in the training step, on the device (:mod:`dstrain.loader.device_augment`).
+This module parses every spec; its numpy ops run on the loader threads for what cannot move there (``overlay`` reads
+another store, :func:`split_ops`) and are the reference the device's are tested against.
+
 Syntax (one string per ``--augment``)::
 
     NAME                      all parameters at their defaults

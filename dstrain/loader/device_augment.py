@@ -2,8 +2,9 @@
 a padded batch, run inside the training step just before the model (never for evaluation or export).
 
 Why on the device: in numpy on the loader threads the ops held the GIL for most of their time, so a process delivered
-about a third of its unaugmented frames per second whatever its thread count; on a GPU the same work is a few dozen
-element-wise kernels per step. The loader keeps what needs other data: ``overlay`` reads noise utterances from another
+about a third of its unaugmented frames per second whatever its thread count; on a GPU the same work is a few hundred
+small kernels per step (on a CPU-only run, ~15-20 ms of one core per batch of 32 utterances for ``--augment
+default``: ``benchmarks/loader.py`` times it). The loader keeps what needs other data: ``overlay`` reads noise utterances from another
 store, so the ops up to the last overlay (in the order ops run) stay on the loader and the device runs the rest, the
 order kept (:func:`dstrain.loader.augment.split_ops`).
 
@@ -12,8 +13,8 @@ batch carries its samples' (epoch, sample id) as ``keys`` ``[B, 2]`` int64. A sa
 whatever its batch-mates, its padding, the number of ranks or a resume in between. (Only ``fill=mean`` sums over an
 utterance's frames, a reduction whose float rounding may differ with the padded length: at most a few ulps.)
 TensorFlow's stateless random ops take one seed per call, and vectorising them over per-sample seeds falls back to a
-loop over the batch (``pfor``), so the numbers come from a counter-based integer hash instead (murmur3's finaliser on
-32-bit words held in int64), vectorised over samples, draws and elements. They are not the loader's numpy draws: a
+loop over the batch (``pfor``), so the numbers come from a counter-based integer hash instead (an xorshift-multiply
+mixer on 32-bit words held in int64), vectorised over samples, draws and elements. They are not the loader's numpy draws: a
 spec gives statistically the same augmentation on either side, not the same numbers.
 
 Each op draws a fixed number of values per sample, sized by its parameters' largest values (``n`` masks: ``n``'s
@@ -22,8 +23,10 @@ out keeps its values.
 
 Example::
 
-    augment = DeviceAugmenter(parse_augmentations(["default"...]), seed=4568, epochs=30, features=store.features)
+    augment = DeviceAugmenter(parse_augmentations(DEFAULT_AUGMENT), seed=4568, epochs=30, features=store.features)
     x, x_len = augment(x, x_len, y, y_len, keys)   # inside the training step, before the model
+
+(:meth:`dstrain.loader.builder.TrainInput.device_augmenter` builds it from ``--augment`` for the trainer.)
 """
 from __future__ import annotations
 
