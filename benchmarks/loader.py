@@ -22,9 +22,10 @@ Each configuration runs with 1 and ``os.cpu_count()`` threads in a fresh subproc
 DeepSpeech), "+MB" the peak growth of anonymous memory over the process before the pipeline started. Rates are the
 best of several windows of continuous reading, epoch boundaries included: other work on the machine only ever slows
 a window down. "frames/CPU-s" divides the frames of all windows by the CPU time the process spent on them (the
-memory sampler's included): the cost per frame, which other work on the machine hides less than wall-clock rates. Targets: dstrain >= 10x DeepSpeech's frames/s at the same thread count; with ``--augment default``,
->= 2.4M frames/s per process (the same-run ratio to augmentation off is printed beside it). The default run takes
-about 2 minutes on 2 cores.
+memory sampler's included): the cost per frame, less sensitive than wall-clock rates to other work on the machine
+(though not immune: cores shared with other programs run slower). Targets: dstrain >= 10x DeepSpeech's frames/s at
+the same thread count; with ``--augment default``, >= 2.4M frames/s per process (the same-run ratio to augmentation
+off is printed beside it). The default run takes about 2 minutes on 2 cores.
 
     .venv/bin/python benchmarks/loader.py [--utterances 400] [--seconds 10] [--batch_size 32]
 """
@@ -154,8 +155,7 @@ class PeakMemory:
 
 def best_rate(batches, seconds: float, windows: int) -> tuple[float, float, float]:
     """(frames/s, utterances/s) of the best of ``windows`` windows of ``seconds / windows`` each, and frames per
-    second of this process's CPU time over all windows (what other work on the machine barely changes); ``batches``
-    yields (frames, utterances) per batch, endlessly."""
+    second of this process's CPU time over all windows; ``batches`` yields (frames, utterances) per batch, endlessly."""
     best = (0.0, 0.0)
     total_frames, cpu_start = 0, time.process_time()
     for _ in range(windows):

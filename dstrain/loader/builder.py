@@ -6,12 +6,12 @@ Example::
 
     data = TrainInput.build(urls, alphabet, loader_cfg, world, batch_size=16, seed=4568, epochs=30)
     stats = data.feature_statistics()             # collective: every rank calls it
+    augment = data.device_augmenter()              # --augment's ops for the training step, or None
     data.load_state_dict(saved)                    # resume mid-epoch (from a checkpoint), or nothing
     for epoch in range(start, 30):
         reader = data.reader(epoch)                # this rank's batches of the (rest of the) epoch
-        augment = data.device_augmenter()              # what the training step applies to each batch, or None
-        for batch in reader:                       # (x, lengths, labels, label lengths, keys)
-            ...                                    # one training step
+        for x, x_len, y, y_len, keys in reader:    # keys: each sample's (epoch, sample id)
+            ...                                    # one training step: augment(x, x_len, y, y_len, keys), the model
             data.step_done()
         data.end_epoch()
     data.state_dict()                              # {"position": ...}: where training stands, for a checkpoint
