@@ -91,7 +91,7 @@ def keras_worker(spec: dict) -> dict:
                             World(), batch_size=spec["batch"], seed=4568, epochs=spec["epochs"])  # fmt: skip
 
     def epoch_batches(epoch: int) -> list:
-        batches = [tuple(tf.constant(a) for a in b) for b in data.reader(epoch)]
+        batches = [tuple(tf.constant(a) for a in b[:4]) for b in data.reader(epoch)]  # no --augment: keys unused
         data.end_epoch()
         return batches
 

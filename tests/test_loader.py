@@ -218,8 +218,10 @@ def test_augmentation_keeps_every_sample_long_enough_for_ctc(tmp_path):
     # Tempo x8 would leave 4-5 frames of utterances whose transcripts need up to ~20.
     url = synthetic_store(tmp_path / "s", 24, frames=(30, 40), seed=5)
     data = _train_input(url, augment=("tempo[factor=8]",))
+    augment = data.device_augmenter()
     shortened = 0
-    for x, x_len, y, y_len in data.reader(0):
+    for x, x_len, y, y_len, keys in data.reader(0):
+        x_len = augment(x, x_len, y, y_len, keys)[1].numpy()
         for n, labels in zip(x_len.tolist(), (y[i, : y_len[i]] for i in range(len(y_len)))):
             need = ctc_min_frames(labels.tolist())
             assert n >= need
@@ -256,7 +258,8 @@ def test_batch_frames_hold_after_tempo_lengthens_utterances(tmp_path):
     url = synthetic_store(tmp_path / "s", 40, row_group_rows=4, frames=(60, 200), seed=7)
     data = _train_input(url, batch_frames=800, augment=("tempo[factor=0.8]",))
     assert data.spec.batch_frames == 640 and data.spec.batch_size == 0
-    shapes = [x.shape[0] * x.shape[1] for x, *_ in data.reader(0)]
+    augment = data.device_augmenter()
+    shapes = [x.shape[0] * x.shape[1] for x in (augment(*batch)[0] for batch in data.reader(0))]
     assert len(shapes) == data.plan.steps and max(shapes) <= 800
     assert max(shapes) > 640, "tempo did not lengthen the batches: the test would not tell"
     assert max(data.plan.batch_sizes) > 2 * min(data.plan.batch_sizes)  # short utterances come many to a batch

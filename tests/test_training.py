@@ -52,8 +52,9 @@ def store(tmp_path_factory) -> str:
 def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_path):
     deterministic = env(TF_DETERMINISTIC_OPS="1")
     # Batch 1: 21 steps per epoch per rank, so a kill soon after epoch 2's first save lands well before its end (with
-    # 10 steps an epoch-end checkpoint could come first, and the resume would not be a mid-epoch one).
-    args = ("--dropout_rate", "0", "--checkpoint_steps", "3", "--random_seed", "7")
+    # 10 steps an epoch-end checkpoint could come first, and the resume would not be a mid-epoch one). Augmentation in
+    # the training step draws from each sample's (seed, epoch, id), so the resumed steps augment alike.
+    args = ("--dropout_rate", "0", "--checkpoint_steps", "3", "--random_seed", "7", "--augment", "default")
     reference = run(horovodrun() + train_cmd(store, tmp_path / "ref", *args, batch=1), env=deterministic)
     assert reference.returncode == 0, reference.stdout[-4000:]
     # The run record: one epoch record per epoch, and a final record with both ranks' (identical) weights.
@@ -464,7 +465,9 @@ UNEQUAL_STEP = textwrap.dedent("""
     loss, want = mean_loss_grad([0, 1, 2])
     mean_of_means = [0.5 * (a + b) for a, b in zip(mean_loss_grad([0])[1], mean_loss_grad([1, 2])[1])]
     # The step: one utterance on rank 0, two on rank 1.
-    result = trainer.train_step(*batch([0] if world.rank == 0 else [1, 2]), tf.constant([0.0, 0.0, 0.001], tf.float32))
+    idx = [0] if world.rank == 0 else [1, 2]
+    keys = np.array([[0, i] for i in idx], np.int64)
+    result = trainer.train_step(*batch(idx), keys, tf.constant([0.0, 0.0, 0.001], tf.float32))
     # Adam's first moment after one step is (1 - beta_1) g of the gradient the step applied.
     got = [v for v in trainer.optimizer.variables if v.name.startswith("m/")]
     assert len(got) == len(want), (len(got), len(want))

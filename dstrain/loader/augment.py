@@ -1,5 +1,9 @@
 """Training-time augmentation of stored log mel filterbanks, with DeepSpeech 0.9's ``--augment`` syntax.
 
+Where it runs: training applies these ops in the training step, on the device (:mod:`dstrain.loader.device_augment`).
+This module parses every spec; its numpy ops run on the loader threads for what cannot move there (``overlay`` reads
+another store, :func:`split_ops`) and are the reference the device's are tested against.
+
 Syntax (one string per ``--augment``)::
 
     NAME                      all parameters at their defaults
@@ -669,6 +673,19 @@ def parse_augmentations(
     if isinstance(specs, str):  # a bare string would otherwise parse letter by letter
         specs = [specs]
     return [_parse_one(spec, noise_source) for spec in specs or ()]
+
+
+LOADER_ONLY: tuple[str, ...] = ("overlay",)
+"""Ops that need more than the batch (``overlay`` reads noise utterances from another store): the loader applies them;
+the device applies the others (:mod:`dstrain.loader.device_augment`)."""
+
+
+def split_ops(augmentations: Sequence[Augmentation]) -> tuple[list[Augmentation], list[Augmentation]]:
+    """(ops for the loader, ops for the device), in the order they run (DeepSpeech's domain order, then the command
+    line's): the loader takes everything up to the last of :data:`LOADER_ONLY`, so that no op changes places."""
+    ordered = sorted(augmentations, key=lambda a: a.stage)
+    last = max((i for i, a in enumerate(ordered) if a.name in LOADER_ONLY), default=-1)
+    return ordered[: last + 1], ordered[last + 1 :]
 
 
 def expand_specs(specs: Sequence[str]) -> list[str]:

@@ -6,11 +6,12 @@ Example::
 
     data = TrainInput.build(urls, alphabet, loader_cfg, world, batch_size=16, seed=4568, epochs=30)
     stats = data.feature_statistics()             # collective: every rank calls it
+    augment = data.device_augmenter()              # --augment's ops for the training step, or None
     data.load_state_dict(saved)                    # resume mid-epoch (from a checkpoint), or nothing
     for epoch in range(start, 30):
         reader = data.reader(epoch)                # this rank's batches of the (rest of the) epoch
-        for batch in reader:
-            ...                                    # one training step
+        for x, x_len, y, y_len, keys in reader:    # keys: each sample's (epoch, sample id)
+            ...                                    # one training step: augment(x, x_len, y, y_len, keys), the model
             data.step_done()
         data.end_epoch()
     data.state_dict()                              # {"position": ...}: where training stands, for a checkpoint
@@ -19,21 +20,23 @@ Example::
     for ids, batch in dev.batches(): ...
 
 What each rank reads, and in which order, is :mod:`dstrain.loader.sampler`'s; how it is read,
-:mod:`dstrain.loader.reader`'s; what augmentation does, :mod:`dstrain.loader.augment`'s.
+:mod:`dstrain.loader.reader`'s; what augmentation does, :mod:`dstrain.loader.augment`'s (on the loader, and the
+reference) and :mod:`dstrain.loader.device_augment`'s (in the training step).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from dstrain.alphabet import Alphabet, UTF8Alphabet, ctc_min_frames
 from dstrain.distributed import World
 from dstrain.features import FeatureConfig
-from dstrain.loader.augment import Augmenter, expand_specs, overlay_sources, sample_rng
+from dstrain.loader.augment import (Augmentation, Augmenter, expand_specs, overlay_sources, parse_augmentations,
+                                    sample_rng, split_ops)  # fmt: skip
 from dstrain.loader.config import LoaderConfig
 from dstrain.loader.reader import Batch, Catalog, PlanReader, Transform, read_row_group
 from dstrain.loader.sampler import (
@@ -47,6 +50,9 @@ from dstrain.loader.sampler import (
 )
 from dstrain.store import FeatureStore, StoreError
 from dstrain.store.stats import FeatureStats
+
+if TYPE_CHECKING:
+    from dstrain.loader.device_augment import DeviceAugmenter
 
 log = logging.getLogger("dstrain.loader")
 
@@ -140,20 +146,22 @@ def mixing_weights(catalog: Catalog, n_stores: int, train_weights: Sequence[floa
     return tuple(weights)
 
 
-def planned_frames(batch_frames: int, augmenter: Augmenter | None) -> tuple[int, float]:
+def planned_frames(batch_frames: int, augmentations: Sequence[Augmentation]) -> tuple[int, float]:
     """(frame budget the plans use, the most augmentation lengthens an utterance): ``--batch_frames`` shrunk by
-    tempo's largest stretch, so that batches stay within ``--batch_frames`` once augmented."""
+    tempo's largest stretch, so that batches stay within ``--batch_frames`` once augmented (on the loader or on the
+    device: the padded batch the model sees is at most the plan's utterances x its longest, stretched)."""
     stretch = 1.0
-    for aug in augmenter.augmentations if augmenter is not None else ():
+    for aug in augmentations:
         if aug.name == "tempo":  # T / factor frames
             stretch *= max(1.0, 1.0 / aug.factor.bounds()[0])
     return int(batch_frames / stretch), stretch
 
 
-def check_batch_frames(lengths: np.ndarray, batch_frames: int, augmenter: Augmenter | None, step_ms: float) -> int:
+def check_batch_frames(lengths: np.ndarray, batch_frames: int, augmentations: Sequence[Augmentation],
+                       step_ms: float) -> int:  # fmt: skip
     """The plans' frame budget (see :func:`planned_frames`); one error naming the longest utterance and the ways out
     when some utterance cannot fit."""
-    frames, stretch = planned_frames(batch_frames, augmenter)
+    frames, stretch = planned_frames(batch_frames, augmentations)
     over = int((lengths > frames).sum())
     if over:
         longest = int(lengths.max())
@@ -180,13 +188,22 @@ class TrainInput:
     keeps; :meth:`load_state_dict` makes the next :meth:`reader` resume there (re-partitioned when the world size
     or the batch size changed since). While an epoch's last batches are read, the next epoch's reader starts
     filling its first window, so an epoch never begins by waiting for its data.
+
+    Augmentation (``--augment``) is split (:func:`~dstrain.loader.augment.split_ops`): :attr:`augmenter` applies
+    what must stay on the loader (``overlay``, and any op before it) as batches are assembled, and
+    :meth:`device_augmenter` the rest in the training step; batches carry each sample's (epoch, sample id) for it.
     """
 
     def __init__(self, stores: list[FeatureStore], catalog: Catalog, spec: PlanSpec, cfg: LoaderConfig, world: World, *,
-                 seed: int, epochs: int, augmenter: Augmenter | None = None):  # fmt: skip
+                 seed: int, epochs: int, augmentations: Sequence[Augmentation] = ()):  # fmt: skip
         self.stores, self.catalog, self.spec, self.cfg, self.world = stores, catalog, spec, cfg, world
-        self.seed, self.epochs, self.augmenter = seed, epochs, augmenter
+        self.seed, self.epochs = seed, epochs
         self.features: FeatureConfig = stores[0].features
+        self.augmentations = tuple(sorted(augmentations, key=lambda a: a.stage))
+        """Every op of ``--augment`` (and DeepSpeech 0.6's flags), in the order they run."""
+        on_loader, self.device_ops = split_ops(self.augmentations)
+        self.augmenter = Augmenter(on_loader, features=self.features) if on_loader else None
+        """The ops the loader applies (numpy, on its threads), or None."""
         self.plan: EpochPlan | None = None
         self.done = 0
         self._resume: LoaderPosition | None = None
@@ -205,18 +222,18 @@ class TrainInput:
         catalog = Catalog.build(stores, world, cfg.skip_bad_shards, augmented=cfg.augmented_weight > 0)
         for s in catalog.skipped:
             log.warning("--skip_bad_shards: left out %s", s)
-        augmenter = None
         translated = cfg.deepspeech06.translate(stores[0].features.step_ms)
         if world.is_root:
             for _, note in translated:
                 log.info(note)
         specs = expand_specs(cfg.augment) + [spec for spec, _ in translated]
+        augmentations = []
         if specs:
             noise = {url: NoiseStore.open(url) for url in overlay_sources(specs)}
-            augmenter = Augmenter.from_specs(specs, noise_source=noise, features=stores[0].features)
+            augmentations = parse_augmentations(specs, noise_source=noise)
         frames = 0
         if cfg.batch_frames:
-            frames = check_batch_frames(sample_lengths(catalog.table, cfg.limit_train), cfg.batch_frames, augmenter,
+            frames = check_batch_frames(sample_lengths(catalog.table, cfg.limit_train), cfg.batch_frames, augmentations,
                                         stores[0].features.step_ms)  # fmt: skip
             log.info("--batch_frames %d: batches of up to %d padded frames per rank (--train_batch_size is not used)",
                      cfg.batch_frames, frames)  # fmt: skip
@@ -230,7 +247,7 @@ class TrainInput:
             log.info("training stores hold %d augmented copies (of %d utterances): --augmented_weight %g%s", copies,
                      sum(s.manifest.utterances for s in stores), cfg.augmented_weight,
                      " leaves them out" if cfg.augmented_weight == 0 else "")  # fmt: skip
-        return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmenter=augmenter)
+        return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmentations=augmentations)
 
     @property
     def feature_dtype(self) -> str:
@@ -239,6 +256,15 @@ class TrainInput:
     def feature_statistics(self) -> FeatureStats:
         """Collective: see :func:`feature_statistics`."""
         return feature_statistics(self.stores, self.catalog, self.world)
+
+    def device_augmenter(self) -> DeviceAugmenter | None:
+        """The augmentation the training step applies to each batch before the model
+        (:class:`~dstrain.loader.device_augment.DeviceAugmenter`), or None when there is none to apply there."""
+        if not self.device_ops:
+            return None
+        from dstrain.loader.device_augment import DeviceAugmenter  # TensorFlow: only for those who train with it
+
+        return DeviceAugmenter(self.device_ops, self.seed, self.epochs, features=self.features)
 
     # --- position
     def state_dict(self) -> dict:
@@ -297,7 +323,8 @@ class TrainInput:
     def _new_reader(self, plan: EpochPlan) -> PlanReader:
         cfg = self.cfg
         return PlanReader(self.catalog, plan, threads=cfg.loader_threads, memory_mb=cfg.loader_memory_mb,
-                          prefetch=cfg.loader_prefetch, transform=self._transform(plan.epoch), skip_bad=cfg.skip_bad_shards)  # fmt: skip
+                          prefetch=cfg.loader_prefetch, transform=self._transform(plan.epoch), skip_bad=cfg.skip_bad_shards,
+                          keys=True)  # fmt: skip
 
     def _transform(self, epoch: int) -> Transform | None:
         if self.augmenter is None:

@@ -1,5 +1,6 @@
 """Streaming reads of feature stores: Parquet row groups fetched in background threads, in the order an epoch plan
-will use them, within a memory budget; batches assembled (and augmented) ahead of the training step.
+will use them, within a memory budget; batches assembled ahead of the training step (with any augmentation that must
+stay on the loader, and the keys of the device's).
 
 The catalog (which row groups exist, the frame count of every row) comes from Parquet footers and the small
 ``n_frames`` column, read once by rank 0 and broadcast. Features stay in their stored dtype (float16 stays float16)
@@ -137,6 +138,10 @@ def read_row_group(ref: RowGroupRef, n_mel: int) -> Rows:
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """(log mel [B,T,n_mel] stored dtype, frames [B] int32, labels [B,L] int32, label lengths [B] int32)"""
 
+KeyedBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""A :data:`Batch` and its samples' keys [B, 2] int64 (epoch, sample id): what augmentation on the device draws its
+random numbers from (:mod:`dstrain.loader.device_augment`)."""
+
 Transform = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 """(log mel of one sample, its sample id, its labels) -> log mel (augmentation); must be deterministic in the id.
 The labels say how short the result may get and stay feasible for CTC."""
@@ -147,16 +152,18 @@ class PlanReader:
 
     Row groups are loaded by ``threads`` background threads in order of first use, ahead of time while the budget
     allows, and dropped after their last use; batches are assembled (and transformed) by the same threads,
-    ``prefetch`` ahead. Iterating yields :data:`Batch` tuples; :attr:`wait_s` accumulates the time the consumer
-    waited, :attr:`bad` the batches replaced because of unreadable row groups (with ``skip_bad``).
+    ``prefetch`` ahead. Iterating yields :data:`Batch` tuples, :data:`KeyedBatch` ones with ``keys``; :attr:`wait_s`
+    accumulates the time the consumer waited, :attr:`bad` the batches replaced because of unreadable row groups (with
+    ``skip_bad``).
     """
 
     def __init__(self, catalog: Catalog, plan: EpochPlan, *, threads: int = 4, memory_mb: float = 1024.0,
-                 prefetch: int = 4, transform: Transform | None = None, skip_bad: bool = False):  # fmt: skip
+                 prefetch: int = 4, transform: Transform | None = None, skip_bad: bool = False,
+                 keys: bool = False):  # fmt: skip
         # Arrow's default allocator (mimalloc) keeps freed row groups' pages for reuse, so a rank's resident memory
         # would grow to the largest window it ever read whatever the budget; the system allocator gives them back.
         pa.set_memory_pool(pa.system_memory_pool())
-        self.catalog, self.plan, self.transform, self.skip_bad = catalog, plan, transform, skip_bad
+        self.catalog, self.plan, self.transform, self.skip_bad, self.keys = catalog, plan, transform, skip_bad, keys
         self.budget = int(memory_mb * 2**20)
         self.prefetch = max(1, prefetch)
         self.threads = max(1, threads)
@@ -272,10 +279,10 @@ class PlanReader:
             self.bad_keys.add(key)
             return None
 
-    def _assemble(self, step: int, groups: dict[int, Future]) -> Batch:
+    def _assemble(self, step: int, groups: dict[int, Future]) -> Batch | KeyedBatch:
         keys, rows = self.plan.batch_keys_rows(step)
         ids = self.plan.batch_ids(step)
-        feats, labels = [], []
+        feats, labels, kept = [], [], []
         for key, row, sid in zip(keys.tolist(), rows.tolist(), ids.tolist()):
             data = groups[key].result()
             if data is None:
@@ -285,10 +292,17 @@ class PlanReader:
                 x = self.transform(x, sid, data.labels[row])
             feats.append(x)
             labels.append(data.labels[row])
+            kept.append(sid)
         if not feats:  # every sample unreadable (skip_bad): an empty batch; the trainer skips it on all ranks
-            return (np.zeros((0, 1, self.catalog.n_mel), np.float32), np.zeros(0, np.int32), np.zeros((0, 1), np.int32),
-                    np.zeros(0, np.int32))  # fmt: skip
-        return pad_batch(feats, labels)
+            batch = (np.zeros((0, 1, self.catalog.n_mel), np.float32), np.zeros(0, np.int32), np.zeros((0, 1), np.int32),
+                     np.zeros(0, np.int32))  # fmt: skip
+        else:
+            batch = pad_batch(feats, labels)
+        if not self.keys:
+            return batch
+        sample_keys = np.empty((len(kept), 2), np.int64)
+        sample_keys[:, 0], sample_keys[:, 1] = self.plan.epoch, kept
+        return (*batch, sample_keys)
 
 
 def pad_batch(feats: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Batch:

@@ -189,9 +189,12 @@ class Trainer:
         if world.is_root and summary_dir:
             self.summaries = tf.summary.create_file_writer(summary_dir)
 
+        # --augment: the ops that run on the device, in the step (the batch's keys seed them), or None.
+        self.augment = self.data.device_augmenter()
         dtype = tf.as_dtype(self.data.feature_dtype)
         spec = (tf.TensorSpec([None, None, self.features.n_mel], dtype), tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32))  # fmt: skip
+                tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, 2], tf.int64))  # fmt: skip
         self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([3], tf.float32),))
         # --accumulation_steps: gradient sums of the micro-batches before the last of each group (float32 even under
         # mixed precision: the gradients are unscaled first).
@@ -278,10 +281,12 @@ class Trainer:
         return path
 
     # --- one step (traced once by tf.function)
-    def _gradients(self, x, x_len, y, y_len):
+    def _gradients(self, x, x_len, y, y_len, keys):
         """This rank's mean loss over the batch, its gradients (unscaled, zeroed if not finite), whether they were
-        finite, the utterances and the frames."""
+        finite, the utterances and the frames (after augmentation)."""
         model, optimizer = self.model, self.optimizer
+        if self.augment is not None:
+            x, x_len = self.augment(x, x_len, y, y_len, keys)
         with tf.GradientTape() as tape:
             logits = model((x, x_len), training=True)
             losses = ctc_loss(logits, x_len, y, y_len)
@@ -295,22 +300,22 @@ class Trainer:
         grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
         return tf.where(finite, loss, 0.0), grads, finite, count, tf.cast(tf.reduce_sum(x_len), tf.float32)
 
-    def _accumulate(self, x, x_len, y, y_len):
+    def _accumulate(self, x, x_len, y, y_len, keys):
         """A micro-batch that is not the last of its group: its gradients and figures are added up here, locally;
         no collective runs."""
-        loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len)
+        loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len, keys)
         for acc, g in zip(self.accumulated, grads):
             acc.assign_add(g * count)  # utterance-weighted: duration batches hold unequal counts
         self.acc_stats.assign_add(tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0]))
         return loss
 
-    def _train_step(self, x, x_len, y, y_len, flags):
+    def _train_step(self, x, x_len, y, y_len, keys, flags):
         """The (last) micro-batch of an optimizer step. flags = (stop requested here, loader wait seconds, learning
         rate). Returns [mean loss, skipped, stop, utterances, frames, mean wait] over all ranks and micro-batches."""
         optimizer, world, variables = self.optimizer, self.world, self.model.trainable_variables
         # The optimizer keeps its own copy of the rate (a variable it made from ours): set that one.
         optimizer.learning_rate.assign(flags[2])
-        loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len)
+        loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len, keys)
         stats = tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0])
         if self.accumulated:
             stats += self.acc_stats
