@@ -24,7 +24,7 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``split`` (dev, test, or metrics with ``store``: one of --metrics_files), ``loss``, ``wer``, ``cer``, ``samples``,
     ``decoder`` (greedy, or beam for the test set).
 ``checkpoint``
-    ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic or stop), ``epoch_step``.
+    ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic, stop, or reset: the state an elastic world goes on from), ``epoch_step``.
 ``nonfinite``
     ``loss``, ``consecutive`` (skipped steps in a row), ``samples`` (rank 0's sample ids of the step).
 ``stop``
@@ -34,6 +34,13 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``epochs_done``, ``weights_sha256`` (every rank's, in rank order: identical in a healthy run), ``test`` (loss,
     wer, cer, samples of the test set, or null), ``evaluated`` (the checkpoint --load_evaluate chose for the test set
     and the export, or "final weights").
+``reset``
+    (elastic training) the world re-formed: ``world_size``, ``hosts``, ``reason`` (a rank was lost and the state
+    rolled back to the last commit, or hosts were added or removed), ``accumulation_steps`` (micro-batches per step
+    now). ``step`` and ``epoch`` are where training goes on from.
+``samples``
+    (--record_samples) the sample ids every rank consumed since the last commit (elastic) or in the epoch, pad repeats
+    left out: ``ids``, ``ranks``. Steps rolled back by an elastic reset are never recorded.
 
 Example::
 
@@ -60,6 +67,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "nonfinite": ("loss", "consecutive", "samples"),
     "stop": ("reason", "signal", "requested_by", "exit_code", "checkpoint"),
     "final": ("epochs_done", "weights_sha256", "test"),
+    "reset": ("world_size", "hosts", "reason", "accumulation_steps"),
+    "samples": ("ids", "ranks"),
 }
 COMMON = ("event", "time", "step", "epoch")
 
