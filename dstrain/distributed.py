@@ -217,12 +217,15 @@ def start_horovod(pin_gpu: bool = True) -> World:
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
-    if "HOROVOD_CYCLE_TIME" not in os.environ and not tf.config.list_physical_devices("GPU"):
-        # Every cycle is a round of messages between the ranks even when nothing is pending: at Horovod's 1 ms, ranks
-        # that share a CPU's cores spend a good part of them on it (2 ranks on 2 cores ran 20-25 % slower).
+    elastic = elastic_launch()
+    # Every cycle is a round of messages between the ranks even when nothing is pending: at Horovod's 1 ms, ranks
+    # that share a CPU's cores spend a good part of them on it (2 ranks on 2 cores ran 20-25 % slower). Not in elastic
+    # mode: Horovod 0.28.1's re-initialisation after a lost peer segfaults with a 5 ms cycle and a fusion threshold
+    # set together (reproduced with a 20-line hvd.elastic script on the cluster in a box, 2 of 2 times; either alone:
+    # 0 of 5).
+    if "HOROVOD_CYCLE_TIME" not in os.environ and not tf.config.list_physical_devices("GPU") and not elastic:
         os.environ["HOROVOD_CYCLE_TIME"] = str(CPU_CYCLE_TIME_MS)
     hvd.init()
-    elastic = elastic_launch()
     if not elastic:  # an elastic world's size is the driver's to change
         _check_size(hvd.size(), "Horovod")
     if pin_gpu:

@@ -209,7 +209,7 @@ class Trainer:
         self._take_roles()
         self.reference_world = world.size  # the world the global batch is defined for (elastic: the first one)
         self.accumulated: list[tf.Variable] = []
-        self.consumed: list[int] = []  # --record_samples: this rank's samples since the last commit
+        self.consumed: dict[int, list[int]] = {}  # --record_samples: this rank's samples since the last commit, by epoch
         self._layout()
         # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
         self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
@@ -371,7 +371,8 @@ class Trainer:
         optimizer.learning_rate.assign(flags[2])
         loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len)
         stats = tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0])
-        if self.accumulated:
+        accumulating = self.group > 1  # at trace time: every rank of a world traces the same graph
+        if accumulating:
             stats += self.acc_stats
             grads = [acc + g * count for acc, g in zip(self.accumulated, grads)]  # sum over utterances of the group
             for acc in self.accumulated:
@@ -385,7 +386,7 @@ class Trainer:
         # counts by its share of them (the average below divides by the world size). Without accumulation, grads is
         # the rank's mean gradient and the factor is exactly 1 with equal counts (fixed batches); with it, grads is
         # the utterance-weighted sum of the group's mean gradients.
-        share = (1.0 if self.accumulated else count) * world.size / tf.maximum(summed[1], 1.0)
+        share = (1.0 if accumulating else count) * world.size / tf.maximum(summed[1], 1.0)
         # Horovod: average the gradients over ranks (a rank's non-finite ones are zeros; the step is skipped anyway).
         grads = world.average_gradients([g * share for g in grads], compression=self.cfg.optim.gradient_compression)
         if self.cfg.optim.max_grad_norm > 0:
@@ -444,7 +445,7 @@ class Trainer:
                 wait_now += reader.wait_s - wait_before
                 if cfg.elastic.record_samples:
                     lo, hi = plan.offsets[data.done], plan.offsets[data.done + 1]
-                    self.consumed += plan.sample_ids[lo:hi][~plan.is_pad[lo:hi]].tolist()
+                    self.consumed.setdefault(epoch, []).extend(plan.sample_ids[lo:hi][~plan.is_pad[lo:hi]].tolist())
                 data.step_done()
                 if bar is not None:
                     bar.update(1)
@@ -617,12 +618,13 @@ class Trainer:
         variables = self.model.variables + self.optimizer.variables
         self.elastic_run = Elastic(self.world, variables, self._get_state, self._set_state, self._on_reset)
         self.commit = self._commit
-        first = [True]
 
         def body() -> None:
-            if first[0]:
-                first[0] = False
+            # Every rank takes the same branch: ``started`` is rank 0's, from the synchronisation before this call (a
+            # worker that has just joined would otherwise write a start record, with a collective the others skip).
+            if not self.started:
                 self._write_start(loaded)
+                self.started = True
             else:
                 hosts = self.world.allgather_object(socket.gethostname())  # Horovod: who is left, or new
                 self._write("reset", world_size=self.world.size, hosts=hosts, reason=self.reset_reason,
@@ -638,7 +640,8 @@ class Trainer:
         p = self.progress
         return {"epoch": int(p.epoch), "step": int(p.step), "best_dev_loss": float(p.best_dev_loss),
                 "nonfinite": int(p.nonfinite), "history": self.history.to_dict(),
-                "position": self.data.state_dict()["position"], "reference_world": self.reference_world}  # fmt: skip
+                "position": self.data.state_dict()["position"], "reference_world": self.reference_world,
+                "started": self.started}  # fmt: skip
 
     def _set_state(self, state: dict, how: str) -> None:
         """The committed state back (``how`` = restore: rolled back after a lost peer) or rank 0's (sync)."""
@@ -652,7 +655,8 @@ class Trainer:
         self.data.close()
         self.data.end_epoch()
         self.data.load_state_dict({"position": state["position"]})
-        self.consumed = []  # steps after the last commit are not done
+        self.consumed = {}  # steps after the last commit are not done
+        self.started = state["started"]
         for acc in self.accumulated:
             acc.assign(tf.zeros_like(acc))
         if self.accumulated:
@@ -666,10 +670,12 @@ class Trainer:
     def _on_reset(self) -> None:
         """The world changed (the new rank and size are set): what depends on them follows."""
         self.data.close()
+        runtime.setup_logging(self.world.rank, self.save_run, self.cfg.process.log_level)  # rank 0 may be another now
         self._take_roles()
         self._layout()
 
     reset_reason = "hosts were added or removed"
+    started = False  # elastic: the run's start record is written (a reset writes a reset record instead)
 
     def _commit(self) -> None:
         """Elastic: the state a lost node rolls back to. The samples of the steps since the last commit are gathered
@@ -679,16 +685,17 @@ class Trainer:
         self.reset_reason = "hosts were added or removed"
         self.elastic_run.commit(before_check=lambda: self._write_samples(gathered))
 
-    def _gather_samples(self) -> list[list[int]] | None:
+    def _gather_samples(self) -> list[dict[int, list[int]]] | None:
         if not self.cfg.elastic.record_samples:
             return None
         gathered = self.world.allgather_object(self.consumed)  # Horovod: every rank's samples since the last commit
-        self.consumed = []
+        self.consumed = {}
         return gathered
 
-    def _write_samples(self, gathered: list[list[int]] | None) -> None:
-        if gathered and any(gathered):
-            self._write("samples", ids=[i for ids in gathered for i in ids], ranks=len(gathered))
+    def _write_samples(self, gathered: list[dict[int, list[int]]] | None) -> None:
+        for epoch in sorted({e for by_epoch in gathered or () for e in by_epoch}):
+            ids = [i for by_epoch in gathered for i in by_epoch.get(epoch, ())]
+            self._write("samples", number=epoch + 1, ids=ids, ranks=len(gathered))
 
     # --- after training
     def use_evaluation_weights(self) -> None:
