@@ -138,6 +138,7 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
             code = out.finish(300)
         finally:
             stop_group(out.proc)
+            (tmp_path / "job.log").write_text(out.text)
     assert code != 0
     assert "--min_np" in out.text or "min-np" in out.text, out.text[-4000:]
     # The last checkpoint loads: a plain rerun would resume from it.
@@ -147,3 +148,34 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
     path = rd.latest_checkpoint()
     assert path, sorted(p.name for p in run_dir.iterdir())
     rd.restore_model(path)
+
+
+@pytest.mark.timeout(1200)
+def test_a_stop_request_checkpoints_exits_75_and_the_rerun_resumes(store, tmp_path):
+    import os
+    import signal
+
+    with box(tmp_path / "c", 3) as c:
+        hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
+        write_hosts(hosts, "node1", "node2", "node3")
+        out = elastic_job(c, store, run_dir, hosts)
+        try:
+            out.wait_for(r"epoch 1/\d+ train loss", 400)
+            (rank,) = c.ranks("node2")
+            os.kill(rank, signal.SIGUSR1)  # one rank is told (a spot notice on its node): the whole job stops
+            code = out.finish(300)
+        finally:
+            stop_group(out.proc)
+            (tmp_path / "job.log").write_text(out.text)
+        assert code == 75, out.text[-4000:]
+        (stop,) = records(run_dir, "stop")
+        assert stop["signal"] == "SIGUSR1" and stop["exit_code"] == 75 and stop["checkpoint"], stop
+        # The same command again resumes from that checkpoint and completes every epoch's samples exactly once.
+        again = elastic_job(c, store, run_dir, hosts)
+        try:
+            finished(again, run_dir, 3)
+        finally:
+            stop_group(again.proc)
+    (resume,) = records(run_dir, "resume")
+    assert resume["checkpoint"] == stop["checkpoint"]
+    check_samples(run_dir)

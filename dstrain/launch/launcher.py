@@ -310,8 +310,42 @@ def launch(cfg: LaunchConfig) -> int:
     print("+ " + " ".join(shlex.quote(a) for a in argv), flush=True)
     if cfg.dry_run:
         return 0
+    if cfg.elastic:
+        return run_elastic_driver(argv, env, cfg.command)
     os.execvpe(argv[0], argv, env)  # never returns
     return 127
+
+
+def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str, ...]) -> int:
+    """horovodrun's elastic driver as a child; its exit status, except that a job whose ranks stopped on request
+    (preemption: a checkpoint, then status 75 on every rank) exits 75 as other launches do, which the elastic driver
+    does not pass on (it counts the ranks' 75s as failed workers). The run record says which it was."""
+    import subprocess
+
+    code = subprocess.run(argv, env=env).returncode
+    run_dir = flag_value(command, "--save_checkpoint_dir") or flag_value(command, "--checkpoint_dir")
+    if code and run_dir:
+        from dstrain.record import read_record
+        from dstrain.rundir import RunDir
+
+        path = RunDir(run_dir).metrics_path
+        events = read_record(path) if os.path.exists(path) else []
+        last = next((r for r in reversed(events) if r["event"] in ("start", "reset", "stop", "final")), None)
+        if last is not None and last["event"] == "stop" and last.get("exit_code"):
+            print(f"dstrain launch: the ranks stopped on request ({last.get('signal') or last.get('reason')}) after a "
+                  f"checkpoint; exit status {last['exit_code']}", flush=True)  # fmt: skip
+            return int(last["exit_code"])
+    return code
+
+
+def flag_value(command: tuple[str, ...] | list[str], flag: str) -> str:
+    """``--flag VALUE`` or ``--flag=VALUE`` in a command line ("" when absent)."""
+    for i, arg in enumerate(command):
+        if arg == flag and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return ""
 
 
 def launch_argv(launcher: str, rank_command: list[str], np: int = 0, hostfile: str = "", log_dir: str = "") -> list[str]:

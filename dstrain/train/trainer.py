@@ -573,6 +573,7 @@ class Trainer:
             self._save_and_stop(epoch, "Stop requested")
 
     def _save_and_stop(self, epoch: int, why: str, exit_code: int = EXIT_PREEMPTED) -> None:
+        self._write_samples(self._gather_samples())  # the checkpoint holds these steps: they are done
         path = self.save("stop")
         # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit);
         # the gather is that barrier, and tells rank 0's record which ranks were asked to stop, by which signal.
