@@ -73,7 +73,7 @@ def test_a_lost_node_leaves_the_others_training_and_it_rejoins_when_back(store, 
             write_hosts(hosts, "node1", "node2")
             getattr(c, failure)("node3")
             resets = wait_reset(out, run_dir, 2, RESET_BOUND_S[failure])
-            assert resets[-1]["hosts"] == ["node1", "node2"]
+            assert sorted(resets[-1]["hosts"]) == ["node1", "node2"]  # rank 0 may now be on node2
             # The survivors went on in the processes they started in.
             assert {n: c.ranks(n) for n in ("node1", "node2")} == pids
             # Back: the node comes up again and the hostfile lists it.
