@@ -140,7 +140,7 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
             stop_group(out.proc)
             (tmp_path / "job.log").write_text(out.text)
     assert code != 0
-    assert "--min_np" in out.text or "min-np" in out.text, out.text[-4000:]
+    assert "error: fewer than --min_np 3 ranks' hosts for --elastic_timeout 20 s" in out.text, out.text[-4000:]
     # The last checkpoint loads: a plain rerun would resume from it.
     from dstrain.rundir import RunDir
 

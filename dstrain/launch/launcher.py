@@ -311,18 +311,26 @@ def launch(cfg: LaunchConfig) -> int:
     if cfg.dry_run:
         return 0
     if cfg.elastic:
-        return run_elastic_driver(argv, env, cfg.command)
+        return run_elastic_driver(argv, env, cfg.command, cfg.min_np, cfg.elastic_timeout)
     os.execvpe(argv[0], argv, env)  # never returns
     return 127
 
 
-def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str, ...]) -> int:
-    """horovodrun's elastic driver as a child; its exit status, except that a job whose ranks stopped on request
-    (preemption: a checkpoint, then status 75 on every rank) exits 75 as other launches do, which the elastic driver
-    does not pass on (it counts the ranks' 75s as failed workers). The run record says which it was."""
+def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str, ...], min_np: int,
+                       timeout_s: int) -> int:  # fmt: skip
+    """horovodrun's elastic driver as a child, its output passed through; its exit status, except that a job whose
+    ranks stopped on request (preemption: a checkpoint, then status 75 on every rank) exits 75 as other launches do,
+    which the elastic driver does not pass on (it counts the ranks' 75s as failed workers; the run record says which
+    it was), and a job that fell below --min_np for --elastic_timeout ends with one line saying so (Horovod's own is
+    in a traceback)."""
     import subprocess
 
-    code = subprocess.run(argv, env=env).returncode
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    too_few = False
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        too_few |= "Timed out waiting for" in line and "Horovod processes" in line
+    code = proc.wait()
     run_dir = flag_value(command, "--save_checkpoint_dir") or flag_value(command, "--checkpoint_dir")
     if code and run_dir:
         from dstrain.record import read_record
@@ -335,6 +343,11 @@ def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str,
             print(f"dstrain launch: the ranks stopped on request ({last.get('signal') or last.get('reason')}) after a "
                   f"checkpoint; exit status {last['exit_code']}", flush=True)  # fmt: skip
             return int(last["exit_code"])
+    if code and too_few:
+        where = f" ({run_dir})" if run_dir else ""
+        print(f"dstrain launch: error: fewer than --min_np {min_np} ranks' hosts for --elastic_timeout {timeout_s} s: "
+              f"the job stopped; the same command resumes from its last checkpoint{where} once enough hosts are up",
+              flush=True)  # fmt: skip
     return code
 
 
