@@ -25,7 +25,7 @@ setup(
     description="Distributed DeepSpeech-style CTC training with Horovod",
     python_requires=">=3.10,<3.12",
     packages=find_packages(include=["dstrain", "dstrain.*"]),
-    package_data={"dstrain": ["data/*.wav", "data/*.txt"]},
+    package_data={"dstrain": ["data/*.wav", "data/*.txt", "launch/discover/*.sh"]},
     install_requires=[
         TF[flavour],
         "numpy>=1.23,<2",

@@ -207,23 +207,106 @@ class World:
         return self._comm
 
 
+def elastic_launch() -> bool:
+    """Started by ``horovodrun --min-np/--max-np/--host-discovery-script`` (Horovod's elastic driver)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
 def start_horovod(pin_gpu: bool = True) -> World:
     """Initialises Horovod (one process per device) and pins this process to its GPU by local rank."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
-    if "HOROVOD_CYCLE_TIME" not in os.environ and not tf.config.list_physical_devices("GPU"):
-        # Every cycle is a round of messages between the ranks even when nothing is pending: at Horovod's 1 ms, ranks
-        # that share a CPU's cores spend a good part of them on it (2 ranks on 2 cores ran 20-25 % slower).
+    elastic = elastic_launch()
+    # Every cycle is a round of messages between the ranks even when nothing is pending: at Horovod's 1 ms, ranks
+    # that share a CPU's cores spend a good part of them on it (2 ranks on 2 cores ran 20-25 % slower). Not in elastic
+    # mode: Horovod 0.28.1's re-initialisation after a lost peer segfaults with a 5 ms cycle and a fusion threshold
+    # set together (reproduced with a 20-line hvd.elastic script on the cluster in a box, 2 of 2 times; either alone:
+    # 0 of 5).
+    if "HOROVOD_CYCLE_TIME" not in os.environ and not tf.config.list_physical_devices("GPU") and not elastic:
         os.environ["HOROVOD_CYCLE_TIME"] = str(CPU_CYCLE_TIME_MS)
     hvd.init()
-    _check_size(hvd.size(), "Horovod")
+    if not elastic:  # an elastic world's size is the driver's to change
+        _check_size(hvd.size(), "Horovod")
     if pin_gpu:
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+    # Elastic worlds leave lost peers to Horovod's driver and its resets: the watch would stop the job instead.
     return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", hvd,
-                 _watch_pending=hvd.size() > 1)
+                 _watch_pending=hvd.size() > 1 and not elastic)
+
+
+class Elastic:
+    """Elastic training under Horovod's driver (``hvd.elastic``), for a state made of TensorFlow variables (model,
+    optimizer) and one Python dict (counters, loader position, history...), given as two callables.
+
+    ``set_extra(extra, how)`` gets the dict back after a rollback (``how`` = "restore") or from rank 0 ("sync").
+    ``run(fn)`` calls ``fn()`` until it returns. A peer lost mid-step (``HorovodInternalError``) rolls the state back
+    to the last :meth:`commit`; hosts added or removed (``HostsUpdatedInterrupt``, raised by a commit) keep it. Either
+    way Horovod re-forms the world, :attr:`World` takes the new rank and size, ``on_reset`` runs, rank 0's state is
+    broadcast, and ``fn()`` is called again. Two Horovod bugs are designed around: the state is synchronised after
+    every reset, removals included (Horovod skips it after a removal, and a world that fell below ``--min-np`` then
+    deadlocks when new workers join, horovod#3494); and nothing collective runs before ``run`` (new workers would hang
+    in their start-up, horovod#2652).
+    """
+
+    def __init__(self, world: World, variables: Sequence[Any], get_extra: Any, set_extra: Any, on_reset: Any):
+        import tensorflow as tf
+        from horovod.common.elastic import ObjectState
+        from horovod.common.exceptions import HostsUpdatedInterrupt
+
+        hvd = world._require_horovod()
+        self.world = world
+
+        class State(ObjectState):
+            def __init__(self) -> None:
+                self.variables = list(variables)
+                self._copies = [tf.identity(v) for v in self.variables]
+                super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, extra=get_extra())
+
+            def save(self) -> None:
+                self._copies = [tf.identity(v) for v in self.variables]
+                self.extra = get_extra()
+                super().save()
+
+            def restore(self) -> None:
+                for v, c in zip(self.variables, self._copies):
+                    v.assign(c)
+                super().restore()
+                set_extra(self.extra, "restore")
+
+            def sync(self) -> None:
+                hvd.broadcast_variables(self.variables, root_rank=0)
+                self._copies = [tf.identity(v) for v in self.variables]
+                super().sync()
+                set_extra(self.extra, "sync")
+
+            def check_host_updates(self) -> None:
+                try:
+                    super().check_host_updates()
+                except HostsUpdatedInterrupt:
+                    raise HostsUpdatedInterrupt(False) from None  # always re-sync (horovod#3494)
+
+        def reset() -> None:
+            world.rank, world.size = hvd.rank(), hvd.size()
+            world.local_rank, world.local_size = hvd.local_rank(), hvd.local_size()
+            on_reset()
+
+        self.state = State()
+        self.state.register_reset_callbacks([reset])
+        self._run = hvd.elastic.run
+
+    def run(self, fn: Any) -> Any:
+        return self._run(lambda state: fn())(self.state)
+
+    def commit(self, before_check: Any = None) -> None:
+        """Keeps the current state as the one a failure rolls back to (``before_check()`` then runs), and raises
+        Horovod's interrupt (caught by :meth:`run`) when the driver has added or removed hosts."""
+        self.state.save()
+        if before_check is not None:
+            before_check()
+        self.state.check_host_updates()
 
 
 def mpi_world() -> World:

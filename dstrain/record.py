@@ -25,7 +25,7 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``decoder`` (greedy, or beam for the test set), ``weights`` (which were evaluated: ``ema``, the moving average of
     --ema_decay, or ``raw``; absent in records written before it existed).
 ``checkpoint``
-    ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic or stop), ``epoch_step``.
+    ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic, stop, or reset: the state an elastic world goes on from), ``epoch_step``.
 ``nonfinite``
     ``loss``, ``consecutive`` (skipped steps in a row), ``samples`` (rank 0's sample ids of the step).
 ``stop``
@@ -36,6 +36,13 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     wer, cer, samples of the test set, or null), ``evaluated`` (the checkpoint --load_evaluate chose for the test set
     and the export, or "final weights"), ``weights`` (ema or raw: which weights of it the test set and the export
     used); with --ema_decay ``ema_weights_sha256`` (every rank's digest of the moving average, in rank order).
+``reset``
+    (elastic training) the world re-formed: ``world_size``, ``hosts``, ``reason`` (a rank was lost and the state
+    rolled back to the last commit, or hosts were added or removed), ``accumulation_steps`` (micro-batches per step
+    now). ``step`` and ``epoch`` are where training goes on from.
+``samples``
+    (--record_samples) the sample ids every rank consumed since the last commit (elastic) or in the epoch, pad repeats
+    left out: ``number`` (the epoch they belong to, from 1), ``ids``, ``ranks``. Steps rolled back by an elastic reset are never recorded.
 
 Example::
 
@@ -62,6 +69,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "nonfinite": ("loss", "consecutive", "samples"),
     "stop": ("reason", "signal", "requested_by", "exit_code", "checkpoint"),
     "final": ("epochs_done", "weights_sha256", "test"),
+    "reset": ("world_size", "hosts", "reason", "accumulation_steps"),
+    "samples": ("ids", "ranks"),
 }
 COMMON = ("event", "time", "step", "epoch")
 

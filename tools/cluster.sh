@@ -139,6 +139,10 @@ Host *
     StrictHostKeyChecking yes
     BatchMode yes
     ConnectTimeout 10
+    # A node that stops answering ends the ssh sessions to it within ~15 s: Horovod's elastic driver learns of the
+    # lost worker only when its ssh exits (README, "Elastic training").
+    ServerAliveInterval 5
+    ServerAliveCountMax 3
     LogLevel ERROR
 EOF
 }

@@ -7,6 +7,12 @@ ranks and the exit status is theirs; both abort every rank when one fails.
     dstrain launch --launcher mpirun --hostfile hosts -- dstrain train ...
     dstrain launch --check --hostfile hosts -- dstrain train ...   # only the pre-flight check
     dstrain launch --dry_run ...            # print the command instead of running it
+    dstrain launch --elastic --min_np 2 --hostfile hosts -- dstrain train ...   # elastic: hosts discovered live
+
+Elastic launches (``--elastic``) run horovodrun's elastic driver with a host discovery script shipped with dstrain
+(``dstrain/launch/discover/``: a hostfile an operator edits while the job runs, or the SLURM allocation's nodes
+that are up) and add ``--elastic`` to the ``dstrain train`` command. The driver (this process) must stay up: run it
+on a stable node.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from dstrain.executables import find_executable
 from dstrain.launch import preflight
 
 LAUNCHERS = ("horovodrun", "mpirun")
+DISCOVERY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "discover")
 
 # Defaults for every rank; a variable already set in the environment wins.
 HOROVOD_DEFAULTS = {
@@ -68,6 +75,20 @@ class LaunchConfig:
     network_interface: str = ""
     """Network interface the ranks talk over (Horovod's Gloo, Open MPI's TCP, NCCL's sockets); empty: the one every
     node shares, found by the pre-flight check (nothing is set for a job on this machine alone)."""
+    elastic: bool = False
+    """Elastic training: horovodrun's elastic driver, hosts discovered live (--hostfile, re-read every second, or the
+    SLURM allocation's nodes that are up), dstrain train --elastic on every rank. Gloo only."""
+    min_np: int = 1
+    """Elastic: fewest ranks to train with; below it the job waits (--elastic_timeout) for hosts to come back."""
+    max_np: int = 0
+    """Elastic: most ranks to train with; 0 means the slots listed when the job starts."""
+    elastic_timeout: int = 600
+    """Elastic: seconds to wait for --min_np ranks (at the start, or after losing hosts) before the job fails."""
+    blacklist_cooldown: str = "10,300"
+    """Elastic: a host whose rank failed is left out for at least MIN, at most MAX seconds (doubling each time it
+    fails again), then tried again if the discovery still lists it."""
+    host_discovery_script: str = ""
+    """Elastic: your own discovery command (prints host:slots lines) instead of the hostfile or SLURM one."""
     preflight: bool = True
     """Check every node before starting the ranks: hostname resolution, shared stores and run directory, versions."""
     check: bool = False
@@ -90,6 +111,12 @@ class LaunchConfig:
             raise ValueError(f"np must be >= 0, got {self.np}")
         if self.hosts and self.hostfile:
             raise ValueError("give --hosts or --hostfile, not both")
+        if self.elastic and (self.launcher != "horovodrun" or self.controller != "gloo"):
+            raise ValueError("--elastic runs horovodrun's elastic driver with the Gloo controller (not mpirun or --controller mpi)")
+        if self.min_np < 1 or self.max_np < 0 or (self.max_np and self.max_np < self.min_np):
+            raise ValueError(f"need 1 <= --min_np <= --max_np, got {self.min_np} and {self.max_np}")
+        if not re.fullmatch(r"\d+,\d+", self.blacklist_cooldown):
+            raise ValueError(f"blacklist_cooldown: MIN,MAX seconds, got {self.blacklist_cooldown!r}")
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -198,6 +225,16 @@ def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: i
         extra.update({"NCCL_SOCKET_IFNAME": interface, "HOROVOD_GLOO_IFACE": interface})
     env = {**base_env, **extra}
     host_arg = ",".join(f"{h.name}:{h.slots}" for h in hosts)
+    if cfg.elastic:
+        argv = ["horovodrun", "-np", str(np_), *elastic_arguments(cfg, base_env, np_), "--gloo"]
+        if interface:
+            argv += ["--network-interfaces", interface]
+        if cfg.log_dir:
+            argv += ["--output-filename", cfg.log_dir]
+        command = list(cfg.command)
+        if command[:2] in (["dstrain", "train"], [os.path.join(os.path.dirname(sys.executable), "dstrain"), "train"]):
+            command += [] if "--elastic" in command else ["--elastic"]
+        return argv + command, env
     if cfg.launcher == "horovodrun":
         argv = ["horovodrun", "-np", str(np_), "-H", host_arg, f"--{cfg.controller}"]
         if interface:
@@ -220,6 +257,22 @@ def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: i
                 argv += ["-x", name]
         argv += ["-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]
     return argv + list(cfg.command), env
+
+
+def elastic_arguments(cfg: LaunchConfig, env: dict[str, str], np_: int) -> list[str]:
+    """horovodrun's elastic flags: the discovery command, the bounds on the world size, the timeouts."""
+    if cfg.host_discovery_script:
+        script = cfg.host_discovery_script
+    elif cfg.hostfile:
+        script = f"{shlex.quote(os.path.join(DISCOVERY, 'hostfile.sh'))} {shlex.quote(os.path.abspath(cfg.hostfile))}"
+    elif "SLURM_JOB_NODELIST" in env:
+        script = shlex.quote(os.path.join(DISCOVERY, "slurm.sh"))
+    else:
+        raise ValueError("--elastic needs hosts that can change: a --hostfile (re-read while the job runs), a SLURM "
+                         "allocation, or --host_discovery_script")  # fmt: skip
+    low, high = cfg.blacklist_cooldown.split(",")
+    return ["--min-np", str(cfg.min_np), "--max-np", str(cfg.max_np or np_), "--host-discovery-script", script,
+            "--elastic-timeout", str(cfg.elastic_timeout), "--blacklist-cooldown-range", low, high]  # fmt: skip
 
 
 FORWARDED = {"PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "TF_DETERMINISTIC_OPS"}
@@ -257,8 +310,55 @@ def launch(cfg: LaunchConfig) -> int:
     print("+ " + " ".join(shlex.quote(a) for a in argv), flush=True)
     if cfg.dry_run:
         return 0
+    if cfg.elastic:
+        return run_elastic_driver(argv, env, cfg.command, cfg.min_np, cfg.elastic_timeout)
     os.execvpe(argv[0], argv, env)  # never returns
     return 127
+
+
+def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str, ...], min_np: int,
+                       timeout_s: int) -> int:  # fmt: skip
+    """horovodrun's elastic driver as a child, its output passed through; its exit status, except that a job whose
+    ranks stopped on request (preemption: a checkpoint, then status 75 on every rank) exits 75 as other launches do,
+    which the elastic driver does not pass on (it counts the ranks' 75s as failed workers; the run record says which
+    it was), and a job that fell below --min_np for --elastic_timeout ends with one line saying so (Horovod's own is
+    in a traceback)."""
+    import subprocess
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    too_few = False
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        too_few |= "Timed out waiting for" in line and "Horovod processes" in line
+    code = proc.wait()
+    run_dir = flag_value(command, "--save_checkpoint_dir") or flag_value(command, "--checkpoint_dir")
+    if code and run_dir:
+        from dstrain.record import read_record
+        from dstrain.rundir import RunDir
+
+        path = RunDir(run_dir).metrics_path
+        events = read_record(path) if os.path.exists(path) else []
+        last = next((r for r in reversed(events) if r["event"] in ("start", "reset", "stop", "final")), None)
+        if last is not None and last["event"] == "stop" and last.get("exit_code"):
+            print(f"dstrain launch: the ranks stopped on request ({last.get('signal') or last.get('reason')}) after a "
+                  f"checkpoint; exit status {last['exit_code']}", flush=True)  # fmt: skip
+            return int(last["exit_code"])
+    if code and too_few:
+        where = f" ({run_dir})" if run_dir else ""
+        print(f"dstrain launch: error: fewer than --min_np {min_np} ranks' hosts for --elastic_timeout {timeout_s} s: "
+              f"the job stopped; the same command resumes from its last checkpoint{where} once enough hosts are up",
+              flush=True)  # fmt: skip
+    return code
+
+
+def flag_value(command: tuple[str, ...] | list[str], flag: str) -> str:
+    """``--flag VALUE`` or ``--flag=VALUE`` in a command line ("" when absent)."""
+    for i, arg in enumerate(command):
+        if arg == flag and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return ""
 
 
 def launch_argv(launcher: str, rank_command: list[str], np: int = 0, hostfile: str = "", log_dir: str = "") -> list[str]:

@@ -195,8 +195,10 @@ class TrainInput:
     """
 
     def __init__(self, stores: list[FeatureStore], catalog: Catalog, spec: PlanSpec, cfg: LoaderConfig, world: World, *,
-                 seed: int, epochs: int, augmentations: Sequence[Augmentation] = ()):  # fmt: skip
+                 seed: int, epochs: int, augmentations: Sequence[Augmentation] = (),
+                 scan_world: World | None = None):  # fmt: skip
         self.stores, self.catalog, self.spec, self.cfg, self.world = stores, catalog, spec, cfg, world
+        self.scan_world = scan_world or world
         self.seed, self.epochs = seed, epochs
         self.features: FeatureConfig = stores[0].features
         self.augmentations = tuple(sorted(augmentations, key=lambda a: a.stage))
@@ -212,14 +214,16 @@ class TrainInput:
 
     @classmethod
     def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet | None, cfg: LoaderConfig, world: World, *,
-              batch_size: int, seed: int, epochs: int, shuffle: bool = True) -> "TrainInput":  # fmt: skip
-        """Collective (rank 0 scans the shards, every rank gets the catalog). ``alphabet`` None: the first store's."""
+              batch_size: int, seed: int, epochs: int, shuffle: bool = True,
+              scan_world: World | None = None) -> "TrainInput":  # fmt: skip
+        """Collective over ``scan_world`` (default ``world``: rank 0 scans the shards, every rank gets the catalog;
+        a single world: this rank scans them itself). ``alphabet`` None: the first store's."""
         if cfg.train_weights and len(cfg.train_weights) != len(urls):
             raise ValueError(f"--train_weights has {len(cfg.train_weights)} weights for {len(urls)} stores")
         if alphabet is None:
             alphabet = FeatureStore.open(urls[0]).manifest.get_alphabet()
         stores = open_stores(urls, alphabet)
-        catalog = Catalog.build(stores, world, cfg.skip_bad_shards, augmented=cfg.augmented_weight > 0)
+        catalog = Catalog.build(stores, scan_world or world, cfg.skip_bad_shards, augmented=cfg.augmented_weight > 0)
         for s in catalog.skipped:
             log.warning("--skip_bad_shards: left out %s", s)
         translated = cfg.deepspeech06.translate(stores[0].features.step_ms)
@@ -247,15 +251,16 @@ class TrainInput:
             log.info("training stores hold %d augmented copies (of %d utterances): --augmented_weight %g%s", copies,
                      sum(s.manifest.utterances for s in stores), cfg.augmented_weight,
                      " leaves them out" if cfg.augmented_weight == 0 else "")  # fmt: skip
-        return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmentations=augmentations)
+        return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmentations=augmentations,
+                   scan_world=scan_world)
 
     @property
     def feature_dtype(self) -> str:
         return "float16" if self.catalog.itemsize == 2 else "float32"
 
     def feature_statistics(self) -> FeatureStats:
-        """Collective: see :func:`feature_statistics`."""
-        return feature_statistics(self.stores, self.catalog, self.world)
+        """Collective over the scanning world: see :func:`feature_statistics`."""
+        return feature_statistics(self.stores, self.catalog, self.scan_world)
 
     def device_augmenter(self) -> DeviceAugmenter | None:
         """The augmentation the training step applies to each batch before the model
@@ -337,29 +342,43 @@ class TrainInput:
 
 
 class EvalInput:
-    """A fixed set of samples (dev or test) dealt out over the ranks in order, every sample exactly once."""
+    """A fixed set of samples (dev or test) dealt out over the ranks in order, every sample exactly once; planned for
+    the world as it is when read (an elastic world may have changed since)."""
 
-    def __init__(self, catalog: Catalog, plan: EpochPlan, cfg: LoaderConfig):
-        self.catalog, self.plan, self.cfg = catalog, plan, cfg
-        keys, rows = catalog.table.locate(plan.sample_ids)
-        refs = catalog.refs
-        self.ids = [f"{refs[k].url}#rg{refs[k].index}:{r}" for k, r in zip(keys.tolist(), rows.tolist())]
+    def __init__(self, catalog: Catalog, cfg: LoaderConfig, world: World, batch_size: int, limit: int = 0,
+                 reverse: bool = False):  # fmt: skip
+        self.catalog, self.cfg, self.world, self.batch_size, self.limit = catalog, cfg, world, batch_size, limit
+        self.reverse = reverse
+        self._plans: dict[tuple[int, int], EpochPlan] = {}
 
     @classmethod
     def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, cfg: LoaderConfig, world: World, *,
               batch_size: int, limit: int = 0, features: FeatureConfig | None = None,
-              reference: str = "the training stores", reverse: bool = False) -> "EvalInput":  # fmt: skip
-        """Collective. ``features`` (of ``reference``): what the stores must have been preprocessed with; ``reverse``:
-        longest batches first."""
+              reference: str = "the training stores", reverse: bool = False,
+              scan_world: World | None = None) -> "EvalInput":  # fmt: skip
+        """Collective over ``scan_world`` (default ``world``). ``features`` (of ``reference``): what the stores must
+        have been preprocessed with; ``reverse``: longest batches first."""
         stores = open_stores(urls, alphabet, features, reference)
-        catalog = Catalog.build(stores, world, skip_bad_shards=cfg.skip_bad_shards, augmented=False)  # originals only
-        plan = plan_eval(catalog.table, rank=world.rank, world=world.size, batch_size=batch_size, limit=limit,
-                         sort_by_length=True, reverse=reverse)  # fmt: skip
-        return cls(catalog, plan, cfg)
+        catalog = Catalog.build(stores, scan_world or world, skip_bad_shards=cfg.skip_bad_shards, augmented=False)  # originals only
+        return cls(catalog, cfg, world, batch_size, limit, reverse)
+
+    @property
+    def plan(self) -> EpochPlan:
+        """This rank's share at the current world."""
+        key = (self.world.rank, self.world.size)
+        if key not in self._plans:
+            self._plans[key] = plan_eval(self.catalog.table, rank=key[0], world=key[1], batch_size=self.batch_size,
+                                         limit=self.limit, sort_by_length=True, reverse=self.reverse)  # fmt: skip
+        return self._plans[key]
 
     @property
     def feature_dtype(self) -> str:
         return "float16" if self.catalog.itemsize == 2 else "float32"
+
+    def _ids(self, plan: EpochPlan, lo: int, hi: int) -> list[str]:
+        keys, rows = self.catalog.table.locate(plan.sample_ids[lo:hi])
+        refs = self.catalog.refs
+        return [f"{refs[k].url}#rg{refs[k].index}:{r}" for k, r in zip(keys.tolist(), rows.tolist())]
 
     def batches(self) -> Iterator[tuple[list[str], Batch]]:
         """This rank's batches with the ids of their samples (with --skip_bad_shards, the samples of unreadable row
@@ -369,7 +388,8 @@ class EvalInput:
                             prefetch=cfg.loader_prefetch, skip_bad=cfg.skip_bad_shards)  # fmt: skip
         for step, batch in enumerate(reader):
             # A batch is assembled only once its row groups are loaded: reader.bad_keys already names its bad ones.
-            keys = plan.batch_keys_rows(step)[0].tolist()
-            ids = [self.ids[plan.offsets[step] + j] for j, k in enumerate(keys) if k not in reader.bad_keys]
+            lo, hi = plan.offsets[step], plan.offsets[step + 1]
+            keys = plan.keys[lo:hi].tolist()
+            ids = [uid for uid, k in zip(self._ids(plan, lo, hi), keys) if k not in reader.bad_keys]
             if ids:
                 yield ids, batch

@@ -29,6 +29,7 @@ import dstrain
 from dstrain import runtime
 from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.config import option, parse_list, to_dict
+from dstrain.distributed import Elastic, World, elastic_launch
 from dstrain.decoder.config import DecoderConfig
 from dstrain.evaluate import EvaluationSetConfig, global_loss, greedy_error_counts, posteriors, report_test_set
 from dstrain.export import ExportOptions, export_model
@@ -49,6 +50,31 @@ from dstrain.train.schedule import DevHistory, OptimConfig, adam, learning_rate
 log = logging.getLogger("dstrain.train")
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """Elastic training (horovodrun --min-np/--max-np/--host-discovery-script; dstrain launch --elastic)"""
+
+    elastic: bool = False
+    """Keep training when nodes leave or join: a lost node rolls the others back to the last commit and they go on
+    without it; a node the discovery script lists again joins and gets the state. Needs horovodrun's elastic mode
+    (Gloo controller): not under mpirun, srun or an MPIJob, which keep the checkpoint-and-requeue path."""
+    elastic_commit_steps: int = 20
+    """Commit the training state in memory every this many optimizer steps (and at every epoch end): what a lost
+    node rolls the others back to. More often costs a copy of the model and optimizer each time."""
+    elastic_batch: str = option("global", choices=("global", "per_rank"))
+    """When the world changes size: global keeps the global batch (each rank accumulates proportionally more or fewer
+    micro-batches, as near as a whole number allows, and the learning rate stays), so results stay comparable with an
+    uninterrupted run; per_rank keeps each rank's batch (the global batch and the scaled learning rate follow the
+    world)."""
+    record_samples: bool = False
+    """Record every committed step's sample ids in the run record (samples events), to audit that no sample is lost or
+    repeated across elastic resets."""
+
+    def __post_init__(self) -> None:
+        if self.elastic_commit_steps < 1:
+            raise ValueError(f"elastic_commit_steps must be >= 1, got {self.elastic_commit_steps}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,7 @@ class TrainConfig:
     summary_steps: int = 20
     """Write step-level TensorBoard scalars every this many steps."""
     process: ProcessConfig = field(default_factory=ProcessConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -151,9 +178,14 @@ class Trainer:
         tf.keras.utils.set_random_seed(cfg.random_seed)
 
         check_release_fine_tuning(cfg.checkpoint, cfg.model)
+        self.elastic = cfg.elastic.elastic
+        # Elastic: nothing collective may run before the elastic loop (a joining worker would hang in its start-up,
+        # horovod#2652), so every rank reads the stores' catalogs itself.
+        self.scan_world = World() if self.elastic else world
         self.alphabet = UTF8Alphabet() if cfg.bytes_output_mode else Alphabet.from_file(cfg.alphabet_config_path)
         self.data = TrainInput.build(cfg.train_files, self.alphabet, cfg.loader, world, batch_size=cfg.train_batch_size,
-                                     seed=cfg.random_seed, epochs=cfg.epochs, shuffle=cfg.shuffle)  # fmt: skip
+                                     seed=cfg.random_seed, epochs=cfg.epochs, shuffle=cfg.shuffle,
+                                     scan_world=self.scan_world)  # fmt: skip
         self.features = self.data.features
         cfg.feature_check.check(self.features, cfg.train_files[0])
         self.dev = self._eval_input(cfg.dev_files, cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
@@ -179,67 +211,112 @@ class Trainer:
         self.progress = Progress.new()
         self.history = DevHistory()
         self.save_run = RunDir(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
-        self.checkpoints = None
-        if world.is_root and self.save_run is not None:
+        self.checkpoints: Checkpoints | None = None
+        self.summaries = None
+        self.record = RunRecord(None)
+        self._take_roles()
+        self.reference_world = world.size  # the world the global batch is defined for (elastic: the first one)
+        self.accumulated: list[tf.Variable] = []
+        self.consumed: dict[int, list[int]] = {}  # --record_samples: this rank's samples since the last commit, by epoch
+        # --augment: the ops that run on the device, in the step (the batch's keys seed them), or None.
+        self.augment = self.data.device_augmenter()
+        self._layout()
+        # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
+        self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
+
+    def _take_roles(self) -> None:
+        """What only rank 0 does (checkpoints, summaries, the run record), given to whichever rank is rank 0 now.
+        Elastic: every rank can load checkpoints (each reads them itself at start), and a new rank 0 takes the
+        checkpoint manager afresh, so that it counts the checkpoints an earlier rank 0 saved."""
+        cfg, world = self.cfg, self.world
+        if self.save_run is not None and (world.is_root or self.elastic):
             self.checkpoints = Checkpoints(self.save_run, self.model, self.optimizer, self.progress, cfg.checkpoint.max_to_keep,
                                            ema=self.ema)  # fmt: skip
         self.record = RunRecord(self.save_run.metrics_path if world.is_root and self.save_run else None)
-        self.summaries = None
         summary_dir = cfg.summary_dir or (self.save_run.summaries_dir if self.save_run else "")
-        if world.is_root and summary_dir:
+        if world.is_root and summary_dir and self.summaries is None:
             self.summaries = tf.summary.create_file_writer(summary_dir)
+        elif not world.is_root and self.summaries is not None:
+            self.summaries.close()
+            self.summaries = None
 
-        # --augment: the ops that run on the device, in the step (the batch's keys seed them), or None.
-        self.augment = self.data.device_augmenter()
+    @property
+    def saver(self) -> Checkpoints | None:
+        """The checkpoints this rank saves: rank 0's, nobody else's."""
+        return self.checkpoints if self.world.is_root else None
+
+    def _layout(self) -> None:
+        """Micro-batches per optimizer step, the world size the learning rate is scaled by, and the step functions,
+        for the world as it is now (traced again after an elastic reset: the collectives depend on the world size)."""
+        cfg, world = self.cfg, self.world
+        n = cfg.optim.accumulation_steps
+        if self.elastic and cfg.elastic.elastic_batch == "global":
+            # The same global batch at any world size, as near as a whole number of micro-batches gets.
+            self.group = max(1, round(n * self.reference_world / world.size))
+            self.lr_world = world.size * self.group / n
+        else:
+            self.group, self.lr_world = n, float(world.size)
         dtype = tf.as_dtype(self.data.feature_dtype)
         spec = (tf.TensorSpec([None, None, self.features.n_mel], dtype), tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, 2], tf.int64))  # fmt: skip
         self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([3], tf.float32),))
-        # --accumulation_steps: gradient sums of the micro-batches before the last of each group (float32 even under
-        # mixed precision: the gradients are unscaled first).
-        self.accumulated: list[tf.Variable] = []
-        if cfg.optim.accumulation_steps > 1:
-            self.accumulated = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False) for v in self.model.trainable_variables]
-            self.acc_stats = tf.Variable(tf.zeros([5]), trainable=False)  # loss sum, utterances, non-finite, frames, micro-batches
+        if self.group > 1:
+            # Gradient sums of the micro-batches before the last of each group (float32 even under mixed precision:
+            # the gradients are unscaled first).
+            if not self.accumulated:
+                self.accumulated = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False)
+                                    for v in self.model.trainable_variables]  # fmt: skip
+                self.acc_stats = tf.Variable(tf.zeros([5]), trainable=False)  # loss sum, utterances, non-finite, frames, micro-batches
             self.accumulate_step = tf.function(self._accumulate, input_signature=spec)
-        # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
-        self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
 
     def _eval_input(self, urls: tuple[str, ...], batch_size: int, limit: int, reverse: bool) -> EvalInput | None:
         if not urls:
             return None
         return EvalInput.build(urls, self.alphabet, self.cfg.loader, self.world, batch_size=batch_size, limit=limit,
                                features=self.features, reference=f"the training stores ({self.cfg.train_files[0]})",
-                               reverse=reverse)  # fmt: skip
+                               reverse=reverse, scan_world=self.scan_world)  # fmt: skip
 
     def _write(self, event: str, **fields) -> dict:
         return self.record.write(event, step=int(self.progress.step), epoch=int(self.progress.epoch), **fields)
 
-    # --- state
-    def restore_and_broadcast(self) -> None:
-        """Rank 0 decides what to start from (--load_train) and loads it; every rank then takes rank 0's state."""
+    def _write_start(self, loaded: str | None) -> None:
         hosts = self.world.allgather_object(socket.gethostname())  # Horovod: who is where, for the record
-        loaded = None
-        if self.world.is_root:
-            message, loaded = self._load()
-            log.info(message)
-            if self.ema is not None and not (loaded and evaluation_weights(loaded) == "ema"):
-                self.ema.reset()
-                log.info("Moving average of the weights (--ema_decay %g) starts at the weights loaded", self.cfg.optim.ema_decay)
-            if self.save_run is not None:
-                self.save_run.write_config(to_dict(self.cfg), self.features, self.alphabet, self.world.size)
-        # Horovod: every rank starts from rank 0's weights, optimizer state, counters and weights' average.
-        averaged = self.ema.variables() if self.ema is not None else []
-        self.world.broadcast_variables(self.model.variables + self.optimizer.variables + self.progress.numeric() + averaged)
-        self.progress.set_strings(self.world.broadcast_object(self.progress.strings()))
-        self.history = DevHistory.from_dict(read_json(self.progress.history))
-        position = self.progress.strings()["position"]
-        self.data.load_state_dict({"position": json.loads(position) if position else None})
         self._write("start", world_size=self.world.size, hosts=hosts, controller=self.world.controller(),
                     gpus=self.proc.n_gpus, precision=self.cfg.compute_precision, dstrain_version=dstrain.__version__)  # fmt: skip
         if loaded:
-            self._write("resume", checkpoint=loaded, epoch_step=(json.loads(position)["step"] if position else 0))
+            position = self.data.state_dict()["position"]
+            self._write("resume", checkpoint=loaded, epoch_step=position["step"] if position else 0)
+
+    # --- state
+    def restore_and_broadcast(self) -> str | None:
+        """Rank 0 decides what to start from (--load_train) and loads it; every rank then takes rank 0's state.
+        Elastic: every rank loads it (the elastic loop's first synchronisation is the broadcast). Returns the
+        checkpoint resumed from, if any."""
+        loaded = None
+        if self.world.is_root or self.elastic:
+            message, loaded = self._load()
+            if self.world.is_root:
+                log.info(message)
+            if self.ema is not None and not (loaded and evaluation_weights(loaded) == "ema"):
+                self.ema.reset()
+                if self.world.is_root:
+                    log.info("Moving average of the weights (--ema_decay %g) starts at the weights loaded", self.cfg.optim.ema_decay)
+        if self.world.is_root and self.save_run is not None:
+            self.save_run.write_config(to_dict(self.cfg), self.features, self.alphabet, self.world.size)
+        if not self.elastic:
+            # Horovod: every rank starts from rank 0's weights, optimizer state, counters and weights' average.
+            self.world.broadcast_variables(self.model.variables + self.optimizer.variables + self.progress.numeric()
+                                           + self.averaged_variables())  # fmt: skip
+            self.progress.set_strings(self.world.broadcast_object(self.progress.strings()))
+        self.history = DevHistory.from_dict(read_json(self.progress.history))
+        position = self.progress.strings()["position"]
+        self.data.load_state_dict({"position": json.loads(position) if position else None})
+        return loaded
+
+    def averaged_variables(self) -> list[tf.Variable]:
+        """--ema_decay's state (the average and its update count): part of what every rank must share."""
+        return self.ema.variables() if self.ema is not None else []
 
     def _load(self) -> tuple[str, str | None]:
         """(what was loaded, in words; the checkpoint this run resumes from, if any)."""
@@ -272,11 +349,11 @@ class Trainer:
 
     def save(self, reason: str, best: bool = False) -> str | None:
         """Rank 0 saves model, optimizer, counters and the loader's position; returns the path (None elsewhere)."""
-        if self.checkpoints is None:
+        if self.saver is None:
             return None
         position = self.data.state_dict()["position"]
         self.progress.position.assign(json.dumps(position) if position else "")
-        path = self.checkpoints.save(best=best)
+        path = self.saver.save(best=best)
         self._write("checkpoint", path=path, best=best, reason=reason, epoch_step=position["step"] if position else 0)
         return path
 
@@ -317,7 +394,8 @@ class Trainer:
         optimizer.learning_rate.assign(flags[2])
         loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len, keys)
         stats = tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0])
-        if self.accumulated:
+        accumulating = self.group > 1  # at trace time: every rank of a world traces the same graph
+        if accumulating:
             stats += self.acc_stats
             grads = [acc + g * count for acc, g in zip(self.accumulated, grads)]  # sum over utterances of the group
             for acc in self.accumulated:
@@ -331,7 +409,7 @@ class Trainer:
         # counts by its share of them (the average below divides by the world size). Without accumulation, grads is
         # the rank's mean gradient and the factor is exactly 1 with equal counts (fixed batches); with it, grads is
         # the utterance-weighted sum of the group's mean gradients.
-        share = (1.0 if self.accumulated else count) * world.size / tf.maximum(summed[1], 1.0)
+        share = (1.0 if accumulating else count) * world.size / tf.maximum(summed[1], 1.0)
         # Horovod: average the gradients over ranks (a rank's non-finite ones are zeros; the step is skipped anyway).
         grads = world.average_gradients([g * share for g in grads], compression=self.cfg.optim.gradient_compression)
         if self.cfg.optim.max_grad_norm > 0:
@@ -373,7 +451,7 @@ class Trainer:
         t0, loss_sum, steps, utterances, frames, skipped_steps = time.time(), 0.0, 0, 0.0, 0, 0
         wait_total, rate = 0.0, 0.0
         bar = self.proc.progress_bar(plan.start_step + plan.steps, plan.start_step, f"epoch {epoch + 1}/{cfg.epochs}")
-        group = cfg.optim.accumulation_steps
+        group = self.group
         batches = iter(reader)
         try:
             batch, step = self._to_device(next(batches, None)), int(progress.step)
@@ -384,7 +462,7 @@ class Trainer:
                 epoch_step = plan.start_step + data.done
                 closes_group = (epoch_step + 1) % group == 0 or data.done + 1 == plan.steps
                 if closes_group:
-                    rate = learning_rate(cfg.optim, world.size, step, self.history.plateau_factor)
+                    rate = learning_rate(cfg.optim, self.lr_world, step, self.history.plateau_factor)
                     flags = tf.constant([1.0 if self.stop.requested else 0.0, wait_now, rate], tf.float32)
                     out = self.train_step(*batch, flags)
                     wait_now = 0.0
@@ -394,6 +472,9 @@ class Trainer:
                 wait_before = reader.wait_s
                 batch = self._to_device(next(batches, None))
                 wait_now += reader.wait_s - wait_before
+                if cfg.elastic.record_samples:
+                    lo, hi = plan.offsets[data.done], plan.offsets[data.done + 1]
+                    self.consumed.setdefault(epoch, []).extend(plan.sample_ids[lo:hi][~plan.is_pad[lo:hi]].tolist())
                 data.step_done()
                 if bar is not None:
                     bar.update(1)
@@ -417,9 +498,11 @@ class Trainer:
                     self._step_summaries(step - 1, loss, wait)
                 if stop:
                     self._save_and_stop(epoch, "Stop requested")
-                if self.checkpoints is not None and self.checkpoints.due(cfg.checkpoint, step):
+                if self.saver is not None and self.saver.due(cfg.checkpoint, step):
                     path = self.save("periodic")
                     log.info("saved %s at step %d (epoch %d, step %d of it)", path, step, epoch + 1, plan.start_step + data.done)
+                if self.commit is not None and step % cfg.elastic.elastic_commit_steps == 0:
+                    self.commit()
         finally:
             batches.close()
         if bar is not None:
@@ -525,6 +608,7 @@ class Trainer:
             self._save_and_stop(epoch, "Stop requested")
 
     def _save_and_stop(self, epoch: int, why: str, exit_code: int = EXIT_PREEMPTED) -> None:
+        self._write_samples(self._gather_samples())  # the checkpoint holds these steps: they are done
         path = self.save("stop")
         # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit);
         # the gather is that barrier, and tells rank 0's record which ranks were asked to stop, by which signal.
@@ -545,10 +629,109 @@ class Trainer:
             log.info("Training already complete: %d of %d epochs done", start, self.cfg.epochs)
         try:
             for epoch in range(start, self.cfg.epochs):
-                if not self.run_epoch(epoch):
+                keep_going = self.run_epoch(epoch)
+                if self.commit is not None:
+                    self.commit()
+                elif self.cfg.elastic.record_samples:
+                    self._write_samples(self._gather_samples())
+                if not keep_going:
                     break
         finally:
             self.data.close()
+
+    # --- elastic training
+    commit = None
+    """Elastic: keeps the state a lost node rolls back to (see :meth:`run_elastic`)."""
+
+    def run_elastic(self, loaded: str | None) -> None:
+        """Training under Horovod's elastic driver: :meth:`fit` again after every reset, from the state committed
+        last (a lost peer) or the current one (hosts added or removed), at the new world size. What an epoch has
+        left is re-partitioned over the new ranks by the loader's position; the learning rate and the micro-batches
+        per step follow --elastic_batch."""
+        if self.world.controller() != "gloo":
+            raise ValueError("--elastic needs horovodrun's Gloo controller (horovodrun --min-np ... --host-discovery-script "
+                             "...; dstrain launch --elastic writes it): mpirun, srun and MPIJobs restart from checkpoints")  # fmt: skip
+        variables = self.model.variables + self.optimizer.variables + self.averaged_variables()
+        self.elastic_run = Elastic(self.world, variables, self._get_state, self._set_state, self._on_reset)
+        self.commit = self._commit
+
+        def body() -> None:
+            # Every rank takes the same branch: ``started`` is rank 0's, from the synchronisation before this call (a
+            # worker that has just joined would otherwise write a start record, with a collective the others skip).
+            if not self.started:
+                self._write_start(loaded)
+                self.started = True
+            else:
+                hosts = self.world.allgather_object(socket.gethostname())  # Horovod: who is left, or new
+                self._write("reset", world_size=self.world.size, hosts=hosts, reason=self.reset_reason,
+                            accumulation_steps=self.group)  # fmt: skip
+                log.warning("elastic reset (%s): %d rank(s) on %s, %d micro-batch(es) per step; going on from step %d",
+                            self.reset_reason, self.world.size, ",".join(hosts), self.group, int(self.progress.step))  # fmt: skip
+                self.save("reset")  # a checkpoint of the state the new world goes on from
+            self.fit()
+
+        self.elastic_run.run(body)
+
+    def _get_state(self) -> dict:
+        p = self.progress
+        return {"epoch": int(p.epoch), "step": int(p.step), "best_dev_loss": float(p.best_dev_loss),
+                "nonfinite": int(p.nonfinite), "history": self.history.to_dict(),
+                "position": self.data.state_dict()["position"], "reference_world": self.reference_world,
+                "started": self.started}  # fmt: skip
+
+    def _set_state(self, state: dict, how: str) -> None:
+        """The committed state back (``how`` = restore: rolled back after a lost peer) or rank 0's (sync)."""
+        p = self.progress
+        p.epoch.assign(state["epoch"])
+        p.step.assign(state["step"])
+        p.best_dev_loss.assign(state["best_dev_loss"])
+        p.nonfinite.assign(state["nonfinite"])
+        self.history = DevHistory.from_dict(state["history"])
+        p.history.assign(json.dumps(state["history"]))
+        self.data.close()
+        self.data.end_epoch()
+        self.data.load_state_dict({"position": state["position"]})
+        self.consumed = {}  # steps after the last commit are not done
+        self.started = state["started"]
+        for acc in self.accumulated:
+            acc.assign(tf.zeros_like(acc))
+        if self.accumulated:
+            self.acc_stats.assign(tf.zeros_like(self.acc_stats))
+        if how == "restore":
+            self.reset_reason = "a rank was lost: rolled back to the last commit"
+        if state["reference_world"] != self.reference_world:
+            self.reference_world = state["reference_world"]
+            self._layout()
+
+    def _on_reset(self) -> None:
+        """The world changed (the new rank and size are set): what depends on them follows."""
+        self.data.close()
+        runtime.setup_logging(self.world.rank, self.save_run, self.cfg.process.log_level)  # rank 0 may be another now
+        self._take_roles()
+        self._layout()
+
+    reset_reason = "hosts were added or removed"
+    started = False  # elastic: the run's start record is written (a reset writes a reset record instead)
+
+    def _commit(self) -> None:
+        """Elastic: the state a lost node rolls back to. The samples of the steps since the last commit are gathered
+        first (should that fail, those steps roll back and are never recorded), then the state is kept and rank 0
+        records them, and last Horovod looks for host changes (which keep this state)."""
+        gathered = self._gather_samples()
+        self.reset_reason = "hosts were added or removed"
+        self.elastic_run.commit(before_check=lambda: self._write_samples(gathered))
+
+    def _gather_samples(self) -> list[dict[int, list[int]]] | None:
+        if not self.cfg.elastic.record_samples:
+            return None
+        gathered = self.world.allgather_object(self.consumed)  # Horovod: every rank's samples since the last commit
+        self.consumed = {}
+        return gathered
+
+    def _write_samples(self, gathered: list[dict[int, list[int]]] | None) -> None:
+        for epoch in sorted({e for by_epoch in gathered or () for e in by_epoch}):
+            ids = [i for by_epoch in gathered for i in by_epoch.get(epoch, ())]
+            self._write("samples", number=epoch + 1, ids=ids, ranks=len(gathered))
 
     # --- after training
     def use_evaluation_weights(self) -> None:
@@ -604,10 +787,17 @@ def train(cfg: TrainConfig) -> dict:
     save = cfg.checkpoint.save_dir
     check_not_averaged(cfg.checkpoint)
     proc = runtime.start(cfg.process, RunDir(save) if save else None)
+    if cfg.elastic.elastic and not elastic_launch():
+        raise ValueError("--elastic needs horovodrun's elastic mode: horovodrun --min-np A --max-np B "
+                         "--host-discovery-script S dstrain train ... (dstrain launch --elastic writes it)")  # fmt: skip
     trainer = Trainer(cfg, proc)
-    trainer.restore_and_broadcast()
+    loaded = trainer.restore_and_broadcast()
     try:
-        trainer.fit()
+        if trainer.elastic:
+            trainer.run_elastic(loaded)
+        else:
+            trainer._write_start(loaded)
+            trainer.fit()
     except tf.errors.ResourceExhaustedError as e:
         batch = (f"--batch_frames {cfg.loader.batch_frames}" if cfg.loader.batch_frames
                  else f"--train_batch_size {cfg.train_batch_size}")  # fmt: skip

@@ -1,0 +1,181 @@
+"""Elastic training on the cluster in a box (tools/cluster.sh), one CPU rank per node, under horovodrun's elastic
+driver on node1 (never failed: the driver is the job's single point of failure) with dstrain's hostfile discovery:
+a node killed or cut off mid-epoch and the survivors go on without restarting; the node listed again joins and gets
+the state; below --min_np the job fails with a clear message and a loadable checkpoint; without failures the weights
+are those of the same job without --elastic. Every committed step's sample ids are in the run record (samples
+events), so the tests check that no training sample is lost or repeated across resets."""
+import collections
+import sys
+
+import pytest
+
+from cluster import Output, box, rank_env, stop_group, train_argv
+from conftest import final_digests, records, synthetic_store
+
+pytestmark = pytest.mark.slow
+N_UTTERANCES = 41
+EPOCHS = 4
+# The documented bound (README, "Elastic training"): from the kill or the cut to the survivors' reset record.
+RESET_BOUND_S = {"kill": 60, "cut": 90}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    # 41 utterances in row groups of 4 over 3 shards: divides evenly into neither 2 nor 3 ranks nor batches.
+    return synthetic_store(tmp_path_factory.mktemp("elastic") / "s", N_UTTERANCES, row_group_rows=4, shard_rows=15,
+                           frames=(40, 90), seed=11)  # fmt: skip
+
+
+def write_hosts(path, *nodes: str) -> None:
+    """The hostfile the discovery script reads every second; replaced whole, as an operator's editor would."""
+    tmp = path.with_suffix(".new")
+    tmp.write_text("".join(f"{n} slots=1\n" for n in nodes))
+    tmp.replace(path)
+
+
+def elastic_job(c, store: str, run_dir, hosts, *extra: str, min_np: int = 2, timeout: int = 60) -> Output:
+    argv = ["dstrain", "launch", "--elastic", "--min_np", str(min_np), "--max_np", "3", "--hostfile", str(hosts),
+            "--elastic_timeout", str(timeout), "--blacklist_cooldown", "1,2", "--",
+            *train_argv(store, run_dir, "--elastic_commit_steps", "2", "--record_samples", *extra, epochs=EPOCHS)]  # fmt: skip
+    return Output(c.popen("node1", *argv, env=rank_env(PYTHONFAULTHANDLER="1")))
+
+
+def check_samples(run_dir, epochs: int = EPOCHS) -> None:
+    """Every epoch used every training utterance exactly once (the pad repeats left out), counting only committed
+    steps: the samples records hold just those."""
+    used = collections.defaultdict(collections.Counter)
+    for r in records(run_dir, "samples"):
+        used[r["number"]].update(r["ids"])
+    assert sorted(used) == list(range(1, epochs + 1)), sorted(used)
+    for epoch, counts in used.items():
+        assert sorted(counts) == list(range(N_UTTERANCES)), (epoch, sorted(set(range(N_UTTERANCES)) - set(counts)))
+        assert set(counts.values()) == {1}, (epoch, {i: n for i, n in counts.items() if n != 1})
+
+
+def finished(out: Output, run_dir, ranks: int) -> list[str]:
+    assert out.finish(600) == 0, out.text[-6000:]
+    digests = final_digests(run_dir)
+    assert len(digests) == ranks and len(set(digests)) == 1, digests
+    return digests
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("failure", ["kill", "cut"])
+def test_a_lost_node_leaves_the_others_training_and_it_rejoins_when_back(store, tmp_path, failure):
+    with box(tmp_path / "c", 3) as c:
+        hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
+        write_hosts(hosts, "node1", "node2", "node3")
+        out = elastic_job(c, store, run_dir, hosts)
+        try:
+            out.wait_for(r"epoch 1/\d+ train loss", 400)
+            pids = {n: c.ranks(n) for n in ("node1", "node2")}
+            # Lost mid-epoch: the hostfile no longer lists it either (an operator, or SLURM marking it down).
+            write_hosts(hosts, "node1", "node2")
+            getattr(c, failure)("node3")
+            resets = wait_reset(out, run_dir, 2, RESET_BOUND_S[failure])
+            assert sorted(resets[-1]["hosts"]) == ["node1", "node2"]  # rank 0 may now be on node2
+            # The survivors went on in the processes they started in.
+            assert {n: c.ranks(n) for n in ("node1", "node2")} == pids
+            # Back: the node comes up again and the hostfile lists it.
+            c.revive("node3") if failure == "kill" else c.heal("node3")
+            write_hosts(hosts, "node1", "node2", "node3")
+            wait_reset(out, run_dir, 3, 300)
+            finished(out, run_dir, 3)
+        finally:
+            stop_group(out.proc)
+            (tmp_path / "job.log").write_text(out.text)
+    sizes = [r["world_size"] for r in records(run_dir, "reset")]
+    assert 2 in sizes and sizes[-1] == 3, sizes
+    check_samples(run_dir)
+    (final,) = records(run_dir, "final")
+    assert final["epochs_done"] == EPOCHS
+
+
+def wait_reset(out: Output, run_dir, size: int, timeout: float) -> list[dict]:
+    """Waits for the run record's reset to a world of ``size``; returns the resets so far."""
+    from cluster import wait_for
+
+    def reset():
+        if out.proc.poll() is not None:
+            pytest.fail(f"exited with {out.proc.returncode} before a reset to {size} ranks:\n{out.text[-6000:]}")
+        found = records(run_dir, "reset") if (run_dir / "metrics.jsonl").exists() else []
+        return found if any(r["world_size"] == size for r in found) else None
+
+    return wait_for(reset, timeout, f"a reset to {size} ranks in the run record", poll=0.5)
+
+
+@pytest.mark.timeout(1200)
+def test_without_failures_elastic_gives_the_weights_of_a_plain_run(store, tmp_path):
+    with box(tmp_path / "c", 3) as c:
+        hosts = tmp_path / "hosts"
+        write_hosts(hosts, "node1", "node2", "node3")
+        out = elastic_job(c, store, tmp_path / "elastic", hosts)
+        try:
+            elastic = finished(out, tmp_path / "elastic", 3)
+        finally:
+            stop_group(out.proc)
+        plain = Output(c.popen("node1", "horovodrun", "-np", "3", "-H", "node1:1,node2:1,node3:1", "--gloo",
+                               *train_argv(store, tmp_path / "plain", epochs=EPOCHS), env=rank_env()))  # fmt: skip
+        try:
+            assert plain.finish(600) == 0, plain.text[-4000:]
+        finally:
+            stop_group(plain.proc)
+    assert final_digests(tmp_path / "plain") == elastic
+    assert records(tmp_path / "elastic", "reset") == []
+    check_samples(tmp_path / "elastic")
+
+
+@pytest.mark.timeout(900)
+def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, tmp_path):
+    with box(tmp_path / "c", 3) as c:
+        hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
+        write_hosts(hosts, "node1", "node2", "node3")
+        out = elastic_job(c, store, run_dir, hosts, min_np=3, timeout=20)
+        try:
+            out.wait_for(r"epoch 1/\d+ train loss", 400)
+            write_hosts(hosts, "node1", "node2")
+            c.kill("node3")
+            code = out.finish(300)
+        finally:
+            stop_group(out.proc)
+            (tmp_path / "job.log").write_text(out.text)
+    assert code != 0
+    assert "error: fewer than --min_np 3 ranks' hosts for --elastic_timeout 20 s" in out.text, out.text[-4000:]
+    # The last checkpoint loads: a plain rerun would resume from it.
+    from dstrain.rundir import RunDir
+
+    rd = RunDir(str(run_dir))
+    path = rd.latest_checkpoint()
+    assert path, sorted(p.name for p in run_dir.iterdir())
+    rd.restore_model(path)
+
+
+@pytest.mark.timeout(1200)
+def test_a_stop_request_checkpoints_exits_75_and_the_rerun_resumes(store, tmp_path):
+    import os
+    import signal
+
+    with box(tmp_path / "c", 3) as c:
+        hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
+        write_hosts(hosts, "node1", "node2", "node3")
+        out = elastic_job(c, store, run_dir, hosts)
+        try:
+            out.wait_for(r"epoch 1/\d+ train loss", 400)
+            (rank,) = c.ranks("node2")
+            os.kill(rank, signal.SIGUSR1)  # one rank is told (a spot notice on its node): the whole job stops
+            code = out.finish(300)
+        finally:
+            stop_group(out.proc)
+            (tmp_path / "job.log").write_text(out.text)
+        assert code == 75, out.text[-4000:]
+        (stop,) = records(run_dir, "stop")
+        assert stop["signal"] == "SIGUSR1" and stop["exit_code"] == 75 and stop["checkpoint"], stop
+        # The same command again resumes from that checkpoint and completes every epoch's samples exactly once.
+        again = elastic_job(c, store, run_dir, hosts)
+        try:
+            finished(again, run_dir, 3)
+        finally:
+            stop_group(again.proc)
+    (resume,) = records(run_dir, "resume")
+    assert resume["checkpoint"] == stop["checkpoint"]
+    check_samples(run_dir)
