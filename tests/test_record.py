@@ -16,7 +16,7 @@ EPOCH = {"number": 2, "epochs": 3, "loss": 1.5, "steps": 10, "micro_batches": 10
 def test_every_event_names_its_fields_and_a_missing_one_is_refused(tmp_path):
     record = RunRecord(str(tmp_path / "run" / "metrics.jsonl"))
     written = record.write("epoch", step=10, epoch=2, **EPOCH)
-    assert set(EVENTS) == {"start", "resume", "epoch", "eval", "checkpoint", "nonfinite", "stop", "final"}
+    assert set(EVENTS) == {"start", "resume", "epoch", "eval", "checkpoint", "nonfinite", "stop", "final", "reset", "samples"}
     (back,) = read_record(record.path)
     assert back == written and back["event"] == "epoch" and back["step"] == 10
     with pytest.raises(ValueError, match="epoch record lacks padding"):

@@ -375,6 +375,11 @@ class EvalInput:
     def feature_dtype(self) -> str:
         return "float16" if self.catalog.itemsize == 2 else "float32"
 
+    @property
+    def ids(self) -> list[str]:
+        """The ids of this rank's samples at the current world, in plan order."""
+        return self._ids(self.plan, 0, self.plan.sample_ids.size)
+
     def _ids(self, plan: EpochPlan, lo: int, hi: int) -> list[str]:
         keys, rows = self.catalog.table.locate(plan.sample_ids[lo:hi])
         refs = self.catalog.refs
