@@ -299,7 +299,7 @@ def timeline_allreduce_s(path: str) -> float:
 
 def horovodrun(box: Box, node: str, hosts: str, np_: int, cmd: list[str], env: dict, timeout: float) -> None:
     argv = box.argv(node, "env", *[f"{k}={v}" for k, v in env.items()], os.path.join(BIN, "horovodrun"), "-np", str(np_),
-                    "-H", hosts, "--gloo", "--network-interfaces", "eth0", *pinned(cmd))  # fmt: skip
+                    "-H", hosts, "--gloo", *(["--network-interfaces", "eth0"] if "," in hosts else []), *pinned(cmd))  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(argv)}\nfailed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
