@@ -69,6 +69,14 @@ DEFAULT_AUGMENT: tuple[str, ...] = (
 """The recommended ``--augment`` set; augmentation stays off unless the user asks for it."""
 
 _FLOOR_LOG = math.log(_FILTERBANK_FLOOR)
+
+
+def zero_value(domain: str, power: bool) -> float:
+    """The value that is 0 in ``domain`` (spectrogram or gain), in the power or the log representation (masks need no
+    conversion): shared by the loader's and the device's augmenters."""
+    if domain == "spectrogram":
+        return 0.0 if power else _FLOOR_LOG
+    return 1.0 if power else 0.0
 _FLOOR_POW = _FILTERBANK_FLOOR**2
 # At or below this a value is the floor (digital silence); float16 stores the floor 0.006 higher.
 _SILENT_LOG = _FLOOR_LOG + 0.05
@@ -180,10 +188,7 @@ class _Work:
         return self.x
 
     def zero(self, domain: str) -> float:
-        """The value that is 0 in ``domain``, in the current representation (masks need no conversion)."""
-        if domain == "spectrogram":
-            return 0.0 if self.power else _FLOOR_LOG
-        return 1.0 if self.power else 0.0
+        return zero_value(domain, self.power)
 
 
 @dataclass

@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from dstrain.features import FeatureConfig
 from dstrain.loader.augment import (
+    zero_value,
     _FLOOR_LOG,
     _FLOOR_POW,
     _SILENT_LOG,
@@ -180,9 +181,7 @@ class _Work:
         return self.x
 
     def zero(self, domain: str) -> float:
-        if domain == "spectrogram":
-            return 0.0 if self.power else _FLOOR_LOG
-        return 1.0 if self.power else 0.0
+        return zero_value(domain, self.power)
 
     def valid(self) -> tf.Tensor:
         """``[B, T]``: the frames that are the utterance, not padding."""
@@ -222,10 +221,15 @@ def _fill(w: _Work, domain: str, fill: str) -> Union[float, tf.Tensor]:
 # Operations: each (op, batch, draws, context, applied [B] bool) -> None; the loader's ops' semantics, per sample
 
 
-def _frequency_mask(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
+def _mask_draws(op, d: _Draws, c: _Ctx) -> tuple[int, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(most masks, masks per sample, size draws, start draws): drawn the same way for both mask ops."""
     k = max(0, op.n.bounds()[1])
     n = _pick(op.n, c.clock, d.take(1))
-    size_u, start_u = d.take(k), d.take(k)
+    return k, n, d.take(k), d.take(k)
+
+
+def _frequency_mask(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
+    k, n, size_u, start_u = _mask_draws(op, d, c)
     if k == 0:
         return
     n_mel = c.features.n_mel
@@ -240,9 +244,7 @@ def _frequency_mask(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> Non
 
 
 def _time_mask(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
-    k = max(0, op.n.bounds()[1])
-    n = _pick(op.n, c.clock, d.take(1))
-    size_u, start_u = d.take(k), d.take(k)
+    k, n, size_u, start_u = _mask_draws(op, d, c)
     if k == 0:
         return
     frames = tf.cast(w.lengths, tf.float64)[:, None]
