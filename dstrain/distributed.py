@@ -212,6 +212,31 @@ def elastic_launch() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
+NOTIFY_TIMEOUT_S = 5.0
+"""How long the elastic driver waits on rank 0 to take a notice of changed hosts (see :func:`run_elastic_driver`)."""
+
+
+def run_elastic_driver(horovodrun_args: Sequence[str]) -> None:
+    """``horovodrun`` (its elastic driver) in this process, with one Horovod 0.28.1 bug worked around: the driver tells
+    rank 0 of changed hosts with a plain blocking ``connect`` (3 attempts, no timeout) while it holds the lock that
+    host discovery and the next rendezvous wait on; when rank 0's node stops answering (a cut link, a powered-off
+    machine), every survivor waits for TCP to give up three times (~6 minutes). Here the notice is sent from a
+    thread the driver waits on for :data:`NOTIFY_TIMEOUT_S` at most; a live rank 0 still gets it."""
+    from horovod.runner.elastic.worker import WorkerNotificationClient
+    from horovod.runner.launch import run_commandline
+
+    send = WorkerNotificationClient.notify_hosts_updated
+
+    def notify_hosts_updated(client: Any, timestamp: int, update_res: Any) -> None:
+        thread = threading.Thread(target=send, args=(client, timestamp, update_res), daemon=True)
+        thread.start()
+        thread.join(NOTIFY_TIMEOUT_S)
+
+    WorkerNotificationClient.notify_hosts_updated = notify_hosts_updated
+    sys.argv = ["horovodrun", *horovodrun_args]
+    run_commandline()
+
+
 def start_horovod(pin_gpu: bool = True) -> World:
     """Initialises Horovod (one process per device) and pins this process to its GPU by local rank."""
     import horovod.tensorflow as hvd

@@ -325,7 +325,8 @@ def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str,
     in a traceback)."""
     import subprocess
 
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    driver = [sys.executable, "-m", "dstrain.launch.elastic_driver", *argv[1:]]  # horovodrun, with a hang fixed
+    proc = subprocess.Popen(driver, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     too_few = False
     for line in proc.stdout:
         sys.stdout.write(line)
