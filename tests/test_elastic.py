@@ -15,6 +15,9 @@ from conftest import final_digests, records, synthetic_store
 pytestmark = pytest.mark.slow
 N_UTTERANCES = 41
 EPOCHS = 4
+# A failure needs the job to outlast its detection (up to Gloo's 30 s), a reset and a rejoin (each retraces the step,
+# ~15-20 s here); after the first, an epoch of the tiny model takes ~1.5 s.
+LONG_EPOCHS = 60
 # The documented bound (README, "Elastic training"): from the kill or the cut to the survivors' reset record.
 RESET_BOUND_S = {"kill": 60, "cut": 90}
 
@@ -33,10 +36,10 @@ def write_hosts(path, *nodes: str) -> None:
     tmp.replace(path)
 
 
-def elastic_job(c, store: str, run_dir, hosts, *extra: str, min_np: int = 2, timeout: int = 60) -> Output:
+def elastic_job(c, store: str, run_dir, hosts, *extra: str, min_np: int = 2, timeout: int = 60, epochs: int = EPOCHS) -> Output:
     argv = ["dstrain", "launch", "--elastic", "--min_np", str(min_np), "--max_np", "3", "--hostfile", str(hosts),
             "--elastic_timeout", str(timeout), "--blacklist_cooldown", "1,2", "--",
-            *train_argv(store, run_dir, "--elastic_commit_steps", "2", "--record_samples", *extra, epochs=EPOCHS)]  # fmt: skip
+            *train_argv(store, run_dir, "--elastic_commit_steps", "2", "--record_samples", *extra, epochs=epochs)]  # fmt: skip
     return Output(c.popen("node1", *argv, env=rank_env(PYTHONFAULTHANDLER="1")))
 
 
@@ -65,7 +68,7 @@ def test_a_lost_node_leaves_the_others_training_and_it_rejoins_when_back(store, 
     with box(tmp_path / "c", 3) as c:
         hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
         write_hosts(hosts, "node1", "node2", "node3")
-        out = elastic_job(c, store, run_dir, hosts)
+        out = elastic_job(c, store, run_dir, hosts, epochs=LONG_EPOCHS)
         try:
             out.wait_for(r"epoch 1/\d+ train loss", 400)
             victim = lost_node(run_dir)
@@ -88,9 +91,12 @@ def test_a_lost_node_leaves_the_others_training_and_it_rejoins_when_back(store, 
             (tmp_path / "job.log").write_text(out.text)
     sizes = [r["world_size"] for r in records(run_dir, "reset")]
     assert 2 in sizes and sizes[-1] == 3, sizes
-    check_samples(run_dir)
+    check_samples(run_dir, LONG_EPOCHS)
+    # Whoever was rank 0 numbered its checkpoints after those already there: none was written over.
+    paths = [r["path"] for r in records(run_dir, "checkpoint")]
+    assert len(set(paths)) == len(paths), paths
     (final,) = records(run_dir, "final")
-    assert final["epochs_done"] == EPOCHS
+    assert final["epochs_done"] == LONG_EPOCHS
 
 
 def lost_node(run_dir) -> str:

@@ -643,3 +643,20 @@ def test_duration_batches_plan_a_million_samples_at_world_512():
     assert a.steps == b.steps > 0 and np.array_equal(a.batch_sizes, b.batch_sizes)
     assert a.batch_frames_used.max() <= 48000 and a.max_resident <= 12
     assert a.samples == b.samples == table.n_samples // 512
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_pad_in_the_steps_done_does_not_consume_the_sample_it_repeats(seed):
+    """'pad' fills a rank's last batch with repeats of samples; with length buckets that batch can run before the cut.
+    Re-partitioning on another world must still hand out every sample not yet used for real (an elastic run over 41
+    utterances once lost one this way)."""
+    rgs = groups(LAYOUTS["uneven"], seed=seed)
+    pool = RowGroupTable(rgs).n_samples
+    spec = PlanSpec(batch_size=2, remainder="pad", buckets=4, window_row_groups=2)
+    for epoch in range(4):
+        first = plan_all(rgs, spec, world=3, epoch=epoch, seed=seed)
+        for cut in range(1, first[0].steps):
+            done = np.concatenate([p.sample_ids[: cut * 2][~p.is_pad[: cut * 2]] for p in first])
+            rest = [resume_plan(first[0].position_after(cut), rgs, spec, rank=r, world=2) for r in range(2)]
+            ahead = np.concatenate([p.sample_ids[~p.is_pad] for p in rest])
+            assert sorted(done.tolist() + ahead.tolist()) == list(range(pool)), (epoch, cut)

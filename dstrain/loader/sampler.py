@@ -979,7 +979,9 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
             old = runner(r)
             if seg.steps > old.steps:
                 raise ValueError(f"segment {i} ran {seg.steps} steps but its plan has only {old.steps}")
-            consumed[old.pidx[: old.offsets[seg.steps]]] = True
+            done = slice(0, old.offsets[seg.steps])
+            # A pad entry repeats a sample that may still be ahead in this epoch: it consumes nothing.
+            consumed[old.pidx[done][~old.pad[done]]] = True
         keep = ~consumed[pidx]
         sids, pidx = sids[keep], pidx[keep]
     run = ep.runner(sids, pidx, world=world, batch_size=spec.batch_size, batch_frames=spec.batch_frames,

@@ -153,6 +153,11 @@ class Checkpoints:
         self.ckpt = tf.train.Checkpoint(**self.parts)
         self.latest = tf.train.CheckpointManager(self.ckpt, run.latest_dir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(self.ckpt, run.best_dir, max_to_keep=1)
+        # Numbering goes on after the checkpoints already there (a restore sets it too): a rank that takes over as
+        # rank 0 (elastic) must not write over the names an earlier rank 0 saved.
+        numbers = [int(p.rsplit("-", 1)[1]) for p in self.latest.checkpoints + self.best.checkpoints]
+        if numbers:
+            self.ckpt.save_counter.assign(max(numbers))
         self.on_written = on_written
         self.last_save = time.monotonic()
 
