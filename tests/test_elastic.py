@@ -143,7 +143,7 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
     with box(tmp_path / "c", 3) as c:
         hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
         write_hosts(hosts, "node1", "node2", "node3")
-        out = elastic_job(c, store, run_dir, hosts, min_np=3, timeout=20)
+        out = elastic_job(c, store, run_dir, hosts, min_np=3, timeout=20, epochs=LONG_EPOCHS)
         try:
             out.wait_for(r"epoch 1/\d+ train loss", 400)
             # After the epoch's checkpoint (a kill of rank 0 during it leaves the one before: none yet here).
