@@ -323,7 +323,21 @@ class Elastic:
         self._run = hvd.elastic.run
 
     def run(self, fn: Any) -> Any:
-        return self._run(lambda state: fn())(self.state)
+        import tensorflow as tf
+        from horovod.common.exceptions import HorovodInternalError
+
+        def body(state: Any) -> Any:
+            try:
+                return fn()
+            except tf.errors.OpError as e:
+                # Horovod's TF wrapper turns only errors naming HorovodAllreduce/Allgather/Broadcast into a rollback
+                # and returns None for any other, as if training had ended: a grouped allreduce (the gradients') or
+                # another collective failing on a lost peer ended one rank's training early.
+                if "Horovod" in e.message:
+                    raise HorovodInternalError(e) from e
+                raise
+
+        return self._run(body)(self.state)
 
     def commit(self, before_check: Any = None) -> None:
         """Keeps the current state as the one a failure rolls back to (``before_check()`` then runs), and raises
