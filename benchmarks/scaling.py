@@ -31,6 +31,7 @@ without fp16 compression and accumulation.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import math
@@ -283,12 +284,16 @@ def timeline_allreduce_s(path: str) -> float:
         return math.nan
     text = open(path).read().strip().rstrip(",")
     events = json.loads(text if text.endswith("]") else text + "]")
-    spans, open_at = [], {}
+    # Activities nest (ALLREDUCE holds the fusion-buffer copies and GLOO_ALLREDUCE): an end closes the latest begin
+    # of its tensor (pid).
+    spans, stacks = [], collections.defaultdict(list)
     for e in events:
-        if e.get("name") == "ALLREDUCE" and e.get("ph") == "B":
-            open_at[e["pid"]] = e["ts"]
-        elif e.get("ph") == "E" and e.get("pid") in open_at:
-            spans.append((open_at.pop(e["pid"]), e["ts"]))
+        if e.get("ph") == "B":
+            stacks[e["pid"]].append((e.get("name"), e["ts"]))
+        elif e.get("ph") == "E" and stacks[e.get("pid")]:
+            name, begun = stacks[e["pid"]].pop()
+            if name == "ALLREDUCE":
+                spans.append((begun, e["ts"]))
     total, end = 0.0, -math.inf
     for a, b in sorted(spans):
         if b > end:

@@ -42,7 +42,9 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     now). ``step`` and ``epoch`` are where training goes on from.
 ``samples``
     (--record_samples) the sample ids every rank consumed since the last commit (elastic) or in the epoch, pad repeats
-    left out: ``number`` (the epoch they belong to, from 1), ``ids``, ``ranks``. Steps rolled back by an elastic reset are never recorded.
+    left out: ``number`` (the epoch they belong to, from 1), ``ids``, ``ranks``; elastic: ``commit`` (the commit that
+    kept them, counted from 1; a rank 0 lost before recording a commit's samples is replaced by one that records them
+    after the reset). Steps rolled back by an elastic reset are never recorded.
 
 Example::
 

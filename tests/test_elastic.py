@@ -5,14 +5,18 @@ the state; below --min_np the job fails with a clear message and a loadable chec
 are those of the same job without --elastic. Every committed step's sample ids are in the run record (samples
 events), so the tests check that no training sample is lost or repeated across resets."""
 import collections
+import os
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 
 from cluster import Output, box, rank_env, stop_group, train_argv, wait_for
-from conftest import final_digests, records, synthetic_store
+from conftest import final_digests, records, run_record, synthetic_store
 
 pytestmark = pytest.mark.slow
+HOLD = Path(__file__).parent / "elastic_hold.py"
 N_UTTERANCES = 41
 EPOCHS = 4
 # A failure needs the job to outlast its detection (up to Gloo's 30 s), a reset and a rejoin (each retraces the step,
@@ -36,10 +40,14 @@ def write_hosts(path, *nodes: str) -> None:
     tmp.replace(path)
 
 
-def elastic_job(c, store: str, run_dir, hosts, *extra: str, min_np: int = 2, timeout: int = 60, epochs: int = EPOCHS) -> Output:
+def elastic_job(c, store: str, run_dir, hosts, *extra: str, min_np: int = 2, timeout: int = 60, epochs: int = EPOCHS,
+                hold: tuple[int, object] | None = None) -> Output:
+    """The elastic job; ``hold`` = (commit, marker): its rank 0 holds inside that commit (tests/elastic_hold.py)."""
+    train = train_argv(store, run_dir, "--elastic_commit_steps", "2", "--record_samples", *extra, epochs=epochs)
+    if hold is not None:  # not `dstrain train` for the launcher to recognise: --elastic by hand
+        train = [sys.executable, str(HOLD), str(hold[0]), str(hold[1]), *train[1:], "--elastic"]
     argv = ["dstrain", "launch", "--elastic", "--min_np", str(min_np), "--max_np", "3", "--hostfile", str(hosts),
-            "--elastic_timeout", str(timeout), "--blacklist_cooldown", "1,2", "--",
-            *train_argv(store, run_dir, "--elastic_commit_steps", "2", "--record_samples", *extra, epochs=epochs)]  # fmt: skip
+            "--elastic_timeout", str(timeout), "--blacklist_cooldown", "1,2", "--", *train]  # fmt: skip
     return Output(c.popen("node1", *argv, env=rank_env(PYTHONFAULTHANDLER="1")))
 
 
@@ -97,6 +105,33 @@ def test_a_lost_node_leaves_the_others_training_and_it_rejoins_when_back(store, 
     assert len(set(paths)) == len(paths), paths
     (final,) = records(run_dir, "final")
     assert final["epochs_done"] == LONG_EPOCHS
+
+
+@pytest.mark.timeout(900)
+def test_a_rank_0_lost_inside_a_commit_leaves_its_samples_to_the_next_rank_0(store, tmp_path):
+    """Rank 0 killed after every rank kept the commit's state and before it recorded the commit's samples: the
+    survivors go on from that state, so the rank 0 after it records them (else they would be trained and unrecorded)."""
+    commit, marker = 3, tmp_path / "held"
+    with box(tmp_path / "c", 3) as c:
+        hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
+        write_hosts(hosts, "node1", "node2", "node3")
+        out = elastic_job(c, store, run_dir, hosts, hold=(commit, marker))
+        try:
+            wait_for(lambda: marker.exists() or out.proc.poll() is not None, 400, "rank 0 held inside its commit")
+            assert marker.exists(), out.text[-6000:]
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+            (reset, *_) = wait_reset(out, run_dir, 2, RESET_BOUND_S["kill"])
+            # Horovod lets the host back after --blacklist_cooldown: the job may end on 2 or 3 ranks.
+            assert out.finish(600) == 0, out.text[-6000:]
+            digests = final_digests(run_dir)
+            assert len(digests) == records(run_dir, "reset")[-1]["world_size"] and len(set(digests)) == 1, digests
+        finally:
+            stop_group(out.proc)
+            (tmp_path / "job.log").write_text(out.text)
+    events = [r for r in run_record(run_dir) if r["event"] in ("reset", "samples")]
+    held = [i for i, r in enumerate(events) if r["event"] == "samples" and r.get("commit") == commit]
+    assert held and held[0] > events.index(reset), events  # recorded after the reset, by the new rank 0
+    check_samples(run_dir)
 
 
 def lost_node(run_dir) -> str:
@@ -168,9 +203,6 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
 
 @pytest.mark.timeout(1200)
 def test_a_stop_request_checkpoints_exits_75_and_the_rerun_resumes(store, tmp_path):
-    import os
-    import signal
-
     with box(tmp_path / "c", 3) as c:
         hosts, run_dir = tmp_path / "hosts", tmp_path / "run"
         write_hosts(hosts, "node1", "node2", "node3")

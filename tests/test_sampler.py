@@ -70,10 +70,14 @@ def check_train(plans, batch_size, remainder, pool_size):
         for p in plans:
             assert p.dropped == 0
             assert p.padded == S * batch_size - p.assigned <= batch_size
-            own = set(p.entries[~p.is_pad].tolist())
-            if own:
-                assert set(p.entries[p.is_pad].tolist()) <= own, "pad repeats must be the rank's own samples"
+            check_pads_are_own(p)
     return S
+
+
+def check_pads_are_own(plan) -> None:
+    own = set(plan.entries[~plan.is_pad].tolist())
+    if own:
+        assert set(plan.entries[plan.is_pad].tolist()) <= own, "pad repeats must be the rank's own samples"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -478,9 +482,7 @@ def check_duration(plans, frames, remainder, pool_size):
         assert real.size == pool_size, "pad must cover every draw"
         for p in plans:
             assert p.dropped == 0 and p.padded <= 1 and p.samples == p.assigned + p.padded
-            own = set(p.entries[~p.is_pad].tolist())
-            if own:
-                assert set(p.entries[p.is_pad].tolist()) <= own, "pad repeats must be the rank's own samples"
+            check_pads_are_own(p)
     return S
 
 

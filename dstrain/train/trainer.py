@@ -39,7 +39,7 @@ from dstrain.loader.config import LoaderConfig
 from dstrain.loader.sampler import EpochPlan, describe
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
 from dstrain.preemption import EXIT_PREEMPTED, Preempted
-from dstrain.record import RunRecord, format_epoch
+from dstrain.record import RunRecord, format_epoch, read_record
 from dstrain.rundir import LoadEvaluateConfig, RunDir, evaluation_weights, restore_evaluation_weights
 from dstrain.runtime import ProcessConfig
 from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, Progress, check_geometry, check_not_averaged,
@@ -667,6 +667,7 @@ class Trainer:
                             accumulation_steps=self.group)  # fmt: skip
                 log.warning("elastic reset (%s): %d rank(s) on %s, %d micro-batch(es) per step; going on from step %d",
                             self.reset_reason, self.world.size, ",".join(hosts), self.group, int(self.progress.step))  # fmt: skip
+                self._record_committed_samples()
                 self.save("reset")  # a checkpoint of the state the new world goes on from
             self.fit()
 
@@ -677,7 +678,7 @@ class Trainer:
         return {"epoch": int(p.epoch), "step": int(p.step), "best_dev_loss": float(p.best_dev_loss),
                 "nonfinite": int(p.nonfinite), "history": self.history.to_dict(),
                 "position": self.data.state_dict()["position"], "reference_world": self.reference_world,
-                "started": self.started}  # fmt: skip
+                "started": self.started, "commits": self.commits, "committed_samples": self.committed_samples}  # fmt: skip
 
     def _set_state(self, state: dict, how: str) -> None:
         """The committed state back (``how`` = restore: rolled back after a lost peer) or rank 0's (sync)."""
@@ -693,6 +694,7 @@ class Trainer:
         self.data.load_state_dict({"position": state["position"]})
         self.consumed = {}  # steps after the last commit are not done
         self.started = state["started"]
+        self.commits, self.committed_samples = state["commits"], state["committed_samples"]
         for acc in self.accumulated:
             acc.assign(tf.zeros_like(acc))
         if self.accumulated:
@@ -715,11 +717,33 @@ class Trainer:
 
     def _commit(self) -> None:
         """Elastic: the state a lost node rolls back to. The samples of the steps since the last commit are gathered
-        first (should that fail, those steps roll back and are never recorded), then the state is kept and rank 0
-        records them, and last Horovod looks for host changes (which keep this state)."""
+        first (should that fail, those steps roll back and are never recorded), then the state is kept, with them in
+        it, and rank 0 records them, and last Horovod looks for host changes (which keep this state). Should rank 0
+        die between keeping the state and recording them, the next rank 0 records them after the reset
+        (:meth:`_record_committed_samples`)."""
         gathered = self._gather_samples()
         self.reset_reason = "hosts were added or removed"
-        self.elastic_run.commit(before_check=lambda: self._write_samples(gathered))
+        self.commits += 1
+        self.committed_samples = gathered
+        self.elastic_run.commit(before_check=lambda: self._write_samples(gathered, self.commits))
+
+    commits = 0
+    """Elastic: commits so far (part of the state)."""
+    committed_samples: list[dict[int, list[int]]] | None = None
+    """Elastic, --record_samples: what the last commit gathered (part of the state, so a rank 0 that dies before
+    recording it does not lose it)."""
+
+    def _record_committed_samples(self) -> None:
+        """After a reset, rank 0: the last commit's samples, if the rank 0 that made it died before recording them
+        (all or some of its epochs)."""
+        if not self.committed_samples or self.record.path is None or not os.path.exists(self.record.path):
+            return
+        recorded = {r["number"] for r in read_record(self.record.path)
+                    if r["event"] == "samples" and r.get("commit") == self.commits}  # fmt: skip
+        missing = [{e: ids for e, ids in by_epoch.items() if e + 1 not in recorded} for by_epoch in self.committed_samples]
+        if any(missing):
+            log.warning("recording the samples of commit %d, which the rank 0 that made it did not", self.commits)
+            self._write_samples(missing, self.commits)
 
     def _gather_samples(self) -> list[dict[int, list[int]]] | None:
         if not self.cfg.elastic.record_samples:
@@ -728,10 +752,11 @@ class Trainer:
         self.consumed = {}
         return gathered
 
-    def _write_samples(self, gathered: list[dict[int, list[int]]] | None) -> None:
+    def _write_samples(self, gathered: list[dict[int, list[int]]] | None, commit: int | None = None) -> None:
+        extra = {} if commit is None else {"commit": commit}
         for epoch in sorted({e for by_epoch in gathered or () for e in by_epoch}):
             ids = [i for by_epoch in gathered for i in by_epoch.get(epoch, ())]
-            self._write("samples", number=epoch + 1, ids=ids, ranks=len(gathered))
+            self._write("samples", number=epoch + 1, ids=ids, ranks=len(gathered), **extra)
 
     # --- after training
     def use_evaluation_weights(self) -> None:
