@@ -5,6 +5,13 @@
 #
 #   recipes/synth_cv.sh [WORKDIR]                   (default build/synth_cv)
 #   CLIPS=160 TRAIN_SECONDS=60 TRIALS=4 recipes/synth_cv.sh DIR     (the reduced size the test suite runs)
+#   SEED=2 recipes/synth_cv.sh DIR                  (the training seed, default 4568: the run is DIR/run-seed2)
+#   BASELINE=1 recipes/synth_cv.sh DIR              (the earlier recipe: no augmentation, fixed batches of 8, no EMA)
+#
+# The recipe trains on the training voices' utterances plus two waveform-augmented copies of each (speed 0.9/1.1,
+# some reverb and 8 kHz band limiting, made once at preprocessing), augments filterbanks on the device (SpecAugment
+# masks, tempo, warp, pitch, gain), batches by duration and evaluates an exponential moving average of the weights.
+# The scorer's text leaves out every sentence the test voice speaks, so its figures measure the model.
 #
 # Every step is a dstrain command; the per-step lines below are what a user types.
 set -euo pipefail
@@ -15,6 +22,8 @@ MINUTES=${MINUTES:-20}        # training wall time: the job is stopped (SIGUSR1:
 TRAIN_SECONDS=${TRAIN_SECONDS:-$((MINUTES * 60))}
 EPOCHS=${EPOCHS:-1000}        # an upper bound; the time limit ends training first
 NP=${NP:-2}
+SEED=${SEED:-4568}
+BASELINE=${BASELINE:-0}
 SHARED=${SHARED:-../shared}
 export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2
 ALPHABET=dstrain/data/alphabet.txt
@@ -29,36 +38,52 @@ for split in train dev test; do
   [ -f "$WORK/stores/$split/_manifest.json" ] || \
     dstrain preprocess --csv "$WORK/cv/clips/$split.csv" --alphabet "$ALPHABET" --output "$WORK/stores/$split" --workers 2
 done
-# 3. A scorer from the training text (the held-out voices speak the same sentence pool, as Common Voice does).
-cut -f3 "$WORK/cv/train.tsv" | tail -n +2 | tr 'A-Z' 'a-z' > "$WORK/lm.txt"
+if [ "$BASELINE" = 1 ]; then
+  TRAIN_STORE=$WORK/stores/train RUN=$WORK/run-baseline-seed$SEED
+  TRAINING=(--train_batch_size 8)
+else
+  # Two copies of every training utterance: Kaldi's 0.9x/1.1x speed pair, each maybe reverberated or band-limited.
+  TRAIN_STORE=$WORK/stores/train-aug RUN=$WORK/run-seed$SEED
+  [ -f "$TRAIN_STORE/_manifest.json" ] || \
+    dstrain preprocess --csv "$WORK/cv/clips/train.csv" --alphabet "$ALPHABET" --output "$TRAIN_STORE" --workers 2 \
+      --augment 'speed[factor=0.9:1.1]' --augment 'reverb[p=0.3,decay=8~4]' --augment 'resample[p=0.3,rate=8000]' \
+      --augment_copies 2
+  # ~16 utterances of 3 s per rank; the device augments every batch; the evaluated weights are a moving average.
+  TRAINING=(--batch_frames 2400 --augment default --augment 'pitch[p=0.6,pitch=1~0.12]' --augment 'volume[p=0.3,gain=0~6]'
+            --ema_decay 0.998)
+fi
+# 3. A scorer from the training text without any sentence the test voice speaks (the held-out voices read the same
+#    sentence pool, as in Common Voice; with those sentences in the LM the scorer would measure its memory).
+cut -f3 "$WORK/cv/test.tsv" | tail -n +2 | tr 'A-Z' 'a-z' | sort -u > "$WORK/test_sentences.txt"
+cut -f3 "$WORK/cv/train.tsv" | tail -n +2 | tr 'A-Z' 'a-z' | grep -vxF -f "$WORK/test_sentences.txt" > "$WORK/lm.txt"
 dstrain scorer lm --text "$WORK/lm.txt" --output_dir "$WORK/lm" --order 3 --prune 0 0 0
 dstrain scorer build --alphabet "$ALPHABET" --lm "$WORK/lm/lm.binary" --vocab "$WORK"/lm/vocab-*.txt \
   --package "$WORK/lm/synth.scorer" --default_alpha 0.75 --default_beta 1.85
 # 4. Train for MINUTES of wall time on NP processes (the stop request after MINUTES checkpoints; the ranks exit 75).
 # horovodrun does not pass signals on to the ranks: signal them directly, as SLURM's --signal does.
-( sleep "$TRAIN_SECONDS"; pkill -USR1 -f "bin/dstrain train --train_files $WORK/stores/train" ) & timer=$!
+( sleep "$TRAIN_SECONDS"; pkill -USR1 -f "bin/dstrain train --train_files $TRAIN_STORE " ) & timer=$!
 set +e
 horovodrun -np "$NP" -H "localhost:$NP" --gloo dstrain train \
-    --train_files "$WORK/stores/train" --dev_files "$WORK/stores/dev" --alphabet_config_path "$ALPHABET" \
-    --n_hidden 384 --train_batch_size 8 --dev_batch_size 16 --epochs "$EPOCHS" --learning_rate 0.0005 --warmup_steps 100 \
-    --max_grad_norm 10 --dropout_rate 0.1 --checkpoint_dir "$WORK/run" --checkpoint_secs 120 \
+    --train_files "$TRAIN_STORE" --dev_files "$WORK/stores/dev" --alphabet_config_path "$ALPHABET" \
+    --n_hidden 384 "${TRAINING[@]}" --random_seed "$SEED" --dev_batch_size 16 --epochs "$EPOCHS" --learning_rate 0.0005 --warmup_steps 100 \
+    --max_grad_norm 10 --dropout_rate 0.1 --checkpoint_dir "$RUN" --checkpoint_secs 120 \
     --reduce_lr_on_plateau --plateau_epochs 3 --es_min_delta 0.01 \
     --inter_op_parallelism_threads 1 --intra_op_parallelism_threads 1 --noshow_progressbar
 kill "$timer" 2>/dev/null
 set -e
 # 5. Evaluate: greedy (beam 1, no scorer), then alpha/beta on dev, then the scorer on dev and the held-out test voice.
 for split in dev test; do
-  dstrain evaluate --checkpoint_dir "$WORK/run" --test_files "$WORK/stores/$split" --beam_width 1 \
-    --test_output_file "$WORK/greedy_$split.json" > "$WORK/greedy_$split.txt"
-  head -1 "$WORK/greedy_$split.txt"
+  dstrain evaluate --checkpoint_dir "$RUN" --test_files "$WORK/stores/$split" --beam_width 1 \
+    --test_output_file "$RUN/greedy_$split.json" > "$RUN/greedy_$split.txt"
+  head -1 "$RUN/greedy_$split.txt"
 done
-dstrain lm-optimize --checkpoint_dir "$WORK/run" --test_files "$WORK/stores/dev" --scorer_path "$WORK/lm/synth.scorer" \
-  --beam_width 64 --n_trials "${TRIALS:-40}" | tee "$WORK/lm_optimize.txt"
-read -r ALPHA BETA < <(sed -n 's/.*lm_alpha=\([0-9.]*\) and lm_beta=\([0-9.]*\).*/\1 \2/p' "$WORK/lm_optimize.txt")
+dstrain lm-optimize --checkpoint_dir "$RUN" --test_files "$WORK/stores/dev" --scorer_path "$WORK/lm/synth.scorer" \
+  --beam_width 64 --n_trials "${TRIALS:-40}" | tee "$RUN/lm_optimize.txt"
+read -r ALPHA BETA < <(sed -n 's/.*lm_alpha=\([0-9.]*\) and lm_beta=\([0-9.]*\).*/\1 \2/p' "$RUN/lm_optimize.txt")
 for split in dev test; do
-  dstrain evaluate --checkpoint_dir "$WORK/run" --test_files "$WORK/stores/$split" --scorer_path "$WORK/lm/synth.scorer" \
-    --lm_alpha "$ALPHA" --lm_beta "$BETA" --beam_width 256 --test_output_file "$WORK/scorer_$split.json" \
-    > "$WORK/scorer_$split.txt"
-  head -1 "$WORK/scorer_$split.txt"
+  dstrain evaluate --checkpoint_dir "$RUN" --test_files "$WORK/stores/$split" --scorer_path "$WORK/lm/synth.scorer" \
+    --lm_alpha "$ALPHA" --lm_beta "$BETA" --beam_width 256 --test_output_file "$RUN/scorer_$split.json" \
+    > "$RUN/scorer_$split.txt"
+  head -1 "$RUN/scorer_$split.txt"
 done
-dstrain report "$WORK/run" >/dev/null && echo "curves: $WORK/run/report/index.html"
+dstrain report "$RUN" >/dev/null && echo "curves: $RUN/report/index.html"

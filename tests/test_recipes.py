@@ -21,19 +21,28 @@ def test_synthetic_common_voice_recipe_end_to_end(tmp_path):
     proc = subprocess.run([str(REPO / "recipes" / "synth_cv.sh"), str(work)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=880)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    run = work / "run-seed4568"
     for name in ("greedy_dev", "greedy_test", "scorer_dev", "scorer_test"):
         split = name.split("_")[1]
-        m = re.search(r"WER: ([\d.]+), CER: ([\d.]+), loss: ([\d.]+), (\d+) samples", (work / f"{name}.txt").read_text())
-        samples = json.load(open(work / f"{name}.json", encoding="utf-8"))
+        m = re.search(r"WER: ([\d.]+), CER: ([\d.]+), loss: ([\d.]+), (\d+) samples", (run / f"{name}.txt").read_text())
+        samples = json.load(open(run / f"{name}.json", encoding="utf-8"))
         # Every utterance of the held-out voice scored once, and the printed corpus rates are the samples' pooled ones.
         assert int(m[4]) == len(samples) == FeatureStore.open(str(work / "stores" / split)).manifest.utterances > 0
         wer, cer = error_rates([(s["src"], s["res"]) for s in samples])
         assert float(m[1]) == pytest.approx(wer, abs=1e-6) and float(m[2]) == pytest.approx(cer, abs=1e-6), name
     # It learned: the training loss fell from the first epoch to the last.
-    epochs = records(work / "run", "epoch")
+    epochs = records(run, "epoch")
     assert len(epochs) >= 2 and epochs[-1]["loss"] < epochs[0]["loss"], [e["loss"] for e in epochs]
     # The stop after TRAIN_SECONDS went through the preemption path: a checkpoint, then exit 75 on both ranks.
-    (stop,) = records(work / "run", "stop")
+    (stop,) = records(run, "stop")
     assert stop["signal"] == "SIGUSR1" and stop["exit_code"] == 75 and stop["checkpoint"]
-    assert "Best params: lm_alpha=" in (work / "lm_optimize.txt").read_text()
-    assert (work / "run" / "report" / "index.html").exists()
+    assert "Best params: lm_alpha=" in (run / "lm_optimize.txt").read_text()
+    assert (run / "report" / "index.html").exists()
+    # The recipe's training: two augmented copies of every training utterance, evaluated on the moving average.
+    aug = FeatureStore.open(str(work / "stores" / "train-aug")).manifest
+    originals = FeatureStore.open(str(work / "stores" / "train")).manifest.utterances
+    assert aug.utterances - aug.augmented_utterances == originals and 0 < aug.augmented_utterances <= 2 * originals
+    assert {e["weights"] for e in records(run, "eval")} == {"ema"}
+    # The scorer's text holds no sentence the test voice speaks.
+    lm_text = set((work / "lm.txt").read_text().splitlines())
+    assert lm_text and not lm_text & set((work / "test_sentences.txt").read_text().splitlines())
