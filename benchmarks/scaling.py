@@ -16,7 +16,8 @@ time of the two-job run times the micro-batches per step. A ring allreduce moves
 rank and takes 2(N-1) hops of latency; its bytes go at ``efficiency`` x the link's measured TCP throughput, and every
 collective costs ``overhead`` (Horovod's negotiation and cycle). dstrain's step reduces all gradients in one fused
 group after the backward pass, so nothing of it overlaps compute (overlap 0). The two free parameters, ``efficiency``
-and ``overhead``, are fitted by least squares to the measured 2x1 step times; the script then prints every measured
+and ``overhead``, are fitted by least squares to the measured 2x1 step times, with a third, ``interference`` (how much
+slower a rank computes beside Horovod's threads on its one core, which GPU ranks do not share), not carried to GPUs; the script then prints every measured
 configuration beside the model's prediction and fails (exit 1) unless all are within +-20 %.
 
 Then the same model, with inputs for H200-class nodes (each named and sourced in :data:`GPU_INPUTS`), predicts the
@@ -80,6 +81,9 @@ class StepModel:
     """Seconds per collective besides moving bytes: negotiation, cycle wait, fusion copies (fitted on the box)."""
     overlap: float = 0.0
     """Fraction of the allreduce hidden behind the backward pass (0: dstrain reduces after the backward pass)."""
+    interference: float = 0.0
+    """Fraction by which a rank's compute slows beside Horovod's runtime (its background thread, Gloo's threads) when
+    they share the rank's one core, as on the box (fitted there); 0 for GPU ranks, whose compute is on the GPU."""
 
     def allreduce(self, nbytes: float, ranks: int, link: Link, collectives: int = 2) -> float:
         """A ring allreduce of ``nbytes`` per rank over ``ranks`` whose slowest hop is ``link``: 2(N-1)/N of the bytes
@@ -90,22 +94,23 @@ class StepModel:
         return ring + collectives * self.overhead
 
     def step(self, compute: float, nbytes: float, ranks: int, link: Link, collectives: int = 2) -> float:
-        return compute + (1.0 - self.overlap) * self.allreduce(nbytes, ranks, link, collectives)
+        slowed = compute * (1.0 + self.interference) if ranks > 1 else compute
+        return slowed + (1.0 - self.overlap) * self.allreduce(nbytes, ranks, link, collectives)
 
 
-def fit(points: list[tuple[float, float, Link]]) -> StepModel:
-    """Least squares of relative error over (compute, bytes, link) -> measured two-rank step, for the two free
-    parameters (efficiency over a grid, overhead in closed form for each)."""
+def fit(points: list[tuple[float, float, Link, float]]) -> StepModel:
+    """Least squares of relative error over (compute, bytes, link, measured two-rank step), for the three free
+    parameters (efficiency and interference over a grid, overhead in closed form for each pair)."""
     best = None
-    for eff in [e / 1000 for e in range(50, 1001, 5)]:
-        # For fixed efficiency the residual is linear in overhead: minimise sum(((known + 2 o) / y - 1)^2).
-        known = [(StepModel(eff, 0.0).step(c, b, 2, link), y) for c, b, link, y in points]
+    for eff, inter in itertools.product([e / 1000 for e in range(50, 1001, 5)], [i / 1000 for i in range(0, 301, 5)]):
+        # For the others fixed the residual is linear in overhead: minimise sum(((known + 2 o) / y - 1)^2).
+        known = [(StepModel(eff, 0.0, interference=inter).step(c, b, 2, link), y) for c, b, link, y in points]
         num = sum((y - k) * 2 / y**2 for k, y in known)
         den = sum(4 / y**2 for _, y in known)
         overhead = max(0.0, num / den)
         err = sum(((k + 2 * overhead) / y - 1) ** 2 for k, y in known)
         if best is None or err < best[0]:
-            best = (err, StepModel(eff, overhead))
+            best = (err, StepModel(eff, overhead, interference=inter))
     return best[1]
 
 
@@ -121,6 +126,10 @@ GPU_INPUTS = {
     "nccl_efficiency": (0.85, "NCCL all-reduce bus bandwidth over line rate for messages of 100 MB+ on InfiniBand "
                         "NDR (nccl-tests on DGX H100 reach 340-370 GB/s per 8x400 Gb/s node: 0.85-0.92)"),
     "nccl_latency_s": (10e-6, "NCCL ring per-hop latency across nodes, order of magnitude (NCCL docs: ~5-20 us)"),
+    "horovod_overhead_s": (1e-3, "a collective's wait for Horovod's next cycle on GPU ranks (HOROVOD_CYCLE_TIME, 1 ms, "
+                           "which dstrain keeps on GPUs; the response cache makes a repeated step's negotiation no "
+                           "more: Horovod's tensor-fusion docs). The box's fitted overhead is a CPU rank's, with a 5 ms "
+                           "cycle on a core shared with compute, and is kept for the host-memory path"),
     "pcie_GBps": (25.0, "GPU<->host copies per GPU with 8 GPUs of a node copying at once (PCIe Gen5 x16: 64 GB/s "
                   "each way per link, two GPUs per switch, host memory shared by 8)"),
 }
@@ -140,7 +149,7 @@ def gpu_table(model: StepModel, tcp_cap: float) -> list[dict]:
             # A ring over NVLink inside a node and one NIC per GPU between nodes (rail-optimised): the slowest hop is
             # the NIC, or NVLink on one node.
             hop = Link(GPU_INPUTS["nvlink_GBps"][0] * 1e9 if gpus <= 8 else nic, nccl_lat)
-            comm = StepModel(nccl_eff, model.overhead).allreduce(nbytes, gpus, hop)
+            comm = StepModel(nccl_eff, GPU_INPUTS["horovod_overhead_s"][0]).allreduce(nbytes, gpus, hop)
         else:
             # Horovod's CPU path: copy to host, Gloo's ring over TCP (one stream per hop, capped by what one stream
             # carries on a host: the box's measurement), copy back.
@@ -385,7 +394,8 @@ def report(args, m: dict) -> bool:
         rows.append((rate, comp, int(acc), v, b, link))
     model = fit(points)
     print(f"\nModel fitted on the {len(points)} two-node runs: efficiency {model.efficiency:.2f} of the measured TCP "
-          f"throughput, {model.overhead * 1e3:.1f} ms per collective (2 per step), overlap 0; gradients "
+          f"throughput, {model.overhead * 1e3:.1f} ms per collective (2 per step), compute {model.interference:.1%} "
+          f"slower beside Horovod's threads on the rank's core (not carried to GPUs), overlap 0; gradients "
           f"{nbytes / 1e6:.1f} MB fp32")  # fmt: skip
     print("| link | gradients | accumulation | measured step | of which allreduce (timeline) | model | error | efficiency |")
     print("|---|---|---|---|---|---|---|---|")
@@ -397,7 +407,7 @@ def report(args, m: dict) -> bool:
         print(f"| {rate} | {'fp16' if comp == 'fp16' else 'fp32'} | {acc} | {v['step'] * 1e3:.0f} ms | "
               f"{v['allreduce'] * 1e3:.0f} ms | {predicted * 1e3:.0f} ms | {err:+.0%} | {m['jobs'][acc] / v['step']:.0%} |")  # fmt: skip
     print(f"every configuration within +-{TOLERANCE:.0%}: {'yes' if ok else 'NO'}")
-    m["model"] = {"efficiency": model.efficiency, "overhead": model.overhead}
+    m["model"] = {"efficiency": model.efficiency, "overhead": model.overhead, "interference": model.interference}
     return ok
 
 
@@ -416,6 +426,8 @@ def main() -> None:
     ok, m = True, {}
     if args.from_json:
         m = json.load(open(args.from_json))
+        for key in ("single", "jobs"):  # JSON made the accumulation keys strings
+            m[key] = {int(acc): v for acc, v in m[key].items()}
     elif not args.predict_only:
         if os.geteuid() != 0:
             sys.exit("benchmarks/scaling.py: the cluster in a box needs root")
