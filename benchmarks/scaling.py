@@ -15,10 +15,11 @@ instead of one, and what that predicts for H200 clusters.
 time of the two-job run times the micro-batches per step. A ring allreduce moves 2(N-1)/N of the gradient bytes per
 rank and takes 2(N-1) hops of latency; its bytes go at ``efficiency`` x the link's measured TCP throughput, and every
 collective costs ``overhead`` (Horovod's negotiation and cycle). dstrain's step reduces all gradients in one fused
-group after the backward pass, so nothing of it overlaps compute (overlap 0). The two free parameters, ``efficiency``
-and ``overhead``, are fitted by least squares to the measured 2x1 step times, with a third, ``interference`` (how much
-slower a rank computes beside Horovod's threads on its one core, which GPU ranks do not share), not carried to GPUs; the script then prints every measured
-configuration beside the model's prediction and fails (exit 1) unless all are within +-20 %.
+group after the backward pass, so nothing of it overlaps compute (overlap 0). Three free parameters are fitted by
+least squares to the measured 2x1 step times: ``efficiency``, ``overhead`` and ``interference`` (how much slower a rank
+computes beside Horovod's threads on its one core; GPU ranks do not share theirs, so it is not carried to GPUs). The
+script then prints every measured configuration beside the model's prediction and fails (exit 1) unless all are
+within +-20 %.
 
 Then the same model, with inputs for H200-class nodes (each named and sourced in :data:`GPU_INPUTS`), predicts the
 scaling efficiency of 8, 32, 128 and 512 GPUs (8 per node on NVLink; 100/200/400 Gb/s per GPU between nodes) with

@@ -10,7 +10,7 @@
 #
 # The recipe trains on the training voices' utterances plus two waveform-augmented copies of each (speed 0.9/1.1,
 # some reverb and 8 kHz band limiting, made once at preprocessing), augments filterbanks on the device (SpecAugment
-# masks, tempo, warp, pitch, gain), batches by duration and evaluates an exponential moving average of the weights.
+# masks, pitch, gain), batches by duration and evaluates an exponential moving average of the weights.
 # The scorer's text leaves out every sentence the test voice speaks, so its figures measure the model.
 #
 # Every step is a dstrain command; the per-step lines below are what a user types.
