@@ -190,11 +190,21 @@ class World:
 
     def join(self) -> None:
         """Wait until every rank has got here (Horovod's join also lets ranks with fewer batches finish)."""
-        if self.size > 1 and self.backend == "horovod":
+        if self.size > 1 and self.backend == "horovod" and self._join_runs_here():
             self._collective()
             self._comm.join()
         else:
             self.barrier()
+
+    def _join_runs_here(self) -> bool:
+        # A Horovod built with GPU operations registers its join op for the GPU alone (horovod/tensorflow/
+        # mpi_ops.cc): the GPU image on a CPU-only pod would fail there with "Could not find device for node
+        # HorovodJoin". Every rank runs the same number of steps here, so a barrier does the same work.
+        if not (self._comm.cuda_built() or self._comm.rocm_built()):
+            return True
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
 
     def controller(self) -> str:
         if self.backend != "horovod":

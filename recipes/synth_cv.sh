@@ -7,6 +7,7 @@
 #   CLIPS=160 TRAIN_SECONDS=60 TRIALS=4 recipes/synth_cv.sh DIR     (the reduced size the test suite runs)
 #   SEED=2 recipes/synth_cv.sh DIR                  (the training seed, default 4568: the run is DIR/run-seed2)
 #   BASELINE=1 recipes/synth_cv.sh DIR              (the earlier recipe: no augmentation, fixed batches of 8, no EMA)
+#   RUN=DIR/run-try recipes/synth_cv.sh DIR         (the run directory; default DIR/run-seedSEED, DIR/run-baseline-seedSEED)
 #
 # The recipe trains on the training voices' utterances plus two waveform-augmented copies of each (speed 0.9/1.1,
 # some reverb and 8 kHz band limiting, made once at preprocessing), augments filterbanks on the device (SpecAugment
@@ -39,11 +40,11 @@ for split in train dev test; do
     dstrain preprocess --csv "$WORK/cv/clips/$split.csv" --alphabet "$ALPHABET" --output "$WORK/stores/$split" --workers 2
 done
 if [ "$BASELINE" = 1 ]; then
-  TRAIN_STORE=$WORK/stores/train RUN=$WORK/run-baseline-seed$SEED
+  TRAIN_STORE=$WORK/stores/train RUN=${RUN:-$WORK/run-baseline-seed$SEED}
   TRAINING=(--train_batch_size 8)
 else
   # Two copies of every training utterance: Kaldi's 0.9x/1.1x speed pair, each maybe reverberated or band-limited.
-  TRAIN_STORE=$WORK/stores/train-aug RUN=$WORK/run-seed$SEED
+  TRAIN_STORE=$WORK/stores/train-aug RUN=${RUN:-$WORK/run-seed$SEED}
   [ -f "$TRAIN_STORE/_manifest.json" ] || \
     dstrain preprocess --csv "$WORK/cv/clips/train.csv" --alphabet "$ALPHABET" --output "$TRAIN_STORE" --workers 2 \
       --augment 'speed[factor=0.9:1.1]' --augment 'reverb[p=0.3,decay=8~4]' --augment 'resample[p=0.3,rate=8000]' \

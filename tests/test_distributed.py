@@ -101,3 +101,39 @@ def test_two_process_training_resume_and_rank0_only_writes(launcher, ldc93s1_sto
     assert writes_under(str(traces / "trace.1"), roots) == []
     log = (work / "ckpt" / "train.log").read_text()
     assert "Resuming from checkpoint" in log and "epoch 4/4" in log
+
+
+class _HorovodBuild:
+    """What World.join asks of horovod.tensorflow, for a build with or without GPU operations."""
+
+    Sum = "sum"
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.calls = cuda, []
+
+    def cuda_built(self) -> bool:
+        return self.cuda
+
+    def rocm_built(self) -> bool:
+        return False
+
+    def join(self) -> None:
+        self.calls.append("join")
+
+    def allreduce(self, tensor, op):
+        self.calls.append(f"allreduce {op}")
+        return tensor
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_join_runs_where_horovods_build_has_a_kernel_for_it(cuda):
+    # Horovod built with GPU operations (the GPU image) registers its join op for the GPU alone: on a machine without
+    # one (this one), join must fall back to a barrier; a CPU build keeps Horovod's join.
+    import tensorflow as tf
+
+    from dstrain.distributed import World
+
+    assert not tf.config.list_logical_devices("GPU")
+    hvd = _HorovodBuild(cuda)
+    World(rank=0, size=2, backend="horovod", _comm=hvd).join()
+    assert hvd.calls == (["allreduce sum"] if cuda else ["join"])

@@ -3,7 +3,8 @@
 - the CPU image trains LDC93S1 with 2 ranks in one container, as the unprivileged user, on a mounted volume;
 - an MPIJob as the MPI operator runs it: a launcher and two workers on a private container network, the workers
   running only the image's sshd, the launcher the command `dstrain k8s render` puts in the manifest;
-- the GPU image (built and checked by `make image`) imports TensorFlow and Horovod with NCCL on a CPU-only machine.
+- the GPU image (built and checked by `make image`) imports TensorFlow and Horovod with NCCL on a CPU-only machine
+  and trains the same LDC93S1 job there (TensorFlow's CUDA build on CPU, Horovod's NCCL build over Gloo).
 
 The CPU image is built on first use and cached by content (a second run reuses it). Every container and network
 is named after this test run and removed afterwards, pass or fail; containers reach nothing outside the machine.
@@ -49,6 +50,18 @@ def cpu_image(podman_env) -> str:
     proc = subprocess.run([str(BUILD), "cpu"], capture_output=True, text=True, timeout=BUILD_TIMEOUT, env=podman_env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def gpu_image(podman_env) -> str:
+    # Built and checked by `make image` (the GPU variant's wheels and NCCL build do not fit CI's time with the
+    # rest of the suite); the tests use the image of this checkout when one was built here.
+    ref = subprocess.run([str(BUILD), "ref", "gpu"], capture_output=True, text=True, env=podman_env, timeout=1800)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    image = ref.stdout.strip()
+    if subprocess.run(["podman", "image", "exists", image], env=podman_env).returncode != 0:
+        pytest.skip(f"{image} not built here: `make image` builds the GPU image and runs its check")
+    return image
 
 
 class Containers:
@@ -144,10 +157,22 @@ def test_containerfile_is_the_installer_offline_with_the_pods_user_and_sshd():
 @pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT + 1200)
 def test_cpu_image_trains_ldc93s1_as_the_unprivileged_user(cpu_image, containers, tmp_path):
+    _trains_ldc93s1_as_the_unprivileged_user(cpu_image, containers, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_gpu_image_trains_ldc93s1_on_a_machine_without_a_gpu(gpu_image, containers, tmp_path):
+    # What a user's CPU-only pod of the GPU image does (a preprocessing Job, a node without its driver): the CUDA
+    # build of TensorFlow falls back to the CPU and Horovod's NCCL build reduces host tensors over Gloo.
+    _trains_ldc93s1_as_the_unprivileged_user(gpu_image, containers, tmp_path)
+
+
+def _trains_ldc93s1_as_the_unprivileged_user(image: str, containers: "Containers", tmp_path: Path) -> None:
     data = volume(tmp_path / "data")
     # make demo's job script, run by the image's dstrain: 2 Horovod ranks (Gloo) inside one container, no network.
     proc = containers.run(
-        "demo", cpu_image, ["/data/demo"], entrypoint="/src/launch/run_ldc93s1.sh",
+        "demo", image, ["/data/demo"], entrypoint="/src/launch/run_ldc93s1.sh",
         volumes={str(REPO / "launch"): "/src/launch:ro", str(DATA): "/src/dstrain/data:ro", data: "/data"},
         timeout=1200,
     )  # fmt: skip
@@ -159,7 +184,7 @@ def test_cpu_image_trains_ldc93s1_as_the_unprivileged_user(cpu_image, containers
     # Everything the job wrote belongs to the image's user: nothing ran as root.
     owners = {p.stat().st_uid for p in run.rglob("*")}
     assert owners == {UID}, f"files owned by {owners}"
-    ident = containers.run("id", cpu_image, ["-u"], entrypoint="id")
+    ident = containers.run("id", image, ["-u"], entrypoint="id")
     assert ident.stdout.strip() == str(UID)
 
 
@@ -230,14 +255,8 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_gpu_image_imports_tensorflow_and_horovod_with_nccl(podman_env):
-    # Built and checked by `make image` (the GPU variant's wheels and NCCL build do not fit CI's time with the
-    # rest of the suite); this reruns the check on the image of this checkout when one was built here.
-    ref = subprocess.run([str(BUILD), "ref", "gpu"], capture_output=True, text=True, env=podman_env, timeout=1800)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    image = ref.stdout.strip()
-    if subprocess.run(["podman", "image", "exists", image], env=podman_env).returncode != 0:
-        pytest.skip(f"{image} not built here: `make image` builds the GPU image and runs this check")
+def test_gpu_image_imports_tensorflow_and_horovod_with_nccl(gpu_image, podman_env):
+    # `make image` ran this check when it built the image; rerun on the image of this checkout.
     proc = subprocess.run([str(BUILD), "check", "gpu"], capture_output=True, text=True, env=podman_env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[X] NCCL" in proc.stderr and "horovod with NCCL, MPI, Gloo" in proc.stdout
