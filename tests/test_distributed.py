@@ -1,7 +1,8 @@
 """2-process training through the real launchers, as users run it (Horovod's CI does the same on CPU).
 
 Each rank runs under strace, so "only rank 0 writes" is checked at the system-call level: TensorFlow
-writes checkpoints and SavedModels from C++, where no Python hook would see them.
+writes checkpoints and SavedModels from C++, where no Python hook would see them. Also: which of Horovod's join and a
+barrier World.join uses with a CPU and a GPU build of Horovod.
 """
 import os
 import re

@@ -163,8 +163,8 @@ def test_cpu_image_trains_ldc93s1_as_the_unprivileged_user(cpu_image, containers
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_gpu_image_trains_ldc93s1_on_a_machine_without_a_gpu(gpu_image, containers, tmp_path):
-    # What a user's CPU-only pod of the GPU image does (a preprocessing Job, a node without its driver): the CUDA
-    # build of TensorFlow falls back to the CPU and Horovod's NCCL build reduces host tensors over Gloo.
+    # What the GPU image does on a node without a GPU (a CPU node pool, a node without its driver): the CUDA build
+    # of TensorFlow falls back to the CPU and Horovod's NCCL build reduces host tensors over Gloo.
     _trains_ldc93s1_as_the_unprivileged_user(gpu_image, containers, tmp_path)
 
 
