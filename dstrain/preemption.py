@@ -23,8 +23,12 @@ INTERRUPT_GRACE_S = 5.0
 """How long an interrupted command may take to unwind (to print its message) before it is made to exit."""
 
 
-class Interrupted(Exception):
-    """A stop request interrupted a command that has nothing to save."""
+class Interrupted(BaseException):
+    """A stop request interrupted a command that has nothing to save.
+
+    A BaseException, as KeyboardInterrupt is: it is raised wherever the main thread happens to be, and the ``except
+    Exception`` there must not swallow it (logging's handlers do: a signal inside a log line's write became a
+    "--- Logging error ---" traceback, the command went on, and only the watchdog ended it)."""
 
     def __init__(self, signal_name: str, status: int):
         super().__init__(f"stopped by {signal_name}")

@@ -177,3 +177,36 @@ def test_common_mistakes_give_one_line_errors(tmp_path, alphabet_path):
     assert unknown.returncode == 2 and "unrecognized arguments: --n_hiden" in unknown.stderr
     debug = _dstrain("shards", "info", str(tmp_path / "nostore"), "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_stop_request_that_lands_inside_a_log_line_still_interrupts(monkeypatch):
+    """SIGTERM while a log handler writes (dstrain evaluate logs as it decodes): the command is interrupted there;
+    logging's ``except Exception`` must not turn it into a "Logging error" traceback and carry on."""
+    import io
+    import logging
+    import signal
+
+    from dstrain import preemption
+
+    monkeypatch.setattr(preemption, "_leave", lambda message, status: None)  # the watchdog must not end pytest
+    stop = preemption.StopRequest()
+    try:
+        stop.interrupt("dstrain evaluate")
+
+        class SignalledStream(io.StringIO):
+            def write(self, text: str) -> int:
+                os.kill(os.getpid(), signal.SIGTERM)  # os.kill runs the Python handler before it returns
+                return super().write(text)
+
+        logger = logging.getLogger("test_stop_inside_a_log_line")
+        logger.propagate = False
+        handler = logging.StreamHandler(SignalledStream())
+        logger.addHandler(handler)
+        try:
+            with pytest.raises(preemption.Interrupted) as stopped:
+                logger.warning("decoding 64 samples")
+        finally:
+            logger.removeHandler(handler)
+        assert stopped.value.status == 128 + signal.SIGTERM
+    finally:
+        stop.restore()
