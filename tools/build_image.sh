@@ -156,7 +156,7 @@ EOF
 # Sets RUNTIME_BASE and BUILD_BASE, making them if missing.
 bases() {
   RUNTIME_BASE=$(base_image runtime $(packages))
-  BUILD_BASE=$(base_image build $(packages) python3.11-venv python3.11-dev $(tools/install.sh --apt-packages))
+  BUILD_BASE=$(base_image build $(packages) $(tools/install.sh --apt-packages base build python))
 }
 
 image_ref() {
