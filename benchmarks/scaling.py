@@ -120,8 +120,9 @@ def fit(points: list[tuple[float, float, Link, float]]) -> StepModel:
 
 GPU_INPUTS = {
     "step_compute_s": (128 * 500 / 787e3, "one H200, dstrain train --automatic_mixed_precision at batch 128: 787k "
-                       "frames/s (README, benchmarks/train_gpu.py), utterances of 200-800 frames (mean 500): 81.3 ms"),
-    "params": (47.2e6, "DeepSpeech at n_hidden 2048 (README: 47.2M parameters)"),
+                       "frames/s (RESULTS.md, benchmarks/train_gpu.py), utterances of 200-800 frames (mean 500): "
+                       "81.3 ms"),
+    "params": (47.2e6, "DeepSpeech at n_hidden 2048 (RESULTS.md: 47.2M parameters)"),
     "nvlink_GBps": (450.0, "H100/H200 SXM NVLink 4: 900 GB/s per GPU both ways, 450 GB/s each way (NVIDIA H200 "
                     "datasheet)"),
     "nccl_efficiency": (0.85, "NCCL all-reduce bus bandwidth over line rate for messages of 100 MB+ on InfiniBand "

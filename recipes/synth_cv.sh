@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A synthetic Common Voice corpus (espeak-ng voices; the last two voices held out as dev and test), trained by two
 # Horovod processes on this CPU, evaluated greedy and with a scorer built from the corpus text, alpha/beta tuned on
-# dev. The README's WER table comes from this script with its defaults.
+# dev. RESULTS.md's WER table comes from this script with its defaults.
 #
 #   recipes/synth_cv.sh [WORKDIR]                   (default build/synth_cv)
 #   CLIPS=160 TRAIN_SECONDS=60 TRIALS=4 recipes/synth_cv.sh DIR     (the reduced size the test suite runs)

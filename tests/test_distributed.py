@@ -61,7 +61,7 @@ def train_args(store: str, alphabet: str, work, epochs: int) -> list[str]:
 
 
 def launch(launcher: str, args: list[str], tmp_path) -> str:
-    """Through ``dstrain launch``, exactly as the README, sbatch scripts and k8s launcher pod run training."""
+    """Through ``dstrain launch``, exactly as docs/clusters.md, sbatch scripts and k8s launcher pod run training."""
     from dstrain.launch.launcher import launch_argv
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")

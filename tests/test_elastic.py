@@ -22,7 +22,7 @@ EPOCHS = 4
 # A failure needs the job to outlast its detection (up to Gloo's 30 s), a reset and a rejoin (each retraces the step,
 # ~15-20 s here); after the first, an epoch of the tiny model takes ~1.5 s.
 LONG_EPOCHS = 60
-# The documented bound (README, "Elastic training"): from the kill or the cut to the survivors' reset record.
+# The documented bound (docs/elastic.md, "Bounds"): from the kill or the cut to the survivors' reset record.
 RESET_BOUND_S = {"kill": 60, "cut": 90}
 
 

@@ -162,7 +162,7 @@ MEMORY_PROBE = textwrap.dedent("""
 """)
 
 # What a rank holds besides the row groups it counts: Arrow's read buffers and decompression, queued batches,
-# thread stacks and allocator slack. Documented in the README next to --loader_memory_mb.
+# thread stacks and allocator slack. Documented in docs/training.md next to --loader_memory_mb.
 LOADER_OVERHEAD_MB = 48
 
 

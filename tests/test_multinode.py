@@ -16,7 +16,8 @@ from conftest import synthetic_store
 pytestmark = pytest.mark.slow
 MPIRUN = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-x", "PATH", "-x", "TF_DETERMINISTIC_OPS", "-x",
           "TF_CPP_MIN_LOG_LEVEL", "-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]  # fmt: skip
-# The documented bounds (README, "When a node dies"): from the kill or the cut to the exit of every surviving rank.
+# The documented bounds (docs/failure-model.md, "When a node dies"): from the kill or the cut to the exit of every
+# surviving rank.
 BOUND_S = {"kill": 30, "cut": 75}
 
 

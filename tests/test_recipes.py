@@ -1,4 +1,4 @@
-"""The synthetic Common Voice recipe end to end at a reduced size (the README's table comes from its full size)."""
+"""The synthetic Common Voice recipe end to end at a reduced size (RESULTS.md's table comes from its full size)."""
 import json
 import os
 import re

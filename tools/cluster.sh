@@ -140,7 +140,7 @@ Host *
     BatchMode yes
     ConnectTimeout 10
     # A node that stops answering ends the ssh sessions to it within 40-50 s: Horovod's elastic driver learns of the
-    # lost worker only when its ssh exits (README, "Elastic training"). Not sooner than Gloo's 30 s timeout and
+    # lost worker only when its ssh exits (docs/elastic.md, "Bounds"). Not sooner than Gloo's 30 s timeout and
     # PeerWatch, which name the lost rank (horovodrun would otherwise stop the job on the ssh's exit, naming nobody).
     ServerAliveInterval 10
     ServerAliveCountMax 4

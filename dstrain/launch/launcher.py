@@ -37,8 +37,8 @@ HOROVOD_DEFAULTS = {
     "HOROVOD_FUSION_THRESHOLD": str(128 * 1024 * 1024),
     "NCCL_DEBUG": "WARN",
     "TF_CPP_MIN_LOG_LEVEL": "2",
-    # A collective that waits this long on a peer fails (Horovod's default, stated here because the README's bounds
-    # on a dead node count on it).
+    # A collective that waits this long on a peer fails (Horovod's default, stated here because the bounds in
+    # docs/failure-model.md on a dead node count on it).
     "HOROVOD_GLOO_TIMEOUT_SECONDS": "30",
 }
 # Open MPI's daemons probe a silent peer after 10 s idle, every 5 s, and give up after 3 missed probes: mpirun learns
