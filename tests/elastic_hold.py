@@ -9,12 +9,12 @@ import sys
 import threading
 
 from dstrain import cli
-from dstrain.train.trainer import Trainer
+from dstrain.train.fault import SampleLog
 
 
 def main() -> None:
     hold, marker, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    write = Trainer._write_samples
+    write = SampleLog.write
 
     def held(self, gathered, commit=None):
         # The marker also keeps the rank 0 after it, which records this commit's samples again, from holding.
@@ -25,7 +25,7 @@ def main() -> None:
             threading.Event().wait()
         return write(self, gathered, commit)
 
-    Trainer._write_samples = held
+    SampleLog.write = held
     cli.main(argv)
 
 

@@ -307,6 +307,22 @@ class TrainInput:
         self.plan, self.done, self._current = reader.plan, 0, reader
         return reader
 
+    @property
+    def epoch_step(self) -> int:
+        """The step of the epoch the next batch is (counted from the epoch's start, resumed steps included)."""
+        return self.plan.start_step + self.done
+
+    @property
+    def last_step(self) -> bool:
+        """Whether the next batch is this rank's last of the epoch."""
+        return self.done + 1 == self.plan.steps
+
+    def step_samples(self, back: int = 0) -> list[int]:
+        """The sample ids of the next batch (``back`` = 1: the one before it), pads left out."""
+        i = self.done - back
+        lo, hi = self.plan.offsets[i], self.plan.offsets[i + 1]
+        return self.plan.sample_ids[lo:hi][~self.plan.is_pad[lo:hi]].tolist()
+
     def step_done(self) -> None:
         """One more batch of this epoch trained on."""
         self.done += 1

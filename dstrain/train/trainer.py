@@ -29,52 +29,29 @@ import dstrain
 from dstrain import runtime
 from dstrain.alphabet import Alphabet, UTF8Alphabet
 from dstrain.config import option, parse_list, to_dict
-from dstrain.distributed import Elastic, World, elastic_launch
 from dstrain.decoder.config import DecoderConfig
 from dstrain.evaluate import EvaluationSetConfig, global_loss, greedy_error_counts, posteriors, report_test_set
 from dstrain.export import ExportOptions, export_model
 from dstrain.features import ExpectedFeatures
 from dstrain.loader.builder import EvalInput, TrainInput
 from dstrain.loader.config import LoaderConfig
-from dstrain.loader.sampler import EpochPlan, describe
+from dstrain.loader.sampler import describe
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
 from dstrain.preemption import EXIT_PREEMPTED, Preempted
-from dstrain.record import RunRecord, format_epoch, read_record
+from dstrain.record import RunRecord, format_epoch
 from dstrain.rundir import LoadEvaluateConfig, RunDir, evaluation_weights, restore_evaluation_weights
 from dstrain.runtime import ProcessConfig
-from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, Progress, check_geometry, check_not_averaged,
-                                      check_release_fine_tuning, load_weights_from, read_json)  # fmt: skip
+from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, check_geometry, check_not_averaged,
+                                      check_release_fine_tuning, load_weights_from)  # fmt: skip
+from dstrain.train.elastic import ElasticConfig
+from dstrain.train.fault import fault_tolerance
 from dstrain.train.ema import WeightAverage
-from dstrain.train.schedule import DevHistory, OptimConfig, adam, learning_rate
+from dstrain.train.schedule import OptimConfig, adam, learning_rate
+from dstrain.train.state import TrainState
 
 log = logging.getLogger("dstrain.train")
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class ElasticConfig:
-    """Elastic training (horovodrun --min-np/--max-np/--host-discovery-script; dstrain launch --elastic)"""
-
-    elastic: bool = False
-    """Keep training when nodes leave or join: a lost node rolls the others back to the last commit and they go on
-    without it; a node the discovery script lists again joins and gets the state. Needs horovodrun's elastic mode
-    (Gloo controller): not under mpirun, srun or an MPIJob, which keep the checkpoint-and-requeue path."""
-    elastic_commit_steps: int = 20
-    """Commit the training state in memory every this many optimizer steps (and at every epoch end): what a lost
-    node rolls the others back to. More often costs a copy of the model and optimizer each time."""
-    elastic_batch: str = option("global", choices=("global", "per_rank"))
-    """When the world changes size: global keeps the global batch (each rank accumulates proportionally more or fewer
-    micro-batches, as near as a whole number allows, and the learning rate stays), so results stay comparable with an
-    uninterrupted run; per_rank keeps each rank's batch (the global batch and the scaled learning rate follow the
-    world)."""
-    record_samples: bool = False
-    """Record every committed step's sample ids in the run record (samples events), to audit that no sample is lost or
-    repeated across elastic resets."""
-
-    def __post_init__(self) -> None:
-        if self.elastic_commit_steps < 1:
-            raise ValueError(f"elastic_commit_steps must be >= 1, got {self.elastic_commit_steps}")
 
 
 @dataclass(frozen=True)
@@ -178,10 +155,9 @@ class Trainer:
         tf.keras.utils.set_random_seed(cfg.random_seed)
 
         check_release_fine_tuning(cfg.checkpoint, cfg.model)
-        self.elastic = cfg.elastic.elastic
-        # Elastic: nothing collective may run before the elastic loop (a joining worker would hang in its start-up,
-        # horovod#2652), so every rank reads the stores' catalogs itself.
-        self.scan_world = World() if self.elastic else world
+        self.fault = fault_tolerance(cfg.elastic, world, self.write)
+        self.samples = self.fault.samples
+        self.scan_world = self.fault.scan_world(world)
         self.alphabet = UTF8Alphabet() if cfg.bytes_output_mode else Alphabet.from_file(cfg.alphabet_config_path)
         self.data = TrainInput.build(cfg.train_files, self.alphabet, cfg.loader, world, batch_size=cfg.train_batch_size,
                                      seed=cfg.random_seed, epochs=cfg.epochs, shuffle=cfg.shuffle,
@@ -208,28 +184,33 @@ class Trainer:
                                      lambda: DeepSpeech.for_features(cfg.model, self.features, self.n_classes))  # fmt: skip
         # The weights dev evaluation uses, and (after use_evaluation_weights) test and export: "ema" or "raw".
         self.evaluated_weights = "ema" if self.ema else "raw"
-        self.progress = Progress.new()
-        self.history = DevHistory()
+        self.state = TrainState(self.model, self.optimizer, self.ema, self.data)
         self.save_run = RunDir(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
         self.checkpoints: Checkpoints | None = None
         self.summaries = None
         self.record = RunRecord(None)
-        self._take_roles()
-        self.reference_world = world.size  # the world the global batch is defined for (elastic: the first one)
+        self.take_roles()
         self.accumulated: list[tf.Variable] = []
-        self.consumed: dict[int, list[int]] = {}  # --record_samples: this rank's samples since the last commit, by epoch
         # --augment: the ops that run on the device, in the step (the batch's keys seed them), or None.
         self.augment = self.data.device_augmenter()
-        self._layout()
+        self.layout()
         # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
         self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
 
-    def _take_roles(self) -> None:
+    @property
+    def progress(self):
+        return self.state.progress
+
+    @property
+    def history(self):
+        return self.state.history
+
+    def take_roles(self) -> None:
         """What only rank 0 does (checkpoints, summaries, the run record), given to whichever rank is rank 0 now.
-        Elastic: every rank can load checkpoints (each reads them itself at start), and a new rank 0 takes the
-        checkpoint manager afresh, so that it counts the checkpoints an earlier rank 0 saved."""
+        Where every rank loads checkpoints itself (the fault tolerance says), each has a checkpoint manager, and a
+        new rank 0 takes one afresh, so that it counts the checkpoints an earlier rank 0 saved."""
         cfg, world = self.cfg, self.world
-        if self.save_run is not None and (world.is_root or self.elastic):
+        if self.save_run is not None and (world.is_root or self.fault.loads_everywhere):
             self.checkpoints = Checkpoints(self.save_run, self.model, self.optimizer, self.progress, cfg.checkpoint.max_to_keep,
                                            ema=self.ema)  # fmt: skip
         self.record = RunRecord(self.save_run.metrics_path if world.is_root and self.save_run else None)
@@ -245,17 +226,10 @@ class Trainer:
         """The checkpoints this rank saves: rank 0's, nobody else's."""
         return self.checkpoints if self.world.is_root else None
 
-    def _layout(self) -> None:
+    def layout(self) -> None:
         """Micro-batches per optimizer step, the world size the learning rate is scaled by, and the step functions,
-        for the world as it is now (traced again after an elastic reset: the collectives depend on the world size)."""
-        cfg, world = self.cfg, self.world
-        n = cfg.optim.accumulation_steps
-        if self.elastic and cfg.elastic.elastic_batch == "global":
-            # The same global batch at any world size, as near as a whole number of micro-batches gets.
-            self.group = max(1, round(n * self.reference_world / world.size))
-            self.lr_world = world.size * self.group / n
-        else:
-            self.group, self.lr_world = n, float(world.size)
+        for the world as it is now (traced again when the world changes: the collectives depend on its size)."""
+        self.group, self.lr_world = self.fault.micro_batches(self.cfg.optim.accumulation_steps, self.world.size)
         dtype = tf.as_dtype(self.data.feature_dtype)
         spec = (tf.TensorSpec([None, None, self.features.n_mel], dtype), tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
@@ -277,24 +251,24 @@ class Trainer:
                                features=self.features, reference=f"the training stores ({self.cfg.train_files[0]})",
                                reverse=reverse, scan_world=self.scan_world)  # fmt: skip
 
-    def _write(self, event: str, **fields) -> dict:
+    def write(self, event: str, **fields) -> dict:
         return self.record.write(event, step=int(self.progress.step), epoch=int(self.progress.epoch), **fields)
 
-    def _write_start(self, loaded: str | None) -> None:
+    def write_start(self, loaded: str | None) -> None:
         hosts = self.world.allgather_object(socket.gethostname())  # Horovod: who is where, for the record
-        self._write("start", world_size=self.world.size, hosts=hosts, controller=self.world.controller(),
+        self.write("start", world_size=self.world.size, hosts=hosts, controller=self.world.controller(),
                     gpus=self.proc.n_gpus, precision=self.cfg.compute_precision, dstrain_version=dstrain.__version__)  # fmt: skip
         if loaded:
             position = self.data.state_dict()["position"]
-            self._write("resume", checkpoint=loaded, epoch_step=position["step"] if position else 0)
+            self.write("resume", checkpoint=loaded, epoch_step=position["step"] if position else 0)
 
     # --- state
     def restore_and_broadcast(self) -> str | None:
-        """Rank 0 decides what to start from (--load_train) and loads it; every rank then takes rank 0's state.
-        Elastic: every rank loads it (the elastic loop's first synchronisation is the broadcast). Returns the
-        checkpoint resumed from, if any."""
+        """Rank 0 decides what to start from (--load_train) and loads it; every rank then takes rank 0's state (or,
+        where the fault tolerance loads everywhere, every rank loads it and its first synchronisation is the
+        broadcast). Returns the checkpoint resumed from, if any."""
         loaded = None
-        if self.world.is_root or self.elastic:
+        if self.world.is_root or self.fault.loads_everywhere:
             message, loaded = self._load()
             if self.world.is_root:
                 log.info(message)
@@ -304,19 +278,12 @@ class Trainer:
                     log.info("Moving average of the weights (--ema_decay %g) starts at the weights loaded", self.cfg.optim.ema_decay)
         if self.world.is_root and self.save_run is not None:
             self.save_run.write_config(to_dict(self.cfg), self.features, self.alphabet, self.world.size)
-        if not self.elastic:
-            # Horovod: every rank starts from rank 0's weights, optimizer state, counters and weights' average.
-            self.world.broadcast_variables(self.model.variables + self.optimizer.variables + self.progress.numeric()
-                                           + self.averaged_variables())  # fmt: skip
+        if not self.fault.loads_everywhere:
+            # Horovod: every rank starts from rank 0's weights, optimizer state, weights' average and counters.
+            self.world.broadcast_variables(self.state.variables())
             self.progress.set_strings(self.world.broadcast_object(self.progress.strings()))
-        self.history = DevHistory.from_dict(read_json(self.progress.history))
-        position = self.progress.strings()["position"]
-        self.data.load_state_dict({"position": json.loads(position) if position else None})
+        self.state.after_restore()
         return loaded
-
-    def averaged_variables(self) -> list[tf.Variable]:
-        """--ema_decay's state (the average and its update count): part of what every rank must share."""
-        return self.ema.variables() if self.ema is not None else []
 
     def _load(self) -> tuple[str, str | None]:
         """(what was loaded, in words; the checkpoint this run resumes from, if any)."""
@@ -352,9 +319,9 @@ class Trainer:
         if self.saver is None:
             return None
         position = self.data.state_dict()["position"]
-        self.progress.position.assign(json.dumps(position) if position else "")
+        self.state.before_save()
         path = self.saver.save(best=best)
-        self._write("checkpoint", path=path, best=best, reason=reason, epoch_step=position["step"] if position else 0)
+        self.write("checkpoint", path=path, best=best, reason=reason, epoch_step=position["step"] if position else 0)
         return path
 
     # --- one step (traced once by tf.function)
@@ -459,8 +426,7 @@ class Trainer:
             while batch is not None:
                 # The last micro-batch of a group of --accumulation_steps (groups count from the epoch's start, and the
                 # epoch's last micro-batch closes a short group) makes the optimizer step; the others only add up.
-                epoch_step = plan.start_step + data.done
-                closes_group = (epoch_step + 1) % group == 0 or data.done + 1 == plan.steps
+                closes_group = (data.epoch_step + 1) % group == 0 or data.last_step
                 if closes_group:
                     rate = learning_rate(cfg.optim, self.lr_world, step, self.history.plateau_factor)
                     flags = tf.constant([1.0 if self.stop.requested else 0.0, wait_now, rate], tf.float32)
@@ -472,9 +438,7 @@ class Trainer:
                 wait_before = reader.wait_s
                 batch = self._to_device(next(batches, None))
                 wait_now += reader.wait_s - wait_before
-                if cfg.elastic.record_samples:
-                    lo, hi = plan.offsets[data.done], plan.offsets[data.done + 1]
-                    self.consumed.setdefault(epoch, []).extend(plan.sample_ids[lo:hi][~plan.is_pad[lo:hi]].tolist())
+                self.samples.add(epoch, data.step_samples())
                 data.step_done()
                 if bar is not None:
                     bar.update(1)
@@ -488,7 +452,7 @@ class Trainer:
                 wait_total += wait
                 if skipped:
                     skipped_steps += 1
-                    self._nonfinite(plan, data.done - 1, loss)
+                    self._nonfinite(data.step_samples(back=1), loss)
                 else:
                     progress.nonfinite.assign(0)
                     loss_sum += loss
@@ -500,9 +464,8 @@ class Trainer:
                     self._save_and_stop(epoch, "Stop requested")
                 if self.saver is not None and self.saver.due(cfg.checkpoint, step):
                     path = self.save("periodic")
-                    log.info("saved %s at step %d (epoch %d, step %d of it)", path, step, epoch + 1, plan.start_step + data.done)
-                if self.commit is not None and step % cfg.elastic.elastic_commit_steps == 0:
-                    self.commit()
+                    log.info("saved %s at step %d (epoch %d, step %d of it)", path, step, epoch + 1, data.epoch_step)
+                self.fault.step_end(step)
         finally:
             batches.close()
         if bar is not None:
@@ -522,12 +485,11 @@ class Trainer:
         }  # fmt: skip
         return self._end_epoch(figures)
 
-    def _nonfinite(self, plan: EpochPlan, k: int, loss: float) -> None:
+    def _nonfinite(self, samples: list[int], loss: float) -> None:
         self.progress.nonfinite.assign_add(1)
-        samples = plan.batch_ids(k).tolist()
         log.warning("step %d skipped on all ranks: non-finite loss or gradient (loss %s); this rank's samples %s",
                     int(self.progress.step), loss, samples)  # fmt: skip
-        self._write("nonfinite", loss=loss, consecutive=int(self.progress.nonfinite), samples=samples)
+        self.write("nonfinite", loss=loss, consecutive=int(self.progress.nonfinite), samples=samples)
         limit = self.cfg.max_nonfinite_steps
         if limit and int(self.progress.nonfinite) >= limit:
             self._save_and_stop(int(self.progress.epoch), f"{limit} non-finite steps in a row (--max_nonfinite_steps)",
@@ -553,7 +515,7 @@ class Trainer:
         if self.metrics:
             with self._averaged():
                 figures["metrics_loss"] = self.evaluate_metrics()
-        record = self._write("epoch", **figures)
+        record = self.write("epoch", **figures)
         log.info(format_epoch(record))
         if self.summaries is not None:
             with self.summaries.as_default(step=int(progress.step)):
@@ -575,7 +537,7 @@ class Trainer:
         # Horovod: corpus WER/CER from every rank's edit counts.
         we, w, ce, c = self.world.allreduce(greedy_error_counts(post, self.alphabet))
         figures = {"loss": loss, "samples": n, "wer": we / max(w, 1.0), "cer": ce / max(c, 1.0)}
-        self._write("eval", split="dev", decoder="greedy", weights=self.evaluated_weights, **figures)
+        self.write("eval", split="dev", decoder="greedy", weights=self.evaluated_weights, **figures)
         return figures
 
     def evaluate_metrics(self) -> dict[str, float]:
@@ -585,7 +547,7 @@ class Trainer:
             post = posteriors(data, self.logits, self.alphabet)
             loss, n = global_loss(post, self.world)
             we, w, ce, c = self.world.allreduce(greedy_error_counts(post, self.alphabet))  # Horovod: corpus figures
-            self._write("eval", split="metrics", store=url, decoder="greedy", loss=loss, samples=n, wer=we / max(w, 1.0),
+            self.write("eval", split="metrics", store=url, decoder="greedy", loss=loss, samples=n, wer=we / max(w, 1.0),
                         cer=ce / max(c, 1.0), weights=self.evaluated_weights)  # fmt: skip
             if self.summaries is not None:
                 with self.summaries.as_default(step=int(self.progress.step)):
@@ -608,13 +570,13 @@ class Trainer:
             self._save_and_stop(epoch, "Stop requested")
 
     def _save_and_stop(self, epoch: int, why: str, exit_code: int = EXIT_PREEMPTED) -> None:
-        self._write_samples(self._gather_samples())  # the checkpoint holds these steps: they are done
+        self.samples.flush()  # the checkpoint holds these steps: they are done
         path = self.save("stop")
         # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit);
         # the gather is that barrier, and tells rank 0's record which ranks were asked to stop, by which signal.
         signals = self.world.allgather_object(self.stop.signal_name)
         saved = (f"checkpoint {path}" if path else "no checkpoint (no --checkpoint_dir)") if self.world.is_root else "rank 0's checkpoint"
-        self._write("stop", reason=why, signal=next((s for s in signals if s), ""), exit_code=exit_code, checkpoint=path,
+        self.write("stop", reason=why, signal=next((s for s in signals if s), ""), exit_code=exit_code, checkpoint=path,
                     requested_by=[r for r, s in enumerate(signals) if s])  # fmt: skip
         log.warning("%s (%s): %s saved at epoch %d, step %d; exiting with %d%s at %.3f", why,
                     self.stop.signal_name or "on another rank", saved, epoch + 1,
@@ -630,133 +592,18 @@ class Trainer:
         try:
             for epoch in range(start, self.cfg.epochs):
                 keep_going = self.run_epoch(epoch)
-                if self.commit is not None:
-                    self.commit()
-                elif self.cfg.elastic.record_samples:
-                    self._write_samples(self._gather_samples())
+                self.fault.epoch_end()
                 if not keep_going:
                     break
         finally:
             self.data.close()
 
-    # --- elastic training
-    commit = None
-    """Elastic: keeps the state a lost node rolls back to (see :meth:`run_elastic`)."""
-
-    def run_elastic(self, loaded: str | None) -> None:
-        """Training under Horovod's elastic driver: :meth:`fit` again after every reset, from the state committed
-        last (a lost peer) or the current one (hosts added or removed), at the new world size. What an epoch has
-        left is re-partitioned over the new ranks by the loader's position; the learning rate and the micro-batches
-        per step follow --elastic_batch."""
-        if self.world.controller() != "gloo":
-            raise ValueError("--elastic needs horovodrun's Gloo controller (horovodrun --min-np ... --host-discovery-script "
-                             "...; dstrain launch --elastic writes it): mpirun, srun and MPIJobs restart from checkpoints")  # fmt: skip
-        variables = self.model.variables + self.optimizer.variables + self.averaged_variables()
-        self.elastic_run = Elastic(self.world, variables, self._get_state, self._set_state, self._on_reset)
-        self.commit = self._commit
-
-        def body() -> None:
-            # Every rank takes the same branch: ``started`` is rank 0's, from the synchronisation before this call (a
-            # worker that has just joined would otherwise write a start record, with a collective the others skip).
-            if not self.started:
-                self._write_start(loaded)
-                self.started = True
-            else:
-                hosts = self.world.allgather_object(socket.gethostname())  # Horovod: who is left, or new
-                self._write("reset", world_size=self.world.size, hosts=hosts, reason=self.reset_reason,
-                            accumulation_steps=self.group)  # fmt: skip
-                log.warning("elastic reset (%s): %d rank(s) on %s, %d micro-batch(es) per step; going on from step %d",
-                            self.reset_reason, self.world.size, ",".join(hosts), self.group, int(self.progress.step))  # fmt: skip
-                self._record_committed_samples()
-                self.save("reset")  # a checkpoint of the state the new world goes on from
-            self.fit()
-
-        self.elastic_run.run(body)
-
-    def _get_state(self) -> dict:
-        p = self.progress
-        return {"epoch": int(p.epoch), "step": int(p.step), "best_dev_loss": float(p.best_dev_loss),
-                "nonfinite": int(p.nonfinite), "history": self.history.to_dict(),
-                "position": self.data.state_dict()["position"], "reference_world": self.reference_world,
-                "started": self.started, "commits": self.commits, "committed_samples": self.committed_samples}  # fmt: skip
-
-    def _set_state(self, state: dict, how: str) -> None:
-        """The committed state back (``how`` = restore: rolled back after a lost peer) or rank 0's (sync)."""
-        p = self.progress
-        p.epoch.assign(state["epoch"])
-        p.step.assign(state["step"])
-        p.best_dev_loss.assign(state["best_dev_loss"])
-        p.nonfinite.assign(state["nonfinite"])
-        self.history = DevHistory.from_dict(state["history"])
-        p.history.assign(json.dumps(state["history"]))
-        self.data.close()
-        self.data.end_epoch()
-        self.data.load_state_dict({"position": state["position"]})
-        self.consumed = {}  # steps after the last commit are not done
-        self.started = state["started"]
-        self.commits, self.committed_samples = state["commits"], state["committed_samples"]
+    def reset_accumulation(self) -> None:
+        """Drops what the micro-batches of an unfinished optimizer step added up (their step is rolled back)."""
         for acc in self.accumulated:
             acc.assign(tf.zeros_like(acc))
         if self.accumulated:
             self.acc_stats.assign(tf.zeros_like(self.acc_stats))
-        if how == "restore":
-            self.reset_reason = "a rank was lost: rolled back to the last commit"
-        if state["reference_world"] != self.reference_world:
-            self.reference_world = state["reference_world"]
-            self._layout()
-
-    def _on_reset(self) -> None:
-        """The world changed (the new rank and size are set): what depends on them follows."""
-        self.data.close()
-        runtime.setup_logging(self.world.rank, self.save_run, self.cfg.process.log_level)  # rank 0 may be another now
-        self._take_roles()
-        self._layout()
-
-    reset_reason = "hosts were added or removed"
-    started = False  # elastic: the run's start record is written (a reset writes a reset record instead)
-
-    def _commit(self) -> None:
-        """Elastic: the state a lost node rolls back to. The samples of the steps since the last commit are gathered
-        first (should that fail, those steps roll back and are never recorded), then the state is kept, with them in
-        it, and rank 0 records them, and last Horovod looks for host changes (which keep this state). Should rank 0
-        die between keeping the state and recording them, the next rank 0 records them after the reset
-        (:meth:`_record_committed_samples`)."""
-        gathered = self._gather_samples()
-        self.reset_reason = "hosts were added or removed"
-        self.commits += 1
-        self.committed_samples = gathered
-        self.elastic_run.commit(before_check=lambda: self._write_samples(gathered, self.commits))
-
-    commits = 0
-    """Elastic: commits so far (part of the state)."""
-    committed_samples: list[dict[int, list[int]]] | None = None
-    """Elastic, --record_samples: what the last commit gathered (part of the state, so a rank 0 that dies before
-    recording it does not lose it)."""
-
-    def _record_committed_samples(self) -> None:
-        """After a reset, rank 0: the last commit's samples, if the rank 0 that made it died before recording them
-        (all or some of its epochs)."""
-        if not self.committed_samples or self.record.path is None or not os.path.exists(self.record.path):
-            return
-        recorded = {r["number"] for r in read_record(self.record.path)
-                    if r["event"] == "samples" and r.get("commit") == self.commits}  # fmt: skip
-        missing = [{e: ids for e, ids in by_epoch.items() if e + 1 not in recorded} for by_epoch in self.committed_samples]
-        if any(missing):
-            log.warning("recording the samples of commit %d, which the rank 0 that made it did not", self.commits)
-            self._write_samples(missing, self.commits)
-
-    def _gather_samples(self) -> list[dict[int, list[int]]] | None:
-        if not self.cfg.elastic.record_samples:
-            return None
-        gathered = self.world.allgather_object(self.consumed)  # Horovod: every rank's samples since the last commit
-        self.consumed = {}
-        return gathered
-
-    def _write_samples(self, gathered: list[dict[int, list[int]]] | None, commit: int | None = None) -> None:
-        extra = {} if commit is None else {"commit": commit}
-        for epoch in sorted({e for by_epoch in gathered or () for e in by_epoch}):
-            ids = [i for by_epoch in gathered for i in by_epoch.get(epoch, ())]
-            self._write("samples", number=epoch + 1, ids=ids, ranks=len(gathered), **extra)
 
     # --- after training
     def use_evaluation_weights(self) -> None:
@@ -794,7 +641,7 @@ class Trainer:
         if summary is None:
             return None
         figures = {k: summary[k] for k in ("wer", "cer", "loss", "samples")}
-        self._write("eval", split="test", decoder="beam", weights=self.evaluated_weights, **figures)
+        self.write("eval", split="test", decoder="beam", weights=self.evaluated_weights, **figures)
         return figures
 
     def export(self) -> None:
@@ -812,17 +659,10 @@ def train(cfg: TrainConfig) -> dict:
     save = cfg.checkpoint.save_dir
     check_not_averaged(cfg.checkpoint)
     proc = runtime.start(cfg.process, RunDir(save) if save else None)
-    if cfg.elastic.elastic and not elastic_launch():
-        raise ValueError("--elastic needs horovodrun's elastic mode: horovodrun --min-np A --max-np B "
-                         "--host-discovery-script S dstrain train ... (dstrain launch --elastic writes it)")  # fmt: skip
     trainer = Trainer(cfg, proc)
     loaded = trainer.restore_and_broadcast()
     try:
-        if trainer.elastic:
-            trainer.run_elastic(loaded)
-        else:
-            trainer._write_start(loaded)
-            trainer.fit()
+        trainer.fault.run(trainer, loaded)
     except tf.errors.ResourceExhaustedError as e:
         batch = (f"--batch_frames {cfg.loader.batch_frames}" if cfg.loader.batch_frames
                  else f"--train_batch_size {cfg.train_batch_size}")  # fmt: skip
@@ -839,7 +679,7 @@ def train(cfg: TrainConfig) -> dict:
     results = {"epochs_done": int(trainer.progress.epoch), "weights_sha256": digest, "test": trainer.test()}
     # Horovod: every rank's digest, in the record (they must all be the same).
     digests = proc.world.allgather_object(digest)
-    trainer._write("final", epochs_done=results["epochs_done"], weights_sha256=digests, test=results["test"],
+    trainer.write("final", epochs_done=results["epochs_done"], weights_sha256=digests, test=results["test"],
                    evaluated=trainer.weights_from, weights=trainer.evaluated_weights, **averaged)  # fmt: skip
     trainer.export()
     proc.world.join()  # Horovod: nobody leaves while rank 0 still exports
