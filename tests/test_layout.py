@@ -37,7 +37,7 @@ def test_nothing_outside_train_imports_the_trainer_package():
 
 def test_only_distributed_imports_horovod_or_mpi():
     users = {name for name, path in modules().items() if any(i.split(".")[0] in ("horovod", "mpi4py") for i in imports(path))}
-    assert users == {"dstrain.distributed"}
+    assert users and all(u.startswith("dstrain.distributed.") for u in users), users
 
 
 def test_only_the_loader_constructs_a_plan_reader():

@@ -1,4 +1,4 @@
-"""PeerWatch (dstrain/distributed.py) between two processes on this machine, with Horovod's broadcast stood in for by
+"""PeerWatch (dstrain/distributed/peer_watch.py) between two processes on this machine, with Horovod's broadcast stood in for by
 a file: a stopped peer is named and welcomed back, a silent or killed one ends the watcher with status 76, a clean
 exit does not. The cluster in a box runs it under real launchers (test_multinode.py)."""
 import os
