@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -152,9 +153,30 @@ def summarize(samples: list[dict], report_count: int) -> dict:
     }  # fmt: skip
 
 
+def out_of_vocabulary(references: Sequence[str], vocabulary: Collection[str], top: int = 10) -> dict:
+    """The reference words a scorer's vocabulary lacks (a decode with the scorer can never output them): running and
+    distinct counts, their rates, and the ``top`` most frequent with their counts."""
+    running = [w for ref in references for w in ref.split()]
+    missing = Counter(w for w in running if w not in vocabulary)
+    distinct = len(set(running))
+    return {"words": len(running), "oov_words": sum(missing.values()), "oov_rate": sum(missing.values()) / max(len(running), 1),
+            "distinct": distinct, "distinct_oov": len(missing), "distinct_oov_rate": len(missing) / max(distinct, 1),
+            "most_frequent": [[w, n] for w, n in missing.most_common(top)]}  # fmt: skip
+
+
+def format_oov(oov: dict) -> str:
+    """One line a person reads beside the WER: how much of the references the scorer cannot spell."""
+    words = ", ".join(f"{w} ({n})" for w, n in oov["most_frequent"]) or "none"
+    return (f"Scorer vocabulary: {oov['oov_words']} of {oov['words']} reference words ({100 * oov['oov_rate']:.1f} %), "
+            f"{oov['distinct_oov']} of {oov['distinct']} distinct ({100 * oov['distinct_oov_rate']:.1f} %), are not in it "
+            f"and cannot be decoded with it; most frequent: {words}")  # fmt: skip
+
+
 def print_report(name: str, summary: dict) -> None:
     print(f"Test on {name} - WER: {summary['wer']:.6f}, CER: {summary['cer']:.6f}, loss: {summary['loss']:.6f}, "
           f"{summary['samples']} samples")  # fmt: skip
+    if "oov" in summary:
+        print(format_oov(summary["oov"]))
     for title in ("best", "median", "worst"):
         print("-" * 80 + f"\n{title.capitalize()} WER:")
         for s in summary[title]:
@@ -164,12 +186,15 @@ def print_report(name: str, summary: dict) -> None:
 def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetConfig, dec: DecoderConfig, world: World) -> dict | None:
     """Decode this rank's samples, gather all ranks', report and write on rank 0 (which returns the summary)."""
     log.info("decoding %d samples (beam width %d%s)", len(post.probs), dec.width(), ", scorer" if dec.scorer_path else "")
-    samples = sample_report(post, decode_all(post, alphabet, dec, dec.scorer(alphabet)))
+    scorer = dec.scorer(alphabet)
+    samples = sample_report(post, decode_all(post, alphabet, dec, scorer))
     gathered = world.allgather_object(samples)
     if not world.is_root:
         return None
     every = [s for part in gathered for s in part]
     summary = summarize(every, test.report_count)
+    if scorer is not None:
+        summary["oov"] = out_of_vocabulary([s["src"] for s in every], scorer.vocabulary())
     print_report(",".join(test.test_files), summary)
     if test.test_output_file:
         with open(test.test_output_file, "w", encoding="utf-8") as f:
@@ -203,6 +228,9 @@ def optimize_lm(cfg: LmOptimizeConfig, world: World, seed: int = 0) -> tuple[flo
     alphabet, post = eval_posteriors(cfg, world)
     scorer = cfg.decoder.scorer(alphabet)
     assert scorer is not None
+    references = [r for part in world.allgather_object(post.references) for r in part]
+    if world.is_root:
+        print(format_oov(out_of_vocabulary(references, scorer.vocabulary())))
 
     def objective(trial: "optuna.Trial") -> float:
         scorer.reset_params(trial.suggest_float("lm_alpha", 0.0, cfg.lm_alpha_max), trial.suggest_float("lm_beta", 0.0, cfg.lm_beta_max))

@@ -23,7 +23,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
 ``eval``
     ``split`` (dev, test, or metrics with ``store``: one of --metrics_files), ``loss``, ``wer``, ``cer``, ``samples``,
     ``decoder`` (greedy, or beam for the test set), ``weights`` (which were evaluated: ``ema``, the moving average of
-    --ema_decay, or ``raw``; absent in records written before it existed).
+    --ema_decay, or ``raw``; absent in records written before it existed); decoded with a scorer, ``oov_rate`` and
+    ``distinct_oov_rate`` (the reference words, running and distinct, outside the scorer's vocabulary).
 ``checkpoint``
     ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic, stop, or reset: the state an elastic world goes on from), ``epoch_step``.
 ``nonfinite``

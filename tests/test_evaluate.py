@@ -11,7 +11,8 @@ from conftest import synthetic_store, tool
 from dstrain.alphabet import Alphabet
 from dstrain.decoder.config import DecoderConfig
 from dstrain.distributed import World
-from dstrain.evaluate import EvalConfig, EvaluationSetConfig, LmOptimizeConfig, Posteriors, decode_all, optimize_lm, sample_report, summarize
+from dstrain.evaluate import (EvalConfig, EvaluationSetConfig, LmOptimizeConfig, Posteriors, decode_all, optimize_lm,
+                              out_of_vocabulary, report_test_set, sample_report, summarize)  # fmt: skip
 from dstrain.metrics import error_rates
 from test_decoder import SCORER, needs_scorer, spell
 
@@ -113,3 +114,22 @@ def test_sigterm_stops_evaluate_within_seconds(tmp_path, alphabet_path):
     assert status == 128 + signal.SIGTERM and took < 10, (status, took, err[-2000:])
     assert err.strip().splitlines()[-1] == "dstrain evaluate: stopped by SIGTERM" and "Traceback" not in err
     assert "WER" not in proc.stdout.read()
+
+
+def test_out_of_vocabulary_counts_running_and_distinct_words():
+    oov = out_of_vocabulary(["a b c", "a d d d"], {"a", "b"}, top=2)
+    assert (oov["words"], oov["oov_words"], oov["distinct"], oov["distinct_oov"]) == (7, 4, 4, 2)
+    assert oov["oov_rate"] == pytest.approx(4 / 7) and oov["distinct_oov_rate"] == 0.5
+    assert oov["most_frequent"] == [["d", 3], ["c", 1]]
+
+
+@needs_scorer
+def test_a_test_set_decoded_with_a_scorer_reports_the_words_it_cannot_output(alphabet_path, capsys):
+    alphabet = Alphabet.from_file(alphabet_path)
+    refs = ["she had your dark suit", "the zqxjv had a suit"]
+    post = Posteriors(["1", "2"], refs, [spell(r, alphabet) for r in refs], [0.0, 0.0])
+    dec = DecoderConfig(beam_width=16, scorer_path=str(SCORER))
+    summary = report_test_set(post, alphabet, EvaluationSetConfig(test_files=("x",)), dec, World())
+    assert summary["oov"]["most_frequent"] == [["zqxjv", 1]] and summary["oov"]["oov_words"] == 1
+    assert "zqxjv" not in dec.scorer(alphabet).vocabulary() and "suit" in dec.scorer(alphabet).vocabulary()
+    assert "Scorer vocabulary: 1 of 10 reference words (10.0 %), 1 of 8 distinct (12.5 %)" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import math
 import kenlm
 
 from dstrain.alphabet import Alphabet, UTF8Alphabet
-from dstrain.decoder.scorer_package import ScorerError, read_scorer_package
+from dstrain.decoder.scorer_package import ScorerError, read_scorer_package, vocabulary
 
 OOV_SCORE = -1000.0
 _LOG10_E = math.log10(math.e)  # KenLM scores are log10; the search works in natural logs
@@ -36,6 +36,7 @@ class Scorer:
         self.max_order = self.model.order
         self.fst = self.package.fst
         self._cache: dict[tuple[bool, tuple[str, ...]], float] = {}
+        self._vocabulary: frozenset[str] | None = None
         self.compiled: dict = {}
         """Compiled decoders by alphabet labels (dstrain.decoder.ctc fills it)."""
 
@@ -44,6 +45,13 @@ class Scorer:
 
     def is_utf8_mode(self) -> bool:
         return self.package.utf8
+
+    def vocabulary(self) -> frozenset[str]:
+        """The words of the scorer's trie: the only words a decode with this scorer can output."""
+        if self._vocabulary is None:
+            labels = None if self.package.utf8 else self.alphabet.labels
+            self._vocabulary = frozenset(vocabulary(self.package, labels))
+        return self._vocabulary
 
     def log_cond_prob(self, ngram: tuple[str, ...], bos: bool) -> float:
         """ln P(last word | previous words); OOV anywhere in the n-gram gives -1000, as DeepSpeech."""

@@ -641,6 +641,8 @@ class Trainer:
         if summary is None:
             return None
         figures = {k: summary[k] for k in ("wer", "cer", "loss", "samples")}
+        if "oov" in summary:  # the reference words the scorer cannot output, apart from the acoustic model's errors
+            figures.update(oov_rate=summary["oov"]["oov_rate"], distinct_oov_rate=summary["oov"]["distinct_oov_rate"])
         self.write("eval", split="test", decoder="beam", weights=self.evaluated_weights, **figures)
         return figures
 
