@@ -1,6 +1,6 @@
 # Two user-facing targets; each sets everything up first (apt packages, .venv, Horovod built once).
 #   make demo   LDC93S1: import -> shards -> horovodrun -np 2 training on CPU -> export -> transcript
-#   make test   the whole test suite
+#   make test   ruff (lint and format check), then the whole test suite
 #   make image  the OCI images, CPU and GPU (tools/build_image.sh: podman, no registry, no daemon)
 .PHONY: demo test image
 SHELL := /bin/bash
@@ -11,6 +11,7 @@ demo:
 
 test:
 	@tools/install.sh --test
+	@.venv/bin/ruff check dstrain tests benchmarks && .venv/bin/ruff format --check dstrain tests benchmarks
 	@.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 image:

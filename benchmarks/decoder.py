@@ -8,6 +8,7 @@ runs (126-215 frames each), as a half-trained model produces them. Single proces
     .venv/bin/pip install pyctcdecode   # once
     .venv/bin/python benchmarks/decoder.py [--processes 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ ALPHABET = os.path.join(HERE, "..", "dstrain", "data", "alphabet.txt")
 
 def utterances(alphabet: Alphabet, n: int = 40) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
-    lines = [" ".join(l.split()) for l in open(os.path.join(SHARED, "smoke", "vocab.txt"), encoding="utf-8")]
-    lines = [l for l in lines if l and not alphabet.missing(l)]
+    lines = [" ".join(line.split()) for line in open(os.path.join(SHARED, "smoke", "vocab.txt"), encoding="utf-8")]
+    lines = [line for line in lines if line and not alphabet.missing(line)]
     out = []
     while len(out) < n:
         line = lines[rng.integers(len(lines))]
@@ -50,13 +51,17 @@ def main() -> None:
     scorer = Scorer(0.75, 1.85, scorer_path, alphabet)
     data = utterances(alphabet)
     frames = [len(u) for u in data]
-    print(f"{len(data)} utterances, {min(frames)}-{max(frames)} frames, scorer {os.path.basename(scorer_path)}, "
-          f"alpha 0.75 beta 1.85, {args.processes} process(es)")  # fmt: skip
+    print(
+        f"{len(data)} utterances, {min(frames)}-{max(frames)} frames, scorer {os.path.basename(scorer_path)}, "
+        f"alpha 0.75 beta 1.85, {args.processes} process(es)"
+    )
 
     from pyctcdecode import build_ctcdecoder
 
     vocab = open(os.path.join(SHARED, "scorer", "vocab.pruned.txt"), encoding="utf-8").read().split()
-    reference = build_ctcdecoder(list(alphabet.labels) + [""], kenlm_model_path=scorer_path, unigrams=vocab, alpha=0.75, beta=1.85)
+    reference = build_ctcdecoder(
+        list(alphabet.labels) + [""], kenlm_model_path=scorer_path, unigrams=vocab, alpha=0.75, beta=1.85
+    )
     logs = [np.log(np.maximum(u, 1e-30)).astype(np.float32) for u in data]
     reference.decode(logs[0], beam_width=10)  # load and warm up outside the timing
 
@@ -74,10 +79,13 @@ def main() -> None:
                 ctc_beam_search_decoder(u, alphabet, beam, scorer=scorer)
         ours = time.perf_counter() - start
         start = time.perf_counter()
-        for l in logs:
-            reference.decode(l, beam_width=beam)
+        for log_probs in logs:
+            reference.decode(log_probs, beam_width=beam)
         theirs = time.perf_counter() - start
-        print(f"{beam:>5} {len(data) / ours:>14.1f} {ours:>9.2f} {len(data) / theirs:>18.1f} {theirs:>9.2f} {theirs / ours:>5.1f}x")
+        print(
+            f"{beam:>5} {len(data) / ours:>14.1f} {ours:>9.2f} {len(data) / theirs:>18.1f} {theirs:>9.2f} "
+            f"{theirs / ours:>5.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ The files are read once before the timed runs (warm page cache, as on a server t
 
     .venv/bin/python benchmarks/load.py [--repeats 3] [--n_hidden 2048] [--keep DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,14 +54,26 @@ def child(path: str) -> None:
     start = time.perf_counter()
     model.log_probs([x])
     second_s = time.perf_counter() - start
-    print(json.dumps({"load_s": load_s, "first_inference_s": first_s, "second_inference_s": second_s,
-                      "rss_load_mb": loaded - base, "rss_after_inference_mb": after - base}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "first_inference_s": first_s,
+                "second_inference_s": second_s,
+                "rss_load_mb": loaded - base,
+                "rss_after_inference_mb": after - base,
+            }
+        )
+    )
 
 
 def export_forms(root: str, n_hidden: int) -> dict[str, str]:
     """Random-weight model exported as SavedModel, TFLite and quantised TFLite (reused when ``root`` has them)."""
-    paths = {"saved_model": os.path.join(root, "export"), "tflite": os.path.join(root, "export", "model.tflite"),
-             "tflite_quantized": os.path.join(root, "model_quantized.tflite")}  # fmt: skip
+    paths = {
+        "saved_model": os.path.join(root, "export"),
+        "tflite": os.path.join(root, "export", "model.tflite"),
+        "tflite_quantized": os.path.join(root, "model_quantized.tflite"),
+    }
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     from dstrain.alphabet import Alphabet
@@ -70,8 +83,14 @@ def export_forms(root: str, n_hidden: int) -> dict[str, str]:
 
     alphabet = Alphabet.from_file(os.path.join(os.path.dirname(__file__), "..", "dstrain", "data", "alphabet.txt"))
     model = DeepSpeech.for_features(ModelConfig(n_hidden=n_hidden), FeatureConfig(), len(alphabet) + 1)
-    meta = export_model(paths["saved_model"], model, alphabet, FeatureConfig(), {"weights_from": "random"},
-                        options=ExportOptions(export_tflite=True))  # fmt: skip
+    meta = export_model(
+        paths["saved_model"],
+        model,
+        alphabet,
+        FeatureConfig(),
+        {"weights_from": "random"},
+        options=ExportOptions(export_tflite=True),
+    )
     with open(paths["tflite_quantized"], "wb") as f:
         f.write(tflite_model(model, meta, quantize=True))
     return paths
@@ -107,19 +126,28 @@ def main() -> None:
         root = args.keep or tmp
         start = time.perf_counter()
         paths = export_forms(root, args.n_hidden)
-        print(f"n_hidden {args.n_hidden}, random weights; exported in {time.perf_counter() - start:.0f} s; "
-              f"{os.cpu_count()} CPUs; median of {args.repeats} fresh processes each\n")  # fmt: skip
+        print(
+            f"n_hidden {args.n_hidden}, random weights; exported in {time.perf_counter() - start:.0f} s; "
+            f"{os.cpu_count()} CPUs; median of {args.repeats} fresh processes each\n"
+        )
         rows = {}
         for form in FORMS:
             measure(paths[form])  # warm the page cache
             runs = [measure(paths[form]) for _ in range(args.repeats)]
-            rows[form] = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"size_mb": _size_mb(paths[form])}
+            rows[form] = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {
+                "size_mb": _size_mb(paths[form])
+            }
 
-    header = f"{'form':<18}{'file MB':>9}{'load s':>8}{'1st infer s':>13}{'2nd infer s':>13}{'RSS load MB':>13}{'RSS +1st MB':>13}"
+    header = (
+        f"{'form':<18}{'file MB':>9}{'load s':>8}{'1st infer s':>13}{'2nd infer s':>13}{'RSS load MB':>13}"
+        f"{'RSS +1st MB':>13}"
+    )
     print(header + "\n" + "-" * len(header))
     for form, r in rows.items():
-        print(f"{form:<18}{r['size_mb']:>9.1f}{r['load_s']:>8.2f}{r['first_inference_s']:>13.2f}{r['second_inference_s']:>13.2f}"
-              f"{r['rss_load_mb']:>13.1f}{r['rss_after_inference_mb']:>13.1f}")  # fmt: skip
+        print(
+            f"{form:<18}{r['size_mb']:>9.1f}{r['load_s']:>8.2f}{r['first_inference_s']:>13.2f}{r['second_inference_s']:>13.2f}"
+            f"{r['rss_load_mb']:>13.1f}{r['rss_after_inference_mb']:>13.1f}"
+        )
     print(f"(inference: {INFERENCE_FRAMES} frames, 5 s of audio; RSS: growth after import tensorflow)")
 
     def ready_s(form: str) -> float:
@@ -127,17 +155,26 @@ def main() -> None:
 
     best = min(FORMS, key=lambda f: (ready_s(f), rows[f]["rss_after_inference_mb"]))
     saved = rows["saved_model"]
-    how = {"saved_model": "the export folder", "tflite": "EXPORT/model.tflite (dstrain export --export_tflite)",
-           "tflite_quantized": "EXPORT/model.tflite (dstrain export --export_tflite --export_quantize)"}[best]  # fmt: skip
-    print(f"\nRecommendation: {best} for transcription on CPU, dstrain transcribe --model {how}: loaded and through "
-          f"its first 5 s in {ready_s(best):.2f} s against {ready_s('saved_model'):.2f} s for the SavedModel, with "
-          f"{rows[best]['rss_after_inference_mb']:.0f} MB against {saved['rss_after_inference_mb']:.0f} MB; then "
-          f"{rows[best]['second_inference_s']:.2f} s per 5 s against {saved['second_inference_s']:.2f} s.")  # fmt: skip
+    how = {
+        "saved_model": "the export folder",
+        "tflite": "EXPORT/model.tflite (dstrain export --export_tflite)",
+        "tflite_quantized": "EXPORT/model.tflite (dstrain export --export_tflite --export_quantize)",
+    }[best]
+    print(
+        f"\nRecommendation: {best} for transcription on CPU, dstrain transcribe --model {how}: loaded and through "
+        f"its first 5 s in {ready_s(best):.2f} s against {ready_s('saved_model'):.2f} s for the SavedModel, with "
+        f"{rows[best]['rss_after_inference_mb']:.0f} MB against {saved['rss_after_inference_mb']:.0f} MB; then "
+        f"{rows[best]['second_inference_s']:.2f} s per 5 s against {saved['second_inference_s']:.2f} s."
+    )
     if best == "tflite_quantized":
-        print("Quantised weights (int8, dynamic range) change log-probabilities slightly: check WER on a dev set "
-              "(dstrain evaluate) before shipping it; the float TFLite model gives the SavedModel's outputs.")
-    print("Keep the SavedModel for batched or GPU inference and TensorFlow Serving (its log_probs signature takes "
-          "padded batches).")
+        print(
+            "Quantised weights (int8, dynamic range) change log-probabilities slightly: check WER on a dev set "
+            "(dstrain evaluate) before shipping it; the float TFLite model gives the SavedModel's outputs."
+        )
+    print(
+        "Keep the SavedModel for batched or GPU inference and TensorFlow Serving (its log_probs signature takes "
+        "padded batches)."
+    )
 
 
 if __name__ == "__main__":

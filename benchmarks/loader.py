@@ -29,6 +29,7 @@ off is printed beside it). The default run takes about 2 minutes on 2 cores.
 
     .venv/bin/python benchmarks/loader.py [--utterances 400] [--seconds 10] [--batch_size 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,16 @@ def make_corpus(folder: str, n: int, seed: int = 0) -> tuple[str, str]:
     jobs = []
     for i in range(n):
         words = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 36))))
-        jobs.append((os.path.join(folder, f"utt{i:05d}.wav"), words, int(rng.integers(140, 200)),
-                     int(rng.integers(30, 70)), float(rng.uniform(0.9, 1.1)), int(rng.integers(1, 4))))  # fmt: skip
+        jobs.append(
+            (
+                os.path.join(folder, f"utt{i:05d}.wav"),
+                words,
+                int(rng.integers(140, 200)),
+                int(rng.integers(30, 70)),
+                float(rng.uniform(0.9, 1.1)),
+                int(rng.integers(1, 4)),
+            )
+        )
 
     ldc, ldc_rate = soundfile.read(os.path.join(DATA, "LDC93S1.wav"), dtype="float32")
     ldc_text = "she had your dark suit in greasy wash water all year"
@@ -84,8 +93,9 @@ def make_corpus(folder: str, n: int, seed: int = 0) -> tuple[str, str]:
     def make(job) -> tuple[str, str]:
         path, words, speed, pitch, stretch, repeats = job
         if espeak:
-            raw = subprocess.run([espeak, "--stdout", "-s", str(speed), "-p", str(pitch), words], check=True,
-                                 capture_output=True).stdout  # fmt: skip
+            raw = subprocess.run(
+                [espeak, "--stdout", "-s", str(speed), "-p", str(pitch), words], check=True, capture_output=True
+            ).stdout
             with soundfile.SoundFile(io.BytesIO(raw)) as f:
                 audio, rate = f.read(dtype="float32"), f.samplerate
             text = words
@@ -111,8 +121,14 @@ def make_store(csv_path: str, output: str, shard_size_mb: float) -> None:
     from dstrain.distributed import World
     from dstrain.prep.pipeline import PreprocessConfig, preprocess
 
-    cfg = PreprocessConfig(csv_files=(csv_path,), alphabet_path=os.path.join(DATA, "alphabet.txt"), output=output,
-                           shard_size_mb=shard_size_mb, row_group_rows=32, workers=os.cpu_count() or 1)  # fmt: skip
+    cfg = PreprocessConfig(
+        csv_files=(csv_path,),
+        alphabet_path=os.path.join(DATA, "alphabet.txt"),
+        output=output,
+        shard_size_mb=shard_size_mb,
+        row_group_rows=32,
+        workers=os.cpu_count() or 1,
+    )
     preprocess(cfg, progress=False, world=World())
 
 
@@ -202,13 +218,19 @@ def device_augment_batches(store: str, threads: int, batch_size: int):
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    data = TrainInput.build([store], None, LoaderConfig(augment=("default",)), World(), batch_size=batch_size, seed=0,
-                            epochs=11)  # fmt: skip
+    data = TrainInput.build(
+        [store], None, LoaderConfig(augment=("default",)), World(), batch_size=batch_size, seed=0, epochs=11
+    )
     augment = data.device_augmenter()
     batches = [tuple(tf.constant(a) for a in b) for b in data.reader(5)]  # epoch 6 of 11: the clock at 0.5
     data.close()
-    spec = (tf.TensorSpec([None, None, data.catalog.n_mel], batches[0][0].dtype), tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 2], tf.int64))  # fmt: skip
+    spec = (
+        tf.TensorSpec([None, None, data.catalog.n_mel], batches[0][0].dtype),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None, None], tf.int32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None, 2], tf.int64),
+    )
     step = tf.function(augment, input_signature=spec)
     while True:
         for b in batches:
@@ -236,11 +258,17 @@ def deepspeech_batches(csv_path: str, alphabet_path: str, threads: int, batch_si
 
     def entry_to_features(path, labels):
         audio = tf.audio.decode_wav(tf.io.read_file(path), desired_channels=1)
-        spec = tf.raw_ops.AudioSpectrogram(input=audio.audio, window_size=fc.window_samples, stride=fc.step_samples,
-                                           magnitude_squared=True)  # fmt: skip
-        mfcc = tf.raw_ops.Mfcc(spectrogram=spec, sample_rate=audio.sample_rate, upper_frequency_limit=fc.upper_hz,
-                               lower_frequency_limit=fc.lower_hz, filterbank_channel_count=fc.n_mel,
-                               dct_coefficient_count=fc.n_mfcc)  # fmt: skip
+        spec = tf.raw_ops.AudioSpectrogram(
+            input=audio.audio, window_size=fc.window_samples, stride=fc.step_samples, magnitude_squared=True
+        )
+        mfcc = tf.raw_ops.Mfcc(
+            spectrogram=spec,
+            sample_rate=audio.sample_rate,
+            upper_frequency_limit=fc.upper_hz,
+            lower_frequency_limit=fc.lower_hz,
+            filterbank_channel_count=fc.n_mel,
+            dct_coefficient_count=fc.n_mfcc,
+        )
         mfcc = tf.reshape(mfcc, [-1, fc.n_mfcc])
         return mfcc, tf.shape(mfcc)[0], labels
 
@@ -275,16 +303,25 @@ def worker(spec: dict) -> dict:
         next(batches)  # warm-up: catalog read, TensorFlow graph traced
         frames, utts, per_cpu_s = best_rate(batches, spec["seconds"], spec["windows"])
         batches.close()
-    return {"frames": frames, "utts": utts, "per_cpu_s": per_cpu_s, "peak_mb": mem.peak / 2**20,
-            "grew_mb": (mem.peak_anon - mem.start_anon) / 2**20}  # fmt: skip
+    return {
+        "frames": frames,
+        "utts": utts,
+        "per_cpu_s": per_cpu_s,
+        "peak_mb": mem.peak / 2**20,
+        "grew_mb": (mem.peak_anon - mem.start_anon) / 2**20,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def run_worker(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)], check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -294,8 +331,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per configuration, in seconds")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the configurations (the budget is shared)")
     parser.add_argument("--batch_size", type=int, default=32, help="utterances per batch")
-    parser.add_argument("--memory_mb", type=float, default=8.0,
-                        help="--loader_memory_mb; the default is below the store's size, so the reader streams")
+    parser.add_argument(
+        "--memory_mb",
+        type=float,
+        default=8.0,
+        help="--loader_memory_mb; the default is below the store's size, so the reader streams",
+    )
     parser.add_argument("--windows", type=int, default=5, help="timing windows per configuration; the best counts")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -306,8 +347,10 @@ def main() -> None:
         os._exit(0)
 
     if args.utterances < 4 * args.batch_size:
-        parser.error(f"--utterances {args.utterances} is under 4 batches of --batch_size {args.batch_size}: epochs "
-                     "that short measure start-up, not throughput; give more utterances or a smaller batch")  # fmt: skip
+        parser.error(
+            f"--utterances {args.utterances} is under 4 batches of --batch_size {args.batch_size}: epochs "
+            "that short measure start-up, not throughput; give more utterances or a smaller batch"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         csv_path, source = make_corpus(tmp, args.utterances)
@@ -316,9 +359,11 @@ def main() -> None:
         from dstrain.store import FeatureStore
 
         m = FeatureStore.open(store).manifest
-        print(f"corpus: {m.utterances} utterances ({source}), {m.hours * 3600:.0f} s of audio, "
-              f"{len(m.shards)} shards, built in {time.perf_counter() - t0:.0f} s; batch {args.batch_size}, loader "
-              f"memory {args.memory_mb:g} MiB; best of {args.rounds} x {args.windows} windows in {args.seconds:g} s")
+        print(
+            f"corpus: {m.utterances} utterances ({source}), {m.hours * 3600:.0f} s of audio, "
+            f"{len(m.shards)} shards, built in {time.perf_counter() - t0:.0f} s; batch {args.batch_size}, loader "
+            f"memory {args.memory_mb:g} MiB; best of {args.rounds} x {args.windows} windows in {args.seconds:g} s"
+        )
 
         common = {"batch_size": args.batch_size, "seconds": args.seconds / args.rounds, "windows": args.windows}
         ours = {"kind": "dstrain", "store": store, "memory_mb": args.memory_mb}
@@ -338,11 +383,17 @@ def main() -> None:
                     old = best.get((name, threads))
                     if old is not None:  # the faster round's rates; the larger memory figures of both
                         faster = old if old["frames"] > r["frames"] else r
-                        r = {**faster, "per_cpu_s": max(old["per_cpu_s"], r["per_cpu_s"]),
-                             "peak_mb": max(old["peak_mb"], r["peak_mb"]), "grew_mb": max(old["grew_mb"], r["grew_mb"])}  # fmt: skip
+                        r = {
+                            **faster,
+                            "per_cpu_s": max(old["per_cpu_s"], r["per_cpu_s"]),
+                            "peak_mb": max(old["peak_mb"], r["peak_mb"]),
+                            "grew_mb": max(old["grew_mb"], r["grew_mb"]),
+                        }
                     best[(name, threads)] = r
-        print(f"{'configuration':<28} {'threads':>7} {'frames/s':>10} {'utt/s':>8} {'frames/CPU-s':>12} {'peak MB':>8} "
-              f"{'+MB':>6} {'vs DeepSpeech':>13} {'vs off':>6}")  # fmt: skip
+        print(
+            f"{'configuration':<28} {'threads':>7} {'frames/s':>10} {'utt/s':>8} {'frames/CPU-s':>12} {'peak MB':>8} "
+            f"{'+MB':>6} {'vs DeepSpeech':>13} {'vs off':>6}"
+        )
         verdicts = []
         off, on = "dstrain, augment off", "dstrain, --augment default"
         for (name, threads), r in best.items():
@@ -353,20 +404,33 @@ def main() -> None:
                     verdicts.append(x >= TARGET)
                 ratio = f"{x:.1f}x"
                 versus_off = f"{r['frames'] / best[(off, threads)]['frames']:.2f}"
-            print(f"{name:<28} {threads:>7} {r['frames']:>10.0f} {r['utts']:>8.0f} {r['per_cpu_s']:>12.0f} "
-                  f"{r['peak_mb']:>8.0f} {r['grew_mb']:>6.0f} {ratio:>13} {versus_off:>6}")  # fmt: skip
-        print(f"target >= {TARGET:g}x DeepSpeech's frames/s at the same thread count, augmentation off on both sides: "
-              f"{'met' if all(verdicts) else 'NOT met'} ({sum(verdicts)} of {len(verdicts)} configurations); with "
-              "--augment default the ratio is informative (DeepSpeech's path above does no augmentation at all)")
+            print(
+                f"{name:<28} {threads:>7} {r['frames']:>10.0f} {r['utts']:>8.0f} {r['per_cpu_s']:>12.0f} "
+                f"{r['peak_mb']:>8.0f} {r['grew_mb']:>6.0f} {ratio:>13} {versus_off:>6}"
+            )
+        print(
+            f"target >= {TARGET:g}x DeepSpeech's frames/s at the same thread count, augmentation off on both sides: "
+            f"{'met' if all(verdicts) else 'NOT met'} ({sum(verdicts)} of {len(verdicts)} configurations); with "
+            "--augment default the ratio is informative (DeepSpeech's path above does no augmentation at all)"
+        )
         rate = max(best[(on, t)]["frames"] for t in n_threads)
-        same_run = ", ".join(f"{best[(on, t)]['frames'] / best[(off, t)]['frames']:.2f} at {t} thread(s)" for t in n_threads)
-        print(f"target >= {AUGMENT_TARGET / 1e6:g}M frames/s per process with --augment default: "
-              f"{'met' if rate >= AUGMENT_TARGET else 'NOT met'} ({rate / 1e6:.2f}M; of augmentation off in this run: "
-              f"{same_run})")  # fmt: skip
+        same_run = ", ".join(
+            f"{best[(on, t)]['frames'] / best[(off, t)]['frames']:.2f} at {t} thread(s)" for t in n_threads
+        )
+        print(
+            f"target >= {AUGMENT_TARGET / 1e6:g}M frames/s per process with --augment default: "
+            f"{'met' if rate >= AUGMENT_TARGET else 'NOT met'} ({rate / 1e6:.2f}M; of augmentation off in this run: "
+            f"{same_run})"
+        )
         device = {t: best[("  its device part, CPU TF", t)] for t in n_threads}
-        print("the training step's part of --augment default, timed here on the CPU (on a GPU it runs there): "
-              + ", ".join(f"{1000 * args.batch_size / r['utts']:.1f} ms per batch of {args.batch_size} "
-                          f"({r['frames'] / 1e6:.2f}M frames/s) with {t} TensorFlow thread(s)" for t, r in device.items()))  # fmt: skip
+        print(
+            "the training step's part of --augment default, timed here on the CPU (on a GPU it runs there): "
+            + ", ".join(
+                f"{1000 * args.batch_size / r['utts']:.1f} ms per batch of {args.batch_size} "
+                f"({r['frames'] / 1e6:.2f}M frames/s) with {t} TensorFlow thread(s)"
+                for t, r in device.items()
+            )
+        )
 
 
 if __name__ == "__main__":

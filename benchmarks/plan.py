@@ -6,12 +6,14 @@ log-normal of median ~4 s at 20 ms frames, clipped to 0.5-20 s (25-1000 frames),
 For each world size it times one rank's :func:`plan_epoch` (what each rank computes at every epoch start; best of
 ``--repeat`` runs, since other work on the machine only ever slows a run down) and a re-partitioned
 :func:`resume_plan` (a duration-batched epoch stopped half-way at that world size, resumed at 8 ranks: it recomputes
-every rank's batches of the stopped segment; at 4 ranks when it ran at 8). Fixed batches use the largest batch whose worst case fits the same
-memory (``batch_frames // longest``), so "steps" compares how many steps an epoch takes at equal peak memory.
+every rank's batches of the stopped segment; at 4 ranks when it ran at 8). Fixed batches use the largest batch whose
+worst case fits the same memory (``batch_frames // longest``), so "steps" compares how many steps an epoch takes at
+equal peak memory.
 Target: a 1M-sample corpus plans in seconds on one core at world 512.
 
     .venv/bin/python benchmarks/plan.py [--samples 1000000] [--batch_frames 32000] [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +24,14 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dstrain.loader.sampler import PlanSpec, RowGroupTable, describe, make_row_groups, plan_epoch, resume_plan  # noqa: E402
+from dstrain.loader.sampler import (  # noqa: E402
+    PlanSpec,
+    RowGroupTable,
+    describe,
+    make_row_groups,
+    plan_epoch,
+    resume_plan,
+)
 
 
 def corpus(samples: int, seed: int = 0) -> RowGroupTable:
@@ -56,22 +65,30 @@ def main() -> None:
     longest = int(table.n_frames.max())
     fixed = PlanSpec(batch_size=max(1, args.batch_frames // longest), window_row_groups=args.window_row_groups)
     frames = PlanSpec(batch_size=0, batch_frames=args.batch_frames, window_row_groups=args.window_row_groups)
-    print(f"{table.n_samples} samples in {table.n_row_groups} row groups, {int(table.n_frames.min())}-{longest} frames "
-          f"(mean {table.n_frames.mean():.0f}); fixed batch {fixed.batch_size} (= {args.batch_frames} // {longest}) "
-          f"vs --batch_frames {args.batch_frames}; best of {args.repeat}")
-    print(f"{'world':>5} {'batches':>13} {'plan s':>7} {'steps':>6} {'mean batch':>10} {'padding':>8} {'fill':>6} "
-          f"{'resume s':>9}")
+    print(
+        f"{table.n_samples} samples in {table.n_row_groups} row groups, {int(table.n_frames.min())}-{longest} frames "
+        f"(mean {table.n_frames.mean():.0f}); fixed batch {fixed.batch_size} (= {args.batch_frames} // {longest}) "
+        f"vs --batch_frames {args.batch_frames}; best of {args.repeat}"
+    )
+    print(
+        f"{'world':>5} {'batches':>13} {'plan s':>7} {'steps':>6} {'mean batch':>10} {'padding':>8} {'fill':>6} "
+        f"{'resume s':>9}"
+    )
     for world in (8, 512):
         rows = {}
         for name, spec in (("fixed", fixed), ("batch_frames", frames)):
-            seconds, plan = best(lambda: plan_epoch(table, spec, rank=world - 1, world=world, epoch=1, seed=0), args.repeat)
+            seconds, plan = best(
+                lambda: plan_epoch(table, spec, rank=world - 1, world=world, epoch=1, seed=0), args.repeat
+            )
             pos = plan.position_after(plan.steps // 2)
             resume_s, _ = best(lambda: resume_plan(pos, table, spec, rank=0, world=8 if world != 8 else 4), args.repeat)
             d = describe(plan)
             fill = float(plan.batch_frames_used.mean()) / args.batch_frames
             rows[name] = (seconds, plan.steps)
-            print(f"{world:>5} {name:>13} {seconds:>7.2f} {plan.steps:>6} {d['mean_batch_size']:>10.1f} "
-                  f"{d['padding_fraction']:>8.3f} {fill:>6.2f} {resume_s:>9.2f}")
+            print(
+                f"{world:>5} {name:>13} {seconds:>7.2f} {plan.steps:>6} {d['mean_batch_size']:>10.1f} "
+                f"{d['padding_fraction']:>8.3f} {fill:>6.2f} {resume_s:>9.2f}"
+            )
         (tf, sf), (td, sd) = rows["fixed"], rows["batch_frames"]
         print(f"{world:>5} {'ratio':>13} {td / tf:>6.2f}x {sd / sf:>5.2f}x  (duration / fixed: planning time, steps)")
 

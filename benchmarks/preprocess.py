@@ -3,8 +3,8 @@
 dstrain reads with soundfile (soxr resampling where needed) and computes the stored log mel filterbank in numpy.
 The reference is DeepSpeech's own feature path: ``tf.io.read_file`` + ``tf.audio.decode_wav`` then
 ``tf.raw_ops.AudioSpectrogram`` + ``tf.raw_ops.Mfcc``, one TensorFlow thread (per core). TensorFlow cannot
-decode MP3, so for MP3 the reference decodes with dstrain's reader and then runs the same TensorFlow ops. Targets: >= 300x real time per core on 16 kHz WAV, and
->= 2x the TensorFlow path.
+decode MP3, so for MP3 the reference decodes with dstrain's reader and then runs the same TensorFlow ops. Targets:
+>= 300x real time per core on 16 kHz WAV, and >= 2x the TensorFlow path.
 
     .venv/bin/python benchmarks/preprocess.py [--seconds 3]
     .venv/bin/python benchmarks/preprocess.py --augment   # cost of one augmented copy per waveform op instead
@@ -12,6 +12,7 @@ decode MP3, so for MP3 the reference decodes with dstrain's reader and then runs
 ``--augment`` times what one copy made by ``dstrain preprocess --augment OP --augment_copies 1`` costs (the op, then
 the features of its result) against storing the original (read + features), both on LDC93S1 in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,14 @@ def main() -> None:
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
     def tf_mfcc(samples):
         spec = tf.raw_ops.AudioSpectrogram(input=samples[:, None], window_size=512, stride=320, magnitude_squared=True)
-        return tf.raw_ops.Mfcc(spectrogram=spec, sample_rate=16000, upper_frequency_limit=8000.0,
-                               lower_frequency_limit=20.0, filterbank_channel_count=40, dct_coefficient_count=26)  # fmt: skip
+        return tf.raw_ops.Mfcc(
+            spectrogram=spec,
+            sample_rate=16000,
+            upper_frequency_limit=8000.0,
+            lower_frequency_limit=20.0,
+            filterbank_channel_count=40,
+            dct_coefficient_count=26,
+        )
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
     def tf_wav_mfcc(path):
@@ -92,8 +99,15 @@ def main() -> None:
         print(f"{'features only':<12} {compute:>24.0f} {tf_compute:>16.0f} {compute / tf_compute:>6.2f}x")
 
 
-AUGMENT_OPS = ("speed[factor=1.1]", "resample[rate=8000]", "reverb", "codec[format=opus,bitrate=16000]",
-               "codec[format=mp3,bitrate=16000]", "overlay[source={noise},snr=10]", "volume[dbfs=-6]")  # fmt: skip
+AUGMENT_OPS = (
+    "speed[factor=1.1]",
+    "resample[rate=8000]",
+    "reverb",
+    "codec[format=opus,bitrate=16000]",
+    "codec[format=mp3,bitrate=16000]",
+    "overlay[source={noise},snr=10]",
+    "volume[dbfs=-6]",
+)
 
 
 def augment_costs(budget: float) -> None:
@@ -111,10 +125,14 @@ def augment_costs(budget: float) -> None:
         # A noise corpus of one 30 s file; decoded once, then cached by the op as in a preprocessing worker.
         soundfile.write(os.path.join(noise, "n.wav"), 0.1 * np.random.default_rng(0).standard_normal(30 * 16000), 16000)
         for spec in AUGMENT_OPS:
-            aug = WaveAugmenter(parse_ops([spec.format(noise=noise)], cfg.sample_rate, open_noise=True), 1, 0, cfg.sample_rate)
+            aug = WaveAugmenter(
+                parse_ops([spec.format(noise=noise)], cfg.sample_rate, open_noise=True), 1, 0, cfg.sample_rate
+            )
             copy = rate(lambda: log_mel(power_spectrogram(aug.copy(samples, 0, 1)[0], cfg), cfg), seconds, budget)
-            print(f"{spec.split('[')[0] + ('[' + spec.split('[')[1] if 'codec' in spec else ''):<34} "
-                  f"{copy:>16.0f} {original / copy:>21.2f}x")
+            print(
+                f"{spec.split('[')[0] + ('[' + spec.split('[')[1] if 'codec' in spec else ''):<34} "
+                f"{copy:>16.0f} {original / copy:>21.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ without fp16 compression and accumulation.
     .venv/bin/python benchmarks/scaling.py --rates 1gbit --epochs 2 --utterances 256   # quicker, coarser
     .venv/bin/python benchmarks/scaling.py --predict_only        # the GPU table from GPU_INPUTS alone
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,21 +120,35 @@ def fit(points: list[tuple[float, float, Link, float]]) -> StepModel:
 # Inputs for H200-class clusters: every number named and sourced.
 
 GPU_INPUTS = {
-    "step_compute_s": (128 * 500 / 787e3, "one H200, dstrain train --automatic_mixed_precision at batch 128: 787k "
-                       "frames/s (RESULTS.md, benchmarks/train_gpu.py), utterances of 200-800 frames (mean 500): "
-                       "81.3 ms"),
+    "step_compute_s": (
+        128 * 500 / 787e3,
+        "one H200, dstrain train --automatic_mixed_precision at batch 128: 787k "
+        "frames/s (RESULTS.md, benchmarks/train_gpu.py), utterances of 200-800 frames (mean 500): "
+        "81.3 ms",
+    ),
     "params": (47.2e6, "DeepSpeech at n_hidden 2048 (RESULTS.md: 47.2M parameters)"),
-    "nvlink_GBps": (450.0, "H100/H200 SXM NVLink 4: 900 GB/s per GPU both ways, 450 GB/s each way (NVIDIA H200 "
-                    "datasheet)"),
-    "nccl_efficiency": (0.85, "NCCL all-reduce bus bandwidth over line rate for messages of 100 MB+ on InfiniBand "
-                        "NDR (nccl-tests on DGX H100 reach 340-370 GB/s per 8x400 Gb/s node: 0.85-0.92)"),
+    "nvlink_GBps": (
+        450.0,
+        "H100/H200 SXM NVLink 4: 900 GB/s per GPU both ways, 450 GB/s each way (NVIDIA H200 " "datasheet)",
+    ),
+    "nccl_efficiency": (
+        0.85,
+        "NCCL all-reduce bus bandwidth over line rate for messages of 100 MB+ on InfiniBand "
+        "NDR (nccl-tests on DGX H100 reach 340-370 GB/s per 8x400 Gb/s node: 0.85-0.92)",
+    ),
     "nccl_latency_s": (10e-6, "NCCL ring per-hop latency across nodes, order of magnitude (NCCL docs: ~5-20 us)"),
-    "horovod_overhead_s": (1e-3, "a collective's wait for Horovod's next cycle on GPU ranks (HOROVOD_CYCLE_TIME, 1 ms, "
-                           "which dstrain keeps on GPUs; the response cache makes a repeated step's negotiation no "
-                           "more: Horovod's tensor-fusion docs). The box's fitted overhead is a CPU rank's, with a 5 ms "
-                           "cycle on a core shared with compute, and is kept for the host-memory path"),
-    "pcie_GBps": (25.0, "GPU<->host copies per GPU with 8 GPUs of a node copying at once (PCIe Gen5 x16: 64 GB/s "
-                  "each way per link, two GPUs per switch, host memory shared by 8)"),
+    "horovod_overhead_s": (
+        1e-3,
+        "a collective's wait for Horovod's next cycle on GPU ranks (HOROVOD_CYCLE_TIME, 1 ms, "
+        "which dstrain keeps on GPUs; the response cache makes a repeated step's negotiation no "
+        "more: Horovod's tensor-fusion docs). The box's fitted overhead is a CPU rank's, with a 5 ms "
+        "cycle on a core shared with compute, and is kept for the host-memory path",
+    ),
+    "pcie_GBps": (
+        25.0,
+        "GPU<->host copies per GPU with 8 GPUs of a node copying at once (PCIe Gen5 x16: 64 GB/s "
+        "each way per link, two GPUs per switch, host memory shared by 8)",
+    ),
 }
 
 
@@ -143,8 +158,9 @@ def gpu_table(model: StepModel, tcp_cap: float) -> list[dict]:
     fp32 = GPU_INPUTS["params"][0] * 4
     nccl_eff, nccl_lat = GPU_INPUTS["nccl_efficiency"][0], GPU_INPUTS["nccl_latency_s"][0]
     rows = []
-    for gpus, gbps, path, comp, acc in itertools.product((8, 32, 128, 512), (100, 200, 400), ("nccl", "host"),
-                                                         ("none", "fp16"), (1, 4)):  # fmt: skip
+    for gpus, gbps, path, comp, acc in itertools.product(
+        (8, 32, 128, 512), (100, 200, 400), ("nccl", "host"), ("none", "fp16"), (1, 4)
+    ):
         nbytes = fp32 / (2 if comp == "fp16" else 1)
         nic = gbps * 1e9 / 8
         if path == "nccl":
@@ -159,8 +175,17 @@ def gpu_table(model: StepModel, tcp_cap: float) -> list[dict]:
             copies = 2 * nbytes / (GPU_INPUTS["pcie_GBps"][0] * 1e9)
             comm = model.allreduce(nbytes, gpus, hop) + copies
         step = acc * compute + comm
-        rows.append({"gpus": gpus, "gbps": gbps, "path": path, "compression": comp, "accumulation": acc,
-                     "comm_ms": comm * 1e3, "efficiency": acc * compute / step})  # fmt: skip
+        rows.append(
+            {
+                "gpus": gpus,
+                "gbps": gbps,
+                "path": path,
+                "compression": comp,
+                "accumulation": acc,
+                "comm_ms": comm * 1e3,
+                "efficiency": acc * compute / step,
+            }
+        )
     return rows
 
 
@@ -231,11 +256,19 @@ PROBE = textwrap.dedent("""
 def probe_link(box: Box, rate_bits: float) -> Link:
     """One TCP stream node1 -> node2: ~4 s of data at the shaped rate (bounded), and 200 one-byte round trips."""
     nbytes = int(min(256 << 20, max(8 << 20, rate_bits / 8 * 4))) >> 20 << 20
-    server = subprocess.Popen(box.argv("node2", sys.executable, "-c", PROBE, "server", "node2", str(nbytes)),
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        box.argv("node2", sys.executable, "-c", PROBE, "server", "node2", str(nbytes)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert server.stdout.readline().strip() == "ready"
-    client = subprocess.run(box.argv("node1", sys.executable, "-c", PROBE, "client", "node2", str(nbytes)),
-                            capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    client = subprocess.run(
+        box.argv("node1", sys.executable, "-c", PROBE, "client", "node2", str(nbytes)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     server.wait(timeout=60)
     rtt, throughput = map(float, client.stdout.split())
     return Link(throughput, rtt / 2)
@@ -267,15 +300,39 @@ def loopback_tcp_cap() -> float:
 
 
 def train_argv(args, store: str, run_dir: str, extra: list[str]) -> list[str]:
-    return [os.path.join(BIN, "dstrain"), "train", "--train_files", store, "--alphabet_config_path", ALPHABET,
-            "--n_hidden", str(args.n_hidden), "--epochs", str(args.epochs), "--train_batch_size", str(args.batch),
-            "--dropout_rate", "0.05", "--learning_rate", "0.0001", "--noshow_progressbar", "--checkpoint_dir", run_dir,
-            "--checkpoint_secs", "0", "--intra_op_parallelism_threads", "1", "--inter_op_parallelism_threads", "1",
-            *extra]  # fmt: skip
+    return [
+        os.path.join(BIN, "dstrain"),
+        "train",
+        "--train_files",
+        store,
+        "--alphabet_config_path",
+        ALPHABET,
+        "--n_hidden",
+        str(args.n_hidden),
+        "--epochs",
+        str(args.epochs),
+        "--train_batch_size",
+        str(args.batch),
+        "--dropout_rate",
+        "0.05",
+        "--learning_rate",
+        "0.0001",
+        "--noshow_progressbar",
+        "--checkpoint_dir",
+        run_dir,
+        "--checkpoint_secs",
+        "0",
+        "--intra_op_parallelism_threads",
+        "1",
+        "--inter_op_parallelism_threads",
+        "1",
+        *extra,
+    ]
 
 
 def pinned(cmd: list[str]) -> list[str]:
-    """The rank held to core ``HOROVOD_RANK`` (+ the offset in DSTRAIN_CORE0): one core per rank, as a node would give."""
+    """The rank held to core ``HOROVOD_RANK`` (+ the offset in DSTRAIN_CORE0): one core per rank, as a node would
+    give."""
     return ["sh", "-c", 'exec taskset -c "$((${DSTRAIN_CORE0:-0} + ${HOROVOD_RANK:-0}))" "$@"', "sh", *cmd]
 
 
@@ -314,8 +371,19 @@ def timeline_allreduce_s(path: str) -> float:
 
 
 def horovodrun(box: Box, node: str, hosts: str, np_: int, cmd: list[str], env: dict, timeout: float) -> None:
-    argv = box.argv(node, "env", *[f"{k}={v}" for k, v in env.items()], os.path.join(BIN, "horovodrun"), "-np", str(np_),
-                    "-H", hosts, "--gloo", *(["--network-interfaces", "eth0"] if "," in hosts else []), *pinned(cmd))  # fmt: skip
+    argv = box.argv(
+        node,
+        "env",
+        *[f"{k}={v}" for k, v in env.items()],
+        os.path.join(BIN, "horovodrun"),
+        "-np",
+        str(np_),
+        "-H",
+        hosts,
+        "--gloo",
+        *(["--network-interfaces", "eth0"] if "," in hosts else []),
+        *pinned(cmd),
+    )
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(argv)}\nfailed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -338,16 +406,35 @@ def measure(args, work: str) -> dict:
             out["single"][acc] = step_seconds(run, args.epochs)[0]
             # Two independent jobs at once, one per node and core: the ceiling of two ranks on this machine.
             runs = [os.path.join(work, f"jobs-{acc}-{i}") for i in (1, 2)]
-            procs = [subprocess.Popen(box.argv(f"node{i}", "env", *[f"{k}={v}" for k, v in env.items()],
-                                               f"DSTRAIN_CORE0={i - 1}", os.path.join(BIN, "horovodrun"), "-np", "1", "-H",
-                                               f"node{i}:1", "--gloo", *pinned(train_argv(args, store, runs[i - 1], extra))),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in (1, 2)]  # fmt: skip
+            procs = [
+                subprocess.Popen(
+                    box.argv(
+                        f"node{i}",
+                        "env",
+                        *[f"{k}={v}" for k, v in env.items()],
+                        f"DSTRAIN_CORE0={i - 1}",
+                        os.path.join(BIN, "horovodrun"),
+                        "-np",
+                        "1",
+                        "-H",
+                        f"node{i}:1",
+                        "--gloo",
+                        *pinned(train_argv(args, store, runs[i - 1], extra)),
+                    ),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for i in (1, 2)
+            ]
             for p in procs:
                 if p.wait(timeout=timeout):
                     raise RuntimeError(f"an independent job failed ({p.returncode})")
             out["jobs"][acc] = sum(step_seconds(r, args.epochs)[0] for r in runs) / 2
-            print(f"acc {acc}: one rank {out['single'][acc] * 1e3:.0f} ms/step, two jobs at once "
-                  f"{out['jobs'][acc] * 1e3:.0f} ms/step each", flush=True)  # fmt: skip
+            print(
+                f"acc {acc}: one rank {out['single'][acc] * 1e3:.0f} ms/step, two jobs at once "
+                f"{out['jobs'][acc] * 1e3:.0f} ms/step each",
+                flush=True,
+            )
         for rate in args.rates.split(","):
             box.sh("shape", "--rate", rate)
             link = probe_link(box, parse_rate(rate))
@@ -356,14 +443,24 @@ def measure(args, work: str) -> dict:
             for comp, acc in CONFIGS:
                 run = os.path.join(work, f"pair-{rate}-{comp}-{acc}")
                 timeline = run + ".timeline.json"
-                extra = ["--accumulation_steps", str(acc), "--gradient_compression", comp, "--horovod_timeline", timeline]
+                extra = [
+                    "--accumulation_steps",
+                    str(acc),
+                    "--gradient_compression",
+                    comp,
+                    "--horovod_timeline",
+                    timeline,
+                ]
                 horovodrun(box, "node1", "node1:1,node2:1", 2, train_argv(args, store, run, extra), env, timeout * 3)
                 step, steps = step_seconds(run, args.epochs)
                 total_steps = sum(r["steps"] for r in epoch_records(run))
                 allreduce = timeline_allreduce_s(timeline) / max(1, total_steps)
                 out["pair"][f"{rate}/{comp}/{acc}"] = {"step": step, "allreduce": allreduce}
-                print(f"{rate} {comp:4} x{acc}: {step * 1e3:.0f} ms/step, allreduce {allreduce * 1e3:.0f} ms/step, "
-                      f"efficiency {out['jobs'][acc] / step:.0%}", flush=True)  # fmt: skip
+                print(
+                    f"{rate} {comp:4} x{acc}: {step * 1e3:.0f} ms/step, allreduce {allreduce * 1e3:.0f} ms/step, "
+                    f"efficiency {out['jobs'][acc] / step:.0%}",
+                    flush=True,
+                )
     finally:
         box.sh("down", check=False)
     return out
@@ -395,34 +492,50 @@ def report(args, m: dict) -> bool:
         points.append((m["jobs"][int(acc)], b, link, v["step"]))
         rows.append((rate, comp, int(acc), v, b, link))
     model = fit(points)
-    print(f"\nModel fitted on the {len(points)} two-node runs: efficiency {model.efficiency:.2f} of the measured TCP "
-          f"throughput, {model.overhead * 1e3:.1f} ms per collective (2 per step), compute {model.interference:.1%} "
-          f"slower beside Horovod's threads on the rank's core (not carried to GPUs), overlap 0; gradients "
-          f"{nbytes / 1e6:.1f} MB fp32")  # fmt: skip
-    print("| link | gradients | accumulation | measured step | of which allreduce (timeline) | model | error | efficiency |")
+    print(
+        f"\nModel fitted on the {len(points)} two-node runs: efficiency {model.efficiency:.2f} of the measured TCP "
+        f"throughput, {model.overhead * 1e3:.1f} ms per collective (2 per step), compute {model.interference:.1%} "
+        f"slower beside Horovod's threads on the rank's core (not carried to GPUs), overlap 0; gradients "
+        f"{nbytes / 1e6:.1f} MB fp32"
+    )
+    print(
+        "| link | gradients | accumulation | measured step | of which allreduce (timeline) | model | error "
+        "| efficiency |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for rate, comp, acc, v, b, link in rows:
         predicted = model.step(m["jobs"][acc], b, 2, link)
         err = predicted / v["step"] - 1
         ok &= abs(err) <= TOLERANCE
-        print(f"| {rate} | {'fp16' if comp == 'fp16' else 'fp32'} | {acc} | {v['step'] * 1e3:.0f} ms | "
-              f"{v['allreduce'] * 1e3:.0f} ms | {predicted * 1e3:.0f} ms | {err:+.0%} | {m['jobs'][acc] / v['step']:.0%} |")  # fmt: skip
+        print(
+            f"| {rate} | {'fp16' if comp == 'fp16' else 'fp32'} | {acc} | {v['step'] * 1e3:.0f} ms | "
+            f"{v['allreduce'] * 1e3:.0f} ms | {predicted * 1e3:.0f} ms | {err:+.0%} | "
+            f"{m['jobs'][acc] / v['step']:.0%} |"
+        )
     print(f"every configuration within +-{TOLERANCE:.0%}: {'yes' if ok else 'NO'}")
     m["model"] = {"efficiency": model.efficiency, "overhead": model.overhead, "interference": model.interference}
     return ok
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="100mbit,1gbit,10gbit", help="link rates to shape the box to, comma-separated")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rates", default="100mbit,1gbit,10gbit", help="link rates to shape the box to, comma-separated"
+    )
     parser.add_argument("--n_hidden", type=int, default=384)
     parser.add_argument("--batch", type=int, default=16, help="utterances per rank and micro-batch")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--utterances", type=int, default=512)
     parser.add_argument("--out", default="", help="write the measurements and the model as JSON here")
     parser.add_argument("--from_json", default="", help="report from an earlier --out instead of measuring")
-    parser.add_argument("--predict_only", action="store_true", help="only the GPU table (model parameters from --from_json, else defaults)")
+    parser.add_argument(
+        "--predict_only",
+        action="store_true",
+        help="only the GPU table (model parameters from --from_json, else defaults)",
+    )
     args = parser.parse_args()
 
     ok, m = True, {}
@@ -439,8 +552,10 @@ def main() -> None:
         ok = report(args, m)
     model = StepModel(**m["model"]) if "model" in m else StepModel(efficiency=0.5, overhead=5e-3)
     m["tcp_cap"] = m.get("tcp_cap") or loopback_tcp_cap()
-    print(f"\nOne TCP stream through this machine's network stack (loopback): {m['tcp_cap'] * 8 / 1e9:.1f} Gbit/s "
-          "(the host path's per-hop ceiling below)")
+    print(
+        f"\nOne TCP stream through this machine's network stack (loopback): {m['tcp_cap'] * 8 / 1e9:.1f} Gbit/s "
+        "(the host path's per-hop ceiling below)"
+    )
     print("Inputs:", "; ".join(f"{k} = {v[0]:g} ({v[1]})" for k, v in GPU_INPUTS.items()))
     print_gpu_table(gpu_table(model, m["tcp_cap"]))
     if args.out:

@@ -17,8 +17,10 @@ MFU = frames/s x training FLOPs per frame (3 x the forward matmul FLOPs, from th
 2048) / the measured float16 matmul rate. Results go to stdout and, as they come, to ``--out``/results.json.
 
     .venv/bin/python benchmarks/train_gpu.py --out /tmp/gpu [--only matmul,amp-128,amp-32,fp32-128,fp32-32]
-    .venv/bin/python benchmarks/train_gpu.py --n_hidden 64 --utterances 64 --only amp-16,keras-amp-16,parts-16  # CPU smoke
+    # a smoke run on CPU:
+    .venv/bin/python benchmarks/train_gpu.py --n_hidden 64 --utterances 64 --only amp-16,keras-amp-16,parts-16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +59,9 @@ def matmul_worker(spec: dict) -> dict:
 
     n, out = spec["n"], {"gpus": len(tf.config.list_physical_devices("GPU"))}
     if out["gpus"]:
-        out["device"] = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0]).get("device_name", "")
+        out["device"] = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0]).get(
+            "device_name", ""
+        )
     for dtype in (tf.float16, tf.bfloat16):
         a = tf.random.normal([n, n], dtype=tf.float32)
         a, b = tf.cast(a, dtype), tf.cast(tf.transpose(a), dtype)
@@ -141,8 +145,16 @@ def parts_worker(spec: dict) -> dict:
         _sync(r)
         return (time.perf_counter() - t0) / reps
 
-    out = {name: timed(fn) for name, fn in
-           (("step", step), ("forward", forward), ("forward+backward", fwd_bwd), ("lstm fwd+bwd", lstm), ("ctc fwd+bwd", ctc))}  # fmt: skip
+    out = {
+        name: timed(fn)
+        for name, fn in (
+            ("step", step),
+            ("forward", forward),
+            ("forward+backward", fwd_bwd),
+            ("lstm fwd+bwd", lstm),
+            ("ctc fwd+bwd", ctc),
+        )
+    }
     out["frames"] = b * t
     return out
 
@@ -158,8 +170,14 @@ WORKERS = {"matmul": matmul_worker, "parts": parts_worker, "keras": keras_worker
 
 
 def run_worker(kind: str, spec: dict, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", kind, json.dumps(spec)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--_worker", kind, json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
         raise RuntimeError(f"{kind} worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
@@ -167,20 +185,46 @@ def run_worker(kind: str, spec: dict, timeout: float) -> dict:
 
 
 def dstrain_train(args, store: str, precision: str, batch: int, timeout: float) -> dict:
-    cmd = [os.path.join(BIN, "dstrain"), "train", "--train_files", store, "--alphabet_config_path", ALPHABET,
-           "--n_hidden", str(args.n_hidden), "--epochs", str(args.epochs), "--train_batch_size", str(batch),
-           "--learning_rate", "0.0001", "--noshow_progressbar", "--limit_train", str(args.steps * batch)]  # fmt: skip
+    cmd = [
+        os.path.join(BIN, "dstrain"),
+        "train",
+        "--train_files",
+        store,
+        "--alphabet_config_path",
+        ALPHABET,
+        "--n_hidden",
+        str(args.n_hidden),
+        "--epochs",
+        str(args.epochs),
+        "--train_batch_size",
+        str(batch),
+        "--learning_rate",
+        "0.0001",
+        "--noshow_progressbar",
+        "--limit_train",
+        str(args.steps * batch),
+    ]
     if precision == "fp16":
         cmd.append("--automatic_mixed_precision")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dstrain-bench-") as run:
-        proc = subprocess.run(cmd + ["--checkpoint_dir", run], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout, check=False)  # fmt: skip
+        proc = subprocess.run(
+            cmd + ["--checkpoint_dir", run],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         found = epoch_records(run)
     if proc.returncode != 0 or len(found) < args.epochs:
         raise RuntimeError(f"{' '.join(cmd)}\nfailed with status {proc.returncode}:\n{proc.stdout[-3000:]}")
-    return {"epochs": [r["frames_per_s"] for r in found], "seconds": [r["seconds"] for r in found],
-            "wall": time.perf_counter() - t0, "log": [format_epoch(r) for r in found]}  # fmt: skip
+    return {
+        "epochs": [r["frames_per_s"] for r in found],
+        "seconds": [r["seconds"] for r in found],
+        "wall": time.perf_counter() - t0,
+        "log": [format_epoch(r) for r in found],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,9 +271,15 @@ def main() -> None:
     if not os.path.exists(os.path.join(store, "_manifest.json")):
         # The store is written in the background while the matmul process pays the PTX JIT.
         lo, hi = args.frames.split(",")
-        maker = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r}); "
-                                  f"from conftest import synthetic_store; synthetic_store({store!r}, {args.utterances}, "
-                                  f"row_group_rows=64, frames=({lo}, {hi}), seed=1)"])  # fmt: skip
+        maker = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r}); "
+                f"from conftest import synthetic_store; synthetic_store({store!r}, {args.utterances}, "
+                f"row_group_rows=64, frames=({lo}, {hi}), seed=1)",
+            ]
+        )
     rate16 = None
     print(f"n_hidden {args.n_hidden}: {flops / 1e6:.1f} MFLOP per frame for a training step", flush=True)
     for name in only:
@@ -239,8 +289,12 @@ def main() -> None:
                 r = run_worker("matmul", {"n": args.matmul_n, "reps": 20}, args.timeout + 180)
                 rate16 = r.get("float16")
                 results["device"] = r.get("device", "")
-                print(f"matmul {args.matmul_n}^3 on {r.get('device') or 'CPU'}: float16 {r['float16'] / 1e12:.0f} TFLOP/s, "
-                      f"bfloat16 {r['bfloat16'] / 1e12:.0f} TFLOP/s ({time.perf_counter() - t0:.0f} s with the first start)", flush=True)  # fmt: skip
+                print(
+                    f"matmul {args.matmul_n}^3 on {r.get('device') or 'CPU'}: "
+                    f"float16 {r['float16'] / 1e12:.0f} TFLOP/s, bfloat16 {r['bfloat16'] / 1e12:.0f} TFLOP/s "
+                    f"({time.perf_counter() - t0:.0f} s with the first start)",
+                    flush=True,
+                )
                 record(name, r)
                 continue
             if maker is not None:
@@ -250,15 +304,33 @@ def main() -> None:
             kind, batch = name.rsplit("-", 1)
             batch = int(batch)
             if kind == "parts":
-                r = run_worker("parts", {"batch": batch, "frames": args.frames_parts, "n_hidden": args.n_hidden, "reps": 10}, args.timeout)
+                r = run_worker(
+                    "parts",
+                    {"batch": batch, "frames": args.frames_parts, "n_hidden": args.n_hidden, "reps": 10},
+                    args.timeout,
+                )
                 frames = r.pop("frames")
-                print(f"parts, AMP, batch {batch} x {args.frames_parts} frames: " + ", ".join(
-                    f"{k} {v * 1e3:.1f} ms" for k, v in r.items()) + f"; whole step {frames / r['step']:.0f} frames/s", flush=True)  # fmt: skip
+                print(
+                    f"parts, AMP, batch {batch} x {args.frames_parts} frames: "
+                    + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r.items())
+                    + f"; whole step {frames / r['step']:.0f} frames/s",
+                    flush=True,
+                )
                 record(name, dict(r, frames=frames))
                 continue
             if kind == "keras-amp":
-                r = run_worker("keras", {"store": store, "batch": batch, "n_hidden": args.n_hidden, "epochs": args.epochs,
-                                         "precision": "fp16", "limit": args.steps * batch}, args.timeout)  # fmt: skip
+                r = run_worker(
+                    "keras",
+                    {
+                        "store": store,
+                        "batch": batch,
+                        "n_hidden": args.n_hidden,
+                        "epochs": args.epochs,
+                        "precision": "fp16",
+                        "limit": args.steps * batch,
+                    },
+                    args.timeout,
+                )
             elif kind in ("amp", "fp32"):
                 r = dstrain_train(args, store, "fp16" if kind == "amp" else "fp32", batch, args.timeout)
             else:
@@ -267,8 +339,11 @@ def main() -> None:
             mfu = best * flops / rate16 if rate16 else float("nan")
             r.update(best=best, mfu=mfu)
             record(name, r)
-            print(f"{name:<14} frames/s by epoch {' '.join(f'{v:.0f}' for v in r['epochs'])}  best {best:.0f}  "
-                  f"MFU {mfu:.1%}  ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"{name:<14} frames/s by epoch {' '.join(f'{v:.0f}' for v in r['epochs'])}  best {best:.0f}  "
+                f"MFU {mfu:.1%}  ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             print(f"{name}: FAILED: {e}", flush=True)
             record(name, {"error": str(e)[-2000:]})

@@ -42,6 +42,7 @@ cores.
     .venv/bin/python benchmarks/train_step.py --only np2-gloo --env HOROVOD_CYCLE_TIME=10 --timeline /tmp/tl.json \
         -- --loader_threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,15 @@ def keras_worker(spec: dict) -> dict:
 
     store = FeatureStore.open(spec["store"])
     # The batches dstrain train's np=1 epochs draw (same builder, sampler, buckets and seed), read once into memory.
-    data = TrainInput.build([spec["store"]], None, LoaderConfig(loader_threads=2, limit_train=spec.get("limit", 0)),
-                            World(), batch_size=spec["batch"], seed=4568, epochs=spec["epochs"])  # fmt: skip
+    data = TrainInput.build(
+        [spec["store"]],
+        None,
+        LoaderConfig(loader_threads=2, limit_train=spec.get("limit", 0)),
+        World(),
+        batch_size=spec["batch"],
+        seed=4568,
+        epochs=spec["epochs"],
+    )
 
     def epoch_batches(epoch: int) -> list:
         batches = [tuple(tf.constant(a) for a in b[:4]) for b in data.reader(epoch)]  # no --augment: keys unused
@@ -100,7 +108,9 @@ def keras_worker(spec: dict) -> dict:
     if amp:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
     n_classes = len(Alphabet.from_file(ALPHABET)) + 1
-    model = DeepSpeech.for_features(ModelConfig(n_hidden=spec["n_hidden"], dropout_rate=0.05), store.features, n_classes)
+    model = DeepSpeech.for_features(
+        ModelConfig(n_hidden=spec["n_hidden"], dropout_rate=0.05), store.features, n_classes
+    )
     stats = data.feature_statistics()
     model.front_end.set_statistics(stats.mean, stats.std())
     optimizer = tf.keras.optimizers.Adam(learning_rate=1e-4)
@@ -108,8 +118,14 @@ def keras_worker(spec: dict) -> dict:
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     n_mel = store.features.n_mel
 
-    @tf.function(input_signature=(tf.TensorSpec([None, None, n_mel], tf.float32), tf.TensorSpec([None], tf.int32),
-                                  tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)))  # fmt: skip
+    @tf.function(
+        input_signature=(
+            tf.TensorSpec([None, None, n_mel], tf.float32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+        )
+    )
     def step(x, x_len, y, y_len):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(ctc_loss(model((x, x_len), training=True), x_len, y, y_len))
@@ -189,24 +205,63 @@ def launcher_argv(kind: str, np_: int, env: dict[str, str]) -> list[str]:
     return argv + ["-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]
 
 
-def dstrain_run(args, store: str, np_: int, kind: str, intra: int, batch: int, train_args: list[str],
-                extra: dict[str, str], timeline: str = "", copies: int = 1, cores: list[int] | None = None) -> dict:  # fmt: skip
+def dstrain_run(
+    args,
+    store: str,
+    np_: int,
+    kind: str,
+    intra: int,
+    batch: int,
+    train_args: list[str],
+    extra: dict[str, str],
+    timeline: str = "",
+    copies: int = 1,
+    cores: list[int] | None = None,
+) -> dict:
     """``copies`` > 1 runs that many identical jobs at once; their frames/s add up epoch by epoch. ``cores`` holds copy
     ``i`` (its launcher and ranks) to core ``cores[i]``."""
     env = rank_env(np_, extra, args.bare)
-    cmd = launcher_argv(kind, np_, env) + [
-        os.path.join(BIN, "dstrain"), "train", "--train_files", store, "--alphabet_config_path", ALPHABET,
-        "--n_hidden", str(args.n_hidden), "--dropout_rate", "0.05", "--epochs", str(args.epochs),
-        "--train_batch_size", str(batch), "--learning_rate", "0.0001", "--noshow_progressbar",
-        "--intra_op_parallelism_threads", str(intra),
-    ] + train_args + list(args.train_args)  # fmt: skip
+    cmd = (
+        launcher_argv(kind, np_, env)
+        + [
+            os.path.join(BIN, "dstrain"),
+            "train",
+            "--train_files",
+            store,
+            "--alphabet_config_path",
+            ALPHABET,
+            "--n_hidden",
+            str(args.n_hidden),
+            "--dropout_rate",
+            "0.05",
+            "--epochs",
+            str(args.epochs),
+            "--train_batch_size",
+            str(batch),
+            "--learning_rate",
+            "0.0001",
+            "--noshow_progressbar",
+            "--intra_op_parallelism_threads",
+            str(intra),
+        ]
+        + train_args
+        + list(args.train_args)
+    )
     if timeline:
         cmd += ["--horovod_timeline", timeline]
     with tempfile.TemporaryDirectory(prefix="dstrain-bench-") as tmp, Measured() as m:
         runs = [os.path.join(tmp, f"run{i}") for i in range(copies)]
-        procs = [subprocess.Popen(cmd + ["--checkpoint_dir", runs[i]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, preexec_fn=(lambda c=cores[i]: os.sched_setaffinity(0, {c})) if cores else None)
-                 for i in range(copies)]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                cmd + ["--checkpoint_dir", runs[i]],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=(lambda c=cores[i]: os.sched_setaffinity(0, {c})) if cores else None,
+            )
+            for i in range(copies)
+        ]
         outs = [p.communicate()[0] for p in procs]
         found = [epoch_records(run) for run in runs]
     epochs = [0.0] * args.epochs
@@ -224,8 +279,20 @@ def dstrain_run(args, store: str, np_: int, kind: str, intra: int, batch: int, t
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-CONFIGS = ("keras", "np1", "np1-1t", "np1-1core", "np1-core", "np1-1core-half", "2x-np1-1core", "2x-np1-core", "np2-gloo",
-           "np2-mpi", "np2-mpirun", "np2-weak")  # fmt: skip
+CONFIGS = (
+    "keras",
+    "np1",
+    "np1-1t",
+    "np1-1core",
+    "np1-core",
+    "np1-1core-half",
+    "2x-np1-1core",
+    "2x-np1-core",
+    "np2-gloo",
+    "np2-mpi",
+    "np2-mpirun",
+    "np2-weak",
+)
 DEFAULT = "keras,np1,np1-1t,np1-1core,np1-core,2x-np1-core,np2-weak,np2-gloo"
 
 
@@ -233,8 +300,13 @@ def run_config(name: str, args, store: str, extra: dict[str, str]) -> dict:
     if name == "keras":
         spec = {"store": store, "batch": args.batch, "n_hidden": args.n_hidden, "epochs": args.epochs}
         with Measured() as m:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
-                                 env=rank_env(1, extra, args.bare), check=True, stdout=subprocess.PIPE, text=True)  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
+                env=rank_env(1, extra, args.bare),
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         return dict(json.loads(out.stdout.strip().splitlines()[-1]), wall=m.wall, cpu=m.cpu, others=m.others)
     copies = 2 if name.startswith("2x-") else 1
     name = name.removeprefix("2x-")
@@ -259,8 +331,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run the configurations in turn this many times")
     parser.add_argument("--n_hidden", type=int, default=384)
     parser.add_argument("--batch", type=int, default=16, help="global batch (per rank: batch / ranks)")
-    parser.add_argument("--only", default=DEFAULT,
-                        help=f"comma-separated configurations among {','.join(CONFIGS)}")  # fmt: skip
+    parser.add_argument("--only", default=DEFAULT, help=f"comma-separated configurations among {','.join(CONFIGS)}")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="rank environment override")
     parser.add_argument("--bare", action="store_true", help="ranks get no dstrain launch defaults")
     parser.add_argument("--timeline", default="", help="np=2 runs write Horovod timelines to this path (+.CONFIG)")
@@ -303,15 +374,21 @@ def main() -> None:
                 rates[name] += r["epochs"][1:]
                 cpu[name].append(r["cpu"])
                 others[name].append(r["others"])
-                print(f"  {name:<11} frames/s by epoch {' '.join(f'{v:.0f}' for v in r['epochs'])}  ({r['wall']:.0f} s wall, "
-                      f"{r['cpu']:.0f} s CPU; other programs took {r['others']:.0%} of the machine)", flush=True)  # fmt: skip
+                print(
+                    f"  {name:<11} frames/s by epoch {' '.join(f'{v:.0f}' for v in r['epochs'])}  "
+                    f"({r['wall']:.0f} s wall, "
+                    f"{r['cpu']:.0f} s CPU; other programs took {r['others']:.0%} of the machine)",
+                    flush=True,
+                )
 
     # Best epoch: other programs only ever slow an epoch down.
     print(f"\n{'configuration':<14} {'frames/s':>9} {'other epochs':>13} {'CPU s/run':>10} {'others':>7}")
     for name in only:
         rest = sorted(rates[name])[:-1]
-        print(f"{name:<14} {max(rates[name]):>9.0f} {f'{min(rest):.0f}-{max(rest):.0f}' if rest else '':>13} "
-              f"{min(cpu[name]):>10.0f} {max(others[name]):>7.0%}")  # fmt: skip
+        print(
+            f"{name:<14} {max(rates[name]):>9.0f} {f'{min(rest):.0f}-{max(rest):.0f}' if rest else '':>13} "
+            f"{min(cpu[name]):>10.0f} {max(others[name]):>7.0%}"
+        )
     print()
 
     def ratio(a: str, b: str, target: float) -> None:

@@ -10,6 +10,7 @@ MINUTES).
     recipes/synth_cv.sh build/synth_cv                       # MINUTES=20 by default
     .venv/bin/python benchmarks/wer_vs_keras.py --work build/synth_cv --minutes 20
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ Rules, as DeepSpeech's ``Alphabet::init``:
 
 The CTC blank is not in the file: models output ``len(alphabet) + 1`` classes with the blank last.
 """
+
 from __future__ import annotations
 
 import hashlib

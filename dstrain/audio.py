@@ -3,6 +3,7 @@
 Resampling uses soxr (libsoxr, "HQ" quality: a linear-phase polyphase filter with
 > 100 dB stop-band rejection), never nearest-sample picking.
 """
+
 from __future__ import annotations
 
 import io

@@ -11,6 +11,7 @@ Example::
     dstrain average runs/cv --best 5 --output runs/cv-best5
     dstrain evaluate --checkpoint_dir runs/cv-best5 --test_files stores/cv-test
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,11 +62,15 @@ def _check_shapes(chosen: list[tuple[str, str]]) -> None:
         for name in sorted(set(reference) | set(shapes)):
             if name not in shapes or name not in reference:
                 where = path if name not in shapes else first
-                raise ValueError(f"{where} lacks {name}, which {first if where == path else path} has: checkpoints of "
-                                 "different models cannot be averaged")  # fmt: skip
+                raise ValueError(
+                    f"{where} lacks {name}, which {first if where == path else path} has: checkpoints of "
+                    "different models cannot be averaged"
+                )
             if shapes[name] != reference[name]:
-                raise ValueError(f"{path}: {name} has shape {shapes[name]}, {reference[name]} in {first}: checkpoints of "
-                                 "different geometries cannot be averaged")  # fmt: skip
+                raise ValueError(
+                    f"{path}: {name} has shape {shapes[name]}, {reference[name]} in {first}: checkpoints of "
+                    "different geometries cannot be averaged"
+                )
 
 
 def average(cfg: AverageConfig) -> str:
@@ -87,18 +92,27 @@ def average(cfg: AverageConfig) -> str:
             status = tf.train.Checkpoint(**{EMA_MODEL if kind == "ema" else MODEL: model}).restore(path)
             status.assert_existing_objects_matched().expect_partial()
         except (AssertionError, ValueError) as e:
-            raise ValueError(f"{path}: its weights do not fit the run's model ({run.config_path}): "
-                             f"{str(e).splitlines()[0][:300]}") from None  # fmt: skip
+            raise ValueError(
+                f"{path}: its weights do not fit the run's model ({run.config_path}): "
+                f"{str(e).splitlines()[0][:300]}"
+            ) from None
         # float64 sums: the mean of K equal float32 values is that value exactly.
         values = [np.asarray(w, np.float64) for w in model.get_weights()]
         total = values if total is None else [t + v for t, v in zip(total, values)]
     model.set_weights([(t / len(chosen)).astype(w.dtype.as_numpy_dtype) for t, w in zip(total, model.weights)])
-    sources = [{"path": os.path.abspath(p), "weights": k, **({"dev_loss": loss} if loss is not None else {})}
-               for p, k, loss in zip(chosen, kinds, losses)]  # fmt: skip
+    sources = [
+        {"path": os.path.abspath(p), "weights": k, **({"dev_loss": loss} if loss is not None else {})}
+        for p, k, loss in zip(chosen, kinds, losses)
+    ]
     averaged = {"run": os.path.abspath(cfg.run_dir), "select": "last" if cfg.last else "best", "checkpoints": sources}
     written = out.write_averaged(run, model, averaged)
-    log.info("Averaged %d checkpoint(s) of %s (%s) into %s", len(chosen), cfg.run_dir,
-             ", ".join(f"{os.path.basename(p)}: {k}" for p, k in zip(chosen, kinds)), written)  # fmt: skip
+    log.info(
+        "Averaged %d checkpoint(s) of %s (%s) into %s",
+        len(chosen),
+        cfg.run_dir,
+        ", ".join(f"{os.path.basename(p)}: {k}" for p, k in zip(chosen, kinds)),
+        written,
+    )
     return written
 
 

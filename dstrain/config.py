@@ -13,6 +13,7 @@ Conventions, DeepSpeech's (absl) where it had them:
 - ``X | None`` fields: default None, given as X;
 - :func:`option` adds what a field cannot say by its type: other flag names, choices, positional arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,16 @@ def option(
     """A dataclass field with command-line details. ``names`` replaces ``--FIELD`` (the first is shown first);
     ``parse`` converts the flag's string; ``append`` makes a repeatable flag (a tuple of its values);
     ``cli=False`` keeps the field off the command line."""
-    meta = {"names": names, "choices": choices, "positional": positional, "nargs": nargs, "parse": parse,
-            "metavar": metavar, "append": append, "cli": cli}  # fmt: skip
+    meta = {
+        "names": names,
+        "choices": choices,
+        "positional": positional,
+        "nargs": nargs,
+        "parse": parse,
+        "metavar": metavar,
+        "append": append,
+        "cli": cli,
+    }
     kwargs: dict[str, Any] = {"metadata": {_META: meta}}
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
@@ -81,8 +90,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body  # type: ignore[attr-defined]
         for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):  # fmt: skip
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -267,7 +281,8 @@ def config_file_argv(path: str, cls: type, given: list[str]) -> list[str]:
         for name in meta.get("names") or (f"--{f.name}",):
             flags[name[2:]] = (name, f, tp, meta)
     on_command_line = {w.split("=", 1)[0][2:].removeprefix("no") for w in given if w.startswith("--")} | {
-        w.split("=", 1)[0][2:] for w in given if w.startswith("--")}
+        w.split("=", 1)[0][2:] for w in given if w.startswith("--")
+    }
     words: list[str] = []
     for key, value in data.items():
         if key not in flags:

@@ -5,6 +5,7 @@ scorer, WER/CER.
 WER and CER are corpus-level, as DeepSpeech reports them: edit distance summed over samples divided by the summed
 reference length. Samples are dealt out over the ranks of the :class:`~dstrain.distributed.World` and gathered.
 """
+
 from __future__ import annotations
 
 import json
@@ -134,10 +135,16 @@ def sample_report(post: Posteriors, hypotheses: list[str]) -> list[dict]:
     samples = []
     for uid, ref, hyp, loss in zip(post.ids, post.references, hypotheses, post.losses):
         words = max(len(ref.split()), 1)
-        samples.append({
-            "wav_filename": uid, "src": ref, "res": hyp, "loss": loss,
-            "wer": edit_distance(ref.split(), hyp.split()) / words, "cer": edit_distance(ref, hyp) / max(len(ref), 1),
-        })  # fmt: skip
+        samples.append(
+            {
+                "wav_filename": uid,
+                "src": ref,
+                "res": hyp,
+                "loss": loss,
+                "wer": edit_distance(ref.split(), hyp.split()) / words,
+                "cer": edit_distance(ref, hyp) / max(len(ref), 1),
+            }
+        )
     return samples
 
 
@@ -147,10 +154,14 @@ def summarize(samples: list[dict], report_count: int) -> dict:
     mid = len(ranked) // 2
     half = report_count // 2
     return {
-        "wer": wer, "cer": cer, "loss": float(np.mean([s["loss"] for s in samples])) if samples else float("nan"),
-        "samples": len(samples), "best": ranked[:report_count],
-        "median": ranked[max(0, mid - half) : max(0, mid - half) + report_count], "worst": ranked[::-1][:report_count],
-    }  # fmt: skip
+        "wer": wer,
+        "cer": cer,
+        "loss": float(np.mean([s["loss"] for s in samples])) if samples else float("nan"),
+        "samples": len(samples),
+        "best": ranked[:report_count],
+        "median": ranked[max(0, mid - half) : max(0, mid - half) + report_count],
+        "worst": ranked[::-1][:report_count],
+    }
 
 
 def out_of_vocabulary(references: Sequence[str], vocabulary: Collection[str], top: int = 10) -> dict:
@@ -159,33 +170,50 @@ def out_of_vocabulary(references: Sequence[str], vocabulary: Collection[str], to
     running = [w for ref in references for w in ref.split()]
     missing = Counter(w for w in running if w not in vocabulary)
     distinct = len(set(running))
-    return {"words": len(running), "oov_words": sum(missing.values()), "oov_rate": sum(missing.values()) / max(len(running), 1),
-            "distinct": distinct, "distinct_oov": len(missing), "distinct_oov_rate": len(missing) / max(distinct, 1),
-            "most_frequent": [[w, n] for w, n in missing.most_common(top)]}  # fmt: skip
+    return {
+        "words": len(running),
+        "oov_words": sum(missing.values()),
+        "oov_rate": sum(missing.values()) / max(len(running), 1),
+        "distinct": distinct,
+        "distinct_oov": len(missing),
+        "distinct_oov_rate": len(missing) / max(distinct, 1),
+        "most_frequent": [[w, n] for w, n in missing.most_common(top)],
+    }
 
 
 def format_oov(oov: dict) -> str:
     """One line a person reads beside the WER: how much of the references the scorer cannot spell."""
     words = ", ".join(f"{w} ({n})" for w, n in oov["most_frequent"]) or "none"
-    return (f"Scorer vocabulary: {oov['oov_words']} of {oov['words']} reference words ({100 * oov['oov_rate']:.1f} %), "
-            f"{oov['distinct_oov']} of {oov['distinct']} distinct ({100 * oov['distinct_oov_rate']:.1f} %), are not in it "
-            f"and cannot be decoded with it; most frequent: {words}")  # fmt: skip
+    return (
+        f"Scorer vocabulary: {oov['oov_words']} of {oov['words']} reference words ({100 * oov['oov_rate']:.1f} %), "
+        f"{oov['distinct_oov']} of {oov['distinct']} distinct ({100 * oov['distinct_oov_rate']:.1f} %), are not in it "
+        f"and cannot be decoded with it; most frequent: {words}"
+    )
 
 
 def print_report(name: str, summary: dict) -> None:
-    print(f"Test on {name} - WER: {summary['wer']:.6f}, CER: {summary['cer']:.6f}, loss: {summary['loss']:.6f}, "
-          f"{summary['samples']} samples")  # fmt: skip
+    print(
+        f"Test on {name} - WER: {summary['wer']:.6f}, CER: {summary['cer']:.6f}, loss: {summary['loss']:.6f}, "
+        f"{summary['samples']} samples"
+    )
     if "oov" in summary:
         print(format_oov(summary["oov"]))
     for title in ("best", "median", "worst"):
         print("-" * 80 + f"\n{title.capitalize()} WER:")
         for s in summary[title]:
-            print(f"WER: {s['wer']:.6f}, CER: {s['cer']:.6f}, loss: {s['loss']:.6f}\n - src: \"{s['src']}\"\n - res: \"{s['res']}\"")
+            print(
+                f"WER: {s['wer']:.6f}, CER: {s['cer']:.6f}, loss: {s['loss']:.6f}\n"
+                f" - src: \"{s['src']}\"\n - res: \"{s['res']}\""
+            )
 
 
-def report_test_set(post: Posteriors, alphabet: Alphabet, test: EvaluationSetConfig, dec: DecoderConfig, world: World) -> dict | None:
+def report_test_set(
+    post: Posteriors, alphabet: Alphabet, test: EvaluationSetConfig, dec: DecoderConfig, world: World
+) -> dict | None:
     """Decode this rank's samples, gather all ranks', report and write on rank 0 (which returns the summary)."""
-    log.info("decoding %d samples (beam width %d%s)", len(post.probs), dec.width(), ", scorer" if dec.scorer_path else "")
+    log.info(
+        "decoding %d samples (beam width %d%s)", len(post.probs), dec.width(), ", scorer" if dec.scorer_path else ""
+    )
     scorer = dec.scorer(alphabet)
     samples = sample_report(post, decode_all(post, alphabet, dec, scorer))
     gathered = world.allgather_object(samples)
@@ -206,9 +234,19 @@ def eval_posteriors(cfg: EvalConfig, world: World) -> tuple[Alphabet, Posteriors
     """The model of ``--model`` or ``--checkpoint_dir`` on this rank's share of the test stores."""
     source = cfg.model or cfg.checkpoint_dir
     model = load_model(source, which=cfg.evaluate.load_evaluate)
-    data = EvalInput.build(cfg.test.test_files, model.alphabet, LoaderConfig(), world, batch_size=cfg.test.test_batch_size,
-                           features=model.features, reference=f"the model ({source})", reverse=cfg.test.reverse_test)  # fmt: skip
-    log.info("evaluating %s (%s) on %d samples, %d on this rank", source, model.kind, data.plan.pool_size, data.plan.samples)
+    data = EvalInput.build(
+        cfg.test.test_files,
+        model.alphabet,
+        LoaderConfig(),
+        world,
+        batch_size=cfg.test.test_batch_size,
+        features=model.features,
+        reference=f"the model ({source})",
+        reverse=cfg.test.reverse_test,
+    )
+    log.info(
+        "evaluating %s (%s) on %d samples, %d on this rank", source, model.kind, data.plan.pool_size, data.plan.samples
+    )
     return model.alphabet, posteriors(data, model.batch_log_probs, model.alphabet)
 
 
@@ -233,7 +271,9 @@ def optimize_lm(cfg: LmOptimizeConfig, world: World, seed: int = 0) -> tuple[flo
         print(format_oov(out_of_vocabulary(references, scorer.vocabulary())))
 
     def objective(trial: "optuna.Trial") -> float:
-        scorer.reset_params(trial.suggest_float("lm_alpha", 0.0, cfg.lm_alpha_max), trial.suggest_float("lm_beta", 0.0, cfg.lm_beta_max))
+        scorer.reset_params(
+            trial.suggest_float("lm_alpha", 0.0, cfg.lm_alpha_max), trial.suggest_float("lm_beta", 0.0, cfg.lm_beta_max)
+        )
         hyps = decode_all(post, alphabet, cfg.decoder, scorer)
         return error_rates(list(zip(post.references, hyps)))[0]
 

@@ -1,4 +1,5 @@
 """Finding the programs dstrain runs (horovodrun, mpirun, lmplz, build_binary)."""
+
 from __future__ import annotations
 
 import os

@@ -4,7 +4,8 @@
 Layout::
 
     EXPORT_DIR/
-      saved_model.pb, variables/   TensorFlow SavedModel; signatures (``[T]`` = frames, 20 ms unless --feature_win_step):
+      saved_model.pb, variables/   TensorFlow SavedModel; signatures (``[T]`` = frames, 20 ms unless
+                                   --feature_win_step):
                                      serving_default  samples [N] (mono at the export's sample_rate, 16 kHz unless
                                                       preprocessed with --audio_sample_rate; float in [-1, 1])
                                                       -> log_probs [T, C]
@@ -28,6 +29,7 @@ quantisation (int8 weights, float activations) to both.
 
 The streaming signature is :func:`dstrain.graphs.stream_step_fn`'s (see there for its states).
 """
+
 from __future__ import annotations
 
 import json
@@ -115,10 +117,14 @@ class ExportOptions:
         if "/" in self.export_model_name:
             raise ValueError(f"export_model_name must not contain '/', got {self.export_model_name!r}")
         if not self.export_file_name or "/" in self.export_file_name or self.export_file_name.endswith(".tflite"):
-            raise ValueError(f"export_file_name must be a file name without '/' or .tflite, got {self.export_file_name!r}")
+            raise ValueError(
+                f"export_file_name must be a file name without '/' or .tflite, got {self.export_file_name!r}"
+            )
         if self.export_batch_size < 1:
-            raise ValueError(f"export_batch_size must be >= 1 (TFLite's LSTM needs a fixed batch size; the SavedModel "
-                             f"takes any), got {self.export_batch_size}")  # fmt: skip
+            raise ValueError(
+                f"export_batch_size must be >= 1 (TFLite's LSTM needs a fixed batch size; the SavedModel "
+                f"takes any), got {self.export_batch_size}"
+            )
         if self.export_beam_width < 1:
             raise ValueError(f"export_beam_width must be >= 1, got {self.export_beam_width}")
 
@@ -165,7 +171,12 @@ class _Exported(tf.Module):
         self.model_variables = list(model.variables)
         width = model.input_width
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, width], tf.float32, "log_mel"), tf.TensorSpec([None], tf.int32, "lengths")])
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, None, width], tf.float32, "log_mel"),
+                tf.TensorSpec([None], tf.int32, "lengths"),
+            ]
+        )
         def log_probs(log_mel, lengths):
             return {"log_probs": batch_log_probs(model, log_mel, lengths)}
 
@@ -187,15 +198,20 @@ class _Exported(tf.Module):
 
     def signatures(self) -> dict:
         return {
-            "serving_default": self.log_probs_from_audio, "log_probs": self.log_probs, "log_mel": self.log_mel,
-            "stream_step": self.stream_step, "metadata": self.metadata,
-        }  # fmt: skip
+            "serving_default": self.log_probs_from_audio,
+            "log_probs": self.log_probs,
+            "log_mel": self.log_mel,
+            "stream_step": self.stream_step,
+            "metadata": self.metadata,
+        }
 
 
 # --- TFLite
 
 
-def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_steps: int = 0, batch_size: int = 1) -> bytes:
+def tflite_model(
+    model: DeepSpeech, metadata: dict, quantize: bool, streaming_steps: int = 0, batch_size: int = 1
+) -> bytes:
     """TFLite flatbuffer, builtin ops only: the whole-utterance model (``batch_size`` utterances of any number of
     frames) or, with ``streaming_steps``, the stream_step graph. ``metadata`` is embedded (read back by
     :func:`read_tflite_metadata`)."""
@@ -210,8 +226,12 @@ def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_st
 
     else:
 
-        @tf.function(input_signature=[tf.TensorSpec([batch_size, None, model.input_width], tf.float32, "log_mel"),
-                                      tf.TensorSpec([batch_size], tf.int32, "lengths")])  # fmt: skip
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([batch_size, None, model.input_width], tf.float32, "log_mel"),
+                tf.TensorSpec([batch_size], tf.int32, "lengths"),
+            ]
+        )
         def fn(log_mel, lengths):
             return {"log_probs": batch_log_probs(model, log_mel, lengths)}
 
@@ -221,8 +241,15 @@ def tflite_model(model: DeepSpeech, metadata: dict, quantize: bool, streaming_st
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], holder)
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    meta = dict(metadata, tflite={"streaming": bool(streaming_steps), "n_steps": streaming_steps, "quantized": quantize,
-                                  "batch_size": 1 if streaming_steps else batch_size})  # fmt: skip
+    meta = dict(
+        metadata,
+        tflite={
+            "streaming": bool(streaming_steps),
+            "n_steps": streaming_steps,
+            "quantized": quantize,
+            "batch_size": 1 if streaming_steps else batch_size,
+        },
+    )
     return _with_metadata(converter.convert(), json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
 
@@ -250,13 +277,17 @@ def read_tflite_metadata(path: str) -> dict:
             entry = fb.Metadata(i)
             if entry.Name() == TFLITE_METADATA_KEY.encode():
                 return json.loads(fb.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-    raise ValueError(f"{path}: no '{TFLITE_METADATA_KEY}' metadata; not a dstrain export (dstrain export --export_tflite)")
+    raise ValueError(
+        f"{path}: no '{TFLITE_METADATA_KEY}' metadata; not a dstrain export (dstrain export --export_tflite)"
+    )
 
 
 def read_export_metadata(export_dir: str) -> dict:
     path = os.path.join(export_dir, META_NAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{export_dir}: no {META_NAME}; not a dstrain export (dstrain export, or train --export_dir)")
+        raise FileNotFoundError(
+            f"{export_dir}: no {META_NAME}; not a dstrain export (dstrain export, or train --export_dir)"
+        )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -264,8 +295,9 @@ def read_export_metadata(export_dir: str) -> dict:
 # --- writing an export
 
 
-def export_metadata(model: DeepSpeech, alphabet: Alphabet | UTF8Alphabet, features: FeatureConfig, info: dict,
-                    options: ExportOptions) -> dict:  # fmt: skip
+def export_metadata(
+    model: DeepSpeech, alphabet: Alphabet | UTF8Alphabet, features: FeatureConfig, info: dict, options: ExportOptions
+) -> dict:
     """The record stored with every form of the model (DeepSpeech kept its equivalent in the graph and a .md)."""
     bytes_mode = isinstance(alphabet, UTF8Alphabet)
     return {
@@ -346,8 +378,10 @@ def _remove_export(export_dir: str) -> None:
     """--remove_export: the whole folder goes, but only when it holds a dstrain export (a mistyped path is not
     emptied)."""
     if os.listdir(export_dir) and not os.path.exists(os.path.join(export_dir, META_NAME)):
-        raise ValueError(f"--remove_export: {export_dir} holds files but no earlier export ({META_NAME}); "
-                         "not deleting it (remove it yourself, or choose another --export_dir)")  # fmt: skip
+        raise ValueError(
+            f"--remove_export: {export_dir} holds files but no earlier export ({META_NAME}); "
+            "not deleting it (remove it yourself, or choose another --export_dir)"
+        )
     shutil.rmtree(export_dir)
     log.info("--remove_export: removed the earlier export in %s", export_dir)
 
@@ -376,12 +410,23 @@ def _restore(cfg: ExportConfig):
 def run_export(cfg: ExportConfig) -> int:
     """``dstrain export``."""
     model, run_info, source = _restore(cfg)
-    info = {"weights_from": source, "weights": evaluation_weights(source),
-            "run": os.path.abspath(cfg.checkpoint_dir or os.path.dirname(source))}  # fmt: skip
+    info = {
+        "weights_from": source,
+        "weights": evaluation_weights(source),
+        "run": os.path.abspath(cfg.checkpoint_dir or os.path.dirname(source)),
+    }
     if run_info.averaged:
         info["averaged"] = run_info.averaged  # dstrain average's sources
     config = {"export": to_dict(cfg), "train": run_info.train}
-    export_model(cfg.export_dir, model, run_info.alphabet, run_info.features, info, options=cfg.options,
-                 scorer_path=cfg.scorer_path, config=config)  # fmt: skip
+    export_model(
+        cfg.export_dir,
+        model,
+        run_info.alphabet,
+        run_info.features,
+        info,
+        options=cfg.options,
+        scorer_path=cfg.scorer_path,
+        config=config,
+    )
     log.info("Exported %s to %s", source, cfg.export_dir)
     return 0

@@ -8,6 +8,7 @@ The feature store keeps the log mel filterbank; the DCT (a 40x26 matrix product)
 pipeline (:func:`dct_matrix`). Constants and algorithms follow tensorflow/core/kernels/spectrogram.cc,
 mfcc_mel_filterbank.cc and mfcc_dct.cc, in float64 as those kernels compute.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,10 @@ class FeatureConfig:
             value = getattr(self, name)
             samples = value * self.sample_rate / 1000
             if value <= 0 or abs(samples - round(samples)) > 1e-6:
-                raise ValueError(f"{flag} ({name}) {value} ms is not a positive whole number of samples at "
-                                 f"--audio_sample_rate {self.sample_rate} ({samples:g}); adjust it or resample the audio")  # fmt: skip
+                raise ValueError(
+                    f"{flag} ({name}) {value} ms is not a positive whole number of samples at "
+                    f"--audio_sample_rate {self.sample_rate} ({samples:g}); adjust it or resample the audio"
+                )
         if not 0 <= self.lower_hz < self.upper_hz <= self.sample_rate / 2:
             raise ValueError(f"need 0 <= lower_hz < upper_hz <= sample_rate/2, got {self.lower_hz}, {self.upper_hz}")
         if not 0 < self.n_mfcc <= self.n_mel:
@@ -83,7 +86,7 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class ExpectedFeatures:
-    """Feature parameters (DeepSpeech's flags: dstrain preprocess sets them, stores record them, training checks them)"""
+    """Feature parameters (DeepSpeech's flags: preprocess sets them, stores record them, training checks them)"""
 
     audio_sample_rate: int | None = None
     """Sample rate in Hz the training stores must have been preprocessed at (dstrain preprocess --audio_sample_rate);
@@ -97,11 +100,17 @@ class ExpectedFeatures:
 
     def check(self, features: FeatureConfig, where: str) -> None:
         """A store preprocessed otherwise than these flags say is an error naming the flag and the fix."""
-        for flag, name in (("audio_sample_rate", "sample_rate"), ("feature_win_len", "window_ms"), ("feature_win_step", "step_ms")):
+        for flag, name in (
+            ("audio_sample_rate", "sample_rate"),
+            ("feature_win_len", "window_ms"),
+            ("feature_win_step", "step_ms"),
+        ):
             want, have = getattr(self, flag), getattr(features, name)
             if want is not None and want != have:
-                raise ValueError(f"--{flag} {want:g}: {where} was preprocessed with --{flag} {have:g}; preprocess it "
-                                 f"again with dstrain preprocess --{flag} {want:g}, or leave --{flag} out")  # fmt: skip
+                raise ValueError(
+                    f"--{flag} {want:g}: {where} was preprocessed with --{flag} {have:g}; preprocess it "
+                    f"again with dstrain preprocess --{flag} {want:g}, or leave --{flag} out"
+                )
 
 
 # Frames per FFT block: keeps each temporary under glibc's 128 KiB mmap threshold (31 x 512 x 8 bytes), so

@@ -11,6 +11,7 @@ first ``n_context`` outputs are lead-in, discard them), and the last ``n_context
 with ``n_frames = 0``. :class:`dstrain.inference.Streamer` does this bookkeeping; the result equals the
 whole-utterance model's.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -23,7 +24,10 @@ def log_mel_graph(samples: tf.Tensor, features: FeatureConfig) -> tf.Tensor:
     """``[N]`` samples -> ``[T, n_mel]`` log mel, as :func:`dstrain.features.log_mel` (TensorFlow's AudioSpectrogram
     kernel, then the same float32 mel matrix and log floor)."""
     spectrogram = tf.raw_ops.AudioSpectrogram(
-        input=samples[:, None], window_size=features.window_samples, stride=features.step_samples, magnitude_squared=True
+        input=samples[:, None],
+        window_size=features.window_samples,
+        stride=features.step_samples,
+        magnitude_squared=True,
     )[0]
     energies = tf.matmul(tf.sqrt(spectrogram), tf.constant(mel_matrix(features)))
     return tf.math.log(tf.maximum(energies, 1e-12))
@@ -71,10 +75,13 @@ def stream_step_fn(model: DeepSpeech, n_steps: int):
     c, n = model.cfg.n_context, n_steps
     shapes = stream_state_shapes(model)
     spec = [
-        tf.TensorSpec([1, n, model.input_width], tf.float32, "log_mel"), tf.TensorSpec([], tf.int32, "n_frames"),
-        tf.TensorSpec(shapes["context"], tf.float32, "context"), tf.TensorSpec(shapes["lstm_h"], tf.float32, "lstm_h"),
-        tf.TensorSpec(shapes["lstm_c"], tf.float32, "lstm_c"), tf.TensorSpec(shapes["frames_seen"], tf.int32, "frames_seen"),
-    ]  # fmt: skip
+        tf.TensorSpec([1, n, model.input_width], tf.float32, "log_mel"),
+        tf.TensorSpec([], tf.int32, "n_frames"),
+        tf.TensorSpec(shapes["context"], tf.float32, "context"),
+        tf.TensorSpec(shapes["lstm_h"], tf.float32, "lstm_h"),
+        tf.TensorSpec(shapes["lstm_c"], tf.float32, "lstm_c"),
+        tf.TensorSpec(shapes["frames_seen"], tf.int32, "frames_seen"),
+    ]
 
     @tf.function(input_signature=spec)
     def stream_step(log_mel, n_frames, context, lstm_h, lstm_c, frames_seen):
@@ -98,8 +105,11 @@ def stream_step_fn(model: DeepSpeech, n_steps: int):
             outputs.append(h)
         x = model.dense_layer(5, tf.stack(outputs, axis=1), False)
         return {
-            "log_probs": tf.nn.log_softmax(model.out(x)), "context": context, "lstm_h": h, "lstm_c": cell_state,
+            "log_probs": tf.nn.log_softmax(model.out(x)),
+            "context": context,
+            "lstm_h": h,
+            "lstm_c": cell_state,
             "frames_seen": tf.minimum(frames_seen + n, c),
-        }  # fmt: skip
+        }
 
     return stream_step

@@ -3,6 +3,7 @@
 :func:`load_model` is the one way in for ``dstrain evaluate``, ``dstrain transcribe`` and benchmarks; each form
 answers the same calls (log mel in, log-probabilities out, blank last) and gives the same transcript.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ from dstrain.export import (
     export_metadata,
     read_export_metadata,
     read_tflite_metadata,
-)  # fmt: skip
+)
 from dstrain.features import FeatureConfig
 from dstrain.graphs import batch_log_probs, stream_step_fn
 from dstrain.model import DeepSpeech
@@ -96,8 +97,10 @@ class CheckpointModel(_BatchedModel):
         super().__init__(alphabet, features, metadata)
         self.model = model
         width = model.input_width
-        self._fn = tf.function(lambda x, n: batch_log_probs(model, x, n), input_signature=[
-            tf.TensorSpec([None, None, width], tf.float32), tf.TensorSpec([None], tf.int32)])  # fmt: skip
+        self._fn = tf.function(
+            lambda x, n: batch_log_probs(model, x, n),
+            input_signature=[tf.TensorSpec([None, None, width], tf.float32), tf.TensorSpec([None], tf.int32)],
+        )
 
     def _batch(self, log_mel, lengths):
         return self._fn(log_mel, lengths)
@@ -163,9 +166,10 @@ class Streamer:
         features, n_hidden = metadata["features"], metadata["model"]["n_hidden"]
         self.state = {
             "context": np.zeros((1, max(2 * self.n_context, 1), features["n_mfcc"]), np.float32),
-            "lstm_h": np.zeros((1, n_hidden), np.float32), "lstm_c": np.zeros((1, n_hidden), np.float32),
+            "lstm_h": np.zeros((1, n_hidden), np.float32),
+            "lstm_c": np.zeros((1, n_hidden), np.float32),
             "frames_seen": np.zeros((1,), np.int32),
-        }  # fmt: skip
+        }
         self.pending = np.zeros((0, features["n_mel"]), np.float32)
         self.lead_in = self.n_context  # outputs still to discard
         self.frames_in = self.frames_out = 0
@@ -239,8 +243,15 @@ def load_model(path: str, num_threads: int | None = None, which: str = "auto") -
         return SavedModelExport(path, _metadata_alphabet(meta, path), FeatureConfig(**meta["features"]), meta)
     run = RunDir(path)
     if not run.exists():
-        raise FileNotFoundError(f"{path}: neither an export folder ({META_NAME}), a .tflite file nor a run directory (config.json)")
+        raise FileNotFoundError(
+            f"{path}: neither an export folder ({META_NAME}), a .tflite file nor a run directory (config.json)"
+        )
     model, info, source = run.restore_model(which=which)
-    meta = export_metadata(model, info.alphabet, info.features, {"weights_from": source, "weights": evaluation_weights(source)},
-                           ExportOptions())  # fmt: skip
+    meta = export_metadata(
+        model,
+        info.alphabet,
+        info.features,
+        {"weights_from": source, "weights": evaluation_weights(source)},
+        ExportOptions(),
+    )
     return CheckpointModel(model, info.alphabet, info.features, meta)

@@ -1,4 +1,5 @@
 """Word and character error rates, corpus-level as DeepSpeech reports them; edit distances by rapidfuzz (C++)."""
+
 from __future__ import annotations
 
 from typing import Sequence

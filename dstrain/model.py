@@ -4,6 +4,7 @@ a fifth dense layer and a softmax-ready output of ``alphabet + 1`` classes (CTC 
 With a :class:`FrontEnd` the model takes what the feature store keeps (log mel filterbank, float16 or float32) and its
 first op widens, normalises and turns it into MFCCs on the device, so the host never does, and exports carry it.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -59,19 +60,27 @@ class ModelConfig:
             if rate != -1.0 and not 0.0 <= rate < 1.0:
                 raise ValueError(f"dropout_rate{n} must be in [0, 1) or -1 (same as --dropout_rate), got {rate}")
         if self.dropout_rate5 != 0.0:
-            raise ValueError(f"dropout_rate5 {self.dropout_rate5}: DeepSpeech 0.9.3 never applied it (layer 5's output "
-                             "dropout is --dropout_rate6); give --dropout_rate6 instead")  # fmt: skip
+            raise ValueError(
+                f"dropout_rate5 {self.dropout_rate5}: DeepSpeech 0.9.3 never applied it (layer 5's output "
+                "dropout is --dropout_rate6); give --dropout_rate6 instead"
+            )
         if self.relu_clip <= 0:
             raise ValueError(f"relu_clip must be > 0, got {self.relu_clip}")
 
     def layer_dropout(self) -> dict[int, float]:
         """Training dropout on the output of layers 1, 2, 3, 4 (the LSTM) and 5, -1s resolved as DeepSpeech's
         util/config.py resolves them."""
+
         def rate(value: float) -> float:
             return self.dropout_rate if value == -1.0 else value
 
-        return {1: self.dropout_rate, 2: rate(self.dropout_rate2), 3: rate(self.dropout_rate3),
-                4: rate(self.dropout_rate4), 5: rate(self.dropout_rate6)}  # fmt: skip
+        return {
+            1: self.dropout_rate,
+            2: rate(self.dropout_rate2),
+            3: rate(self.dropout_rate3),
+            4: rate(self.dropout_rate4),
+            5: rate(self.dropout_rate6),
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,8 +123,11 @@ class DeepSpeech(tf.keras.Model):
         # On the outputs of layers 1, 2, 3, 4 (the LSTM) and 5.
         self.dropouts = [tf.keras.layers.Dropout(rate) for rate in cfg.layer_dropout().values()]
         # Layers 1, 2, 3 and 5; only with --layer_norm, so models without it keep their checkpoints' variables.
-        self.norms = [tf.keras.layers.LayerNormalization(epsilon=1e-12, name=f"layer_{n}_norm")
-                      for n in (1, 2, 3, 5)] if cfg.layer_norm else []  # fmt: skip
+        self.norms = (
+            [tf.keras.layers.LayerNormalization(epsilon=1e-12, name=f"layer_{n}_norm") for n in (1, 2, 3, 5)]
+            if cfg.layer_norm
+            else []
+        )
 
     @classmethod
     def for_features(cls, cfg: ModelConfig, features: FeatureConfig, n_classes: int) -> "DeepSpeech":

@@ -10,6 +10,7 @@ ways:
   in the main thread at once, and should the main thread be stuck in native code that long, the process leaves
   anyway after :data:`INTERRUPT_GRACE_S`; the exit status is ``128 + signal``, as for a process the signal killed.
 """
+
 from __future__ import annotations
 
 import os

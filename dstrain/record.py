@@ -15,7 +15,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``number`` (1-based: the epoch just finished), ``epochs`` (in all), ``loss`` (mean training loss of the epoch's
     steps run in this process; NaN if none), ``steps`` (optimizer steps run in this process), ``micro_batches``
     (batches each rank ran: steps x --accumulation_steps, the last group may be short), ``resumed_at_step`` (the
-    epoch step, in micro-batches, this process started at), ``exact`` (False when a resume re-partitioned the epoch over another world size),
+    epoch step, in micro-batches, this process started at), ``exact`` (False when a resume re-partitioned the epoch
+    over another world size),
     ``seconds``, ``utterances_per_s``, ``frames_per_s``, ``padding`` (fraction of padded frames), ``loader_wait_max_s``
     (the slowest rank's wait for data), ``learning_rate``, ``nonfinite_steps`` (skipped in this epoch); with dev
     stores also ``dev_loss``, ``dev_wer``, ``dev_cer``, ``best`` (lowest dev loss so far), ``plateau`` (the learning
@@ -26,7 +27,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     --ema_decay, or ``raw``; absent in records written before it existed); decoded with a scorer, ``oov_rate`` and
     ``distinct_oov_rate`` (the reference words, running and distinct, outside the scorer's vocabulary).
 ``checkpoint``
-    ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic, stop, or reset: the state an elastic world goes on from), ``epoch_step``.
+    ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic, stop, or reset: the
+    state an elastic world goes on from), ``epoch_step``.
 ``nonfinite``
     ``loss``, ``consecutive`` (skipped steps in a row), ``samples`` (rank 0's sample ids of the step).
 ``stop``
@@ -52,6 +54,7 @@ Example::
     from dstrain.record import read_record
     epochs = [r for r in read_record("runs/a/metrics.jsonl") if r["event"] == "epoch"]
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +68,22 @@ SCHEMA_VERSION = 1
 EVENTS: dict[str, tuple[str, ...]] = {
     "start": ("world_size", "hosts", "controller", "gpus", "precision", "dstrain_version"),
     "resume": ("checkpoint", "epoch_step"),
-    "epoch": ("number", "epochs", "loss", "steps", "micro_batches", "resumed_at_step", "exact", "seconds", "utterances_per_s",
-              "frames_per_s", "padding", "loader_wait_max_s", "learning_rate", "nonfinite_steps"),  # fmt: skip
+    "epoch": (
+        "number",
+        "epochs",
+        "loss",
+        "steps",
+        "micro_batches",
+        "resumed_at_step",
+        "exact",
+        "seconds",
+        "utterances_per_s",
+        "frames_per_s",
+        "padding",
+        "loader_wait_max_s",
+        "learning_rate",
+        "nonfinite_steps",
+    ),
     "eval": ("split", "loss", "wer", "cer", "samples", "decoder"),
     "checkpoint": ("path", "best", "reason", "epoch_step"),
     "nonfinite": ("loss", "consecutive", "samples"),
@@ -142,13 +159,17 @@ def events(records: list[dict], event: str) -> list[dict]:
 
 def format_epoch(r: dict) -> str:
     """The log's epoch line, from the run record's epoch record."""
-    msg = (f"epoch {r['number']}/{r['epochs']} train loss {r['loss']:.4f} ({r['steps']} steps, {r['seconds']:.1f} s, "
-           f"{r['utterances_per_s']:.1f} utt/s, {r['frames_per_s']:.0f} frames/s, padding {r['padding']:.1%}, "
-           f"loader wait max {r['loader_wait_max_s']:.1f} s)")  # fmt: skip
+    msg = (
+        f"epoch {r['number']}/{r['epochs']} train loss {r['loss']:.4f} ({r['steps']} steps, {r['seconds']:.1f} s, "
+        f"{r['utterances_per_s']:.1f} utt/s, {r['frames_per_s']:.0f} frames/s, padding {r['padding']:.1%}, "
+        f"loader wait max {r['loader_wait_max_s']:.1f} s)"
+    )
     if r["resumed_at_step"]:
         msg += f" after resuming at step {r['resumed_at_step']}"
     if "dev_loss" in r:
-        msg += f", dev loss {r['dev_loss']:.4f} WER {r['dev_wer']:.3f} CER {r['dev_cer']:.3f}" + (" (best)" if r["best"] else "")
+        msg += f", dev loss {r['dev_loss']:.4f} WER {r['dev_wer']:.3f} CER {r['dev_cer']:.3f}" + (
+            " (best)" if r["best"] else ""
+        )
     for store, loss in r.get("metrics_loss", {}).items():
         msg += f", {store} loss {loss:.4f}"
     if r.get("plateau"):

@@ -17,6 +17,7 @@ scalar summaries (TF2 ``tf.summary.scalar`` stores them as tensors; TF1
 Only reads event files and writes PNG/HTML, so TensorBoard keeps working on the same
 folder. Run as ``dstrain report RUN_DIR [--output DIR]``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -64,7 +65,7 @@ class Series:
 
     @property
     def goal(self) -> str | None:
-        """"min", "max", or None when neither is better."""
+        """ "min", "max", or None when neither is better."""
         return goal_of(self.tag)
 
     def best(self) -> tuple[int, float] | None:
@@ -393,8 +394,16 @@ def _table(series: list[Series]) -> str:
     return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
 
 
-EPOCH_COLUMNS = (("number", "epoch"), ("loss", "train loss"), ("dev_loss", "dev loss"), ("dev_wer", "dev WER"),
-                 ("dev_cer", "dev CER"), ("frames_per_s", "frames/s"), ("steps", "steps"), ("learning_rate", "learning rate"))  # fmt: skip
+EPOCH_COLUMNS = (
+    ("number", "epoch"),
+    ("loss", "train loss"),
+    ("dev_loss", "dev loss"),
+    ("dev_wer", "dev WER"),
+    ("dev_cer", "dev CER"),
+    ("frames_per_s", "frames/s"),
+    ("steps", "steps"),
+    ("learning_rate", "learning rate"),
+)
 
 
 def _run_record_html(run_dir: str) -> list[str]:
@@ -408,8 +417,11 @@ def _run_record_html(run_dir: str) -> list[str]:
     records = read_record(path)
     rows = []
     for r in events(records, "epoch"):
-        cells = "".join(f'<td data-key="{k}">{html.escape(format_value(r[k]) if isinstance(r.get(k), float) else str(r.get(k, "")))}</td>'
-                        for k, _ in EPOCH_COLUMNS)  # fmt: skip
+        cells = "".join(
+            f'<td data-key="{k}">'
+            f'{html.escape(format_value(r[k]) if isinstance(r.get(k), float) else str(r.get(k, "")))}</td>'
+            for k, _ in EPOCH_COLUMNS
+        )
         rows.append(f'<tr data-epoch="{r["number"]}">{cells}</tr>')
     head = "<tr>" + "".join(f"<th>{title}</th>" for _, title in EPOCH_COLUMNS) + "</tr>"
     notes = []
@@ -417,11 +429,15 @@ def _run_record_html(run_dir: str) -> list[str]:
         if r["event"] == "resume":
             notes.append(f"resumed from {r['checkpoint']} (step {r['step']}, epoch step {r['epoch_step']})")
         elif r["event"] == "stop":
-            notes.append(f"stopped at step {r['step']}: {r['reason']} ({r['signal'] or 'another rank'}), exit {r['exit_code']}")
+            notes.append(
+                f"stopped at step {r['step']}: {r['reason']} ({r['signal'] or 'another rank'}), exit {r['exit_code']}"
+            )
         elif r["event"] == "final":
             agree = len(set(r["weights_sha256"])) == 1
-            notes.append(f"finished after {r['epochs_done']} epochs on {len(r['weights_sha256'])} rank(s): final weights "
-                         + ("identical on every rank" if agree else "DIFFER between ranks"))  # fmt: skip
+            notes.append(
+                f"finished after {r['epochs_done']} epochs on {len(r['weights_sha256'])} rank(s): final weights "
+                + ("identical on every rank" if agree else "DIFFER between ranks")
+            )
     out = ["<h2>Run record</h2>", "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"]
     if notes:
         out.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
@@ -466,8 +482,10 @@ def render_report(run_dir: str, output_dir: str | None = None, embed: bool = Fal
     ]
     for panel in panels:
         name = panel.name + ".png"
-        parts += [f'<h2 id="{html.escape(panel.name)}">{html.escape(panel.title)}</h2>',
-                  _img(name, panel_pngs[panel.name], panel.title, embed)]
+        parts += [
+            f'<h2 id="{html.escape(panel.name)}">{html.escape(panel.title)}</h2>',
+            _img(name, panel_pngs[panel.name], panel.title, embed),
+        ]
     parts.append("</body></html>\n")
     index = os.path.join(output_dir, "index.html")
     with open(index + ".tmp", "w", encoding="utf-8") as f:

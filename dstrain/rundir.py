@@ -24,6 +24,7 @@ source, not a training state: training refuses to resume it.
 Evaluate, export and fine-tuning load a run through :meth:`RunDir.read` and :meth:`RunDir.restore_model`, so they
 need neither the original flags nor the alphabet file.
 """
+
 from __future__ import annotations
 
 import json
@@ -126,7 +127,9 @@ class RunDir:
 
     def read(self) -> RunInfo:
         if not self.exists():
-            raise FileNotFoundError(f"{self.path}: no {CONFIG}; not a dstrain run directory (dstrain train --checkpoint_dir)")
+            raise FileNotFoundError(
+                f"{self.path}: no {CONFIG}; not a dstrain run directory (dstrain train --checkpoint_dir)"
+            )
         with open(self.config_path, encoding="utf-8") as f:
             saved = json.load(f)
         if "alphabet" in saved:
@@ -185,8 +188,10 @@ class RunDir:
         """The ``k`` latest checkpoints, oldest first."""
         kept = self.kept_checkpoints()
         if len(kept) < k:
-            raise ValueError(f"{self.path}: {len(kept)} checkpoint(s) in {LATEST}/, fewer than --last {k} "
-                             f"(training keeps --max_to_keep {self._max_to_keep()} of them)")  # fmt: skip
+            raise ValueError(
+                f"{self.path}: {len(kept)} checkpoint(s) in {LATEST}/, fewer than --last {k} "
+                f"(training keeps --max_to_keep {self._max_to_keep()} of them)"
+            )
         return kept[len(kept) - k :]
 
     def best_checkpoints(self, k: int) -> list[tuple[str, float]]:
@@ -197,7 +202,9 @@ class RunDir:
         best_dev/'s checkpoint (the latest ``best`` one), which train/ may have dropped already. Checkpoints are named
         by a save counter that resumes never reset, so a name identifies one checkpoint across a resumed run."""
         if not os.path.exists(self.metrics_path):
-            raise FileNotFoundError(f"{self.path}: no run record ({METRICS}) to rank checkpoints by dev loss; use --last")
+            raise FileNotFoundError(
+                f"{self.path}: no run record ({METRICS}) to rank checkpoints by dev loss; use --last"
+            )
         losses: dict[str, float] = {}
         best: tuple[str, float] | None = None
         previous: dict = {}
@@ -211,15 +218,19 @@ class RunDir:
                         best = (name, float(loss))
             previous = r
         if not losses:
-            raise ValueError(f"{self.path}: its run record has no dev loss (trained without --dev_files): "
-                             "--best needs one; use --last")  # fmt: skip
+            raise ValueError(
+                f"{self.path}: its run record has no dev loss (trained without --dev_files): "
+                "--best needs one; use --last"
+            )
         kept = {os.path.basename(p): p for p in self.kept_checkpoints()}
         ranked = [(kept[name], loss) for name, loss in losses.items() if name in kept]
         if best is not None and best[0] not in kept and self.best_checkpoint():
             ranked.append((self.best_checkpoint(), best[1]))
         if len(ranked) < k:
-            raise ValueError(f"{self.path}: {len(ranked)} checkpoint(s) on disk with a dev loss, fewer than --best {k} "
-                             f"({LATEST}/ keeps --max_to_keep {self._max_to_keep()}, {BEST}/ one)")  # fmt: skip
+            raise ValueError(
+                f"{self.path}: {len(ranked)} checkpoint(s) on disk with a dev loss, fewer than --best {k} "
+                f"({LATEST}/ keeps --max_to_keep {self._max_to_keep()}, {BEST}/ one)"
+            )
         return sorted(ranked, key=lambda c: c[1])[:k]
 
     def _max_to_keep(self) -> int | str:
@@ -261,8 +272,11 @@ def weight_shapes(checkpoint: str, which: str) -> dict[str, list[int]]:
     """The model variables (names relative to the model) of ``checkpoint``'s "ema" or "raw" weights and their shapes;
     optimizer slots left out."""
     prefix = (EMA_MODEL if which == "ema" else MODEL) + "/"
-    return {name[len(prefix) : -len(WEIGHTS)]: shape for name, shape in tf.train.list_variables(checkpoint)
-            if name.startswith(prefix) and name.endswith(WEIGHTS) and "/.OPTIMIZER_SLOT/" not in name}  # fmt: skip
+    return {
+        name[len(prefix) : -len(WEIGHTS)]: shape
+        for name, shape in tf.train.list_variables(checkpoint)
+        if name.startswith(prefix) and name.endswith(WEIGHTS) and "/.OPTIMIZER_SLOT/" not in name
+    }
 
 
 def restore_evaluation_weights(model: DeepSpeech, checkpoint: str) -> str:

@@ -2,6 +2,7 @@
 pools and GPU memory, logging and the Horovod timeline. :func:`start` does all of it in the order it must happen
 (Horovod pins the GPU before TensorFlow touches a device; thread pools before TensorFlow's runtime starts).
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,8 +92,12 @@ def configure_tensorflow(cfg: ProcessConfig, world: World) -> int:
             intra = share[0]
         if not inter and "TF_NUM_INTEROP_THREADS" not in os.environ:
             inter = share[1]
-        log.info("%d CPU ranks on this node: %s intra-op and %s inter-op thread(s) each", world.local_size,
-                 intra or os.environ.get("TF_NUM_INTRAOP_THREADS"), inter or os.environ.get("TF_NUM_INTEROP_THREADS"))  # fmt: skip
+        log.info(
+            "%d CPU ranks on this node: %s intra-op and %s inter-op thread(s) each",
+            world.local_size,
+            intra or os.environ.get("TF_NUM_INTRAOP_THREADS"),
+            inter or os.environ.get("TF_NUM_INTEROP_THREADS"),
+        )
     if inter:
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     if intra:

@@ -15,6 +15,7 @@ Times are seconds from the start of the recording: a word starts at the first fr
 lasts to the end of the last frame of its last character (20 ms frames). A segmented recording's candidate ``k``
 joins each segment's ``k``-th best (its confidence is their sum).
 """
+
 from __future__ import annotations
 
 import csv
@@ -158,11 +159,14 @@ class Result:
             "wav_filename": self.wav_filename,
             **({"error": self.error} if self.error else {}),
             "transcripts": [
-                {"confidence": c.confidence, "transcript": c.transcript,
-                 "words": [{"word": w.word, "start_time": w.start_time, "duration": w.duration} for w in c.words]}
+                {
+                    "confidence": c.confidence,
+                    "transcript": c.transcript,
+                    "words": [{"word": w.word, "start_time": w.start_time, "duration": w.duration} for w in c.words],
+                }
                 for c in self.candidates
             ],
-        }  # fmt: skip
+        }
 
 
 # --- CTC alignment
@@ -207,7 +211,9 @@ def ctc_alignment(log_probs: np.ndarray, labels: Sequence[int], blank: int) -> t
     return first, last_frame
 
 
-def words_of(labels: Sequence[int], first: np.ndarray, last: np.ndarray, alphabet, offset_s: float, step_s: float) -> list[Word]:
+def words_of(
+    labels: Sequence[int], first: np.ndarray, last: np.ndarray, alphabet, offset_s: float, step_s: float
+) -> list[Word]:
     """Words (runs of non-space labels) with their times."""
     words, start = [], None
     space = alphabet.space_index
@@ -266,7 +272,11 @@ class Transcriber:
         results = []
         for r, (name, samples) in enumerate(recordings):
             ranges = self.segments(samples)
-            results.append(Result(name, segments=[(a / self.features.sample_rate, b / self.features.sample_rate) for a, b in ranges]))
+            results.append(
+                Result(
+                    name, segments=[(a / self.features.sample_rate, b / self.features.sample_rate) for a, b in ranges]
+                )
+            )
             for a, b in ranges:
                 pieces.append((r, a, log_mel(power_spectrogram(samples[a:b], self.features), self.features)))
         log_probs = self.model.log_probs([p[2] for p in pieces])
@@ -290,9 +300,17 @@ class Transcriber:
         for row, i in enumerate(todo):
             probs[row, : lengths[row]] = np.exp(log_probs[i])
         results = ctc_beam_search_decoder_batch(
-            probs, lengths, self.model.alphabet, dec.width(self.model.metadata.get("beam_width")), min(self.cfg.processes, len(todo)), dec.cutoff_prob,
-            dec.cutoff_top_n, self.scorer, self.hot_words, self.cfg.candidate_transcripts,
-        )  # fmt: skip
+            probs,
+            lengths,
+            self.model.alphabet,
+            dec.width(self.model.metadata.get("beam_width")),
+            min(self.cfg.processes, len(todo)),
+            dec.cutoff_prob,
+            dec.cutoff_top_n,
+            self.scorer,
+            self.hot_words,
+            self.cfg.candidate_transcripts,
+        )
         for i, result in zip(todo, results):
             out[i] = result
         return out
@@ -311,10 +329,13 @@ def _join_segments(segment_candidates: list[list[Candidate]], count: int) -> lis
     out = []
     for k in range(min(count, max(len(c) for c in segment_candidates))):
         picks = [c[min(k, len(c) - 1)] for c in segment_candidates if c]
-        out.append(Candidate(
-            sum(p.confidence for p in picks), " ".join(p.transcript for p in picks if p.transcript),
-            tuple(w for p in picks for w in p.words),
-        ))  # fmt: skip
+        out.append(
+            Candidate(
+                sum(p.confidence for p in picks),
+                " ".join(p.transcript for p in picks if p.transcript),
+                tuple(w for p in picks for w in p.words),
+            )
+        )
     return out
 
 

@@ -21,6 +21,7 @@ most ``max_segment_s`` of audio at a time.
 ``webrtcvad`` comes from the ``webrtcvad-wheels`` distribution (maintained wheels
 of the original ``webrtcvad`` module).
 """
+
 from __future__ import annotations
 
 import collections
@@ -59,8 +60,9 @@ def _to_pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
-def _voiced_regions(pcm: np.ndarray, sample_rate: int, aggressiveness: int, frame_len: int, n_padding: int,
-                    threshold: float) -> list[tuple[int, int]]:
+def _voiced_regions(
+    pcm: np.ndarray, sample_rate: int, aggressiveness: int, frame_len: int, n_padding: int, threshold: float
+) -> list[tuple[int, int]]:
     """DeepSpeech's ring-buffer trigger; returns (first_frame, end_frame) pairs, end exclusive."""
     from webrtcvad import Vad
 
@@ -98,8 +100,9 @@ def _voiced_regions(pcm: np.ndarray, sample_rate: int, aggressiveness: int, fram
     return merged
 
 
-def _cut_long(start: int, end: int, energy: np.ndarray, frame_len: int, max_len: int, min_len: int,
-              n_samples: int) -> list[Segment]:
+def _cut_long(
+    start: int, end: int, energy: np.ndarray, frame_len: int, max_len: int, min_len: int, n_samples: int
+) -> list[Segment]:
     """Cut [start, end) (samples, frame-aligned start) into pieces <= max_len at the quietest frames."""
     pieces = []
     while end - start > max_len:

@@ -1,6 +1,7 @@
 """The cluster in a box (tools/cluster.sh) for tests: :func:`box` makes one and always takes it down, tests skip with
 the reason where this machine cannot hold one, and :func:`leftovers` (checked by conftest.py at the end of the session)
 lists any namespace, interface or process of a cluster made in this session that is still there."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,8 @@ import os
 import re
 import shutil
 import signal
-import sys
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,10 +33,16 @@ def unavailable() -> str | None:
     cap_eff = int(re.search(r"CapEff:\s+(\w+)", Path("/proc/self/status").read_text()).group(1), 16)
     if not cap_eff & (1 << 12):
         return "the cluster in a box needs CAP_NET_ADMIN"
-    missing = [exe for exe in ("ip", "sshd", "ssh", "ssh-keygen", "nsenter", "unshare", "tc")
-               if not shutil.which(exe) and not os.path.exists(f"/usr/sbin/{exe}")]  # fmt: skip
+    missing = [
+        exe
+        for exe in ("ip", "sshd", "ssh", "ssh-keygen", "nsenter", "unshare", "tc")
+        if not shutil.which(exe) and not os.path.exists(f"/usr/sbin/{exe}")
+    ]
     if missing:
-        return f"the cluster in a box needs {', '.join(missing)}: apt-get install openssh-server iproute2 (tools/install.sh --test)"
+        return (
+            f"the cluster in a box needs {', '.join(missing)}: apt-get install openssh-server iproute2 "
+            "(tools/install.sh --test)"
+        )
     probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
     if probe.returncode:
         return f"cannot create namespaces here: {probe.stderr.strip()}"
@@ -55,7 +62,9 @@ class Cluster:
         self.nodes = [f"node{i}" for i in range(1, n + 1)]
 
     def sh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(CLUSTER_SH), "--dir", str(self.dir), *args], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [str(CLUSTER_SH), "--dir", str(self.dir), *args], capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode:
             raise AssertionError(f"cluster.sh {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -64,14 +73,30 @@ class Cluster:
         """The command line that runs ``cmd`` on ``node``."""
         return [str(CLUSTER_SH), "--dir", str(self.dir), "exec", node, *cmd]
 
-    def run(self, node: str, *cmd: str, timeout: float = 120, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(node, *cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout, env=env, **kw)  # fmt: skip
+    def run(
+        self, node: str, *cmd: str, timeout: float = 120, env: dict | None = None, **kw
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.argv(node, *cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            env=env,
+            **kw,
+        )
 
     def popen(self, node: str, *cmd: str, env: dict | None = None, **kw) -> subprocess.Popen:
         """``cmd`` on ``node`` in its own session (so a test can signal its whole group), output merged, as text."""
-        return subprocess.Popen(self.argv(node, *cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True, **kw)  # fmt: skip
+        return subprocess.Popen(
+            self.argv(node, *cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+            **kw,
+        )
 
     def address(self, node: str) -> str:
         return "10.213.0.10" if node == "head" else f"10.213.0.{10 + int(node[4:])}"
@@ -97,7 +122,12 @@ class Cluster:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if len(argv) > 2 and os.path.basename(argv[0]).startswith(b"python") and argv[1].endswith(b"/dstrain") and argv[2] == b"train":
+            if (
+                len(argv) > 2
+                and os.path.basename(argv[0]).startswith(b"python")
+                and argv[1].endswith(b"/dstrain")
+                and argv[2] == b"train"
+            ):
                 ranks.append(pid)
         return ranks
 
@@ -167,14 +197,19 @@ def leftovers() -> list[str]:
     ours = {cluster_id(Path(d)) for d in _made}
     found += [f"namespace {n}" for n in names if n.split("-")[0] in ours]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    found += [f"interface {m} in this machine's namespace" for m in re.findall(r"^\d+: (v(?:node\d+|head))[@:]", links, re.M)]
+    found += [
+        f"interface {m} in this machine's namespace" for m in re.findall(r"^\d+: (v(?:node\d+|head))[@:]", links, re.M)
+    ]
     inodes = set().union(*_made.values()) if _made else set()
     for pid, ino in _net_namespaces().items():
         # An inode number can be reused by a namespace made since; one that now has another owner's name is not ours.
         # Anchors and sshds also carry the cluster's id or directory in their command line.
         cmdline = _cmdline(pid)
-        if (ino in inodes and named.get(ino, "").split("-")[0] in ("", *ours)) or any(
-            f"{i}-node" in cmdline or f"{i}-head" in cmdline for i in ours) or any(f"{d}/" in cmdline for d in _made):
+        if (
+            (ino in inodes and named.get(ino, "").split("-")[0] in ("", *ours))
+            or any(f"{i}-node" in cmdline or f"{i}-head" in cmdline for i in ours)
+            or any(f"{d}/" in cmdline for d in _made)
+        ):
             found.append(f"process {pid} ({cmdline})")
     return found
 
@@ -214,21 +249,50 @@ def stop_group(proc: subprocess.Popen) -> None:
 # --- what the multi-node training tests share
 def tiny_training(*extra: str, epochs: int = 2, batch: int = 2) -> list[str]:
     """The flags of a tiny deterministic training: small model, one thread per rank, no dropout, a fixed seed."""
-    return ["--n_hidden", "16", "--epochs", str(epochs), "--train_batch_size", str(batch), "--learning_rate", "0.002",
-            "--dropout_rate", "0", "--random_seed", "7", "--inter_op_parallelism_threads", "1",
-            "--intra_op_parallelism_threads", "1", "--loader_threads", "2", *extra]  # fmt: skip
+    return [
+        "--n_hidden",
+        "16",
+        "--epochs",
+        str(epochs),
+        "--train_batch_size",
+        str(batch),
+        "--learning_rate",
+        "0.002",
+        "--dropout_rate",
+        "0",
+        "--random_seed",
+        "7",
+        "--inter_op_parallelism_threads",
+        "1",
+        "--intra_op_parallelism_threads",
+        "1",
+        "--loader_threads",
+        "2",
+        *extra,
+    ]
 
 
 def train_argv(store: str, run_dir: Path, *extra: str, epochs: int = 2, batch: int = 2) -> list[str]:
     """``dstrain train`` of :func:`tiny_training` on ``store``, saving in ``run_dir``."""
-    return ["dstrain", "train", "--train_files", store, "--alphabet_config_path", str(REPO / "dstrain" / "data" / "alphabet.txt"),
-            "--checkpoint_dir", str(run_dir), *tiny_training(*extra, epochs=epochs, batch=batch)]  # fmt: skip
+    return [
+        "dstrain",
+        "train",
+        "--train_files",
+        store,
+        "--alphabet_config_path",
+        str(REPO / "dstrain" / "data" / "alphabet.txt"),
+        "--checkpoint_dir",
+        str(run_dir),
+        *tiny_training(*extra, epochs=epochs, batch=batch),
+    ]
 
 
 def rank_env(**extra: str) -> dict:
     """The test's environment for commands on the nodes: this venv first on PATH, deterministic TensorFlow ops."""
     venv_bin = str(Path(sys.executable).parent)
-    return dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1", **extra)
+    return dict(
+        os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1", **extra
+    )
 
 
 class Output:

@@ -63,8 +63,17 @@ def tool(name: str) -> str:
     return found
 
 
-def synthetic_store(path, n: int, *, row_group_rows: int = 8, shard_rows: int = 0, feature_dtype: str = "float32",
-                    frames: tuple[int, int] = (60, 200), seed: int = 0, alphabet_file: str | None = None) -> str:
+def synthetic_store(
+    path,
+    n: int,
+    *,
+    row_group_rows: int = 8,
+    shard_rows: int = 0,
+    feature_dtype: str = "float32",
+    frames: tuple[int, int] = (60, 200),
+    seed: int = 0,
+    alphabet_file: str | None = None,
+) -> str:
     """A feature store of ``n`` random utterances written directly (no audio): fast stores of any size for loader
     and training tests. Labels spell short words of the bundled alphabet; ids are ``u000000``...; shards of
     ``shard_rows`` rows (0: one shard)."""
@@ -72,9 +81,9 @@ def synthetic_store(path, n: int, *, row_group_rows: int = 8, shard_rows: int = 
 
     from dstrain.alphabet import Alphabet
     from dstrain.features import FeatureConfig
-    from dstrain.store.stats import FeatureStats
     from dstrain.store import Manifest, ShardWriter, StoreLayout
     from dstrain.store.layout import MANIFEST
+    from dstrain.store.stats import FeatureStats
 
     alphabet = Alphabet.from_file(alphabet_file or str(DATA / "alphabet.txt"))
     rng = np.random.default_rng(seed)
@@ -85,17 +94,31 @@ def synthetic_store(path, n: int, *, row_group_rows: int = 8, shard_rows: int = 
     shards, stats = [], FeatureStats.empty(fc.n_mel)
     per_shard = shard_rows or n
     for s, start in enumerate(range(0, n, per_shard)):
-        with ShardWriter(layout, lambda part, s=s: f"shard-{s:06d}-{part:03d}.parquet", 1e6, feature_dtype, row_group_rows) as w:
+        with ShardWriter(
+            layout, lambda part, s=s: f"shard-{s:06d}-{part:03d}.parquet", 1e6, feature_dtype, row_group_rows
+        ) as w:
             for i in range(start, min(n, start + per_shard)):
                 t = int(rng.integers(*frames))
                 text = " ".join(rng.choice(words, size=int(rng.integers(1, 4))))
                 x = (rng.standard_normal((t, fc.n_mel)) + np.linspace(-3, 3, fc.n_mel)).astype(feature_dtype)
                 stats = stats.merge(FeatureStats.from_features(x))
-                w.add(id=f"u{i:06d}", source=f"synthetic-{i}", transcript=text, labels=alphabet.encode(text),
-                      duration=t * 0.02, log_mel=x)  # fmt: skip
+                w.add(
+                    id=f"u{i:06d}",
+                    source=f"synthetic-{i}",
+                    transcript=text,
+                    labels=alphabet.encode(text),
+                    duration=t * 0.02,
+                    log_mel=x,
+                )
         shards += w.shards
-    manifest = Manifest(features=fc.to_dict(), feature_dtype=feature_dtype, alphabet=list(alphabet.labels),
-                        alphabet_sha256=alphabet.sha256(), shards=shards, feature_stats=stats.to_dict())  # fmt: skip
+    manifest = Manifest(
+        features=fc.to_dict(),
+        feature_dtype=feature_dtype,
+        alphabet=list(alphabet.labels),
+        alphabet_sha256=alphabet.sha256(),
+        shards=shards,
+        feature_stats=stats.to_dict(),
+    )
     with layout.open(MANIFEST, "wt") as f:
         f.write(manifest.to_json())
     return str(path)

@@ -4,6 +4,7 @@ those samples' record with it (tests/test_elastic.py).
 
     python elastic_hold.py N MARKER train ARGS...
 """
+
 import os
 import sys
 import threading

@@ -1,6 +1,7 @@
 """Which programs the checkout starts: read from its Python (subprocess, os.exec*, shutil.which and the project's own
 wrappers) and its shell scripts (parsed by shfmt, not by regular expressions). Used by tests/test_programs.py to hold
 every such program to tools/packages.txt; a program the scan cannot name (built at run time) is simply not seen."""
+
 from __future__ import annotations
 
 import ast
@@ -20,21 +21,48 @@ SHELL_BUILTINS = set(
 )
 # Programs whose arguments name another program to start -> their options that take a value (skipped with it; other
 # options and VAR=value words are skipped alone). timeout's duration is skipped too.
-PREFIXES = {"env": {"-u", "-C"}, "exec": {"-a"}, "timeout": {"-s", "-k"}, "nohup": set(), "setsid": set(),
-            "xargs": {"-I", "-n", "-P", "-d", "-a", "-L", "-s", "-E"}, "sudo": {"-u", "-g"}, "command": set(),
-            "nice": {"-n"}, "stdbuf": {"-i", "-o", "-e"}, "nsenter": {"-t", "-S", "-G", "-w", "-r"},
-            "unshare": set(), "chroot": set()}  # fmt: skip
+PREFIXES = {
+    "env": {"-u", "-C"},
+    "exec": {"-a"},
+    "timeout": {"-s", "-k"},
+    "nohup": set(),
+    "setsid": set(),
+    "xargs": {"-I", "-n", "-P", "-d", "-a", "-L", "-s", "-E"},
+    "sudo": {"-u", "-g"},
+    "command": set(),
+    "nice": {"-n"},
+    "stdbuf": {"-i", "-o", "-e"},
+    "nsenter": {"-t", "-S", "-G", "-w", "-r"},
+    "unshare": set(),
+    "chroot": set(),
+}
 # The checkout's own shell functions that run their arguments: name -> how many words come before the program.
 SHELL_RUNNERS = {"on": 1, "cmd_exec_daemon": 1, "wait_for": 0}
 # Calls that start their first argument (or the argument after a node name) as a program.
-STARTERS = {"run", "Popen", "call", "check_call", "check_output", "execv", "execvp", "execvpe", "execve", "execl",
-            "execlp", "spawnv", "spawnvp", "create_subprocess_exec"}  # fmt: skip
+STARTERS = {
+    "run",
+    "Popen",
+    "call",
+    "check_call",
+    "check_output",
+    "execv",
+    "execvp",
+    "execvpe",
+    "execve",
+    "execl",
+    "execlp",
+    "spawnv",
+    "spawnvp",
+    "create_subprocess_exec",
+}
 NAMERS = {"which", "find_executable", "tool"}  # return the path of the program they are given
 NODE_STARTERS = {"argv", "popen"}  # tests/cluster.py's Cluster.argv/popen(node, program, ...)
 
 
 def repo_files(repo: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=repo, capture_output=True, check=True)
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=repo, capture_output=True, check=True
+    )
     return sorted(f for f in out.stdout.decode().split("\0") if f and (repo / f).is_file())
 
 
@@ -148,18 +176,32 @@ def python_programs(source: str) -> Iterator[tuple[int, str]]:
         if not isinstance(node, ast.Call):
             continue
         name = _func_name(node)
-        if name in NAMERS and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+        if (
+            name in NAMERS
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             yield node.lineno, node.args[0].value
             continue
-        module = node.func.value.id if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) else None
+        module = (
+            node.func.value.id
+            if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+            else None
+        )
         if name in STARTERS and module not in ("subprocess", "os", "asyncio", None) and name != "run":
             continue
         if name in STARTERS and module is None and name in ("run", "call"):
             continue  # a local function of that name, not subprocess's
         if name not in STARTERS and name not in NODE_STARTERS or not node.args:
             continue
-        if name in NODE_STARTERS or name == "run" and len(node.args) > 1 and isinstance(node.func, ast.Attribute) \
-                and not isinstance(node.args[0], (ast.List, ast.Tuple, ast.BinOp)):  # fmt: skip
+        if (
+            name in NODE_STARTERS
+            or name == "run"
+            and len(node.args) > 1
+            and isinstance(node.func, ast.Attribute)
+            and not isinstance(node.args[0], (ast.List, ast.Tuple, ast.BinOp))
+        ):
             firsts = [node.args[1]] if len(node.args) > 1 else []
         elif isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
             firsts = [node.args[0]]  # a command line for a shell (shell=True) or a lone program
@@ -172,8 +214,12 @@ def python_programs(source: str) -> Iterator[tuple[int, str]]:
                     yield from ((node.lineno, p) for _, p in shell_programs(first.value))
                 else:
                     yield node.lineno, first.value
-            elif isinstance(first, ast.Call) and _func_name(first) in NAMERS and first.args \
-                    and isinstance(first.args[0], ast.Constant):  # fmt: skip
+            elif (
+                isinstance(first, ast.Call)
+                and _func_name(first) in NAMERS
+                and first.args
+                and isinstance(first.args[0], ast.Constant)
+            ):
                 yield node.lineno, first.args[0].value
 
 
@@ -181,7 +227,8 @@ def python_programs(source: str) -> Iterator[tuple[int, str]]:
 
 
 def scan(repo: Path) -> dict[str, list[str]]:
-    """program -> ["file:line", ...] over the checkout's Python files and shell scripts (recipes of the Makefile too)."""
+    """program -> ["file:line", ...] over the checkout's Python files and shell scripts (the Makefile's recipes
+    too)."""
     found: dict[str, list[str]] = {}
     for name in repo_files(repo):
         path = repo / name
@@ -190,7 +237,8 @@ def scan(repo: Path) -> dict[str, list[str]]:
         elif is_shell_script(repo, name):
             hits = shell_programs(path.read_text())
         elif name == "Makefile":
-            recipe = "\n".join(l[1:].lstrip("@") for l in path.read_text().splitlines() if l.startswith("\t"))
+            lines = path.read_text().splitlines()
+            recipe = "\n".join(line[1:].lstrip("@") for line in lines if line.startswith("\t"))
             recipe = re.sub(r"\$\((\w+)\)", r"${\1}", recipe)  # make's $(VAR), not a command substitution
             hits = shell_programs(recipe)
         else:

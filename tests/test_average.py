@@ -1,6 +1,7 @@
 """Weight averaging: --ema_decay's moving average (its formula, the swap around evaluation, identical on two ranks,
 saved and restored on resume, leaving the raw training as it was) and dstrain average (the mean of a run's last or
 best-dev checkpoints, and that evaluate, export and fine-tuning take what it writes)."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import DATA, final_digests, records, synthetic_store, tool
+
 from dstrain.alphabet import Alphabet
 from dstrain.average import AverageConfig, average
 from dstrain.features import FeatureConfig
@@ -66,8 +67,12 @@ class FakeRun:
     def __init__(self, path, *, ema: bool = False, n_hidden: int = 8, max_to_keep: int = 5):
         self.run = RunDir(str(path))
         cfg = ModelConfig(n_hidden=n_hidden)
-        self.run.write_config({"model": cfg.to_dict(), "checkpoint": {"max_to_keep": max_to_keep}}, FeatureConfig(),
-                              Alphabet.from_file(str(DATA / "alphabet.txt")), 1)  # fmt: skip
+        self.run.write_config(
+            {"model": cfg.to_dict(), "checkpoint": {"max_to_keep": max_to_keep}},
+            FeatureConfig(),
+            Alphabet.from_file(str(DATA / "alphabet.txt")),
+            1,
+        )
         self.model = self.run.new_model()
         optimizer = tf.keras.optimizers.Adam()
         optimizer.build(self.model.trainable_variables)
@@ -150,7 +155,9 @@ def test_best_k_ranks_by_the_run_records_dev_loss_and_averages_the_moving_averag
         np.testing.assert_allclose(w, 105.0, rtol=1e-7)
     with pytest.raises(ValueError, match=r"4 checkpoint\(s\) on disk with a dev loss, fewer than --best 5"):
         average(AverageConfig(run_dir=run.run.path, output=str(tmp_path / "best5"), best=5))
-    with pytest.raises(ValueError, match=r"4 checkpoint\(s\) in train/, fewer than --last 5 \(training keeps --max_to_keep 4"):
+    with pytest.raises(
+        ValueError, match=r"4 checkpoint\(s\) in train/, fewer than --last 5 \(training keeps --max_to_keep 4"
+    ):
         average(AverageConfig(run_dir=run.run.path, output=str(tmp_path / "last5"), last=5))
     with pytest.raises(ValueError, match="already holds a run"):
         average(AverageConfig(run_dir=run.run.path, output=str(tmp_path / "best2"), best=1))
@@ -163,13 +170,18 @@ def test_checkpoints_that_cannot_be_averaged_are_named(tmp_path):
     other = tiny_model(n_hidden=12)
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=other), run.run.latest_dir, max_to_keep=5)
     manager.save(checkpoint_number=99)
-    with pytest.raises(ValueError, match=r"ckpt-99: .* has shape \[.*12.*\], .* in .*ckpt-1: checkpoints of different geometries"):
+    with pytest.raises(
+        ValueError, match=r"ckpt-99: .* has shape \[.*12.*\], .* in .*ckpt-1: checkpoints of different geometries"
+    ):
         average(AverageConfig(run_dir=run.run.path, output=str(tmp_path / "out"), last=2))
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(ValueError, match=r"no dev loss \(trained without --dev_files\)"):
         average(AverageConfig(run_dir=run.run.path, output=str(tmp_path / "out"), best=1))
-    for how, message in (({}, "give one of --last K and --best K"), ({"last": 1, "best": 1}, "give one of"),
-                         ({"last": -1}, ">= 1")):  # fmt: skip
+    for how, message in (
+        ({}, "give one of --last K and --best K"),
+        ({"last": 1, "best": 1}, "give one of"),
+        ({"last": -1}, ">= 1"),
+    ):
         with pytest.raises(ValueError, match=message):
             AverageConfig(run_dir="r", output="o", **how)
     with pytest.raises(ValueError, match="not the run itself"):
@@ -180,17 +192,27 @@ def test_checkpoints_that_cannot_be_averaged_are_named(tmp_path):
 
 
 def env(**extra) -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **extra)
+    return dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **extra
+    )
 
 
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env(TF_DETERMINISTIC_OPS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        cmd,
+        env=env(TF_DETERMINISTIC_OPS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return synthetic_store(tmp_path_factory.mktemp("avg") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11)
+    return synthetic_store(
+        tmp_path_factory.mktemp("avg") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11
+    )
 
 
 # Without dropout and with deterministic ops, a resume continues exactly where the run stopped.
@@ -203,8 +225,23 @@ def ema_run(store, tmp_path_factory):
     from test_training import horovodrun, train_cmd
 
     root = tmp_path_factory.mktemp("ema")
-    out = run(horovodrun() + train_cmd(store, root / "run", "--ema_decay", "0.9", "--dev_files", store, "--test_files", store,
-                                       "--export_dir", str(root / "export"), *TRAIN, epochs=2))  # fmt: skip
+    out = run(
+        horovodrun()
+        + train_cmd(
+            store,
+            root / "run",
+            "--ema_decay",
+            "0.9",
+            "--dev_files",
+            store,
+            "--test_files",
+            store,
+            "--export_dir",
+            str(root / "export"),
+            *TRAIN,
+            epochs=2,
+        )
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     return root
 
@@ -227,13 +264,18 @@ def test_moving_average_on_two_ranks_is_identical_resumes_exactly_and_leaves_tra
     # One update per optimizer step: with 2 micro-batches a step, as many updates as steps, half the micro-batches.
     epochs = records(work, "epoch")
     reader = tf.train.load_checkpoint(RunDir(str(work)).latest_checkpoint())
-    assert reader.get_tensor("ema_updates/.ATTRIBUTES/VARIABLE_VALUE") == final["step"] == sum(e["steps"] for e in epochs)
+    assert (
+        reader.get_tensor("ema_updates/.ATTRIBUTES/VARIABLE_VALUE") == final["step"] == sum(e["steps"] for e in epochs)
+    )
     assert sum(e["micro_batches"] for e in epochs) > 1.5 * final["step"]
 
     # Stopped after an epoch and resumed: the same raw weights and the same average as the run that went through.
     resumed = tmp_path / "resumed"
     for epochs_to_do in (1, 2):
-        out = run(horovodrun() + train_cmd(store, resumed, "--ema_decay", "0.9", "--dev_files", store, *TRAIN, epochs=epochs_to_do))
+        out = run(
+            horovodrun()
+            + train_cmd(store, resumed, "--ema_decay", "0.9", "--dev_files", store, *TRAIN, epochs=epochs_to_do)
+        )
         assert out.returncode == 0, out.stdout[-4000:]
     assert len(records(resumed, "resume")) == 1
     (last,) = records(resumed, "final")[-1:]
@@ -282,14 +324,36 @@ def test_averaged_checkpoint_is_evaluated_exported_and_fine_tuned(store, ema_run
         np.testing.assert_allclose(got, (a.astype(np.float64) + b) / 2, rtol=1e-6, atol=1e-7)
 
     test = ["--test_files", store, "--beam_width", "8", "--report_count", "1"]
-    out = run([tool("dstrain"), "evaluate", "--checkpoint_dir", str(avg), *test, "--test_output_file", str(tmp_path / "a.json")])
+    out = run(
+        [
+            tool("dstrain"),
+            "evaluate",
+            "--checkpoint_dir",
+            str(avg),
+            *test,
+            "--test_output_file",
+            str(tmp_path / "a.json"),
+        ]
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     assert len(json.load(open(tmp_path / "a.json"))) == 41
     out = run([tool("dstrain"), "export", "--checkpoint_dir", str(avg), "--export_dir", str(tmp_path / "export")])
     assert out.returncode == 0, out.stdout[-3000:]
     meta = json.load(open(tmp_path / "export" / "dstrain_export.json"))
-    assert meta["weights_from"].endswith(os.path.join("avg", "train", "ckpt-1")) and meta["averaged"]["select"] == "best"
-    out = run([tool("dstrain"), "evaluate", "--model", str(tmp_path / "export"), *test, "--test_output_file", str(tmp_path / "b.json")])
+    assert (
+        meta["weights_from"].endswith(os.path.join("avg", "train", "ckpt-1")) and meta["averaged"]["select"] == "best"
+    )
+    out = run(
+        [
+            tool("dstrain"),
+            "evaluate",
+            "--model",
+            str(tmp_path / "export"),
+            *test,
+            "--test_output_file",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     by_checkpoint = {s["wav_filename"]: s["loss"] for s in json.load(open(tmp_path / "a.json"))}
     by_export = {s["wav_filename"]: s["loss"] for s in json.load(open(tmp_path / "b.json"))}
@@ -302,7 +366,9 @@ def test_averaged_checkpoint_is_evaluated_exported_and_fine_tuned(store, ema_run
     assert records(tuned, "epoch") and not records(tuned, "resume")
     out = run(train_cmd(store, avg, epochs=1))  # resuming it as if it were a training state
     lines = [line for line in out.stdout.splitlines() if "error" in line]
-    assert out.returncode == 2 and len(lines) == 1 and "holds averaged weights (dstrain average)" in lines[0], out.stdout[-2000:]
+    assert (
+        out.returncode == 2 and len(lines) == 1 and "holds averaged weights (dstrain average)" in lines[0]
+    ), out.stdout[-2000:]
     out = run([tool("dstrain"), "average", work, "--last", "9", "--output", str(tmp_path / "nine")])
     lines = [line for line in out.stdout.splitlines() if "error" in line]
     assert out.returncode == 2 and len(lines) == 1 and "fewer than --last 9" in lines[0], out.stdout[-2000:]

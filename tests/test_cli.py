@@ -1,4 +1,5 @@
 """The command line is generated from the config dataclasses: defaults, names and the package boundary."""
+
 import dataclasses
 import os
 import subprocess
@@ -12,28 +13,109 @@ from dstrain.config import _default, cli_fields, field_docs, from_args
 
 # DeepSpeech's flag names each subcommand must keep.
 DEEPSPEECH_FLAGS = {
-    ("train",): ["--train_files", "--dev_files", "--test_files", "--alphabet_config_path", "--epochs", "--learning_rate",
-                 "--train_batch_size", "--dev_batch_size", "--test_batch_size", "--n_hidden", "--dropout_rate", "--relu_clip",
-                 "--checkpoint_dir", "--export_dir", "--summary_dir", "--max_to_keep", "--automatic_mixed_precision",
-                 "--random_seed", "--beam_width", "--scorer_path", "--lm_alpha", "--lm_beta", "--cutoff_prob", "--cutoff_top_n",
-                 "--report_count", "--test_output_file", "--inter_op_parallelism_threads", "--intra_op_parallelism_threads",
-                 # issue 21: the rest of DeepSpeech 0.9.3's training flags, and 0.6's augmentation flags
-                 "--beta1", "--beta2", "--epsilon", "--dropout_rate2", "--dropout_rate3", "--dropout_rate4", "--dropout_rate5",
-                 "--dropout_rate6", "--layer_norm", "--reverse_dev", "--reverse_test", "--load_evaluate", "--metrics_files",
-                 "--export_batch_size", "--remove_export", "--export_file_name", "--export_beam_width", "--export_max_ds_version",
-                 "--log_placement", "--scorer", "--feature_win_len", "--feature_win_step", "--audio_sample_rate",
-                 "--data_aug_features_additive", "--data_aug_features_multiplicative", "--augmentation_spec_dropout_keeprate",
-                 "--augmentation_freq_and_time_masking", "--augmentation_pitch_and_tempo_scaling", "--augmentation_speed_up_std",
-                 "--augmentation_sparse_warp"],
-    ("evaluate",): ["--test_files", "--checkpoint_dir", "--test_batch_size", "--scorer_path", "--beam_width", "--lm_alpha",
-                    "--lm_beta", "--report_count", "--test_output_file", "--load_evaluate", "--reverse_test", "--scorer"],
-    ("lm-optimize",): ["--test_files", "--checkpoint_dir", "--scorer_path", "--n_trials", "--lm_alpha_max", "--lm_beta_max"],
+    ("train",): [
+        "--train_files",
+        "--dev_files",
+        "--test_files",
+        "--alphabet_config_path",
+        "--epochs",
+        "--learning_rate",
+        "--train_batch_size",
+        "--dev_batch_size",
+        "--test_batch_size",
+        "--n_hidden",
+        "--dropout_rate",
+        "--relu_clip",
+        "--checkpoint_dir",
+        "--export_dir",
+        "--summary_dir",
+        "--max_to_keep",
+        "--automatic_mixed_precision",
+        "--random_seed",
+        "--beam_width",
+        "--scorer_path",
+        "--lm_alpha",
+        "--lm_beta",
+        "--cutoff_prob",
+        "--cutoff_top_n",
+        "--report_count",
+        "--test_output_file",
+        "--inter_op_parallelism_threads",
+        "--intra_op_parallelism_threads",
+        # issue 21: the rest of DeepSpeech 0.9.3's training flags, and 0.6's augmentation flags
+        "--beta1",
+        "--beta2",
+        "--epsilon",
+        "--dropout_rate2",
+        "--dropout_rate3",
+        "--dropout_rate4",
+        "--dropout_rate5",
+        "--dropout_rate6",
+        "--layer_norm",
+        "--reverse_dev",
+        "--reverse_test",
+        "--load_evaluate",
+        "--metrics_files",
+        "--export_batch_size",
+        "--remove_export",
+        "--export_file_name",
+        "--export_beam_width",
+        "--export_max_ds_version",
+        "--log_placement",
+        "--scorer",
+        "--feature_win_len",
+        "--feature_win_step",
+        "--audio_sample_rate",
+        "--data_aug_features_additive",
+        "--data_aug_features_multiplicative",
+        "--augmentation_spec_dropout_keeprate",
+        "--augmentation_freq_and_time_masking",
+        "--augmentation_pitch_and_tempo_scaling",
+        "--augmentation_speed_up_std",
+        "--augmentation_sparse_warp",
+    ],
+    ("evaluate",): [
+        "--test_files",
+        "--checkpoint_dir",
+        "--test_batch_size",
+        "--scorer_path",
+        "--beam_width",
+        "--lm_alpha",
+        "--lm_beta",
+        "--report_count",
+        "--test_output_file",
+        "--load_evaluate",
+        "--reverse_test",
+        "--scorer",
+    ],
+    ("lm-optimize",): [
+        "--test_files",
+        "--checkpoint_dir",
+        "--scorer_path",
+        "--n_trials",
+        "--lm_alpha_max",
+        "--lm_beta_max",
+    ],
     ("preprocess",): ["--alphabet_config_path", "--audio_sample_rate", "--feature_win_len", "--feature_win_step"],
-    ("export",): ["--export_batch_size", "--remove_export", "--export_file_name", "--export_beam_width", "--export_max_ds_version",
-                  "--load_evaluate", "--scorer"],
-    ("scorer", "build"): ["--alphabet", "--lm", "--vocab", "--package", "--default_alpha", "--default_beta",
-                          "--force_bytes_output_mode"],
-}  # fmt: skip
+    ("export",): [
+        "--export_batch_size",
+        "--remove_export",
+        "--export_file_name",
+        "--export_beam_width",
+        "--export_max_ds_version",
+        "--load_evaluate",
+        "--scorer",
+    ],
+    ("scorer", "build"): [
+        "--alphabet",
+        "--lm",
+        "--vocab",
+        "--package",
+        "--default_alpha",
+        "--default_beta",
+        "--force_bytes_output_mode",
+    ],
+}
 
 
 def type_of(cls, f):
@@ -67,8 +149,11 @@ def test_every_cli_default_is_the_dataclass_default(path):
             words = _dummy(f, tp)
             (positional if f.metadata.get("dstrain.cli", {}).get("positional") else required).extend(words)
     # Optional on their own, required unless --bytes_output_mode: give one so the config validates.
-    extra = {("preprocess",): ["--alphabet_config_path", "a.txt"], ("train",): ["--alphabet_config_path", "a.txt"],
-             ("export",): ["--checkpoint_dir", "run"]}.get(path, [])  # fmt: skip
+    extra = {
+        ("preprocess",): ["--alphabet_config_path", "a.txt"],
+        ("train",): ["--alphabet_config_path", "a.txt"],
+        ("export",): ["--checkpoint_dir", "run"],
+    }.get(path, [])
     args = build_parser().parse_args(list(path) + required + extra + positional)
     checked = 0
     for f, _ in cli_fields(cls):
@@ -123,7 +208,9 @@ def test_booleans_take_absl_forms():
 
 def test_only_distributed_touches_horovod_and_mpi():
     root = os.path.join(os.path.dirname(__file__), "..", "dstrain")
-    out = subprocess.run(["grep", "-rl", "--include=*.py", r"import horovod\|from horovod\|mpi4py", root], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["grep", "-rl", "--include=*.py", r"import horovod\|from horovod\|mpi4py", root], capture_output=True, text=True
+    ).stdout
     users = [os.path.relpath(p, root) for p in out.split()]
     assert users and all(u.startswith("distributed/") for u in users), users
 
@@ -133,15 +220,21 @@ def test_script_folders_are_not_python_packages(name, tmp_path):
     # From another folder, so only what is installed in the venv is importable.
     proc = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0 and "No module named" in proc.stderr
-    ok = subprocess.run([sys.executable, "-c", f"import dstrain.{'launch' if name == 'launch' else 'prep'}"], cwd=tmp_path)
+    ok = subprocess.run(
+        [sys.executable, "-c", f"import dstrain.{'launch' if name == 'launch' else 'prep'}"], cwd=tmp_path
+    )
     assert ok.returncode == 0
 
 
 def test_config_file_sets_flags_and_the_command_line_wins(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text("workers: 4\ngpus: 2\nname: speech\ntrain_args: --epochs 3\n")
-    out = subprocess.run([sys.executable, "-m", "dstrain.cli", "k8s", "render", "--config", str(cfg), "--gpus", "1"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "dstrain.cli", "k8s", "render", "--config", str(cfg), "--gpus", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     import yaml
 
     job = list(yaml.safe_load_all(out))[-1]
@@ -149,26 +242,42 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path):
     assert job["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == 4
     bad = tmp_path / "bad.yaml"
     bad.write_text("workers: 4\nwrokers: 2\n")
-    proc = subprocess.run([sys.executable, "-m", "dstrain.cli", "k8s", "render", "--config", str(bad)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dstrain.cli", "k8s", "render", "--config", str(bad)], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "bad.yaml: unknown flag 'wrokers'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _dstrain(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dstrain.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dstrain.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_common_mistakes_give_one_line_errors(tmp_path, alphabet_path):
     latin1 = tmp_path / "latin1.csv"
     latin1.write_bytes("wav_filename,wav_filesize,transcript\na.wav,0,ok\nb.wav,0,caf\xe9\n".encode("latin-1"))
     cases = [
-        (["preprocess", "--csv", str(tmp_path / "missing.csv"), "--alphabet", alphabet_path, "--output", str(tmp_path / "s")],
-         "missing.csv"),
-        (["preprocess", "--csv", str(latin1), "--alphabet", alphabet_path, "--output", str(tmp_path / "s2")],
-         "latin1.csv line 3: not UTF-8 (byte 0xe9"),
+        (
+            [
+                "preprocess",
+                "--csv",
+                str(tmp_path / "missing.csv"),
+                "--alphabet",
+                alphabet_path,
+                "--output",
+                str(tmp_path / "s"),
+            ],
+            "missing.csv",
+        ),
+        (
+            ["preprocess", "--csv", str(latin1), "--alphabet", alphabet_path, "--output", str(tmp_path / "s2")],
+            "latin1.csv line 3: not UTF-8 (byte 0xe9",
+        ),
         (["launch", "--hosts", "a:1", "--hostfile", "h", "--", "true"], "--hosts or --hostfile, not both"),
         (["train", "--train_files", str(tmp_path / "nostore"), "--alphabet_config_path", alphabet_path], "nostore"),
         (["shards", "info", str(tmp_path / "nostore")], "not a dstrain feature store"),
-    ]  # fmt: skip
+    ]
     for argv, expected in cases:
         proc = _dstrain(*argv)
         lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]  # not the INFO log

@@ -1,10 +1,10 @@
 """tools/cluster.sh, the cluster in a box the multi-node tests run on: nodes with their own names, addresses and sshd
 on a private bridge; kill/revive, cut/heal, shaping; `down` that finds everything, twice or after a crash."""
+
 import signal
 import subprocess
 
 import pytest
-
 from cluster import CLUSTER_SH, box, cluster_id, leftovers, track, unavailable, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,11 +66,15 @@ def test_cut_then_heal(tmp_path):
         assert c.run("node1", "ssh", "node2", "hostname").stdout.strip() == "node2"
 
 
-RECEIVE = "import socket; s = socket.create_server(('0.0.0.0', 5999)); c, _ = s.accept(); n = 0\n" \
-          "while (b := c.recv(1 << 20)): n += len(b)\nc.sendall(b'k'); print(n)"  # fmt: skip
-SEND = "import socket, sys, time; s = socket.create_connection(('node2', 5999)); t = time.monotonic()\n" \
-       "s.sendall(b'x' * int(sys.argv[1])); s.shutdown(socket.SHUT_WR); s.recv(1)\n" \
-       "print(int(sys.argv[1]) * 8 / (time.monotonic() - t) / 1e6)"  # fmt: skip
+RECEIVE = (
+    "import socket; s = socket.create_server(('0.0.0.0', 5999)); c, _ = s.accept(); n = 0\n"
+    "while (b := c.recv(1 << 20)): n += len(b)\nc.sendall(b'k'); print(n)"
+)
+SEND = (
+    "import socket, sys, time; s = socket.create_connection(('node2', 5999)); t = time.monotonic()\n"
+    "s.sendall(b'x' * int(sys.argv[1])); s.shutdown(socket.SHUT_WR); s.recv(1)\n"
+    "print(int(sys.argv[1]) * 8 / (time.monotonic() - t) / 1e6)"
+)
 
 
 def send_mbit_per_s(c, nbytes: int) -> float:
@@ -101,17 +105,25 @@ def test_down_is_safe_twice_and_after_a_crash(tmp_path):
     prefix = cluster_id(state) + "-"
     track(state)
     # `up` killed half-way: after some of its namespaces exist.
-    up = subprocess.Popen([str(CLUSTER_SH), "--dir", str(state), "up", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    up = subprocess.Popen(
+        [str(CLUSTER_SH), "--dir", str(state), "up", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        wait_for(lambda: prefix + "node2" in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout, 30,
-                 "up to make node2's namespace", poll=0.005)  # fmt: skip
+        wait_for(
+            lambda: prefix + "node2" in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout,
+            30,
+            "up to make node2's namespace",
+            poll=0.005,
+        )
     finally:
         up.send_signal(signal.SIGKILL)
         up.wait()
     # Its state directory lost too (a crash that took /tmp): down still finds the namespaces by their names.
     subprocess.run(["rm", "-rf", str(state / "nodes")], check=True)
     for _ in range(2):
-        out = subprocess.run([str(CLUSTER_SH), "--dir", str(state), "down"], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [str(CLUSTER_SH), "--dir", str(state), "down"], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr
     assert prefix not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
     assert not state.exists()

@@ -3,8 +3,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import SHARED
+
 from dstrain.alphabet import Alphabet
 from dstrain.decoder.ctc import ctc_beam_search_decoder, ctc_beam_search_decoder_batch, pruned_log_probs
 from dstrain.decoder.scorer import Scorer
@@ -39,7 +39,7 @@ def test_beam_beats_greedy():
     # Greedy picks blank, blank ('' with .36); the sum over paths makes 'a' best: 1 - .36 = .64 > .36... per frame
     # blank .6 / a .4: P('') = .36, P('a') = .4*.4 + .4*.6 + .6*.4 = .64.
     probs = np.array([[0, 0.4, 0, 0.6], [0, 0.4, 0, 0.6]])
-    (score, text), = ctc_beam_search_decoder(probs, AB, beam_size=8)
+    ((score, text),) = ctc_beam_search_decoder(probs, AB, beam_size=8)
     assert text == "a" and score == pytest.approx(math.log(0.64), abs=1e-6)
 
 
@@ -93,7 +93,8 @@ def test_scorer_errors(tmp_path):
 
 
 def spell(text: str, alphabet: Alphabet, confusions: dict[int, dict[str, float]] | None = None) -> np.ndarray:
-    """Posteriors spelling ``text``, one character then one blank frame each; ``confusions`` moves mass at a position."""
+    """Posteriors spelling ``text``, one character then one blank frame each; ``confusions`` moves mass at a
+    position."""
     frames = []
     for i, ch in enumerate(text):
         p = np.full(len(alphabet) + 1, 1e-4)
@@ -124,8 +125,8 @@ def test_scorer_score_is_acoustic_plus_alpha_lm_plus_beta(alphabet_path):
     alphabet = Alphabet.from_file(alphabet_path)
     scorer = Scorer(0.75, 1.85, str(SCORER), alphabet)
     probs = spell("the man", alphabet)
-    (score, text), = ctc_beam_search_decoder(probs, alphabet, beam_size=100, scorer=scorer)
-    (acoustic, _), = ctc_beam_search_decoder(probs, alphabet, beam_size=100)
+    ((score, text),) = ctc_beam_search_decoder(probs, alphabet, beam_size=100, scorer=scorer)
+    ((acoustic, _),) = ctc_beam_search_decoder(probs, alphabet, beam_size=100)
     lm = kenlm.Model(str(SCORER))
     # Sentence start context, no sentence end; ln = log10 / log10(e).
     ln_lm = lm.score("the man", bos=True, eos=False) / math.log10(math.e)

@@ -1,6 +1,7 @@
 """DeepSpeech 0.9.3's flags that dstrain train once lacked: each one changes what it should (parsed from the real
 command line, then the optimizer, model, loader, export or decoder it reaches), bad values are one-line errors naming
 the flag, and DeepSpeech 0.6's augmentation flags become --augment specs."""
+
 import json
 import os
 import re
@@ -11,8 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import DATA, synthetic_store
+
 from dstrain.alphabet import Alphabet
 from dstrain.cli import build_parser
 from dstrain.config import from_args
@@ -74,8 +75,19 @@ def test_per_layer_dropout_follows_deepspeech():
     # rate 4 was never applied there (here: the LSTM's output, default 0); rate 5 had no effect at all.
     cfg = parse(*TRAIN, "--dropout_rate", "0.1").model
     assert cfg.layer_dropout() == {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.0, 5: 0.1}
-    cfg = parse(*TRAIN, "--dropout_rate", "0.1", "--dropout_rate2", "0.2", "--dropout_rate3", "0",
-                "--dropout_rate4", "-1", "--dropout_rate6", "0.3").model  # fmt: skip
+    cfg = parse(
+        *TRAIN,
+        "--dropout_rate",
+        "0.1",
+        "--dropout_rate2",
+        "0.2",
+        "--dropout_rate3",
+        "0",
+        "--dropout_rate4",
+        "-1",
+        "--dropout_rate6",
+        "0.3",
+    ).model
     assert cfg.layer_dropout() == {1: 0.1, 2: 0.2, 3: 0.0, 4: 0.1, 5: 0.3}
     model = DeepSpeech(cfg, n_input=3, n_classes=4)
     assert [d.rate for d in model.dropouts] == [0.1, 0.2, 0.0, 0.1, 0.3]
@@ -112,7 +124,9 @@ def test_layer_norm_builds_deepspeechs_normalised_model():
     alphabet = Alphabet.from_file(ALPHABET)
     model = DeepSpeech.for_features(cfg, FeatureConfig(), len(alphabet) + 1)
     model.norms[3].beta.assign(tf.fill([16], 0.5))
-    loaded = CheckpointModel(model, alphabet, FeatureConfig(), export_metadata(model, alphabet, FeatureConfig(), {}, ExportOptions()))
+    loaded = CheckpointModel(
+        model, alphabet, FeatureConfig(), export_metadata(model, alphabet, FeatureConfig(), {}, ExportOptions())
+    )
     x = np.random.default_rng(2).standard_normal((23, 40)).astype(np.float32)
     np.testing.assert_allclose(loaded.streamer(n_steps=7).run(x), loaded.log_probs([x])[0], atol=1e-4)
     # Its checkpoints say so: a model without --layer_norm cannot take them.
@@ -137,7 +151,9 @@ def _eval_lengths(store: str, reverse: bool) -> list[int]:
     from dstrain.loader.builder import EvalInput
     from dstrain.loader.config import LoaderConfig
 
-    data = EvalInput.build((store,), Alphabet.from_file(ALPHABET), LoaderConfig(), World(), batch_size=3, reverse=reverse)
+    data = EvalInput.build(
+        (store,), Alphabet.from_file(ALPHABET), LoaderConfig(), World(), batch_size=3, reverse=reverse
+    )
     return [int(n) for _, (x, lengths, y, yl) in data.batches() for n in lengths]
 
 
@@ -155,8 +171,16 @@ def test_metrics_files_and_load_evaluate_parse():
     assert parse(*TRAIN).evaluate.load_evaluate == "auto"
     with pytest.raises(ValueError, match="--load_evaluate best needs --checkpoint_dir"):
         parse(*TRAIN, "--load_evaluate", "best")
-    assert parse("export", "--export_dir", "e", "--checkpoint_dir", "r", "--load_evaluate", "best").evaluate.load_evaluate == "best"
-    assert parse("evaluate", "--test_files", "t", "--checkpoint_dir", "r", "--load_evaluate", "last").evaluate.load_evaluate == "last"
+    assert (
+        parse("export", "--export_dir", "e", "--checkpoint_dir", "r", "--load_evaluate", "best").evaluate.load_evaluate
+        == "best"
+    )
+    assert (
+        parse(
+            "evaluate", "--test_files", "t", "--checkpoint_dir", "r", "--load_evaluate", "last"
+        ).evaluate.load_evaluate
+        == "last"
+    )
 
 
 def test_load_evaluate_picks_the_checkpoint_of_a_run(tmp_path):
@@ -174,7 +198,9 @@ def test_load_evaluate_picks_the_checkpoint_of_a_run(tmp_path):
     best = tf.train.CheckpointManager(ckpt, run.best_dir, max_to_keep=1).save()
     model.out.bias.assign(tf.fill(model.out.bias.shape, 2.0))
     last = tf.train.CheckpointManager(ckpt, run.latest_dir, max_to_keep=1).save()
-    bias = {which: float(load_model(run.path, which=which).model.out.bias.numpy()[0]) for which in ("auto", "best", "last")}
+    bias = {
+        which: float(load_model(run.path, which=which).model.out.bias.numpy()[0]) for which in ("auto", "best", "last")
+    }
     assert bias == {"auto": 1.0, "best": 1.0, "last": 2.0}
     for which, source in (("auto", best), ("last", last)):
         out = tmp_path / f"export-{which}"
@@ -203,8 +229,22 @@ def test_export_file_name_batch_size_beam_width_and_max_version(tiny, tmp_path):
     from dstrain.inference import load_model
 
     model, alphabet = tiny
-    options = parse("export", "--export_dir", "e", "--checkpoint_dir", "r", "--export_tflite", "--export_file_name", "graph",
-                    "--export_batch_size", "3", "--export_beam_width", "77", "--export_max_ds_version", "9.9.9").options  # fmt: skip
+    options = parse(
+        "export",
+        "--export_dir",
+        "e",
+        "--checkpoint_dir",
+        "r",
+        "--export_tflite",
+        "--export_file_name",
+        "graph",
+        "--export_batch_size",
+        "3",
+        "--export_beam_width",
+        "77",
+        "--export_max_ds_version",
+        "9.9.9",
+    ).options
     out = str(tmp_path / "export")
     meta = export_model(out, model, alphabet, FeatureConfig(), {}, options=options)
     assert sorted(f for f in os.listdir(out) if f.endswith(".tflite")) == ["graph.tflite", "graph_streaming.tflite"]
@@ -259,7 +299,10 @@ def test_remove_export_deletes_only_an_earlier_export(tiny, tmp_path):
 
 def test_scorer_is_an_alias_of_scorer_path():
     assert parse(*TRAIN, "--scorer", "lm.scorer").decoder.scorer_path == "lm.scorer"
-    assert parse("evaluate", "--test_files", "t", "--model", "m", "--scorer", "lm.scorer").decoder.scorer_path == "lm.scorer"
+    assert (
+        parse("evaluate", "--test_files", "t", "--model", "m", "--scorer", "lm.scorer").decoder.scorer_path
+        == "lm.scorer"
+    )
     assert parse("transcribe", "--model", "m", "--audio", "a.wav", "--scorer", "x").decoder.scorer_path == "x"
     assert parse("export", "--export_dir", "e", "--checkpoint_dir", "r", "--scorer", __file__).scorer_path == __file__
 
@@ -286,7 +329,8 @@ def test_transcribe_takes_the_exports_beam_width_unless_given(monkeypatch):
         assert seen[-1] == want
     Model.metadata = {}  # an export made before --export_beam_width: DeepSpeech's --beam_width default
     transcribe.Transcriber(Model(), parse("transcribe", "--model", "m", "--audio", "a.wav"), scorer=None)._decode(
-        [np.zeros((4, 30), np.float32)])  # fmt: skip
+        [np.zeros((4, 30), np.float32)]
+    )
     assert seen[-1] == 1024 and parse(*TRAIN).decoder.width() == 1024
 
 
@@ -304,13 +348,25 @@ LOG_PLACEMENT = textwrap.dedent("""
 
 def test_log_placement_logs_each_ops_device():
     assert parse(*TRAIN, "--log_placement").process.log_placement
-    on = subprocess.run([sys.executable, "-c", LOG_PLACEMENT, "on"], capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"))  # fmt: skip
-    off = subprocess.run([sys.executable, "-c", LOG_PLACEMENT, "off"], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"))  # fmt: skip
+    on = subprocess.run(
+        [sys.executable, "-c", LOG_PLACEMENT, "on"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"),
+    )
+    off = subprocess.run(
+        [sys.executable, "-c", LOG_PLACEMENT, "off"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"),
+    )
     assert on.returncode == off.returncode == 0, on.stderr[-2000:]
     # oneDNN builds name it _MklMatMul
-    assert re.search(r"Executing op \w*MatMul in device /job:localhost/replica:0/task:0/device:CPU:0", on.stderr + on.stdout)
+    assert re.search(
+        r"Executing op \w*MatMul in device /job:localhost/replica:0/task:0/device:CPU:0", on.stderr + on.stdout
+    )
     assert "MatMul in device" not in off.stderr + off.stdout
 
 
@@ -318,17 +374,52 @@ def test_log_placement_logs_each_ops_device():
 
 
 def test_feature_flags_are_preprocessing_parameters():
-    cfg = parse("preprocess", "--csv", "a.csv", "--alphabet", ALPHABET, "--output", "o", "--audio_sample_rate", "8000",
-                "--feature_win_len", "25", "--feature_win_step", "10")  # fmt: skip
+    cfg = parse(
+        "preprocess",
+        "--csv",
+        "a.csv",
+        "--alphabet",
+        ALPHABET,
+        "--output",
+        "o",
+        "--audio_sample_rate",
+        "8000",
+        "--feature_win_len",
+        "25",
+        "--feature_win_step",
+        "10",
+    )
     assert cfg.features == FeatureConfig(sample_rate=8000, window_ms=25, step_ms=10)
     assert (cfg.features.window_samples, cfg.features.step_samples, cfg.features.upper_hz) == (200, 80, 4000.0)
     assert parse("preprocess", "--csv", "a.csv", "--alphabet", ALPHABET, "--output", "o").features == FeatureConfig()
-    with pytest.raises(ValueError, match=r"--feature_win_len \(window_ms\) 32.1 ms is not a positive whole number of "
-                                         r"samples at --audio_sample_rate 8000"):  # fmt: skip
-        parse("preprocess", "--csv", "a.csv", "--alphabet", ALPHABET, "--output", "o", "--audio_sample_rate", "8000",
-              "--feature_win_len", "32.1")  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"--feature_win_len \(window_ms\) 32.1 ms is not a positive whole number of "
+        r"samples at --audio_sample_rate 8000",
+    ):
+        parse(
+            "preprocess",
+            "--csv",
+            "a.csv",
+            "--alphabet",
+            ALPHABET,
+            "--output",
+            "o",
+            "--audio_sample_rate",
+            "8000",
+            "--feature_win_len",
+            "32.1",
+        )
     # A manifest (or export, run config) written before upper_hz followed the rate still reads as today's features.
-    old = {"sample_rate": 16000, "window_ms": 32.0, "step_ms": 20.0, "n_mel": 40, "lower_hz": 20.0, "upper_hz": 8000.0, "n_mfcc": 26}
+    old = {
+        "sample_rate": 16000,
+        "window_ms": 32.0,
+        "step_ms": 20.0,
+        "n_mel": 40,
+        "lower_hz": 20.0,
+        "upper_hz": 8000.0,
+        "n_mfcc": 26,
+    }
     assert FeatureConfig(**old) == FeatureConfig() and FeatureConfig().to_dict() == old
 
 
@@ -337,8 +428,11 @@ def test_training_checks_the_stores_feature_parameters():
     assert cfg.feature_check == ExpectedFeatures(audio_sample_rate=8000, feature_win_len=32)
     cfg.feature_check.check(FeatureConfig(sample_rate=8000), "s")  # matches
     ExpectedFeatures().check(FeatureConfig(sample_rate=8000), "s")  # unset: the store's own
-    with pytest.raises(ValueError, match=r"^--audio_sample_rate 8000: s was preprocessed with --audio_sample_rate 16000; "
-                                         r"preprocess it again with dstrain preprocess --audio_sample_rate 8000"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^--audio_sample_rate 8000: s was preprocessed with --audio_sample_rate 16000; "
+        r"preprocess it again with dstrain preprocess --audio_sample_rate 8000",
+    ):
         cfg.feature_check.check(FeatureConfig(), "s")
     with pytest.raises(ValueError, match="--feature_win_step 10: s was preprocessed with --feature_win_step 20"):
         ExpectedFeatures(feature_win_step=10).check(FeatureConfig(), "s")
@@ -360,20 +454,48 @@ def test_deepspeech_06_augmentation_flags_become_augment_specs(store):
     from dstrain.loader.builder import TrainInput
 
     assert parse(*TRAIN).loader.deepspeech06.translate(20.0) == []
-    cfg = parse(*TRAIN, "--augmentation_spec_dropout_keeprate", "0.9", "--augmentation_sparse_warp",
-                "--augmentation_sparse_warp_num_control_points", "2", "--augmentation_freq_and_time_masking",
-                "--augmentation_freq_and_time_masking_freq_mask_range", "5", "--augmentation_freq_and_time_masking_number_freq_masks", "2",
-                "--augmentation_freq_and_time_masking_time_mask_range", "4", "--augmentation_freq_and_time_masking_number_time_masks", "1",
-                "--augmentation_pitch_and_tempo_scaling", "--augmentation_pitch_and_tempo_scaling_min_pitch", "0.9",
-                "--augmentation_pitch_and_tempo_scaling_max_pitch", "1.1", "--augmentation_pitch_and_tempo_scaling_max_tempo", "1.4",
-                "--augmentation_speed_up_std", "0.05", "--data_aug_features_multiplicative", "0.2",
-                "--data_aug_features_additive", "0.5").loader  # fmt: skip
+    cfg = parse(
+        *TRAIN,
+        "--augmentation_spec_dropout_keeprate",
+        "0.9",
+        "--augmentation_sparse_warp",
+        "--augmentation_sparse_warp_num_control_points",
+        "2",
+        "--augmentation_freq_and_time_masking",
+        "--augmentation_freq_and_time_masking_freq_mask_range",
+        "5",
+        "--augmentation_freq_and_time_masking_number_freq_masks",
+        "2",
+        "--augmentation_freq_and_time_masking_time_mask_range",
+        "4",
+        "--augmentation_freq_and_time_masking_number_time_masks",
+        "1",
+        "--augmentation_pitch_and_tempo_scaling",
+        "--augmentation_pitch_and_tempo_scaling_min_pitch",
+        "0.9",
+        "--augmentation_pitch_and_tempo_scaling_max_pitch",
+        "1.1",
+        "--augmentation_pitch_and_tempo_scaling_max_tempo",
+        "1.4",
+        "--augmentation_speed_up_std",
+        "0.05",
+        "--data_aug_features_multiplicative",
+        "0.2",
+        "--data_aug_features_additive",
+        "0.5",
+    ).loader
     translated = cfg.deepspeech06.translate(20.0)
     assert [spec for spec, _ in translated] == [
-        "dropout[rate=0.1,domain=spectrogram]", "warp[nt=2,nf=1,wt=0.1,wf=0.0]", "frequency_mask[n=2,size=2~2]",
-        "time_mask[n=1,size=40~40]", "pitch[pitch=1~0.1]", "tempo[factor=1.2~0.2]", "tempo[factor=1.05~0.05]",
-        "multiply[stddev=0.2,domain=features]", "add[stddev=0.5,domain=features]",
-    ]  # fmt: skip
+        "dropout[rate=0.1,domain=spectrogram]",
+        "warp[nt=2,nf=1,wt=0.1,wf=0.0]",
+        "frequency_mask[n=2,size=2~2]",
+        "time_mask[n=1,size=40~40]",
+        "pitch[pitch=1~0.1]",
+        "tempo[factor=1.2~0.2]",
+        "tempo[factor=1.05~0.05]",
+        "multiply[stddev=0.2,domain=features]",
+        "add[stddev=0.5,domain=features]",
+    ]
     notes = [note for _, note in translated]
     assert all("\n" not in n and n.startswith("DeepSpeech 0.6's --") and " -> --augment " in n for n in notes)
     assert "--augmentation_speed_up_std 0.05 -> --augment tempo[factor=1.05~0.05] (uniform in 1..1.1" in notes[6]
@@ -388,8 +510,9 @@ def test_deepspeech_06_augmentation_flags_become_augment_specs(store):
     augment = data.device_augmenter()
     assert [a.name for a in augment.augmentations] == names and data.augmenter is None
     x = np.random.default_rng(0).standard_normal((1, 50, 40)).astype(np.float32)
-    y, n = augment(x, np.array([50], np.int32), np.array([[1, 2]], np.int32), np.array([2], np.int32),
-                   np.array([[0, 0]], np.int64))  # fmt: skip
+    y, n = augment(
+        x, np.array([50], np.int32), np.array([[1, 2]], np.int32), np.array([2], np.int32), np.array([[0, 0]], np.int64)
+    )
     assert y.shape[1] != 50 or not np.array_equal(y.numpy(), x)
     data.close()
     with pytest.raises(ValueError, match="augmentation_spec_dropout_keeprate must be in"):
@@ -408,17 +531,43 @@ def test_release_fine_tuning_with_normalisation_on_is_an_error(tmp_path):
     release.mkdir()
     _save_tf1(str(release / "best_dev"), _weights())
     cfg = parse(*TRAIN, "--load_checkpoint_dir", str(release), "--save_checkpoint_dir", str(tmp_path / "run"))
-    with pytest.raises(ValueError, match="is a DeepSpeech release checkpoint, trained on raw MFCCs: pass --nofeature_normalization"):
+    with pytest.raises(
+        ValueError, match="is a DeepSpeech release checkpoint, trained on raw MFCCs: pass --nofeature_normalization"
+    ):
         check_release_fine_tuning(cfg.checkpoint, cfg.model)
-    raw = parse(*TRAIN, "--load_checkpoint_dir", str(release), "--save_checkpoint_dir", str(tmp_path / "run"),
-                "--nofeature_normalization")  # fmt: skip
+    raw = parse(
+        *TRAIN,
+        "--load_checkpoint_dir",
+        str(release),
+        "--save_checkpoint_dir",
+        str(tmp_path / "run"),
+        "--nofeature_normalization",
+    )
     check_release_fine_tuning(raw.checkpoint, raw.model)
-    fresh = parse(*TRAIN, "--load_checkpoint_dir", str(release), "--save_checkpoint_dir", str(tmp_path / "run"),
-                  "--load_train", "init")  # fmt: skip
+    fresh = parse(
+        *TRAIN,
+        "--load_checkpoint_dir",
+        str(release),
+        "--save_checkpoint_dir",
+        str(tmp_path / "run"),
+        "--load_train",
+        "init",
+    )
     check_release_fine_tuning(fresh.checkpoint, fresh.model)  # nothing is loaded from it
     # Through the command line: one line, before any data is read (the store does not even exist).
-    line = _one_error_line(_cli("train", "--train_files", str(tmp_path / "nostore"), "--alphabet_config_path", ALPHABET,
-                                "--load_checkpoint_dir", str(release), "--save_checkpoint_dir", str(tmp_path / "run")))  # fmt: skip
+    line = _one_error_line(
+        _cli(
+            "train",
+            "--train_files",
+            str(tmp_path / "nostore"),
+            "--alphabet_config_path",
+            ALPHABET,
+            "--load_checkpoint_dir",
+            str(release),
+            "--save_checkpoint_dir",
+            str(tmp_path / "run"),
+        )
+    )
     assert "pass --nofeature_normalization to fine-tune it" in line
 
 
@@ -428,9 +577,9 @@ def test_release_fine_tuning_with_normalisation_on_is_an_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_ranks_track_metrics_files_and_test_and_export_the_best_checkpoint(tmp_path):
+    from conftest import final_digests, records
     from test_training import horovodrun, run, train_cmd
 
-    from conftest import final_digests, records
     from dstrain.export import read_export_metadata
     from dstrain.rundir import RunDir
 
@@ -438,10 +587,34 @@ def test_two_ranks_track_metrics_files_and_test_and_export_the_best_checkpoint(t
     m1 = synthetic_store(tmp_path / "m1", 5, frames=(30, 60), seed=6)
     m2 = synthetic_store(tmp_path / "m2", 3, frames=(30, 60), seed=7)
     work, export = tmp_path / "run", tmp_path / "export"
-    out = run(horovodrun() + train_cmd(train, work, "--dev_files", train, "--metrics_files", f"{m1},{m2}", "--test_files", train,
-                                       "--load_evaluate", "best", "--export_dir", str(export), "--export_beam_width", "33",
-                                       "--beam_width", "8", "--reverse_dev", "--beta1", "0.8", "--dropout_rate2", "0.1",
-                                       epochs=3, batch=3))  # fmt: skip
+    out = run(
+        horovodrun()
+        + train_cmd(
+            train,
+            work,
+            "--dev_files",
+            train,
+            "--metrics_files",
+            f"{m1},{m2}",
+            "--test_files",
+            train,
+            "--load_evaluate",
+            "best",
+            "--export_dir",
+            str(export),
+            "--export_beam_width",
+            "33",
+            "--beam_width",
+            "8",
+            "--reverse_dev",
+            "--beta1",
+            "0.8",
+            "--dropout_rate2",
+            "0.1",
+            epochs=3,
+            batch=3,
+        )
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     digests = final_digests(work)
     assert len(digests) == 2 and digests[0] == digests[1]

@@ -5,6 +5,7 @@ windows by identity-filter ``conv1d`` (``create_overlapping_windows``), time-maj
 ``BlockLSTM`` op that ``LSTMBlockFusedCell(forget_bias=0)`` runs; a numpy LSTM with gates i, j, f, o pins
 down that op's layout independently.
 """
+
 import os
 
 import numpy as np
@@ -72,8 +73,10 @@ def _deepspeech_logits(prefix: str, x: np.ndarray, lengths: np.ndarray) -> np.nd
     graph = tf.Graph()
     with graph.as_default():
         reader = tf.train.load_checkpoint(prefix)
-        var = {name: tf.compat.v1.get_variable(name, shape=reader.get_variable_to_shape_map()[name])
-               for name in _weights(n_classes=reader.get_variable_to_shape_map()["layer_6/bias"][0])}
+        var = {
+            name: tf.compat.v1.get_variable(name, shape=reader.get_variable_to_shape_map()[name])
+            for name in _weights(n_classes=reader.get_variable_to_shape_map()["layer_6/bias"][0])
+        }
         batch_x = tf.constant(x)
         batch_size = tf.shape(batch_x)[0]
         # create_overlapping_windows
@@ -94,9 +97,18 @@ def _deepspeech_logits(prefix: str, x: np.ndarray, lengths: np.ndarray) -> np.nd
         diag = tf.zeros([N_HIDDEN])
         seq_len = tf.constant(lengths)
         h = tf.raw_ops.BlockLSTM(
-            seq_len_max=tf.cast(tf.reduce_max(seq_len), tf.int64), x=l3, cs_prev=zeros, h_prev=zeros,
-            w=var[f"{LSTM_SCOPE}/kernel"], wci=diag, wcf=diag, wco=diag, b=var[f"{LSTM_SCOPE}/bias"],
-            forget_bias=0.0, cell_clip=-1.0, use_peephole=False,
+            seq_len_max=tf.cast(tf.reduce_max(seq_len), tf.int64),
+            x=l3,
+            cs_prev=zeros,
+            h_prev=zeros,
+            w=var[f"{LSTM_SCOPE}/kernel"],
+            wci=diag,
+            wcf=diag,
+            wco=diag,
+            b=var[f"{LSTM_SCOPE}/bias"],
+            forget_bias=0.0,
+            cell_clip=-1.0,
+            use_peephole=False,
         ).h
         mask = tf.transpose(tf.sequence_mask(seq_len, tf.shape(l3)[0], dtype=tf.float32), [1, 0])
         h = h * mask[:, :, None]
@@ -142,8 +154,20 @@ def test_block_lstm_gate_layout_is_i_j_f_o():
     w = rng.standard_normal((n_in + h, 4 * h)).astype(np.float32)
     bias = rng.standard_normal(4 * h).astype(np.float32)
     z, d = np.zeros((b, h), np.float32), np.zeros(h, np.float32)
-    got = tf.raw_ops.BlockLSTM(seq_len_max=np.int64(t_len), x=x, cs_prev=z, h_prev=z, w=w, wci=d, wcf=d, wco=d, b=bias,
-                               forget_bias=0.0, cell_clip=-1.0, use_peephole=False).h.numpy()
+    got = tf.raw_ops.BlockLSTM(
+        seq_len_max=np.int64(t_len),
+        x=x,
+        cs_prev=z,
+        h_prev=z,
+        w=w,
+        wci=d,
+        wcf=d,
+        wco=d,
+        b=bias,
+        forget_bias=0.0,
+        cell_clip=-1.0,
+        use_peephole=False,
+    ).h.numpy()
     sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
     hs, hp, c = [], np.zeros((b, h)), np.zeros((b, h))
     for t in range(t_len):
@@ -269,18 +293,32 @@ def _deepspeech_layer_norm_logits(weights: dict[str, np.ndarray], x: np.ndarray,
         out = np.minimum(np.maximum(out, 0), RELU_CLIP)
         if norm:
             mean, var = out.mean(-1, keepdims=True), out.var(-1, keepdims=True)
-            out = (out - mean) / np.sqrt(var + 1e-12) * weights[f"{name}/LayerNorm/gamma"] + weights[f"{name}/LayerNorm/beta"]
+            out = (out - mean) / np.sqrt(var + 1e-12) * weights[f"{name}/LayerNorm/gamma"] + weights[
+                f"{name}/LayerNorm/beta"
+            ]
         return out
 
     eye = np.eye(WINDOW * N_INPUT).reshape(WINDOW, N_INPUT, WINDOW * N_INPUT).astype(np.float32)
     windows = tf.nn.conv1d(input=x, filters=eye, stride=1, padding="SAME").numpy()
     l3 = dense("layer_3", dense("layer_2", dense("layer_1", windows)))
-    h = tf.raw_ops.BlockLSTM(
-        seq_len_max=np.int64(x.shape[1]), x=np.transpose(l3, [1, 0, 2]).astype(np.float32), cs_prev=np.zeros((len(x), N_HIDDEN), np.float32),
-        h_prev=np.zeros((len(x), N_HIDDEN), np.float32), w=weights[f"{LSTM_SCOPE}/kernel"], wci=np.zeros(N_HIDDEN, np.float32),
-        wcf=np.zeros(N_HIDDEN, np.float32), wco=np.zeros(N_HIDDEN, np.float32), b=weights[f"{LSTM_SCOPE}/bias"],
-        forget_bias=0.0, cell_clip=-1.0, use_peephole=False,
-    ).h.numpy().transpose(1, 0, 2)  # fmt: skip
+    h = (
+        tf.raw_ops.BlockLSTM(
+            seq_len_max=np.int64(x.shape[1]),
+            x=np.transpose(l3, [1, 0, 2]).astype(np.float32),
+            cs_prev=np.zeros((len(x), N_HIDDEN), np.float32),
+            h_prev=np.zeros((len(x), N_HIDDEN), np.float32),
+            w=weights[f"{LSTM_SCOPE}/kernel"],
+            wci=np.zeros(N_HIDDEN, np.float32),
+            wcf=np.zeros(N_HIDDEN, np.float32),
+            wco=np.zeros(N_HIDDEN, np.float32),
+            b=weights[f"{LSTM_SCOPE}/bias"],
+            forget_bias=0.0,
+            cell_clip=-1.0,
+            use_peephole=False,
+        )
+        .h.numpy()
+        .transpose(1, 0, 2)
+    )
     return dense("layer_6", dense("layer_5", h), relu=False)
 
 
@@ -289,12 +327,17 @@ def test_layer_norm_checkpoint_imports_into_a_layer_norm_model(tmp_path, data):
     weights = _layer_norm_weights()
     prefix = _save_tf1(str(tmp_path / "ln"), weights)
     plain = _model()
-    with pytest.raises(ValueError, match=r"trained with --layer_norm \(layer_1/LayerNorm/beta.*pass --layer_norm to load it"):
+    with pytest.raises(
+        ValueError, match=r"trained with --layer_norm \(layer_1/LayerNorm/beta.*pass --layer_norm to load it"
+    ):
         load_deepspeech_checkpoint(prefix, plain)
 
     tf.random.set_seed(1)
-    model = DeepSpeech(ModelConfig(n_hidden=N_HIDDEN, n_context=N_CONTEXT, relu_clip=RELU_CLIP, dropout_rate=0.0, layer_norm=True),
-                       n_input=N_INPUT, n_classes=N_CLASSES)  # fmt: skip
+    model = DeepSpeech(
+        ModelConfig(n_hidden=N_HIDDEN, n_context=N_CONTEXT, relu_clip=RELU_CLIP, dropout_rate=0.0, layer_norm=True),
+        n_input=N_INPUT,
+        n_classes=N_CLASSES,
+    )
     report = load_deepspeech_checkpoint(prefix, model)
     assert sum(line.startswith("loaded ") for line in report) == 6
     assert any("layer_5/LayerNorm/gamma" in line and line.startswith("loaded ") for line in report)
@@ -305,7 +348,12 @@ def test_layer_norm_checkpoint_imports_into_a_layer_norm_model(tmp_path, data):
     # The gains and biases matter: the same weights without them give other logits.
     without = _model()
     load_deepspeech_checkpoint(_save_tf1(str(tmp_path / "plain"), _weights(4)), without)
-    assert np.abs(_valid(without((tf.constant(x), tf.constant(lengths))).numpy(), lengths) - _valid(expected, lengths)).max() > 0.1
+    assert (
+        np.abs(
+            _valid(without((tf.constant(x), tf.constant(lengths))).numpy(), lengths) - _valid(expected, lengths)
+        ).max()
+        > 0.1
+    )
 
     # And a model built with --layer_norm refuses a checkpoint trained without it.
     with pytest.raises(ValueError, match="trained without --layer_norm, so leave --layer_norm out"):

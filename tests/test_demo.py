@@ -1,10 +1,10 @@
 """The job `make demo` runs (after set-up): LDC93S1 to the exact transcript with 2 Horovod processes."""
+
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -14,15 +14,25 @@ def test_ldc93s1_demo_prints_exact_transcript(tmp_path):
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     proc = subprocess.run(
         [str(REPO / "launch" / "run_ldc93s1.sh"), str(tmp_path / "demo")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=1200,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert proc.stdout.strip().splitlines()[-1] == "she had your dark suit in greasy wash water all year"
     # Idempotent: the second run resumes a finished job and prints the same.
     again = subprocess.run(
         [str(REPO / "launch" / "run_ldc93s1.sh"), str(tmp_path / "demo")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-5000:]
     assert "Training already complete" in again.stderr
     assert again.stdout.strip().splitlines()[-1] == "she had your dark suit in greasy wash water all year"

@@ -2,6 +2,7 @@
 op draws nothing the two agree value for value; where it draws, the device's numbers are its own, so the tests check
 what the spec says (widths, rates, bounds, probabilities) and that a sample's result depends on (seed, epoch, sample
 id) alone: not on its batch-mates, its padding or the number of ranks."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,9 +26,17 @@ from dstrain.loader.device_augment import _bilinear as device_bilinear
 N_MEL = FeatureConfig().n_mel
 SILENCE = _FLOOR_LOG
 # Every op that runs on the device, none with fill=mean (the one whose float sum may round differently with padding).
-ALL_OPS = ["volume[gain=0~6]", "frequency_mask[n=2,size=4~3]", "time_mask[n=2,size=120~80]", "dropout[rate=0.1]",
-           "add[stddev=0.3]", "multiply[stddev=0.1,domain=spectrogram]", "pitch", "tempo[factor=1~0.2]",
-           "warp[nt=3,nf=2,wt=0.2,wf=0.1]"]  # fmt: skip
+ALL_OPS = [
+    "volume[gain=0~6]",
+    "frequency_mask[n=2,size=4~3]",
+    "time_mask[n=2,size=120~80]",
+    "dropout[rate=0.1]",
+    "add[stddev=0.3]",
+    "multiply[stddev=0.1,domain=spectrogram]",
+    "pitch",
+    "tempo[factor=1~0.2]",
+    "warp[nt=3,nf=2,wt=0.2,wf=0.1]",
+]
 
 
 def speech(n_frames: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
@@ -57,10 +66,24 @@ def augment(specs, xs, ids=None, *, seed=0, epoch=0, epochs=2, labels=None, pad_
 # ---------------------------------------------------------------------------------------------------- the reference
 
 
-@pytest.mark.parametrize("spec", ["tempo[factor=1.25]", "tempo[factor=0.8]", "tempo[factor=0.5,max_time=1000]",
-                                  "tempo[factor=1.7]", "pitch[pitch=1.3]", "pitch[pitch=0.6]", "volume[gain=6]",
-                                  "volume[gain=-600]", "time_mask[n=1,size=100000]", "frequency_mask[n=1,size=1000]",
-                                  "add[stddev=0]", "warp[nt=0,wt=1]", "warp[nt=3,wt=0,wf=0]"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "tempo[factor=1.25]",
+        "tempo[factor=0.8]",
+        "tempo[factor=0.5,max_time=1000]",
+        "tempo[factor=1.7]",
+        "pitch[pitch=1.3]",
+        "pitch[pitch=0.6]",
+        "volume[gain=6]",
+        "volume[gain=-600]",
+        "time_mask[n=1,size=100000]",
+        "frequency_mask[n=1,size=1000]",
+        "add[stddev=0]",
+        "warp[nt=0,wt=1]",
+        "warp[nt=3,wt=0,wf=0]",
+    ],
+)
 def test_ops_that_draw_nothing_match_the_loader(spec):
     xs = [speech(300, 1), speech(200, 2), speech(3, 3), speech(1, 4)]
     xs[0][:7] = SILENCE  # silence stays silent under a gain
@@ -84,8 +107,11 @@ def test_a_chain_matches_the_loader_in_float16():
 @pytest.mark.parametrize("n_in, n_out", [(3, 1), (3, 2), (3, 50), (6, 7), (10, 400), (4, 4)])
 def test_cubic_taps_are_the_loaders_upsampling_matrix(n_in, n_out):
     # Two samples, the second with more output positions than it has: its taps are computed anyway, unused.
-    taps = _cubic_taps(tf.constant([n_in, n_in], tf.float64), tf.constant([n_out, n_out + 9], tf.float64),
-                       tf.range(n_out, dtype=tf.float64))  # fmt: skip
+    taps = _cubic_taps(
+        tf.constant([n_in, n_in], tf.float64),
+        tf.constant([n_out, n_out + 9], tf.float64),
+        tf.range(n_out, dtype=tf.float64),
+    )
     dense = np.zeros((n_out, n_in))
     for index, weight in taps:
         np.add.at(dense, (np.arange(n_out), index.numpy()[0]), weight.numpy()[0])
@@ -119,8 +145,11 @@ def test_a_sample_depends_on_seed_epoch_and_id_alone():
     assert np.array_equal(alone, first[2])
     mixed = augment(ALL_OPS, [speech(400, 9), xs[3], xs[1]], ids=[99, 13, 11], seed=5, epoch=1, pad_to=700)
     assert np.array_equal(mixed[1], first[3]) and np.array_equal(mixed[2], first[1])
-    for changed in ({"ids": [10, 11, 14, 13], "seed": 5, "epoch": 1}, {"ids": [10, 11, 12, 13], "seed": 6, "epoch": 1},
-                    {"ids": [10, 11, 12, 13], "seed": 5, "epoch": 0}):  # fmt: skip
+    for changed in (
+        {"ids": [10, 11, 14, 13], "seed": 5, "epoch": 1},
+        {"ids": [10, 11, 12, 13], "seed": 6, "epoch": 1},
+        {"ids": [10, 11, 12, 13], "seed": 5, "epoch": 0},
+    ):
         other = augment(ALL_OPS, xs, **changed)[2]
         assert other.shape != first[2].shape or not np.array_equal(other, first[2])
 
@@ -137,6 +166,7 @@ def test_the_default_set_is_batch_independent_up_to_the_mean_fills_rounding():
 def test_a_sample_is_augmented_alike_on_one_rank_or_three(tmp_path):
     # Through the loader: the plans of 1 and 3 ranks put each sample in other batches, with other padding.
     from conftest import synthetic_store
+
     from dstrain.distributed import World
     from dstrain.loader.reader import Catalog, PlanReader
     from dstrain.loader.sampler import PlanSpec, plan_all
@@ -316,14 +346,26 @@ def test_the_loader_keeps_overlay_and_whatever_runs_before_it():
 
 def test_an_empty_batch_and_a_traced_step():
     aug = DeviceAugmenter(parse_augmentations(list(DEFAULT_AUGMENT) + ALL_OPS), seed=0, epochs=1)
-    spec = (tf.TensorSpec([None, None, N_MEL], tf.float16), tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 2], tf.int64))  # fmt: skip
+    spec = (
+        tf.TensorSpec([None, None, N_MEL], tf.float16),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None, None], tf.int32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None, 2], tf.int64),
+    )
     step = tf.function(aug, input_signature=spec)
-    out, n = step(np.zeros((0, 1, N_MEL), np.float16), np.zeros(0, np.int32), np.zeros((0, 1), np.int32),
-                  np.zeros(0, np.int32), np.zeros((0, 2), np.int64))  # fmt: skip
+    out, n = step(
+        np.zeros((0, 1, N_MEL), np.float16),
+        np.zeros(0, np.int32),
+        np.zeros((0, 1), np.int32),
+        np.zeros(0, np.int32),
+        np.zeros((0, 2), np.int64),
+    )
     assert out.shape[0] == 0 and n.shape == (0,)
     x = speech(90, 1, np.float16)[None]
-    out, n = step(x, np.array([90], np.int32), np.array([[1]], np.int32), np.array([1], np.int32), np.array([[0, 3]], np.int64))
+    out, n = step(
+        x, np.array([90], np.int32), np.array([[1]], np.int32), np.array([1], np.int32), np.array([[0, 3]], np.int64)
+    )
     assert np.isfinite(out.numpy()).all() and out.shape[1] == n.numpy()[0]
     with pytest.raises(ValueError, match=f"log mel \\[batch, frames, {N_MEL}\\]"):
         aug(np.zeros((1, 5, 13), np.float32), [5], [[1]], [1], [[0, 0]])

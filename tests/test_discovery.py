@@ -1,6 +1,7 @@
 """Elastic launches: the horovodrun command dstrain launch --elastic writes, and the host discovery scripts it ships
 (a hostfile an operator edits, a SLURM allocation minus its nodes that are down, a Kubernetes job's ready pods),
 run as Horovod runs them, with fake scontrol/sinfo/kubectl on PATH."""
+
 import os
 import shlex
 import subprocess
@@ -11,8 +12,13 @@ from dstrain.launch.launcher import DISCOVERY, LaunchConfig, build_command
 
 
 def discover(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(DISCOVERY, script), *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [os.path.join(DISCOVERY, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def fake_tools(tmp_path, **outputs: str) -> dict:
@@ -48,7 +54,10 @@ def test_slurm_discovery_leaves_out_nodes_slurm_reports_down(tmp_path):
     assert out.stdout.split() == ["gpu01:8", "gpu03:8"]
     assert "-t down,drain" in (tmp_path / "sinfo.args").read_text()
     env = fake_tools(tmp_path, scontrol="gpu01\ngpu02\n", sinfo="")
-    assert discover("slurm.sh", env={**env, "SLURM_JOB_NODELIST": "gpu[01-02]"}).stdout.split() == ["gpu01:1", "gpu02:1"]
+    assert discover("slurm.sh", env={**env, "SLURM_JOB_NODELIST": "gpu[01-02]"}).stdout.split() == [
+        "gpu01:1",
+        "gpu02:1",
+    ]
     outside = discover("slurm.sh", env={"SLURM_JOB_NODELIST": ""})
     assert outside.returncode != 0 and "not inside a SLURM allocation" in outside.stderr
 

@@ -4,6 +4,7 @@ Each rank runs under strace, so "only rank 0 writes" is checked at the system-ca
 writes checkpoints and SavedModels from C++, where no Python hook would see them. Also: which of Horovod's join and a
 barrier World.join uses with a CPU and a GPU build of Horovod.
 """
+
 import os
 import re
 import shutil
@@ -12,12 +13,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tool
 
 pytestmark = pytest.mark.slow
 
-WRITE = re.compile(r'(?:openat|open|creat)\(.*?"([^"]+)".*?(O_WRONLY|O_RDWR|O_CREAT)|(?:mkdir|mkdirat|rename|renameat2?|unlink|unlinkat)\(.*?"([^"]+)"')
+WRITE = re.compile(
+    r'(?:openat|open|creat)\(.*?"([^"]+)".*?(O_WRONLY|O_RDWR|O_CREAT)|(?:mkdir|mkdirat|rename|renameat2?|unlink|unlinkat)\(.*?"([^"]+)"'
+)
 
 
 def writes_under(trace_file: str, roots: list[str]) -> list[str]:
@@ -42,8 +44,10 @@ def wrapper(tmp_path) -> str:
     script = tmp_path / "traced.sh"
     script.write_text(
         "#!/bin/sh\n"
-        'rank=${HOROVOD_RANK:-${OMPI_COMM_WORLD_RANK:-unknown}}\n'
-        f'exec strace -f -qq --seccomp-bpf -e trace=open,openat,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat -o "{traces}/trace.$rank" "$@"\n'
+        "rank=${HOROVOD_RANK:-${OMPI_COMM_WORLD_RANK:-unknown}}\n"
+        "exec strace -f -qq --seccomp-bpf "
+        "-e trace=open,openat,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat "
+        f'-o "{traces}/trace.$rank" "$@"\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
@@ -51,13 +55,31 @@ def wrapper(tmp_path) -> str:
 
 def train_args(store: str, alphabet: str, work, epochs: int) -> list[str]:
     return [
-        tool("dstrain"), "train",
-        "--train_files", store, "--dev_files", store, "--test_files", store,
-        "--alphabet_config_path", alphabet,
-        "--n_hidden", "16", "--epochs", str(epochs), "--learning_rate", "0.001",
-        "--checkpoint_dir", str(work / "ckpt"), "--export_dir", str(work / "export"),
-        "--inter_op_parallelism_threads", "1", "--intra_op_parallelism_threads", "1",
-    ]  # fmt: skip
+        tool("dstrain"),
+        "train",
+        "--train_files",
+        store,
+        "--dev_files",
+        store,
+        "--test_files",
+        store,
+        "--alphabet_config_path",
+        alphabet,
+        "--n_hidden",
+        "16",
+        "--epochs",
+        str(epochs),
+        "--learning_rate",
+        "0.001",
+        "--checkpoint_dir",
+        str(work / "ckpt"),
+        "--export_dir",
+        str(work / "export"),
+        "--inter_op_parallelism_threads",
+        "1",
+        "--intra_op_parallelism_threads",
+        "1",
+    ]
 
 
 def launch(launcher: str, args: list[str], tmp_path) -> str:

@@ -4,6 +4,7 @@ a node killed or cut off mid-epoch and the survivors go on without restarting; t
 the state; below --min_np the job fails with a clear message and a loadable checkpoint; without failures the weights
 are those of the same job without --elastic. Every committed step's sample ids are in the run record (samples
 events), so the tests check that no training sample is lost or repeated across resets."""
+
 import collections
 import os
 import signal
@@ -11,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cluster import Output, box, rank_env, stop_group, train_argv, wait_for
 from conftest import final_digests, records, run_record, synthetic_store
 
@@ -29,8 +29,14 @@ RESET_BOUND_S = {"kill": 60, "cut": 90}
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     # 41 utterances in row groups of 4 over 3 shards: divides evenly into neither 2 nor 3 ranks nor batches.
-    return synthetic_store(tmp_path_factory.mktemp("elastic") / "s", N_UTTERANCES, row_group_rows=4, shard_rows=15,
-                           frames=(40, 90), seed=11)  # fmt: skip
+    return synthetic_store(
+        tmp_path_factory.mktemp("elastic") / "s",
+        N_UTTERANCES,
+        row_group_rows=4,
+        shard_rows=15,
+        frames=(40, 90),
+        seed=11,
+    )
 
 
 def write_hosts(path, *nodes: str) -> None:
@@ -40,14 +46,38 @@ def write_hosts(path, *nodes: str) -> None:
     tmp.replace(path)
 
 
-def elastic_job(c, store: str, run_dir, hosts, *extra: str, min_np: int = 2, timeout: int = 60, epochs: int = EPOCHS,
-                hold: tuple[int, object] | None = None) -> Output:
+def elastic_job(
+    c,
+    store: str,
+    run_dir,
+    hosts,
+    *extra: str,
+    min_np: int = 2,
+    timeout: int = 60,
+    epochs: int = EPOCHS,
+    hold: tuple[int, object] | None = None,
+) -> Output:
     """The elastic job; ``hold`` = (commit, marker): its rank 0 holds inside that commit (tests/elastic_hold.py)."""
     train = train_argv(store, run_dir, "--elastic_commit_steps", "2", "--record_samples", *extra, epochs=epochs)
     if hold is not None:  # not `dstrain train` for the launcher to recognise: --elastic by hand
         train = [sys.executable, str(HOLD), str(hold[0]), str(hold[1]), *train[1:], "--elastic"]
-    argv = ["dstrain", "launch", "--elastic", "--min_np", str(min_np), "--max_np", "3", "--hostfile", str(hosts),
-            "--elastic_timeout", str(timeout), "--blacklist_cooldown", "1,2", "--", *train]  # fmt: skip
+    argv = [
+        "dstrain",
+        "launch",
+        "--elastic",
+        "--min_np",
+        str(min_np),
+        "--max_np",
+        "3",
+        "--hostfile",
+        str(hosts),
+        "--elastic_timeout",
+        str(timeout),
+        "--blacklist_cooldown",
+        "1,2",
+        "--",
+        *train,
+    ]
     return Output(c.popen("node1", *argv, env=rank_env(PYTHONFAULTHANDLER="1")))
 
 
@@ -143,6 +173,7 @@ def lost_node(run_dir) -> str:
 
 def wait_reset(out: Output, run_dir, size: int, timeout: float) -> list[dict]:
     """Waits for the run record's reset to a world of ``size``; returns the resets so far."""
+
     def reset():
         if out.proc.poll() is not None:
             pytest.fail(f"exited with {out.proc.returncode} before a reset to {size} ranks:\n{out.text[-6000:]}")
@@ -162,8 +193,19 @@ def test_without_failures_elastic_gives_the_weights_of_a_plain_run(store, tmp_pa
             elastic = finished(out, tmp_path / "elastic", 3)
         finally:
             stop_group(out.proc)
-        plain = Output(c.popen("node1", "horovodrun", "-np", "3", "-H", "node1:1,node2:1,node3:1", "--gloo",
-                               *train_argv(store, tmp_path / "plain", epochs=EPOCHS), env=rank_env()))  # fmt: skip
+        plain = Output(
+            c.popen(
+                "node1",
+                "horovodrun",
+                "-np",
+                "3",
+                "-H",
+                "node1:1,node2:1,node3:1",
+                "--gloo",
+                *train_argv(store, tmp_path / "plain", epochs=EPOCHS),
+                env=rank_env(),
+            )
+        )
         try:
             assert plain.finish(600) == 0, plain.text[-4000:]
         finally:
@@ -182,7 +224,9 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
         try:
             out.wait_for(r"epoch 1/\d+ train loss", 400)
             # After the epoch's checkpoint (a kill of rank 0 during it leaves the one before: none yet here).
-            wait_for(lambda: (run_dir / "metrics.jsonl").exists() and records(run_dir, "checkpoint"), 120, "a checkpoint")
+            wait_for(
+                lambda: (run_dir / "metrics.jsonl").exists() and records(run_dir, "checkpoint"), 120, "a checkpoint"
+            )
             victim = lost_node(run_dir)
             write_hosts(hosts, *sorted({"node1", "node2", "node3"} - {victim}))
             c.kill(victim)

@@ -6,15 +6,25 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_store, tool
+from test_decoder import SCORER, needs_scorer, spell
+
 from dstrain.alphabet import Alphabet
 from dstrain.decoder.config import DecoderConfig
 from dstrain.distributed import World
-from dstrain.evaluate import (EvalConfig, EvaluationSetConfig, LmOptimizeConfig, Posteriors, decode_all, optimize_lm,
-                              out_of_vocabulary, report_test_set, sample_report, summarize)  # fmt: skip
+from dstrain.evaluate import (
+    EvalConfig,
+    EvaluationSetConfig,
+    LmOptimizeConfig,
+    Posteriors,
+    decode_all,
+    optimize_lm,
+    out_of_vocabulary,
+    report_test_set,
+    sample_report,
+    summarize,
+)
 from dstrain.metrics import error_rates
-from test_decoder import SCORER, needs_scorer, spell
 
 
 def test_numbers_checked_by_hand():
@@ -41,12 +51,21 @@ def test_lm_optimize_finds_parameters_that_reproduce_its_wer(monkeypatch, alphab
 
     alphabet = Alphabet.from_file(alphabet_path)
     refs = ["the man had a dark suit", "she had your dark suit", "the men had far"]
-    confused = [spell("the man had a dark suit", alphabet, {5: {"q": 0.5, "a": 0.4}}), spell("she had your dark suit", alphabet),
-                spell("the men had far", alphabet, {5: {"a": 0.45, "e": 0.4}})]  # fmt: skip
+    confused = [
+        spell("the man had a dark suit", alphabet, {5: {"q": 0.5, "a": 0.4}}),
+        spell("she had your dark suit", alphabet),
+        spell("the men had far", alphabet, {5: {"a": 0.45, "e": 0.4}}),
+    ]
     post = Posteriors(["1", "2", "3"], refs, confused, [0.0] * 3)
     monkeypatch.setattr(ev, "eval_posteriors", lambda cfg, world: (alphabet, post))
-    cfg = LmOptimizeConfig(test=EvaluationSetConfig(test_files=("x",)), model="m", decoder=DecoderConfig(beam_width=32, scorer_path=str(SCORER)),
-                           n_trials=15, lm_alpha_max=3, lm_beta_max=3)  # fmt: skip
+    cfg = LmOptimizeConfig(
+        test=EvaluationSetConfig(test_files=("x",)),
+        model="m",
+        decoder=DecoderConfig(beam_width=32, scorer_path=str(SCORER)),
+        n_trials=15,
+        lm_alpha_max=3,
+        lm_beta_max=3,
+    )
     alpha, beta, wer = optimize_lm(cfg, World())
     scorer = cfg.decoder.scorer(alphabet)
     scorer.reset_params(alpha, beta)
@@ -63,23 +82,56 @@ def test_evaluate_checkpoint_export_and_two_ranks_agree(tmp_path, ldc93s1_csv, a
     rows = open(ldc93s1_csv).read().splitlines()
     (tmp_path / "three.csv").write_text("\n".join([rows[0]] + [rows[1]] * 3) + "\n")
     store = str(tmp_path / "store")
-    preprocess(PreprocessConfig(csv_files=(str(tmp_path / "three.csv"),), alphabet_path=alphabet_path, output=store), progress=False)
+    preprocess(
+        PreprocessConfig(csv_files=(str(tmp_path / "three.csv"),), alphabet_path=alphabet_path, output=store),
+        progress=False,
+    )
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    subprocess.run([tool("dstrain"), "train", "--train_files", store, "--dev_files", store, "--alphabet_config_path", alphabet_path,
-                    "--n_hidden", "16", "--epochs", "3", "--checkpoint_dir", str(tmp_path / "ckpt"), "--export_dir", str(tmp_path / "export")],
-                   check=True, capture_output=True, env=env)  # fmt: skip
+    subprocess.run(
+        [
+            tool("dstrain"),
+            "train",
+            "--train_files",
+            store,
+            "--dev_files",
+            store,
+            "--alphabet_config_path",
+            alphabet_path,
+            "--n_hidden",
+            "16",
+            "--epochs",
+            "3",
+            "--checkpoint_dir",
+            str(tmp_path / "ckpt"),
+            "--export_dir",
+            str(tmp_path / "export"),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     common = ["--test_files", store, "--beam_width", "20", "--scorer_path", str(SCORER), "--report_count", "1"]
 
     def run(prefix: list[str], source: list[str], out: str) -> tuple[dict, list[dict]]:
-        proc = subprocess.run(prefix + [tool("dstrain"), "evaluate", *source, *common, "--test_output_file", str(tmp_path / out)],
-                              capture_output=True, text=True, env=env)  # fmt: skip
+        proc = subprocess.run(
+            prefix + [tool("dstrain"), "evaluate", *source, *common, "--test_output_file", str(tmp_path / out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         m = re.search(r"WER: ([\d.]+), CER: ([\d.]+), loss: ([\d.]+), (\d+) samples", proc.stdout)
-        return {"wer": float(m[1]), "cer": float(m[2]), "loss": float(m[3]), "n": int(m[4])}, json.load(open(tmp_path / out))
+        return {"wer": float(m[1]), "cer": float(m[2]), "loss": float(m[3]), "n": int(m[4])}, json.load(
+            open(tmp_path / out)
+        )
 
     ckpt, per_sample = run([], ["--checkpoint_dir", str(tmp_path / "ckpt")], "a.json")
     export, _ = run([], ["--model", str(tmp_path / "export")], "b.json")
-    ranks, per_sample2 = run([tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"], ["--checkpoint_dir", str(tmp_path / "ckpt")], "c.json")
+    ranks, per_sample2 = run(
+        [tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"],
+        ["--checkpoint_dir", str(tmp_path / "ckpt")],
+        "c.json",
+    )
     assert ckpt["n"] == export["n"] == ranks["n"] == 3 and len(per_sample) == len(per_sample2) == 3
     assert ckpt["loss"] == pytest.approx(export["loss"], rel=1e-4) == pytest.approx(ranks["loss"], rel=1e-4)
     assert ckpt["wer"] == ranks["wer"] and ckpt["cer"] == ranks["cer"]
@@ -97,12 +149,45 @@ def test_sigterm_stops_evaluate_within_seconds(tmp_path, alphabet_path):
 
     store = synthetic_store(tmp_path / "s", 64, frames=(150, 250), seed=2)
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    subprocess.run([tool("dstrain"), "train", "--train_files", store, "--alphabet_config_path", alphabet_path, "--n_hidden", "16",
-                    "--epochs", "1", "--train_batch_size", "8", "--checkpoint_dir", str(tmp_path / "ckpt")],
-                   check=True, capture_output=True, env=env, timeout=200)  # fmt: skip
+    subprocess.run(
+        [
+            tool("dstrain"),
+            "train",
+            "--train_files",
+            store,
+            "--alphabet_config_path",
+            alphabet_path,
+            "--n_hidden",
+            "16",
+            "--epochs",
+            "1",
+            "--train_batch_size",
+            "8",
+            "--checkpoint_dir",
+            str(tmp_path / "ckpt"),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=200,
+    )
     # A wide beam over 64 utterances: decoding takes far longer than the 10 s allowed to stop.
-    proc = subprocess.Popen([tool("dstrain"), "evaluate", "--checkpoint_dir", str(tmp_path / "ckpt"), "--test_files", store,
-                             "--beam_width", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            tool("dstrain"),
+            "evaluate",
+            "--checkpoint_dir",
+            str(tmp_path / "ckpt"),
+            "--test_files",
+            store,
+            "--beam_width",
+            "2000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     for line in proc.stderr:
         if "decoding 64 samples" in line:
             break

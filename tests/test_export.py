@@ -1,8 +1,10 @@
 """Export: SavedModel (samples and log mel signatures), TFLite (whole utterance, streaming, quantised) and the run
-directory agree on LDC93S1; streaming equals the whole-utterance model; metadata round trips; dstrain export --export_zip.
+directory agree on LDC93S1; streaming equals the whole-utterance model; metadata round trips; dstrain export
+--export_zip.
 
 The model is a tiny DeepSpeech trained here in ~15 s to LDC93S1's exact transcript, once per session
 (:func:`ldc93s1_model`, shared with test_transcribe.py)."""
+
 from __future__ import annotations
 
 import glob
@@ -14,26 +16,40 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import DATA, SHARED
+
 from dstrain.alphabet import Alphabet, greedy_decode
 from dstrain.audio import read_audio
 from dstrain.export import (
-    META_NAME, STREAMING_TFLITE_NAME, TFLITE_NAME, ExportConfig, ExportOptions, _restore, export_model, read_tflite_metadata,
+    META_NAME,
+    STREAMING_TFLITE_NAME,
+    TFLITE_NAME,
+    ExportConfig,
+    ExportOptions,
+    _restore,
+    export_model,
+    read_tflite_metadata,
     tflite_model,
-)  # fmt: skip
-from dstrain.inference import iter_chunks, load_model
+)
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
+from dstrain.inference import iter_chunks, load_model
 from dstrain.model import DeepSpeech, ModelConfig, ctc_loss
 
 TEXT = "she had your dark suit in greasy wash water all year"
 N_STEPS = 10  # not a divisor of LDC93S1's 145 frames: the stream ends on a partial chunk
 VAD_FRAME = 480  # WebRTC VAD's 30 ms frames at 16 kHz: where dstrain.vad cuts
 OPTIONS = ExportOptions(
-    export_tflite=True, n_steps=N_STEPS, export_author_id="dstrain-tests", export_model_name="ldc93s1",
-    export_model_version="1.2.3", export_contact_info="tests@example.org", export_license="MPL-2.0",
-    export_language="en-Latn-US", export_min_ds_version="0.1.0", export_description="LDC93S1, overfitted",
-)  # fmt: skip
+    export_tflite=True,
+    n_steps=N_STEPS,
+    export_author_id="dstrain-tests",
+    export_model_name="ldc93s1",
+    export_model_version="1.2.3",
+    export_contact_info="tests@example.org",
+    export_license="MPL-2.0",
+    export_language="en-Latn-US",
+    export_min_ds_version="0.1.0",
+    export_description="LDC93S1, overfitted",
+)
 
 
 @dataclass
@@ -67,12 +83,15 @@ def _training_variants(samples: np.ndarray, features: FeatureConfig) -> list[np.
     rng = np.random.default_rng(0)
     clips = [samples] + [
         np.concatenate([samples[k * VAD_FRAME :], np.zeros(int(rng.uniform(0, 0.3) ** 2 / 0.3 * 16000), np.float32)])
-        for k in range(9) for _ in range(4)
-    ]  # fmt: skip
+        for k in range(9)
+        for _ in range(4)
+    ]
     return [log_mel(power_spectrogram(c, features), features) for c in clips]
 
 
-def _train(model: DeepSpeech, variants: list[np.ndarray], alphabet: Alphabet, max_steps: int = 600, batch: int = 8) -> None:
+def _train(
+    model: DeepSpeech, variants: list[np.ndarray], alphabet: Alphabet, max_steps: int = 600, batch: int = 8
+) -> None:
     """Adam on random batches of the variants (the original in each) until every variant decodes exactly."""
     lengths = np.array([len(v) for v in variants], np.int32)
     # Padded with the frame whose MFCC is zero (the normalisation mean), as the context window pads the edges: a
@@ -146,9 +165,11 @@ def _transcript(log_probs: np.ndarray, alphabet: Alphabet) -> str:
 
 def test_saved_model_tflite_and_run_directory_agree(ldc):
     forms = {
-        "saved_model": ldc.export_dir, "tflite": os.path.join(ldc.export_dir, TFLITE_NAME),
-        "streaming tflite": os.path.join(ldc.export_dir, STREAMING_TFLITE_NAME), "checkpoint": ldc.run_dir,
-    }  # fmt: skip
+        "saved_model": ldc.export_dir,
+        "tflite": os.path.join(ldc.export_dir, TFLITE_NAME),
+        "streaming tflite": os.path.join(ldc.export_dir, STREAMING_TFLITE_NAME),
+        "checkpoint": ldc.run_dir,
+    }
     for name, path in forms.items():
         loaded = load_model(path)
         assert loaded.alphabet == ldc.alphabet and loaded.features == ldc.features, name
@@ -205,10 +226,20 @@ def test_metadata_round_trip(ldc):
     with open(os.path.join(ldc.export_dir, META_NAME), encoding="utf-8") as f:
         meta = json.load(f)
     expected = {
-        "author_id": "dstrain-tests", "model_name": "ldc93s1", "model_version": "1.2.3", "contact_info": "tests@example.org",
-        "license": "MPL-2.0", "language": "en-Latn-US", "min_ds_version": "0.1.0", "description": "LDC93S1, overfitted",
-        "sample_rate": 16000, "n_steps": N_STEPS, "n_classes": 29, "epochs": 1, "alphabet": list(ldc.alphabet.labels),
-    }  # fmt: skip
+        "author_id": "dstrain-tests",
+        "model_name": "ldc93s1",
+        "model_version": "1.2.3",
+        "contact_info": "tests@example.org",
+        "license": "MPL-2.0",
+        "language": "en-Latn-US",
+        "min_ds_version": "0.1.0",
+        "description": "LDC93S1, overfitted",
+        "sample_rate": 16000,
+        "n_steps": N_STEPS,
+        "n_classes": 29,
+        "epochs": 1,
+        "alphabet": list(ldc.alphabet.labels),
+    }
     assert {k: meta[k] for k in expected} == expected
     assert FeatureConfig(**meta["features"]) == ldc.features and ModelConfig(**meta["model"]) == ldc.model.cfg
     in_graph = tf.saved_model.load(ldc.export_dir).signatures["metadata"]()["json"].numpy().decode("utf-8")
@@ -234,8 +265,22 @@ def test_export_command_packages_model_and_scorer(ldc, tmp_path):
     from dstrain.cli import build_parser, run
 
     scorer, out = _scorer(tmp_path), tmp_path / "en"
-    args = build_parser().parse_args(["export", "--checkpoint_dir", ldc.run_dir, "--export_dir", str(out), "--export_zip",
-                                      "--scorer_path", scorer, "--export_author_id", "me", "--n_steps", "8"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "export",
+            "--checkpoint_dir",
+            ldc.run_dir,
+            "--export_dir",
+            str(out),
+            "--export_zip",
+            "--scorer_path",
+            scorer,
+            "--export_author_id",
+            "me",
+            "--n_steps",
+            "8",
+        ]
+    )
     assert run(args) == 0
     with zipfile.ZipFile(str(out) + ".zip") as z:
         names = set(z.namelist())

@@ -1,15 +1,18 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import DATA, SHARED
+
 from dstrain.audio import read_audio, to_mono_rate
 from dstrain.features import FeatureConfig, dct_matrix, log_mel, mfcc, power_spectrogram
 
 
 def tf_reference(samples: np.ndarray, cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
     spec = tf.raw_ops.AudioSpectrogram(
-        input=tf.constant(samples[:, None]), window_size=cfg.window_samples, stride=cfg.step_samples, magnitude_squared=True
+        input=tf.constant(samples[:, None]),
+        window_size=cfg.window_samples,
+        stride=cfg.step_samples,
+        magnitude_squared=True,
     )
     out = tf.raw_ops.Mfcc(
         spectrogram=spec,

@@ -9,6 +9,7 @@
 The CPU image is built on first use and cached by content (a second run reuses it). Every container and network
 is named after this test run and removed afterwards, pass or fail; containers reach nothing outside the machine.
 """
+
 import json
 import os
 import secrets
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import DATA, REPO
+
 from dstrain.launch.k8s import HOSTFILE, USER_HOME, K8sConfig, render
 
 BUILD = REPO / "tools" / "build_image.sh"
@@ -89,8 +90,19 @@ class Containers:
         self.podman("network", "create", "--internal", name)
         return name
 
-    def run(self, role: str, image: str, argv: list[str], *, entrypoint: str | None = None, network: str = "none",
-            volumes: dict[str, str] = {}, env: dict[str, str] = {}, detach: bool = False, timeout: float = 600):
+    def run(
+        self,
+        role: str,
+        image: str,
+        argv: list[str],
+        *,
+        entrypoint: str | None = None,
+        network: str = "none",
+        volumes: dict[str, str] = {},
+        env: dict[str, str] = {},
+        detach: bool = False,
+        timeout: float = 600,
+    ):
         name = self.name(role)
         self.containers.append(name)
         args = ["run", "--name", name, "--hostname", name, "--network", network]
@@ -172,10 +184,13 @@ def _trains_ldc93s1_as_the_unprivileged_user(image: str, containers: "Containers
     data = volume(tmp_path / "data")
     # make demo's job script, run by the image's dstrain: 2 Horovod ranks (Gloo) inside one container, no network.
     proc = containers.run(
-        "demo", image, ["/data/demo"], entrypoint="/src/launch/run_ldc93s1.sh",
+        "demo",
+        image,
+        ["/data/demo"],
+        entrypoint="/src/launch/run_ldc93s1.sh",
         volumes={str(REPO / "launch"): "/src/launch:ro", str(DATA): "/src/dstrain/data:ro", data: "/data"},
         timeout=1200,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert proc.stdout.strip().splitlines()[-1] == TRANSCRIPT
     run = tmp_path / "data" / "demo"
@@ -190,10 +205,24 @@ def _trains_ldc93s1_as_the_unprivileged_user(image: str, containers: "Containers
 
 def _mpijob_config(data: str) -> K8sConfig:
     return K8sConfig(
-        workers=2, gpus=0, cpus=1, data=data, preprocess_csv=f"{data}/ldc93s1/ldc93s1.csv",
-        train_args=("--n_hidden", "16", "--epochs", "2", "--train_batch_size", "1",
-                    "--inter_op_parallelism_threads", "1", "--intra_op_parallelism_threads", "1"),
-    )  # fmt: skip
+        workers=2,
+        gpus=0,
+        cpus=1,
+        data=data,
+        preprocess_csv=f"{data}/ldc93s1/ldc93s1.csv",
+        train_args=(
+            "--n_hidden",
+            "16",
+            "--epochs",
+            "2",
+            "--train_batch_size",
+            "1",
+            "--inter_op_parallelism_threads",
+            "1",
+            "--intra_op_parallelism_threads",
+            "1",
+        ),
+    )
 
 
 @pytest.mark.slow
@@ -210,8 +239,13 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
 
     # The shared volume's content, made by the image: the LDC93S1 CSV, then the manifest's preprocessing Job.
     shutil.copy(DATA / "alphabet.txt", tmp_path / "data" / "alphabet.txt")
-    assert containers.run("import", cpu_image, ["import", "ldc93s1", "/data/ldc93s1"], volumes={data: "/data"}).returncode == 0
-    proc = containers.run("preprocess", cpu_image, preprocess["command"][1:], entrypoint=preprocess["command"][0], volumes={data: "/data"})
+    assert (
+        containers.run("import", cpu_image, ["import", "ldc93s1", "/data/ldc93s1"], volumes={data: "/data"}).returncode
+        == 0
+    )
+    proc = containers.run(
+        "preprocess", cpu_image, preprocess["command"][1:], entrypoint=preprocess["command"][0], volumes={data: "/data"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     stores = tmp_path / "data" / "stores"
     for split in ("dev", "test"):
@@ -219,8 +253,13 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
 
     # What the operator mounts: its SSH key pair (sshAuthMountPath) and the hostfile, one worker per line.
     ssh = volume(tmp_path / "ssh")
-    containers.run("keygen", cpu_image, ["-q", "-t", "ecdsa", "-N", "", "-f", "/ssh/id_rsa"], entrypoint="ssh-keygen",
-                   volumes={ssh: "/ssh"})  # fmt: skip
+    containers.run(
+        "keygen",
+        cpu_image,
+        ["-q", "-t", "ecdsa", "-N", "", "-f", "/ssh/id_rsa"],
+        entrypoint="ssh-keygen",
+        volumes={ssh: "/ssh"},
+    )
     shutil.copy(tmp_path / "ssh" / "id_rsa.pub", tmp_path / "ssh" / "authorized_keys")
     os.chown(tmp_path / "ssh" / "authorized_keys", UID, UID)
     workers = [containers.name(f"worker-{i}") for i in range(cfg.workers)]
@@ -230,14 +269,29 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
     net = containers.network("net")
     mounts = {data: cfg.data, ssh: f"{USER_HOME}/.ssh:ro"}
     for i in range(cfg.workers):
-        containers.run(f"worker-{i}", cpu_image, worker["command"][1:], entrypoint=worker["command"][0], network=net,
-                       volumes=mounts, detach=True)  # fmt: skip
+        containers.run(
+            f"worker-{i}",
+            cpu_image,
+            worker["command"][1:],
+            entrypoint=worker["command"][0],
+            network=net,
+            volumes=mounts,
+            detach=True,
+        )
     for i in range(cfg.workers):  # the operator's launcherCreationPolicy: WaitForWorkersReady
         containers.wait_for_log(f"worker-{i}", "Server listening on")
 
     env = {e["name"]: e["value"] for e in launcher["env"]}
-    proc = containers.run("launcher", cpu_image, launcher["command"][1:], entrypoint=launcher["command"][0], network=net,
-                          volumes={**mounts, str(hostfile): f"{HOSTFILE}:ro"}, env=env, timeout=600)  # fmt: skip
+    proc = containers.run(
+        "launcher",
+        cpu_image,
+        launcher["command"][1:],
+        entrypoint=launcher["command"][0],
+        network=net,
+        volumes={**mounts, str(hostfile): f"{HOSTFILE}:ro"},
+        env=env,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "Horovod: 2 process(es)" in out and "mpi controller" in out, out[-3000:]

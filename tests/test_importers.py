@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import soundfile
-
 from conftest import DATA, SHARED
+
 from dstrain.prep.importers.csv_import import import_csv
 from dstrain.prep.importers.cv2 import import_cv2
 from dstrain.prep.importers.librispeech import import_librispeech
@@ -32,10 +32,25 @@ def cv_corpus(tmp_path_factory) -> str:
             pytest.fail(f"{exe} missing: tools/install.sh installs espeak-ng, sox and lame")
     out = tmp_path_factory.mktemp("cv") / "en"
     subprocess.run(
-        [sys.executable, str(SYNTH), "--sentences", str(SHARED / "data" / "smoke" / "vocab.txt"), "--out", str(out),
-         "--clips", "24", "--max-words", "5", "--jobs", "2", "--seed", "7"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SYNTH),
+            "--sentences",
+            str(SHARED / "data" / "smoke" / "vocab.txt"),
+            "--out",
+            str(out),
+            "--clips",
+            "24",
+            "--max-words",
+            "5",
+            "--jobs",
+            "2",
+            "--seed",
+            "7",
+        ],
+        check=True,
+        capture_output=True,
+    )
     # Sentences DeepSpeech's importer refuses or cleans: digits, a character outside the alphabet, punctuation.
     clip = sorted(os.listdir(out / "clips"))[0]
     with open(out / "train.tsv", "a", encoding="utf-8") as f:
@@ -70,10 +85,14 @@ def test_cv2_importer(cv_corpus, alphabet_path):
 
     # MP3s go straight into the store (48 kHz -> 16 kHz), no WAV copies.
     m = preprocess(
-        PreprocessConfig(csv_files=(os.path.join(clips, "train.csv"),), alphabet_path=alphabet_path,
-                         output=os.path.join(cv_corpus, "store"), chunk_rows=8),
+        PreprocessConfig(
+            csv_files=(os.path.join(clips, "train.csv"),),
+            alphabet_path=alphabet_path,
+            output=os.path.join(cv_corpus, "store"),
+            chunk_rows=8,
+        ),
         progress=False,
-    )  # fmt: skip
+    )
     assert m.utterances + m.rejects["count"] == len(train)
     assert m.utterances >= len(train) - 1 and m.hours > 0
 
@@ -92,7 +111,7 @@ def test_librispeech_importer(tmp_path):
     chapter.mkdir(parents=True)
     audio, rate = soundfile.read(str(DATA / "LDC93S1.wav"))
     soundfile.write(str(chapter / "1272-128104-0000.flac"), audio, rate)
-    soundfile.write(str(chapter / "1272-128104-0001.flac"), audio[: rate], rate)
+    soundfile.write(str(chapter / "1272-128104-0001.flac"), audio[:rate], rate)
     (chapter / "1272-128104.trans.txt").write_text(
         "1272-128104-0000 SHE HAD YOUR DARK SUIT IN GREASY WASH WATER ALL YEAR\n"
         "1272-128104-0001 SHE HAD\n"

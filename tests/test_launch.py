@@ -4,11 +4,17 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import tool
+
 from dstrain.launch.launcher import (
-    Host, LaunchConfig, build_command, expand_nodelist, expand_tasks_per_node, hosts_from_hostfile, hosts_from_slurm,
-)  # fmt: skip
+    Host,
+    LaunchConfig,
+    build_command,
+    expand_nodelist,
+    expand_tasks_per_node,
+    hosts_from_hostfile,
+    hosts_from_slurm,
+)
 
 
 def test_slurm_nodelist_and_tasks():
@@ -66,9 +72,23 @@ def test_failing_rank_stops_the_job(launcher, tmp_path):
     logs = tmp_path / "logs"
     # Rank 0 would sleep 300 s: the launcher returning within the timeout means it stopped rank 0 itself.
     proc = subprocess.run(
-        [tool("dstrain"), "launch", "--launcher", launcher, "--np", "2", "--log_dir", str(logs), "--", sys.executable, str(script)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            tool("dstrain"),
+            "launch",
+            "--launcher",
+            launcher,
+            "--np",
+            "2",
+            "--log_dir",
+            str(logs),
+            "--",
+            sys.executable,
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     # The launcher waits for the ranks it stops: when it has returned, none may be left.
     left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
@@ -104,7 +124,16 @@ def test_cpu_ranks_default_to_a_5ms_horovod_cycle_unless_set(given, expected):
     env = {k: v for k, v in os.environ.items() if k != "HOROVOD_CYCLE_TIME"}
     if given:
         env["HOROVOD_CYCLE_TIME"] = given
-    code = "import os; from dstrain.distributed import start_horovod; start_horovod(); print(os.environ['HOROVOD_CYCLE_TIME'])"
-    out = subprocess.run([sys.executable, "-c", code], env=dict(env, CUDA_VISIBLE_DEVICES=""), capture_output=True,
-                         text=True, timeout=110, check=True)  # fmt: skip
+    code = (
+        "import os; from dstrain.distributed import start_horovod; start_horovod(); "
+        "print(os.environ['HOROVOD_CYCLE_TIME'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=True,
+    )
     assert out.stdout.strip().splitlines()[-1] == expected

@@ -1,5 +1,6 @@
 """The streaming loader: the catalog of row groups, batches that follow the plan, stored dtypes kept, bounded
 memory, bad shards named."""
+
 import json
 import os
 import subprocess
@@ -8,8 +9,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_store
+
 from dstrain.distributed import World
 from dstrain.loader.reader import Catalog, PlanReader
 from dstrain.loader.sampler import PlanSpec, plan_all, plan_epoch, plan_eval
@@ -50,7 +51,7 @@ def test_batches_follow_the_plan_with_stored_features(tmp_path, dtype):
             u = rows[ids[sid]]
             assert x_len[b] == len(u.features)
             np.testing.assert_array_equal(x[b, : x_len[b]], u.features)
-            assert (x[b, x_len[b]:] == 0).all()
+            assert (x[b, x_len[b] :] == 0).all()
             np.testing.assert_array_equal(y[b, : y_len[b]], u.labels)
             seen += 1
     assert step + 1 == plan.steps and seen == plan.samples > 0
@@ -142,7 +143,8 @@ MEMORY_PROBE = textwrap.dedent("""
     from dstrain.store import FeatureStore
     url, budget, frames = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     cat = Catalog.build([FeatureStore.open(url)], World())
-    spec = PlanSpec(batch_size=0 if frames else 4, batch_frames=frames, window_row_groups=window_row_groups(cat, budget))
+    spec = PlanSpec(batch_size=0 if frames else 4, batch_frames=frames,
+                    window_row_groups=window_row_groups(cat, budget))
     plan = plan_epoch(cat.table, spec, rank=0, world=1, epoch=0, seed=0)
     def rss():  # resident now, in MiB (ru_maxrss is a high-water mark the imports may already have set)
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -175,8 +177,9 @@ def test_memory_stays_bounded_on_a_store_much_larger_than_the_budget(tmp_path, f
     assert store_mb > 5 * budget
 
     def probe(mb: float) -> dict:
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, url, str(mb), str(frames)], capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, url, str(mb), str(frames)], capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -202,14 +205,21 @@ def test_ldc93s1_batch(ldc93s1_store):
 
 
 def _train_input(url, batch_size=4, **loader):
+    from conftest import DATA
+
     from dstrain.alphabet import Alphabet
     from dstrain.loader.builder import TrainInput
     from dstrain.loader.config import LoaderConfig
 
-    from conftest import DATA
-
-    return TrainInput.build([url], Alphabet.from_file(str(DATA / "alphabet.txt")), LoaderConfig(**loader), World(),
-                            batch_size=batch_size, seed=3, epochs=2)  # fmt: skip
+    return TrainInput.build(
+        [url],
+        Alphabet.from_file(str(DATA / "alphabet.txt")),
+        LoaderConfig(**loader),
+        World(),
+        batch_size=batch_size,
+        seed=3,
+        epochs=2,
+    )
 
 
 def test_augmentation_keeps_every_sample_long_enough_for_ctc(tmp_path):
@@ -276,13 +286,18 @@ def test_batch_frames_smaller_than_an_utterance_is_one_clear_error(tmp_path):
         _train_input(url, batch_frames=150)
     message = str(e.value)
     assert "\n" not in message and message.startswith("--batch_frames 150: ")
-    assert f"the longest has {longest} frames ({longest * 0.02:.1f} s); raise --batch_frames to at least {longest}" in message
+    assert (
+        f"the longest has {longest} frames ({longest * 0.02:.1f} s); raise --batch_frames to at least {longest}"
+        in message
+    )
     assert "dstrain preprocess --max_duration" in message
     with pytest.raises(ValueError, match=r"lengthens utterances up to 1.25x: 160 frames planned"):
         _train_input(url, batch_frames=200, augment=("tempo[factor=0.8]",))
 
 
-@pytest.mark.parametrize("spec", [{"batch_size": 16}, {"batch_size": 0, "batch_frames": 12000}], ids=["batch", "frames"])
+@pytest.mark.parametrize(
+    "spec", [{"batch_size": 16}, {"batch_size": 0, "batch_frames": 12000}], ids=["batch", "frames"]
+)
 def test_reader_keeps_the_budget_when_windows_are_a_step_or_two(tmp_path, spec):
     # Windows of 2 row groups (8 rows) hold 1 batch of 16 or a few of ~11: batches in flight span several windows,
     # whose row groups the reader must let go of before it loads more.
@@ -291,8 +306,9 @@ def test_reader_keeps_the_budget_when_windows_are_a_step_or_two(tmp_path, spec):
     url = synthetic_store(tmp_path / "s", 96, row_group_rows=4, frames=(900, 1100), seed=9)
     cat = Catalog.build([FeatureStore.open(url)], World())
     budget, row_group = 3.0, max(cat.nbytes(k) for k in range(len(cat.refs))) / 2**20
-    plan = plan_epoch(cat.table, PlanSpec(window_row_groups=window_row_groups(cat, budget), **spec), rank=0, world=1,
-                      epoch=0, seed=0)  # fmt: skip
+    plan = plan_epoch(
+        cat.table, PlanSpec(window_row_groups=window_row_groups(cat, budget), **spec), rank=0, world=1, epoch=0, seed=0
+    )
     assert plan.window_steps <= 2
     reader = PlanReader(cat, plan, threads=4, memory_mb=budget, prefetch=2)
     assert sum(len(b[1]) for b in reader) == plan.samples

@@ -14,8 +14,17 @@ def _reference_distance(a, b) -> int:
     return prev[-1]
 
 
-@pytest.mark.parametrize("a,b", [("", ""), ("abc", ""), ("kitten", "sitting"), ("flaw", "lawn"), ("ab ba", "ba ab"),
-                                 ("she had your dark suit", "he had you dark suits")])  # fmt: skip
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("", ""),
+        ("abc", ""),
+        ("kitten", "sitting"),
+        ("flaw", "lawn"),
+        ("ab ba", "ba ab"),
+        ("she had your dark suit", "he had you dark suits"),
+    ],
+)
 def test_edit_distance_matches_the_textbook_definition(a, b):
     assert edit_distance(a, b) == _reference_distance(a, b)
     assert edit_distance(a.split(), b.split()) == _reference_distance(a.split(), b.split())

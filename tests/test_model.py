@@ -49,7 +49,9 @@ def test_one_utterance_overfits():
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(ctc_loss(model((x, tf.constant([40])), training=True), tf.constant([40]), y, tf.constant([5])))
+            loss = tf.reduce_mean(
+                ctc_loss(model((x, tf.constant([40])), training=True), tf.constant([40]), y, tf.constant([5]))
+            )
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
@@ -60,6 +62,7 @@ def test_one_utterance_overfits():
 
 def test_front_end_turns_stored_log_mel_into_deepspeech_mfcc():
     from conftest import DATA
+
     from dstrain.audio import read_audio
     from dstrain.features import FeatureConfig, log_mel, mfcc, power_spectrogram
     from dstrain.model import FrontEnd
@@ -68,7 +71,9 @@ def test_front_end_turns_stored_log_mel_into_deepspeech_mfcc():
     samples = read_audio(str(DATA / "LDC93S1.wav"))
     stored = log_mel(power_spectrogram(samples, fc), fc)
     plain = FrontEnd(fc, normalize=False)
-    np.testing.assert_allclose(plain(tf.constant(stored[None].astype(np.float16))).numpy()[0], mfcc(samples, fc), atol=0.05)
+    np.testing.assert_allclose(
+        plain(tf.constant(stored[None].astype(np.float16))).numpy()[0], mfcc(samples, fc), atol=0.05
+    )
     np.testing.assert_allclose(plain(tf.constant(stored[None])).numpy()[0], mfcc(samples, fc), atol=1e-4)
     normed = FrontEnd(fc, normalize=True)
     normed.build(None)

@@ -2,20 +2,33 @@
 (Gloo over ssh), mpirun (Open MPI over ssh) and dstrain launch: the same weights as on one node; the interface the
 nodes share found and handed to every layer; a pre-flight check that names each broken node; a dead, cut-off or
 stopped node that never hangs the job, and a rerun on the nodes left that resumes from the last checkpoint."""
+
 import os
 import re
 import signal
 import time
 
 import pytest
-
 from cluster import Output, box, rank_env, stop_group, train_argv, wait_for
-from conftest import final_digests, records
-from conftest import synthetic_store
+from conftest import final_digests, records, synthetic_store
 
 pytestmark = pytest.mark.slow
-MPIRUN = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-x", "PATH", "-x", "TF_DETERMINISTIC_OPS", "-x",
-          "TF_CPP_MIN_LOG_LEVEL", "-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"]  # fmt: skip
+MPIRUN = [
+    "mpirun",
+    "--allow-run-as-root",
+    "--bind-to",
+    "none",
+    "-x",
+    "PATH",
+    "-x",
+    "TF_DETERMINISTIC_OPS",
+    "-x",
+    "TF_CPP_MIN_LOG_LEVEL",
+    "-x",
+    "HOROVOD_CONTROLLER=mpi",
+    "-x",
+    "HOROVOD_CPU_OPERATIONS=mpi",
+]
 # The documented bounds (docs/failure-model.md, "When a node dies"): from the kill or the cut to the exit of every
 # surviving rank.
 BOUND_S = {"kill": 30, "cut": 75}
@@ -24,7 +37,9 @@ BOUND_S = {"kill": 30, "cut": 75}
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     # 41 utterances in row groups of 4 over 3 shards: divides evenly into neither ranks nor batches.
-    return synthetic_store(tmp_path_factory.mktemp("multinode") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11)
+    return synthetic_store(
+        tmp_path_factory.mktemp("multinode") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11
+    )
 
 
 def hostfile(tmp_path, *hosts: str) -> str:
@@ -99,7 +114,10 @@ def test_launch_picks_the_interface_the_nodes_share_and_hands_it_to_every_layer(
         assert "network interface eth0 (10.213.0.0/24), given" in given
         wrong = c.run("node1", *launch, "--network_interface", "ib0", "--", *rank_command, env=rank_env())
         assert wrong.returncode == 2 and "node1: no network interface ib0" in wrong.stdout, wrong.stdout
-        assert "node2: no network interface ib0 with an IPv4 address (it has eth0 10.213.0.12/24, lo 127.0.0.1/8)" in wrong.stdout
+        assert (
+            "node2: no network interface ib0 with an IPv4 address (it has eth0 10.213.0.12/24, lo 127.0.0.1/8)"
+            in wrong.stdout
+        )
 
 
 @pytest.mark.timeout(300)
@@ -108,7 +126,15 @@ def test_preflight_check_names_each_broken_node_and_its_fix(store, tmp_path):
     run_dir.mkdir()
     rank_command = train_argv(store, run_dir)
     with box(tmp_path / "c", 2) as c:
-        check = ["dstrain", "launch", "--check", "--hostfile", hostfile(tmp_path, "node1", "node2"), "--", *rank_command]
+        check = [
+            "dstrain",
+            "launch",
+            "--check",
+            "--hostfile",
+            hostfile(tmp_path, "node1", "node2"),
+            "--",
+            *rank_command,
+        ]
 
         def problems() -> list[str]:
             out = c.run("node1", *check, env=rank_env())
@@ -117,7 +143,9 @@ def test_preflight_check_names_each_broken_node_and_its_fix(store, tmp_path):
 
         ok = c.run("node1", *check, env=rank_env())
         assert ok.returncode == 0 and "pre-flight check passed on node1, node2" in ok.stdout, ok.stdout
-        assert not [f for f in os.listdir(run_dir) if f.startswith(".dstrain-check")], "tokens left in the run directory"
+        assert not [
+            f for f in os.listdir(run_dir) if f.startswith(".dstrain-check")
+        ], "tokens left in the run directory"
 
         # node2's name mapped to loopback, as Debian and Ubuntu do by default.
         hosts = c.hosts_file("node2")
@@ -130,15 +158,22 @@ def test_preflight_check_names_each_broken_node_and_its_fix(store, tmp_path):
             f.write(healthy)
 
         # Storage node2 does not see: the store, then the run directory (node2 has its own, empty, folders there).
-        for path, expected in ((store, f"node2: cannot see the feature store {store}"),
-                               (str(run_dir), f"node2: does not see the file the launching node wrote in the run directory {run_dir}")):  # fmt: skip
+        for path, expected in (
+            (store, f"node2: cannot see the feature store {store}"),
+            (str(run_dir), f"node2: does not see the file the launching node wrote in the run directory {run_dir}"),
+        ):
             assert c.run("node2", "mount", "-t", "tmpfs", "none", path).returncode == 0
             (line,) = problems()
             assert line.startswith(expected), line
             assert c.run("node2", "umount", path).returncode == 0
 
         # The run directory read-only on node2, and another Horovod there.
-        assert c.run("node2", "sh", "-c", f"mount --bind {run_dir} {run_dir} && mount -o remount,bind,ro {run_dir}").returncode == 0
+        assert (
+            c.run(
+                "node2", "sh", "-c", f"mount --bind {run_dir} {run_dir} && mount -o remount,bind,ro {run_dir}"
+            ).returncode
+            == 0
+        )
         (line,) = problems()
         assert line.startswith(f"node2: cannot write in the run directory {run_dir}: Read-only file system"), line
         assert c.run("node2", "umount", str(run_dir)).returncode == 0
@@ -154,17 +189,37 @@ def test_preflight_check_names_each_broken_node_and_its_fix(store, tmp_path):
 
         # A node that cannot be reached: the launch itself refuses to start, before any rank.
         c.kill("node2")
-        launch = c.run("node1", "dstrain", "launch", "--hostfile", hostfile(tmp_path, "node1", "node2"), "--", *rank_command, env=rank_env())
+        launch = c.run(
+            "node1",
+            "dstrain",
+            "launch",
+            "--hostfile",
+            hostfile(tmp_path, "node1", "node2"),
+            "--",
+            *rank_command,
+            env=rank_env(),
+        )
         assert launch.returncode == 2 and "horovodrun" not in launch.stdout, launch.stdout
-        assert re.search(r"^  node2: could not run the check there \(ssh: connect to host node2 port 22: Connection refused\)",
-                         launch.stdout, re.M), launch.stdout  # fmt: skip
+        assert re.search(
+            r"^  node2: could not run the check there \(ssh: connect to host node2 port 22: Connection refused\)",
+            launch.stdout,
+            re.M,
+        ), launch.stdout
         assert not [f for f in os.listdir(run_dir) if f.startswith(".dstrain-check")]
 
 
 def launch_argv(launcher: str, hosts: str, store: str, run_dir) -> list[str]:
     """3 epochs of ~20 steps per rank, a checkpoint every 3 steps, started from node1 (the driver and rank 0)."""
-    return ["dstrain", "launch", "--launcher", launcher, "--hostfile", hosts, "--",
-            *train_argv(store, run_dir, "--checkpoint_steps", "3", epochs=3, batch=1)]  # fmt: skip
+    return [
+        "dstrain",
+        "launch",
+        "--launcher",
+        launcher,
+        "--hostfile",
+        hosts,
+        "--",
+        *train_argv(store, run_dir, "--checkpoint_steps", "3", epochs=3, batch=1),
+    ]
 
 
 def start_training(c, launcher: str, hosts: str, store: str, run_dir) -> Output:
@@ -179,8 +234,10 @@ def start_training(c, launcher: str, hosts: str, store: str, run_dir) -> Output:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("launcher, failure, rerun", [("horovodrun", "kill", True), ("horovodrun", "cut", False),
-                                                      ("mpirun", "kill", False), ("mpirun", "cut", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "launcher, failure, rerun",
+    [("horovodrun", "kill", True), ("horovodrun", "cut", False), ("mpirun", "kill", False), ("mpirun", "cut", True)],
+)
 def test_a_dead_node_stops_every_rank_and_a_rerun_on_the_nodes_left_resumes(launcher, failure, rerun, store, tmp_path):
     run_dir = tmp_path / "run"
     with box(tmp_path / "c", 2) as c:
@@ -189,26 +246,41 @@ def test_a_dead_node_stops_every_rank_and_a_rerun_on_the_nodes_left_resumes(laun
             t0 = time.monotonic()
             getattr(c, failure)("node2")
             # Every survivor exits: the launcher, and rank 0 beside it on node1.
-            wait_for(lambda: out.proc.poll() is not None and not c.ranks("node1"), BOUND_S[failure] + 30,
-                     f"the survivors to exit after node2's {failure}", poll=0.5)  # fmt: skip
+            wait_for(
+                lambda: out.proc.poll() is not None and not c.ranks("node1"),
+                BOUND_S[failure] + 30,
+                f"the survivors to exit after node2's {failure}",
+                poll=0.5,
+            )
             elapsed = time.monotonic() - t0
         finally:
             stop_group(out.proc)
         out.finish(30)
         assert out.proc.returncode != 0
-        assert elapsed < BOUND_S[failure], f"the survivors took {elapsed:.0f} s after node2's {failure}:\n{out.text[-3000:]}"
-        # Whichever notices first names it: PeerWatch, mpirun losing its daemon there, or Open MPI in rank 0 losing its peer.
-        lost = re.search(r"rank 1 \(node2:\d+\) (is lost|had been silent|had closed)|lost communication with a remote daemon.*node2"
-                         r"|Peer host:\s+node2", out.text, re.S)  # fmt: skip
+        assert (
+            elapsed < BOUND_S[failure]
+        ), f"the survivors took {elapsed:.0f} s after node2's {failure}:\n{out.text[-3000:]}"
+        # Whichever notices first names it: PeerWatch, mpirun losing its daemon there, or Open MPI in rank 0 losing
+        # its peer.
+        lost = re.search(
+            r"rank 1 \(node2:\d+\) (is lost|had been silent|had closed)|lost communication with a remote daemon.*node2"
+            r"|Peer host:\s+node2",
+            out.text,
+            re.S,
+        )
         assert lost, f"no message names node2 or rank 1:\n{out.text[-3000:]}"
         print(f"{launcher}, node2 {failure}: survivors gone after {elapsed:.1f} s; {lost.group(0)[:200]!r}")
         if not rerun:  # the rerun is the same whatever stopped the job: once per launcher
             return
         # The same command on the node that is left: from the last checkpoint, the epoch's rest re-partitioned.
-        again = c.run("node1", *launch_argv(launcher, hostfile(tmp_path, "node1"), store, run_dir), env=rank_env(), timeout=400)
+        again = c.run(
+            "node1", *launch_argv(launcher, hostfile(tmp_path, "node1"), store, run_dir), env=rank_env(), timeout=400
+        )
         assert again.returncode == 0, again.stdout[-4000:]
         (resume,) = records(run_dir, "resume")
         assert resume["epoch_step"] > 0, resume  # from the checkpoint inside epoch 2
         resumed = [r for r in records(run_dir, "epoch") if r["resumed_at_step"]]
-        assert resumed and not resumed[0]["exact"] and "re-partitioned over 1 ranks" in again.stdout, again.stdout[-3000:]
+        assert resumed and not resumed[0]["exact"] and "re-partitioned over 1 ranks" in again.stdout, again.stdout[
+            -3000:
+        ]
         assert len(final_digests(run_dir)) == 1

@@ -1,6 +1,7 @@
-"""PeerWatch (dstrain/distributed/peer_watch.py) between two processes on this machine, with Horovod's broadcast stood in for by
-a file: a stopped peer is named and welcomed back, a silent or killed one ends the watcher with status 76, a clean
-exit does not. The cluster in a box runs it under real launchers (test_multinode.py)."""
+"""PeerWatch (dstrain/distributed/peer_watch.py) between two processes on this machine, with Horovod's broadcast
+stood in for by a file: a stopped peer is named and welcomed back, a silent or killed one ends the watcher with status
+76, a clean exit does not. The cluster in a box runs it under real launchers (test_multinode.py)."""
+
 import os
 import signal
 import subprocess
@@ -8,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from cluster import Output
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,8 +43,13 @@ RANK = textwrap.dedent("""
 
 def start(rank: int, tmp_path, seconds: float) -> Output:
     env = dict(os.environ, DSTRAIN_PEER_WARN_SECONDS="1", DSTRAIN_PEER_TIMEOUT_SECONDS="4")
-    proc = subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(tmp_path / "address"), str(seconds)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RANK, str(rank), str(tmp_path / "address"), str(seconds)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out = Output(proc)
     out.wait_for("watching", 60)
     return out
@@ -69,8 +74,11 @@ def test_a_stopped_peer_is_named_welcomed_back_and_lost_if_it_stays_silent(pair)
     rank0, rank1 = pair()
     pid = rank1.proc.pid
     rank1.proc.send_signal(signal.SIGSTOP)
-    rank0.wait_for(rf"WARNING rank 1 \(\S+:{pid}\) has been silent for 1 s \(stopped, overloaded, or its node unreachable\); "
-                   r"waiting for it, for at most 4 s", 20)  # fmt: skip
+    rank0.wait_for(
+        rf"WARNING rank 1 \(\S+:{pid}\) has been silent for 1 s \(stopped, overloaded, or its node unreachable\); "
+        r"waiting for it, for at most 4 s",
+        20,
+    )
     rank1.proc.send_signal(signal.SIGCONT)
     rank0.wait_for(rf"WARNING rank 1 \(\S+:{pid}\) is heard from again", 20)
     rank1.proc.send_signal(signal.SIGSTOP)

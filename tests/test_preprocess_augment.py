@@ -1,6 +1,7 @@
 """Waveform augmentation at preprocessing (dstrain.prep.augment): each op on generated signals, then stores with
 augmented copies: 3x the rows for --augment_copies 2, byte-identical across reruns, workers, MPI ranks and a stop,
 rejects of copies counted, and the loader weighting or leaving the copies out, through `dstrain train` too."""
+
 import csv
 import os
 import signal
@@ -10,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 import soundfile
-
 from conftest import DATA, records, tool
+from test_preprocess_scale import interrupt_after_chunks, store_digest
+
 from dstrain.loader.augment import parse_augmentations
 from dstrain.prep.augment import AugmentConfig, WaveAugmenter, parse_ops
 from dstrain.prep.pipeline import PreprocessConfig, preprocess
 from dstrain.store import FeatureStore, ShardReader
-from test_preprocess_scale import interrupt_after_chunks, store_digest
 
 SR = 16000
 TRANSCRIPT = "she had your dark suit in greasy wash water all year"
@@ -119,7 +120,11 @@ def test_overlay_noise_from_a_csv_and_errors_naming_the_source(noise_dir, tmp_pa
     x = speechlike()
     y, _ = augment(f"overlay[source={listing},snr=5]", x)
     assert abs(power_db(x) - power_db(y - x) - 5) < 1.0
-    for source, words in [(tmp_path / "none", "not a folder"), (tmp_path, "no audio files"), (tmp_path / "x.csv", "no such CSV")]:
+    for source, words in [
+        (tmp_path / "none", "not a folder"),
+        (tmp_path, "no audio files"),
+        (tmp_path / "x.csv", "no such CSV"),
+    ]:
         with pytest.raises(ValueError, match=words) as e:
             parse_ops([f"overlay[source={source}]"], SR, open_noise=True)
         assert str(source) in str(e.value)
@@ -154,8 +159,11 @@ def test_copies_depend_only_on_seed_row_and_copy(noise_dir):
     a, applied = aug.copy(x, 5, 1)
     assert applied == ["speed", "overlay", "codec", "reverb"]
     assert np.array_equal(a, aug.copy(x.copy(), 5, 1)[0])
-    for other in (aug.copy(x, 5, 2)[0], aug.copy(x, 6, 1)[0],
-                  WaveAugmenter(aug.ops, copies=2, seed=4, sample_rate=SR).copy(x, 5, 1)[0]):  # fmt: skip
+    for other in (
+        aug.copy(x, 5, 2)[0],
+        aug.copy(x, 6, 1)[0],
+        WaveAugmenter(aug.ops, copies=2, seed=4, sample_rate=SR).copy(x, 5, 1)[0],
+    ):
         assert a.size != other.size or not np.array_equal(a, other)
 
 
@@ -199,8 +207,17 @@ def test_flags_go_together_and_codecs_check_the_rate():
     parse_ops(["codec[format=mp3]"], 44100)
 
 
-@pytest.mark.parametrize("spec", ["reverb[delay=10]", "codec", "resample[rate=8000]", "speed[factor=1.1]", "volume[dbfs=-3]",
-                                  "time_mask[domain=signal]"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "reverb[delay=10]",
+        "codec",
+        "resample[rate=8000]",
+        "speed[factor=1.1]",
+        "volume[dbfs=-3]",
+        "time_mask[domain=signal]",
+    ],
+)
 def test_training_refuses_waveform_ops_and_says_where_they_go(spec):
     with pytest.raises(ValueError) as e:
         parse_augmentations([spec])
@@ -222,10 +239,21 @@ def rows_csv(path, n: int, bad: tuple[int, ...] = ()) -> str:
 
 
 def augmented_cfg(csv_path: str, out, noise, **kw) -> PreprocessConfig:
-    specs = ("speed[factor=0.9:1.1]", f"overlay[p=0.5,source={noise},snr=10~5]", "codec[p=0.5,bitrate=6000:32000]",
-             "reverb[p=0.3]", "resample[p=0.3,rate=8000~2000]")  # fmt: skip
-    return PreprocessConfig(csv_files=(csv_path,), alphabet_path=str(DATA / "alphabet.txt"), output=str(out),
-                            chunk_rows=2, augmentation=AugmentConfig(augment=specs, augment_copies=2), **kw)  # fmt: skip
+    specs = (
+        "speed[factor=0.9:1.1]",
+        f"overlay[p=0.5,source={noise},snr=10~5]",
+        "codec[p=0.5,bitrate=6000:32000]",
+        "reverb[p=0.3]",
+        "resample[p=0.3,rate=8000~2000]",
+    )
+    return PreprocessConfig(
+        csv_files=(csv_path,),
+        alphabet_path=str(DATA / "alphabet.txt"),
+        output=str(out),
+        chunk_rows=2,
+        augmentation=AugmentConfig(augment=specs, augment_copies=2),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +271,9 @@ def test_augment_copies_2_gives_3x_the_rows_and_the_same_store_again(augmented_s
     assert m.rejects == {"count": 1, "by_reason": {"alphabet": 1}}
     a = m.augmentation
     assert a["copies_per_utterance"] == 2 and a["utterances"] == 8 and a["rejects"] == {"count": 0, "by_reason": {}}
-    assert a["applied"]["speed"] == 8 and sum(a["applied"].values()) >= 8 and a["noise"] == {str(noise_dir): {"files": 2}}
+    assert (
+        a["applied"]["speed"] == 8 and sum(a["applied"].values()) >= 8 and a["noise"] == {str(noise_dir): {"files": 2}}
+    )
     # Copies are labelled twice over: shards of their own flagged in the manifest, ids ID-augK.
     store, ids = FeatureStore.open(str(tmp / "a")), {False: [], True: []}
     for i, shard in enumerate(m.shards):
@@ -254,8 +284,10 @@ def test_augment_copies_2_gives_3x_the_rows_and_the_same_store_again(augmented_s
     copy = next(iter(ShardReader(str(tmp / "a" / next(s.path for s in m.shards if s.augmented)), 40).utterances()))
     assert copy.transcript == TRANSCRIPT and m.get_alphabet().decode(copy.labels) == TRANSCRIPT
     # The features' statistics are the originals': the same as a store made without augmentation.
-    plain = preprocess(PreprocessConfig(csv_files=(src,), alphabet_path=alphabet_path, output=str(tmp / "plain"), chunk_rows=2),
-                       progress=False)  # fmt: skip
+    plain = preprocess(
+        PreprocessConfig(csv_files=(src,), alphabet_path=alphabet_path, output=str(tmp / "plain"), chunk_rows=2),
+        progress=False,
+    )
     assert m.feature_stats == plain.feature_stats
     # Deterministic: the same command again, and with 2 workers, gives a byte-identical store.
     preprocess(augmented_cfg(src, tmp / "again", noise_dir), progress=False)
@@ -265,22 +297,53 @@ def test_augment_copies_2_gives_3x_the_rows_and_the_same_store_again(augmented_s
 
 def test_copies_that_cannot_be_stored_are_rejected_and_counted(tmp_path, alphabet_path):
     """Speed x3 leaves too few frames for the transcript; x0.5 makes it longer than --max_duration."""
-    cfg = PreprocessConfig(csv_files=(rows_csv(tmp_path / "r.csv", 1),), alphabet_path=alphabet_path, output=str(tmp_path / "s"),
-                           max_duration=3.0, augmentation=AugmentConfig(augment=("speed[factor=3:0.5]",), augment_copies=3))  # fmt: skip
+    cfg = PreprocessConfig(
+        csv_files=(rows_csv(tmp_path / "r.csv", 1),),
+        alphabet_path=alphabet_path,
+        output=str(tmp_path / "s"),
+        max_duration=3.0,
+        augmentation=AugmentConfig(augment=("speed[factor=3:0.5]",), augment_copies=3),
+    )
     m = preprocess(cfg, progress=False)
     assert m.utterances == 2 and m.augmented_utterances == 1  # the original and copy 2 (factor 1.75)
     by_reason = {"augmented_too_long": 1, "augmented_too_short": 1}
-    assert m.rejects == {"count": 2, "by_reason": by_reason} and m.augmentation["rejects"] == {"count": 2, "by_reason": by_reason}
+    assert m.rejects == {"count": 2, "by_reason": by_reason} and m.augmentation["rejects"] == {
+        "count": 2,
+        "by_reason": by_reason,
+    }
     with open(tmp_path / "s" / "_rejects.csv") as f:
         rejected = {r["reason"]: r["detail"] for r in csv.DictReader(f)}
-    assert rejected["augmented_too_short"].startswith("copy 1 (speed): ") and "needed by CTC" in rejected["augmented_too_short"]
-    assert rejected["augmented_too_long"].startswith("copy 3 (speed): ") and "--max_duration 3.0" in rejected["augmented_too_long"]
+    assert (
+        rejected["augmented_too_short"].startswith("copy 1 (speed): ")
+        and "needed by CTC" in rejected["augmented_too_short"]
+    )
+    assert (
+        rejected["augmented_too_long"].startswith("copy 3 (speed): ")
+        and "--max_duration 3.0" in rejected["augmented_too_long"]
+    )
 
 
 def preprocess_cmd(src: str, noise) -> list[str]:
-    return [tool("dstrain"), "preprocess", "--csv", src, "--alphabet", str(DATA / "alphabet.txt"), "--chunk_rows", "3",
-            "--augment", "speed[factor=0.9:1.1]", "--augment", f"overlay[p=0.5,source={noise},snr=10~5]",
-            "--augment", "codec[p=0.5,format=mp3,bitrate=16000]", "--augment", "reverb[p=0.3]", "--augment_copies", "2"]  # fmt: skip
+    return [
+        tool("dstrain"),
+        "preprocess",
+        "--csv",
+        src,
+        "--alphabet",
+        str(DATA / "alphabet.txt"),
+        "--chunk_rows",
+        "3",
+        "--augment",
+        "speed[factor=0.9:1.1]",
+        "--augment",
+        f"overlay[p=0.5,source={noise},snr=10~5]",
+        "--augment",
+        "codec[p=0.5,format=mp3,bitrate=16000]",
+        "--augment",
+        "reverb[p=0.3]",
+        "--augment_copies",
+        "2",
+    ]
 
 
 @pytest.mark.slow
@@ -292,18 +355,27 @@ def test_augmented_store_identical_over_mpi_ranks_and_after_a_stop(tmp_path, noi
     assert "of which 46 augmented copies" in reference.stdout
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     mpi = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", "-x", "PATH"] + (
-        ["--allow-run-as-root"] if os.geteuid() == 0 else [])  # fmt: skip
-    ranks = subprocess.run(mpi + cmd + ["--output", str(tmp_path / "mpi")], env=env, capture_output=True, text=True, timeout=600)
+        ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    )
+    ranks = subprocess.run(
+        mpi + cmd + ["--output", str(tmp_path / "mpi")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert ranks.returncode == 0, ranks.stderr[-3000:]
-    status, rest = interrupt_after_chunks(cmd + ["--output", str(tmp_path / "stopped"), "--workers", "2"], 2, signal.SIGTERM)
+    status, rest = interrupt_after_chunks(
+        cmd + ["--output", str(tmp_path / "stopped"), "--workers", "2"], 2, signal.SIGTERM
+    )
     assert status == 75, rest[-3000:]
-    again = subprocess.run(cmd + ["--output", str(tmp_path / "stopped"), "--workers", "2"], capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        cmd + ["--output", str(tmp_path / "stopped"), "--workers", "2"], capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0 and "already complete, resuming" in again.stderr, again.stderr[-3000:]
     assert store_digest(tmp_path / "ref") == store_digest(tmp_path / "mpi") == store_digest(tmp_path / "stopped")
     # Other augmentation settings on the unfinished store are refused, as any other change of settings.
     status, _ = interrupt_after_chunks(cmd + ["--output", str(tmp_path / "other")], 1, signal.SIGTERM)
     assert status == 75
-    other = subprocess.run(cmd[:-1] + ["3", "--output", str(tmp_path / "other")], capture_output=True, text=True, timeout=120)
+    other = subprocess.run(
+        cmd[:-1] + ["3", "--output", str(tmp_path / "other")], capture_output=True, text=True, timeout=120
+    )
     assert other.returncode != 0 and "other inputs or settings" in other.stderr
 
 
@@ -316,8 +388,15 @@ def _train_input(urls, **loader):
     from dstrain.loader.builder import TrainInput
     from dstrain.loader.config import LoaderConfig
 
-    return TrainInput.build(urls, Alphabet.from_file(str(DATA / "alphabet.txt")), LoaderConfig(**loader), World(),
-                            batch_size=4, seed=3, epochs=2)  # fmt: skip
+    return TrainInput.build(
+        urls,
+        Alphabet.from_file(str(DATA / "alphabet.txt")),
+        LoaderConfig(**loader),
+        World(),
+        batch_size=4,
+        seed=3,
+        epochs=2,
+    )
 
 
 def _draws(data) -> tuple[int, int]:
@@ -351,10 +430,34 @@ def test_augmented_weight_keeps_weighs_or_leaves_out_the_copies(augmented_store,
 @pytest.mark.timeout(600)
 def test_train_weighs_the_copies_and_evaluates_originals_only(augmented_store, tmp_path):
     url = str(augmented_store[0] / "a")  # 4 originals, 8 copies
-    cmd = [tool("dstrain"), "train", "--train_files", url, "--dev_files", url, "--alphabet_config_path",
-           str(DATA / "alphabet.txt"), "--n_hidden", "16", "--epochs", "1", "--train_batch_size", "1", "--dev_batch_size",
-           "2", "--checkpoint_dir", str(tmp_path / "w"), "--augmented_weight", "0.5", "--inter_op_parallelism_threads",
-           "1", "--intra_op_parallelism_threads", "1", "--loader_threads", "2"]  # fmt: skip
+    cmd = [
+        tool("dstrain"),
+        "train",
+        "--train_files",
+        url,
+        "--dev_files",
+        url,
+        "--alphabet_config_path",
+        str(DATA / "alphabet.txt"),
+        "--n_hidden",
+        "16",
+        "--epochs",
+        "1",
+        "--train_batch_size",
+        "1",
+        "--dev_batch_size",
+        "2",
+        "--checkpoint_dir",
+        str(tmp_path / "w"),
+        "--augmented_weight",
+        "0.5",
+        "--inter_op_parallelism_threads",
+        "1",
+        "--intra_op_parallelism_threads",
+        "1",
+        "--loader_threads",
+        "2",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=540)  # one step took 250 s on a busy 2-core CI
     assert out.returncode == 0, out.stderr[-3000:]
     (epoch,) = records(tmp_path / "w", "epoch")

@@ -1,4 +1,5 @@
 """Store identity across workers and MPI ranks, kill-and-resume, resampling accuracy, float16 storage."""
+
 import csv
 import hashlib
 import os
@@ -9,19 +10,16 @@ import sys
 import numpy as np
 import pytest
 import soundfile
-
 from conftest import DATA, tool
+
 from dstrain.audio import read_audio
-from dstrain.store import FeatureStore
 from dstrain.prep.pipeline import PreprocessConfig, preprocess
+from dstrain.store import FeatureStore
 
 
 def store_digest(store) -> dict[str, str]:
     """Every file of a finished store by content (rejects, manifest and shards)."""
-    return {
-        name: hashlib.sha256((store / name).read_bytes()).hexdigest()
-        for name in sorted(os.listdir(store))
-    }
+    return {name: hashlib.sha256((store / name).read_bytes()).hexdigest() for name in sorted(os.listdir(store))}
 
 
 def many_rows_csv(tmp_path, n: int) -> str:
@@ -66,7 +64,9 @@ def test_store_identical_for_workers_and_mpi_ranks(tmp_path, alphabet_path):
     }.items():
         out = tmp_path / name
         env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-        proc = subprocess.run(launch + common + ["--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            launch + common + ["--output", str(out)], env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         stores[name] = store_digest(out)
     assert stores["one"] == stores["workers2"] == stores["mpi2"]
@@ -78,7 +78,16 @@ def test_store_identical_for_workers_and_mpi_ranks(tmp_path, alphabet_path):
 def chunked(tmp_path_factory, alphabet_path):
     """1500 rows in chunks of 50, and the store an uninterrupted run makes of them."""
     tmp = tmp_path_factory.mktemp("chunked")
-    args = [tool("dstrain"), "preprocess", "--csv", many_rows_csv(tmp, 1500), "--alphabet", alphabet_path, "--chunk_rows", "50"]
+    args = [
+        tool("dstrain"),
+        "preprocess",
+        "--csv",
+        many_rows_csv(tmp, 1500),
+        "--alphabet",
+        alphabet_path,
+        "--chunk_rows",
+        "50",
+    ]
     subprocess.run(args + ["--output", str(tmp / "reference")], check=True, capture_output=True, timeout=600)
     return args, store_digest(tmp / "reference")
 
@@ -123,7 +132,10 @@ def test_sigterm_leaves_a_resumable_store_and_exits_75(tmp_path, chunked, worker
     cmd = args + ["--output", str(store), "--workers", str(workers)]
     status, rest = interrupt_after_chunks(cmd, 3, signal.SIGTERM)
     assert status == 75, rest[-3000:]
-    assert rest.strip().splitlines()[-1].startswith("dstrain preprocess: stopped by SIGTERM: ") and "same command again" in rest
+    assert (
+        rest.strip().splitlines()[-1].startswith("dstrain preprocess: stopped by SIGTERM: ")
+        and "same command again" in rest
+    )
     assert not (store / "_manifest.json").exists() and len(list((store / "_progress").glob("chunk-*.json"))) >= 3
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -131,9 +143,14 @@ def test_sigterm_leaves_a_resumable_store_and_exits_75(tmp_path, chunked, worker
 
 
 def test_float16_store_halves_features(tmp_path, alphabet_path, ldc93s1_csv):
-    full = preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(tmp_path / "f32")), progress=False)
+    full = preprocess(
+        PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(tmp_path / "f32")),
+        progress=False,
+    )
     half = preprocess(
-        PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(tmp_path / "f16"), feature_dtype="float16"),
+        PreprocessConfig(
+            csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(tmp_path / "f16"), feature_dtype="float16"
+        ),
         progress=False,
     )
     assert half.feature_dtype == "float16" and half.shards[0].bytes < 0.7 * full.shards[0].bytes

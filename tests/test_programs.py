@@ -2,6 +2,7 @@
 checkout starts is on it (read from the code, tests/programs_scan.py), and the packages that tools/install.sh and
 tools/build_image.sh install from it provide every listed program in a bare Debian root (mmdebstrap minbase), so a
 program that only a developer's machine had installed by hand fails here, not on a user's new machine."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from programs_scan import python_programs, scan, shell_programs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,13 +32,19 @@ def listed() -> dict[str, tuple[str, str]]:
 
 def apt_packages(*groups: str) -> list[str]:
     """What the installer installs for ``groups``, asked of the installer itself."""
-    out = subprocess.run([str(REPO / "tools" / "install.sh"), "--apt-packages", *groups], capture_output=True, text=True,
-                         check=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [str(REPO / "tools" / "install.sh"), "--apt-packages", *groups],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return out.stdout.split()
 
 
 def test_scanner_finds_programs_behind_wrappers_and_variables():
-    shell = 'f() { :; }\nx=$(grep -c a b | sort)\nenv A=1 timeout 5 sox a b\nf slurmd\nnsenter -t "$p" --net /usr/sbin/sshd -D\n'
+    shell = "f() { :; }\nx=$(grep -c a b | sort)\nenv A=1 timeout 5 sox a b\nf slurmd\n"
+    shell += 'nsenter -t "$p" --net /usr/sbin/sshd -D\n'
     assert sorted(p for _, p in shell_programs(shell)) == ["env", "grep", "nsenter", "sort", "sox", "sshd", "timeout"]
     code = (
         "import subprocess, shutil\n"
@@ -61,8 +67,10 @@ def test_every_program_the_checkout_starts_is_listed():
         for program, where in scan(REPO).items()
         if program not in known and not ("/" in program and not program.startswith("/"))  # the checkout's own scripts
     }
-    assert not missing, "started but not in tools/packages.txt (add each with the Debian package that provides it): " + \
-        "; ".join(f"{p} ({', '.join(w[:3])})" for p, w in sorted(missing.items()))  # fmt: skip
+    assert not missing, (
+        "started but not in tools/packages.txt (add each with the Debian package that provides it): "
+        + "; ".join(f"{p} ({', '.join(w[:3])})" for p, w in sorted(missing.items()))
+    )
 
 
 def test_every_listed_package_exists_once_per_group():
@@ -83,9 +91,17 @@ def test_image_group_brings_netavarks_iptables():
 
 
 def _apt_sources() -> list[str]:
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list")),
-             *sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))]  # fmt: skip
-    return [str(f) for f in files if f.is_file() and any(l.strip() and not l.lstrip().startswith("#") for l in f.read_text().splitlines())]
+    files = [
+        Path("/etc/apt/sources.list"),
+        *sorted(Path("/etc/apt/sources.list.d").glob("*.list")),
+        *sorted(Path("/etc/apt/sources.list.d").glob("*.sources")),
+    ]
+    return [
+        str(f)
+        for f in files
+        if f.is_file()
+        and any(line.strip() and not line.lstrip().startswith("#") for line in f.read_text().splitlines())
+    ]
 
 
 def bare_root_missing(root: Path, packages: list[str], programs: list[str], cache: Path) -> list[str]:
@@ -93,19 +109,37 @@ def bare_root_missing(root: Path, packages: list[str], programs: list[str], cach
     cache.mkdir(parents=True, exist_ok=True)
     # The downloaded .debs are kept between runs (sync-in/sync-out): the install itself is redone every time.
     subprocess.run(
-        ["mmdebstrap", "--quiet", "--mode=root", "--variant=minbase", f"--include={','.join(packages)}",
-         "--skip=download/empty", "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-         "--dpkgopt=path-exclude=/usr/share/locale/*",
-         "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
-         f"--setup-hook=sync-in {cache} /var/cache/apt/archives/",
-         f"--customize-hook=sync-out /var/cache/apt/archives {cache}",
-         "bookworm", str(root), *_apt_sources()],
-        check=True, capture_output=True, timeout=900,
-    )  # fmt: skip
+        [
+            "mmdebstrap",
+            "--quiet",
+            "--mode=root",
+            "--variant=minbase",
+            f"--include={','.join(packages)}",
+            "--skip=download/empty",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
+            f"--setup-hook=sync-in {cache} /var/cache/apt/archives/",
+            f"--customize-hook=sync-out /var/cache/apt/archives {cache}",
+            "bookworm",
+            str(root),
+            *_apt_sources(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     script = 'for p in "$@"; do command -v "$p" >/dev/null || echo "$p"; done'
-    out = subprocess.run(["chroot", str(root), "/bin/sh", "-c", script, "sh", *programs], env={"PATH": path},
-                         capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        ["chroot", str(root), "/bin/sh", "-c", script, "sh", *programs],
+        env={"PATH": path},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return out.stdout.split()
 
 

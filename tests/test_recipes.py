@@ -1,12 +1,13 @@
 """The synthetic Common Voice recipe end to end at a reduced size (RESULTS.md's table comes from its full size)."""
+
 import json
 import os
 import re
 import subprocess
 
 import pytest
-
 from conftest import REPO, SHARED, records
+
 from dstrain.metrics import error_rates
 from dstrain.store import FeatureStore
 
@@ -14,12 +15,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not (SHARED / "tools" / "synth_cv_corpus.py").exists(), reason="needs ../shared/tools/synth_cv_corpus.py")
+@pytest.mark.skipif(
+    not (SHARED / "tools" / "synth_cv_corpus.py").exists(), reason="needs ../shared/tools/synth_cv_corpus.py"
+)
 def test_synthetic_common_voice_recipe_end_to_end(tmp_path):
     work = tmp_path / "cv"
     env = dict(os.environ, CLIPS="160", TRAIN_SECONDS="50", TRIALS="4", SHARED=str(SHARED))
-    proc = subprocess.run([str(REPO / "recipes" / "synth_cv.sh"), str(work)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=880)  # fmt: skip
+    proc = subprocess.run(
+        [str(REPO / "recipes" / "synth_cv.sh"), str(work)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     run = work / "run-seed4568"
     for name in ("greedy_dev", "greedy_test", "scorer_dev", "scorer_test"):

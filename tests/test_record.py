@@ -1,5 +1,6 @@
 """The run record's schema: what each event must carry, how it survives a kill mid-write, and that the trainer's
 epoch line is made from it."""
+
 import json
 import math
 
@@ -8,15 +9,39 @@ import pytest
 from dstrain.record import EVENTS, RunRecord, check, events, format_epoch, read_record
 from dstrain.train.trainer import EPOCH_SCALARS
 
-EPOCH = {"number": 2, "epochs": 3, "loss": 1.5, "steps": 10, "micro_batches": 10, "resumed_at_step": 4, "exact": True, "seconds": 2.0,
-         "utterances_per_s": 20.0, "frames_per_s": 2000.0, "padding": 0.125, "loader_wait_max_s": 0.25,
-         "learning_rate": 0.001, "nonfinite_steps": 0}  # fmt: skip
+EPOCH = {
+    "number": 2,
+    "epochs": 3,
+    "loss": 1.5,
+    "steps": 10,
+    "micro_batches": 10,
+    "resumed_at_step": 4,
+    "exact": True,
+    "seconds": 2.0,
+    "utterances_per_s": 20.0,
+    "frames_per_s": 2000.0,
+    "padding": 0.125,
+    "loader_wait_max_s": 0.25,
+    "learning_rate": 0.001,
+    "nonfinite_steps": 0,
+}
 
 
 def test_every_event_names_its_fields_and_a_missing_one_is_refused(tmp_path):
     record = RunRecord(str(tmp_path / "run" / "metrics.jsonl"))
     written = record.write("epoch", step=10, epoch=2, **EPOCH)
-    assert set(EVENTS) == {"start", "resume", "epoch", "eval", "checkpoint", "nonfinite", "stop", "final", "reset", "samples"}
+    assert set(EVENTS) == {
+        "start",
+        "resume",
+        "epoch",
+        "eval",
+        "checkpoint",
+        "nonfinite",
+        "stop",
+        "final",
+        "reset",
+        "samples",
+    }
     (back,) = read_record(record.path)
     assert back == written and back["event"] == "epoch" and back["step"] == 10
     with pytest.raises(ValueError, match="epoch record lacks padding"):
@@ -43,8 +68,12 @@ def test_non_finite_figures_stay_valid_json_and_a_cut_last_line_is_dropped(tmp_p
 
 
 def test_without_a_path_records_are_only_built():
-    assert RunRecord(None).write("eval", step=3, epoch=1, split="dev", loss=1.0, wer=0.5, cer=0.25, samples=4,
-                                 decoder="greedy")["wer"] == 0.5  # fmt: skip
+    assert (
+        RunRecord(None).write(
+            "eval", step=3, epoch=1, split="dev", loss=1.0, wer=0.5, cer=0.25, samples=4, decoder="greedy"
+        )["wer"]
+        == 0.5
+    )
 
 
 def test_the_epoch_line_and_tensorboard_come_from_the_record():

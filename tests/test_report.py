@@ -77,7 +77,13 @@ def test_writes_panels_overview_and_index(run_dir, report):
     for path in [report.overview_png, *report.panel_pngs.values(), report.index_html]:
         assert os.path.isfile(path) and os.path.getsize(path) > 0
     assert set(report.series) == {
-        "loss/train", "loss/dev", "wer/dev", "cer/dev", "learning_rate", "throughput/frames_per_s", "loader/wait_s"
+        "loss/train",
+        "loss/dev",
+        "wer/dev",
+        "cer/dev",
+        "learning_rate",
+        "throughput/frames_per_s",
+        "loader/wait_s",
     }
     assert list(report.series["loss/train"].steps) == list(range(1, STEPS + 1))
 
@@ -154,7 +160,10 @@ def test_other_tags_runs_and_embedding(tmp_path):
     out = tmp_path / "out"
     result = render_report(str(tmp_path), str(out), embed=True)
     assert set(result.series) == {
-        "logs/train/loss", "logs/eval/loss", "logs/train/custom/gpu_mem_gb", "logs/eval/custom/gpu_mem_gb"
+        "logs/train/loss",
+        "logs/eval/loss",
+        "logs/train/custom/gpu_mem_gb",
+        "logs/eval/custom/gpu_mem_gb",
     }
     assert set(result.panel_pngs) == {"losses", "other_custom"}
     page = (out / "index.html").read_text()
@@ -209,14 +218,40 @@ def test_the_run_record_is_tabled(tmp_path):
 
     write_run(str(tmp_path / "summaries"))
     record = RunRecord(str(tmp_path / "metrics.jsonl"))
-    epoch = {"epochs": 2, "steps": 10, "micro_batches": 10, "resumed_at_step": 0, "exact": True, "seconds": 1.0, "utterances_per_s": 1.0,
-             "frames_per_s": 1500.0, "padding": 0.1, "loader_wait_max_s": 0.0, "learning_rate": 0.001, "nonfinite_steps": 0}  # fmt: skip
-    record.write("epoch", step=10, epoch=1, number=1, loss=3.5, dev_loss=3.0, dev_wer=0.9, dev_cer=0.5, best=True, **epoch)
-    record.write("stop", step=13, epoch=1, reason="Stop requested", signal="SIGUSR1", requested_by=[0], exit_code=75, checkpoint="c")
+    epoch = {
+        "epochs": 2,
+        "steps": 10,
+        "micro_batches": 10,
+        "resumed_at_step": 0,
+        "exact": True,
+        "seconds": 1.0,
+        "utterances_per_s": 1.0,
+        "frames_per_s": 1500.0,
+        "padding": 0.1,
+        "loader_wait_max_s": 0.0,
+        "learning_rate": 0.001,
+        "nonfinite_steps": 0,
+    }
+    record.write(
+        "epoch", step=10, epoch=1, number=1, loss=3.5, dev_loss=3.0, dev_wer=0.9, dev_cer=0.5, best=True, **epoch
+    )
+    record.write(
+        "stop",
+        step=13,
+        epoch=1,
+        reason="Stop requested",
+        signal="SIGUSR1",
+        requested_by=[0],
+        exit_code=75,
+        checkpoint="c",
+    )
     record.write("resume", step=13, epoch=1, checkpoint="c", epoch_step=3)
     record.write("epoch", step=20, epoch=2, number=2, loss=2.5, **dict(epoch, resumed_at_step=3))
     record.write("final", step=20, epoch=2, epochs_done=2, weights_sha256=["a", "a"], test=None)
     page = open(render_report(str(tmp_path)).index_html).read()
-    assert re.search(r'<tr data-epoch="1"><td data-key="number">1</td><td data-key="loss">3\.5</td><td data-key="dev_loss">3</td>', page)
+    assert re.search(
+        r'<tr data-epoch="1"><td data-key="number">1</td><td data-key="loss">3\.5</td><td data-key="dev_loss">3</td>',
+        page,
+    )
     assert '<tr data-epoch="2">' in page and "resumed from c (step 13, epoch step 3)" in page
     assert "stopped at step 13: Stop requested (SIGUSR1), exit 75" in page and "identical on every rank" in page

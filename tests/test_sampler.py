@@ -1,4 +1,5 @@
 """The epoch planner: pure numpy, no TensorFlow or Horovod; every rank's plan is computed here in one process."""
+
 import json
 from collections import Counter
 
@@ -91,7 +92,9 @@ def test_partition_guarantees(layout, world, remainder):
     rgs = groups(LAYOUTS[layout])
     table = RowGroupTable(rgs)
     B = 4
-    plans = plan_all(table, PlanSpec(batch_size=B, remainder=remainder, window_row_groups=2), world=world, epoch=2, seed=7)
+    plans = plan_all(
+        table, PlanSpec(batch_size=B, remainder=remainder, window_row_groups=2), world=world, epoch=2, seed=7
+    )
     P = table.n_samples
     S = check_train(plans, B, remainder, P)
     if remainder == "drop":
@@ -296,10 +299,17 @@ def test_store_weights():
     assert by_epoch[0] != by_epoch[1]
     plain = plan_all(table, PlanSpec(batch_size=8, remainder="pad"), epoch=0, **kw)
     assert sorted(flat(plain, "sample_ids", pad=False).tolist()) == list(range(1200))
-    only1 = flat(plan_all(table, PlanSpec(batch_size=8, remainder="pad", weights=(0, 2)), epoch=0, **kw), "sample_ids", pad=False)
+    only1 = flat(
+        plan_all(table, PlanSpec(batch_size=8, remainder="pad", weights=(0, 2)), epoch=0, **kw), "sample_ids", pad=False
+    )
     assert set(store_of_id[only1].tolist()) == {1} and only1.size == 1200
-    uneven = Counter(flat(plan_all(table, PlanSpec(batch_size=8, remainder="pad", weights=(1, 3)), epoch=0, **kw), "sample_ids",
-                          pad=False).tolist())
+    uneven = Counter(
+        flat(
+            plan_all(table, PlanSpec(batch_size=8, remainder="pad", weights=(1, 3)), epoch=0, **kw),
+            "sample_ids",
+            pad=False,
+        ).tolist()
+    )
     assert sum(c for i, c in uneven.items() if i >= 1000) == 900
     assert {uneven[i] for i in range(1000, 1200)} <= {4, 5}
 
@@ -559,7 +569,9 @@ def test_duration_batches_sortagrad_and_reverse():
 
 def test_duration_batches_a_sample_over_the_budget_is_an_error():
     rgs = make_row_groups([[100, 300, 2500, 200], [2600, 50]])
-    with pytest.raises(ValueError, match=r"batch_frames 2000: 2 sample\(s\) are longer, the longest 2600 frames; raise"):
+    with pytest.raises(
+        ValueError, match=r"batch_frames 2000: 2 sample\(s\) are longer, the longest 2600 frames; raise"
+    ):
         plan_epoch(rgs, duration(2000), rank=0, world=1, epoch=0, seed=0)
     # limit keeps only the first rows of the store: the long ones are not used, so not an error
     assert plan_epoch(rgs, duration(2000, limit=2), rank=0, world=1, epoch=0, seed=0).samples == 2
@@ -585,7 +597,9 @@ def test_duration_resume_same_world_is_the_tail(world, remainder):
             tail = resume_plan(pos, rgs, spec, rank=r, world=world)
             lo = full.offsets[cut]
             assert tail.exact and tail.start_step == cut and tail.steps == S - cut
-            assert np.array_equal(tail.sample_ids, full.sample_ids[lo:]) and np.array_equal(tail.is_pad, full.is_pad[lo:])
+            assert np.array_equal(tail.sample_ids, full.sample_ids[lo:]) and np.array_equal(
+                tail.is_pad, full.is_pad[lo:]
+            )
             assert np.array_equal(tail.batch_sizes, full.batch_sizes[cut:])
             if tail.steps:
                 assert set(tail.resident(0)) <= set(full.resident(cut))
@@ -631,8 +645,10 @@ def test_duration_resume_other_world_and_budget_consumes_the_rest_once(remainder
         assert set(counts) == set(range(pool))
         assert not set(flat(third, pad=False).tolist()) & set(done2.tolist())
     # and back from duration batches to fixed ones
-    fixed = [resume_plan(pos2, rgs, PlanSpec(batch_size=4, remainder=remainder, window_row_groups=3), rank=r, world=2)
-             for r in range(2)]  # fmt: skip
+    fixed = [
+        resume_plan(pos2, rgs, PlanSpec(batch_size=4, remainder=remainder, window_row_groups=3), rank=r, world=2)
+        for r in range(2)
+    ]
     check_train_rest(fixed, 4, remainder, pool - done2.size)
 
 

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
-
 from conftest import SHARED, tool
+from test_decoder import SCORER, VOCAB, needs_scorer, spell
+
 from dstrain.alphabet import Alphabet
 from dstrain.decoder.ctc import ctc_beam_search_decoder
 from dstrain.decoder.scorer import Scorer
 from dstrain.decoder.scorer_build import build_package, minimal_trie
 from dstrain.decoder.scorer_package import ScorerError, read_scorer_package, vocabulary
-from test_decoder import SCORER, VOCAB, needs_scorer, spell
 
 
 def test_minimal_trie_merges_shared_suffixes():
@@ -36,8 +36,12 @@ def test_rebuilding_deepspeech_package_gives_the_same_trie(tmp_path, alphabet_pa
     again = read_scorer_package(str(tmp_path / "re.scorer"))
     assert sorted(vocabulary(again, alphabet.labels)) == sorted(VOCAB.read_text().split())
     probs = spell("the man had a dark suit", alphabet, {5: {"q": 0.5, "a": 0.4}})
-    with_original = ctc_beam_search_decoder(probs, alphabet, 50, scorer=Scorer(0.75, 1.85, str(SCORER), alphabet), num_results=3)
-    with_rebuilt = ctc_beam_search_decoder(probs, alphabet, 50, scorer=Scorer(0.75, 1.85, str(tmp_path / "re.scorer"), alphabet), num_results=3)
+    with_original = ctc_beam_search_decoder(
+        probs, alphabet, 50, scorer=Scorer(0.75, 1.85, str(SCORER), alphabet), num_results=3
+    )
+    with_rebuilt = ctc_beam_search_decoder(
+        probs, alphabet, 50, scorer=Scorer(0.75, 1.85, str(tmp_path / "re.scorer"), alphabet), num_results=3
+    )
     assert with_rebuilt == with_original and with_original[0][1] == "the man had a dark suit"
 
 
@@ -47,15 +51,36 @@ def test_text_to_scorer_with_dstrain_alone(tmp_path, alphabet_path):
     corpus = SHARED / "data" / "smoke" / "vocab.txt"
     if not corpus.exists():
         pytest.skip("../shared/data/smoke not present")
-    out = subprocess.run([tool("dstrain"), "scorer", "lm", "--text", str(corpus), "--output_dir", str(tmp_path), "--order", "3"],
-                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [tool("dstrain"), "scorer", "lm", "--text", str(corpus), "--output_dir", str(tmp_path), "--order", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     binary, vocab = out
     (tmp_path / "vocab_extra.txt").write_text(open(vocab).read() + " café naïve\n")
     proc = subprocess.run(
-        [tool("dstrain"), "scorer", "build", "--alphabet", alphabet_path, "--lm", binary, "--vocab", str(tmp_path / "vocab_extra.txt"),
-         "--package", str(tmp_path / "own.scorer"), "--default_alpha", "0.9", "--default_beta", "1.2"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            tool("dstrain"),
+            "scorer",
+            "build",
+            "--alphabet",
+            alphabet_path,
+            "--lm",
+            binary,
+            "--vocab",
+            str(tmp_path / "vocab_extra.txt"),
+            "--package",
+            str(tmp_path / "own.scorer"),
+            "--default_alpha",
+            "0.9",
+            "--default_beta",
+            "1.2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "2 word(s) skipped" in proc.stdout and "café" in proc.stdout
     alphabet = Alphabet.from_file(alphabet_path)
     scorer = Scorer(None, None, str(tmp_path / "own.scorer"), alphabet)
@@ -75,7 +100,9 @@ def test_bytes_output_mode_package_and_clear_errors(tmp_path, alphabet_path):
     lm = tmp_path / "lm.binary"
     lm.write_bytes(SCORER.read_bytes()[: original.lm_bytes])
     (tmp_path / "words.txt").write_text("привет мир hello\n")
-    report = build_package(str(lm), str(tmp_path / "words.txt"), str(tmp_path / "utf8.scorer"), None, 0.5, 1.0, utf8=True)
+    report = build_package(
+        str(lm), str(tmp_path / "words.txt"), str(tmp_path / "utf8.scorer"), None, 0.5, 1.0, utf8=True
+    )
     package = read_scorer_package(str(tmp_path / "utf8.scorer"))
     assert package.utf8 and report.words == 3
     assert sorted(vocabulary(package)) == ["hello", "мир", "привет"]
@@ -83,7 +110,15 @@ def test_bytes_output_mode_package_and_clear_errors(tmp_path, alphabet_path):
         Scorer(0.5, 1.0, str(tmp_path / "utf8.scorer"), Alphabet.from_file(alphabet_path))
     (tmp_path / "lm.arpa").write_text("\\data\\\nngram 1=1\n")
     with pytest.raises(ScorerError, match="not a KenLM binary"):
-        build_package(str(tmp_path / "lm.arpa"), str(tmp_path / "words.txt"), str(tmp_path / "x.scorer"), None, 0.5, 1.0, utf8=True)
+        build_package(
+            str(tmp_path / "lm.arpa"),
+            str(tmp_path / "words.txt"),
+            str(tmp_path / "x.scorer"),
+            None,
+            0.5,
+            1.0,
+            utf8=True,
+        )
 
 
 def byte_posteriors(text: str, confusions: dict[int, dict[int, float]] | None = None) -> np.ndarray:
@@ -111,8 +146,22 @@ def test_utf8_mode_with_a_bytes_scorer(tmp_path):
 
     words = ["бедняга", "ребят", "должен", "месте", "быть", "бедняга", "была", "нога", "дорога"]
     (tmp_path / "chars.txt").write_text("\n".join(" ".join(w) for w in words * 20) + "\n")
-    out = subprocess.run([tool("dstrain"), "scorer", "lm", "--text", str(tmp_path / "chars.txt"), "--output_dir", str(tmp_path), "--order", "3"],
-                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [
+            tool("dstrain"),
+            "scorer",
+            "lm",
+            "--text",
+            str(tmp_path / "chars.txt"),
+            "--output_dir",
+            str(tmp_path),
+            "--order",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     binary, vocab = out
     report = build_package(binary, vocab, str(tmp_path / "ru.scorer"), None, 2.0, 0.0, utf8=True)
     assert report.words == len(set("".join(words)))

@@ -1,5 +1,6 @@
 """The project's sbatch scripts on SLURM across the nodes of a cluster in a box: slurmctld on a `head` node beside
 them, one slurmd per node (tools/cluster.sh slurm). Ranks start through `srun --mpi=pmix`, one per node."""
+
 import os
 import re
 import shutil
@@ -8,10 +9,8 @@ import sys
 import time
 
 import pytest
-
 from cluster import REPO, Cluster, box, rank_env, tiny_training, wait_for
-from conftest import final_digests, records
-from conftest import synthetic_store, tool
+from conftest import final_digests, records, synthetic_store, tool
 from test_preprocess_scale import many_rows_csv, store_digest
 
 pytestmark = pytest.mark.slow
@@ -20,7 +19,9 @@ ONE_RANK_PER_NODE = ["--ntasks-per-node=1", "--gres=gpu:1", "--cpus-per-task=1",
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return synthetic_store(tmp_path_factory.mktemp("slurm-multinode") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11)
+    return synthetic_store(
+        tmp_path_factory.mktemp("slurm-multinode") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11
+    )
 
 
 @pytest.fixture
@@ -37,8 +38,11 @@ def on_head(c: Cluster, *cmd: str, **env: str) -> subprocess.CompletedProcess:
     """A SLURM client command, where the controller is reachable."""
     # The venv running these tests (its bin/python is a link: do not resolve it out of the venv).
     venv = os.path.dirname(os.path.dirname(sys.executable))
-    return c.run("head", *cmd, env=rank_env(SLURM_CONF=str(c.dir / "slurm" / "slurm.conf"), DSTRAIN_HOME=str(REPO),
-                                          DSTRAIN_VENV=venv, **env))  # fmt: skip
+    return c.run(
+        "head",
+        *cmd,
+        env=rank_env(SLURM_CONF=str(c.dir / "slurm" / "slurm.conf"), DSTRAIN_HOME=str(REPO), DSTRAIN_VENV=venv, **env),
+    )
 
 
 def job_info(c: Cluster, job: str) -> dict[str, str]:
@@ -49,24 +53,39 @@ def submit(c: Cluster, store: str, run_dir, tmp_path) -> str:
     """A two-node training job: 4 epochs of ~20 steps per rank, a checkpoint every 3 steps."""
     # train_body.sh adds the stores, alphabet and run directory; the last --intra_op_parallelism_threads wins.
     args = " ".join(tiny_training("--checkpoint_steps", "3", epochs=4, batch=1))
-    out = on_head(c, "sh", "-c", f"cd {tmp_path} && sbatch --parsable --nodes=2 {' '.join(ONE_RANK_PER_NODE)} "
-                  f"{REPO}/slurm/train_multinode.sbatch {args}", TRAIN_FILES=store,
-                  ALPHABET=str(REPO / "dstrain" / "data" / "alphabet.txt"), CHECKPOINT_DIR=str(run_dir))  # fmt: skip
+    out = on_head(
+        c,
+        "sh",
+        "-c",
+        f"cd {tmp_path} && sbatch --parsable --nodes=2 {' '.join(ONE_RANK_PER_NODE)} "
+        f"{REPO}/slurm/train_multinode.sbatch {args}",
+        TRAIN_FILES=store,
+        ALPHABET=str(REPO / "dstrain" / "data" / "alphabet.txt"),
+        CHECKPOINT_DIR=str(run_dir),
+    )
     assert out.returncode == 0, out.stdout
     return out.stdout.strip().split(";")[0]
 
 
 def wait_checkpoint_inside(run_dir, epoch: int) -> None:
     log = run_dir / "train.log"
-    wait_for(lambda: log.exists() and re.search(rf"saved \S+ at step \d+ \(epoch {epoch}, step [1-9]", log.read_text()),
-             400, f"a checkpoint inside epoch {epoch}")  # fmt: skip
+    wait_for(
+        lambda: log.exists() and re.search(rf"saved \S+ at step \d+ \(epoch {epoch}, step [1-9]", log.read_text()),
+        400,
+        f"a checkpoint inside epoch {epoch}",
+    )
 
 
 def release_requeued(c: Cluster, job: str, restarts: int) -> None:
     """SLURM holds a requeued job for two minutes: start it as soon as the last run's step has gone."""
-    wait_for(lambda: (i := job_info(c, job)).get("Restarts") == str(restarts) and i.get("JobState") == "PENDING", 180,
-             f"requeue number {restarts}")  # fmt: skip
-    wait_for(lambda: not any(c.running(n, f"slurmstepd: [{job}.0]") for n in c.nodes), 120, "the last run's step to exit")
+    wait_for(
+        lambda: (i := job_info(c, job)).get("Restarts") == str(restarts) and i.get("JobState") == "PENDING",
+        180,
+        f"requeue number {restarts}",
+    )
+    wait_for(
+        lambda: not any(c.running(n, f"slurmstepd: [{job}.0]") for n in c.nodes), 120, "the last run's step to exit"
+    )
     assert on_head(c, "scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
 
 
@@ -86,7 +105,9 @@ def test_two_node_job_goes_through_usr1_and_a_dead_node_by_requeues(slurm, store
     assert "on node[1-2], 2 ranks" in text and "Horovod: 2 process(es), mpi controller" in text
     assert "Stop requested (SIGUSR1)" in text and "requeueing job" in text and "restart 1" in text
     stopped = re.search(r"Stop requested \(SIGUSR1\): checkpoint \S+ saved at epoch (\d+), step (\d+)", text)
-    assert stopped and re.search(rf"Resuming from checkpoint \S+ \(epoch {int(stopped.group(1)) - 1} done, step {stopped.group(2)}\)", text)
+    assert stopped and re.search(
+        rf"Resuming from checkpoint \S+ \(epoch {int(stopped.group(1)) - 1} done, step {stopped.group(2)}\)", text
+    )
     assert f"epoch {stopped.group(1)}: resuming after step" in text, "the requeued job did not resume mid-epoch"
 
     # node2 dies mid-epoch: rank 0 stops at once, SLURM marks the node down and the job, requeued, runs on node1 and
@@ -97,9 +118,15 @@ def test_two_node_job_goes_through_usr1_and_a_dead_node_by_requeues(slurm, store
     elapsed = time.monotonic() - t0
     assert elapsed < 30, f"rank 0 took {elapsed:.0f} s to exit after node2 died"
     print(f"srun, node2 killed: rank 0 gone after {elapsed:.1f} s")
-    wait_for(lambda: "down" in on_head(slurm, "sinfo", "-h", "-n", "node2", "-o", "%T").stdout, 120, "node2 to be marked down")
+    wait_for(
+        lambda: "down" in on_head(slurm, "sinfo", "-h", "-n", "node2", "-o", "%T").stdout,
+        120,
+        "node2 to be marked down",
+    )
     release_requeued(slurm, job, 2)
-    wait_for(lambda: job_info(slurm, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job")
+    wait_for(
+        lambda: job_info(slurm, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job"
+    )
     text = log.read_text()
     assert job_info(slurm, job)["JobState"] == "COMPLETED", text[-4000:]
     assert job_info(slurm, job)["NodeList"] == "node[1,3]" and "restart 2" in text
@@ -114,10 +141,33 @@ def test_two_node_job_goes_through_usr1_and_a_dead_node_by_requeues(slurm, store
 def test_preprocessing_over_two_nodes_gives_the_store_of_one_process(slurm, alphabet_path, tmp_path):
     src = many_rows_csv(tmp_path, 30)
     local = tmp_path / "local"
-    subprocess.run([tool("dstrain"), "preprocess", "--csv", src, "--alphabet", alphabet_path, "--output", str(local), "--chunk_rows", "4"],
-                   check=True, capture_output=True, env=rank_env())  # fmt: skip
-    out = on_head(slurm, "sh", "-c", f"cd {tmp_path} && sbatch --wait --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 "
-                  f"{REPO}/slurm/preprocess.sbatch --chunk_rows 4", CSV=src, ALPHABET=alphabet_path, OUTPUT=str(tmp_path / "slurm_store"))  # fmt: skip
+    subprocess.run(
+        [
+            tool("dstrain"),
+            "preprocess",
+            "--csv",
+            src,
+            "--alphabet",
+            alphabet_path,
+            "--output",
+            str(local),
+            "--chunk_rows",
+            "4",
+        ],
+        check=True,
+        capture_output=True,
+        env=rank_env(),
+    )
+    out = on_head(
+        slurm,
+        "sh",
+        "-c",
+        f"cd {tmp_path} && sbatch --wait --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 "
+        f"{REPO}/slurm/preprocess.sbatch --chunk_rows 4",
+        CSV=src,
+        ALPHABET=alphabet_path,
+        OUTPUT=str(tmp_path / "slurm_store"),
+    )
     (log,) = tmp_path.glob("dstrain-preprocess-*.out")
     assert out.returncode == 0, log.read_text()[-3000:]
     job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
@@ -127,8 +177,23 @@ def test_preprocessing_over_two_nodes_gives_the_store_of_one_process(slurm, alph
 
 @pytest.mark.timeout(300)
 def test_preflight_inside_an_allocation_asks_every_node_through_srun(slurm, store, tmp_path):
-    check = ["salloc", "--nodelist=node1,node2", "--ntasks-per-node=1", "dstrain", "launch", "--check", "--launcher", "mpirun", "--",
-             "dstrain", "train", "--train_files", store, "--checkpoint_dir", str(tmp_path / "run")]  # fmt: skip
+    check = [
+        "salloc",
+        "--nodelist=node1,node2",
+        "--ntasks-per-node=1",
+        "dstrain",
+        "launch",
+        "--check",
+        "--launcher",
+        "mpirun",
+        "--",
+        "dstrain",
+        "train",
+        "--train_files",
+        store,
+        "--checkpoint_dir",
+        str(tmp_path / "run"),
+    ]
     ok = on_head(slurm, *check)
     assert ok.returncode == 0 and "pre-flight check passed on node1, node2" in ok.stdout, ok.stdout
     assert "network interface eth0 (10.213.0.0/24), shared by every node" in ok.stdout

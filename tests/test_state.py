@@ -1,6 +1,7 @@
 """One training state (dstrain.train.state.TrainState) for both ways of keeping it: a checkpoint restored into a fresh
 state, committed as an elastic snapshot, moved on, rolled back to that snapshot and saved again gives the state it
 started from, to the bit (weights, optimizer slots, moving average, counters, dev history, loader position)."""
+
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,8 @@ import json
 
 import numpy as np
 import tensorflow as tf
-
 from conftest import DATA
+
 from dstrain.alphabet import Alphabet
 from dstrain.features import FeatureConfig
 from dstrain.model import ModelConfig
@@ -69,8 +70,12 @@ def checkpoints(state: TrainState, run: RunDir) -> Checkpoints:
 
 def test_a_checkpoint_and_an_elastic_commit_keep_the_same_state_bit_exact(tmp_path):
     run = RunDir(str(tmp_path / "run"))
-    run.write_config({"model": ModelConfig(n_hidden=8).to_dict(), "checkpoint": {"max_to_keep": 5}}, FeatureConfig(),
-                     Alphabet.from_file(str(DATA / "alphabet.txt")), 1)  # fmt: skip
+    run.write_config(
+        {"model": ModelConfig(n_hidden=8).to_dict(), "checkpoint": {"max_to_keep": 5}},
+        FeatureConfig(),
+        Alphabet.from_file(str(DATA / "alphabet.txt")),
+        1,
+    )
     original = new_state(run)
     original.ema.reset()
     train_a_little(original, seed=1)

@@ -6,14 +6,14 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import DATA
+
 from dstrain.alphabet import ctc_min_frames
 from dstrain.audio import read_audio
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
-from dstrain.store import FeatureStore, ShardReader, StoreError, StoreLayout, join
 from dstrain.prep.importers.ldc93s1 import normalise_transcript
 from dstrain.prep.pipeline import PreprocessConfig, preprocess
+from dstrain.store import FeatureStore, ShardReader, StoreError, StoreLayout, join
 
 TRANSCRIPT = "she had your dark suit in greasy wash water all year"
 
@@ -71,7 +71,12 @@ def test_remote_audio_and_csv_through_fsspec(tmp_path, alphabet_path):
     report = import_csv(("memory://remote/list.csv",), str(tmp_path))
     (row,) = list(csv.DictReader(open(tmp_path / "list.csv")))
     assert row["wav_filename"] == "memory://remote/audio/a.wav" and int(row["wav_filesize"]) == 93638
-    m = preprocess(PreprocessConfig(csv_files=("memory://remote/list.csv",), alphabet_path=alphabet_path, output=str(tmp_path / "s")), progress=False)
+    m = preprocess(
+        PreprocessConfig(
+            csv_files=("memory://remote/list.csv",), alphabet_path=alphabet_path, output=str(tmp_path / "s")
+        ),
+        progress=False,
+    )
     assert m.utterances == 1 and report.rejected == {}
 
 
@@ -104,18 +109,28 @@ def test_bad_samples_are_rejected_with_reasons(tmp_path, ldc93s1_csv, alphabet_p
         for path, text in rows:
             w.writerow([path, 0, text])
     out = tmp_path / "store"
-    m = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(out), max_duration=0), progress=False)
+    m = preprocess(
+        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(out), max_duration=0),
+        progress=False,
+    )
     assert m.utterances == 1
     assert m.rejects["by_reason"] == {
-        "alphabet": 1, "empty_audio": 1, "empty_transcript": 1, "missing_file": 1, "too_short": 1, "unreadable_audio": 1,
-    }  # fmt: skip
+        "alphabet": 1,
+        "empty_audio": 1,
+        "empty_transcript": 1,
+        "missing_file": 1,
+        "too_short": 1,
+        "unreadable_audio": 1,
+    }
     with open(out / "_rejects.csv", newline="") as f:
         rejects = list(csv.DictReader(f))
     assert len(rejects) == 6
     assert any(r["reason"] == "alphabet" and "'!'" in r["detail"] for r in rejects)
     # Too long
     m = preprocess(
-        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "s2"), max_duration=1.0),
+        PreprocessConfig(
+            csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "s2"), max_duration=1.0
+        ),
         progress=False,
     )
     assert m.utterances == 0 and m.rejects["by_reason"]["too_long"] == 2  # the good and the too-short one
@@ -131,9 +146,25 @@ def test_workers_give_identical_store(ldc93s1_csv, alphabet_path, tmp_path):
     csv_path = tmp_path / "many.csv"
     line = open(ldc93s1_csv).read().splitlines()[1]
     csv_path.write_text("wav_filename,wav_filesize,transcript\n" + "\n".join([line] * 5) + "\n")
-    a = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "a"), shard_size_mb=0.05, chunk_rows=2), progress=False)
+    a = preprocess(
+        PreprocessConfig(
+            csv_files=(str(csv_path),),
+            alphabet_path=alphabet_path,
+            output=str(tmp_path / "a"),
+            shard_size_mb=0.05,
+            chunk_rows=2,
+        ),
+        progress=False,
+    )
     b = preprocess(
-        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(tmp_path / "b"), shard_size_mb=0.05, chunk_rows=2, workers=2),
+        PreprocessConfig(
+            csv_files=(str(csv_path),),
+            alphabet_path=alphabet_path,
+            output=str(tmp_path / "b"),
+            shard_size_mb=0.05,
+            chunk_rows=2,
+            workers=2,
+        ),
         progress=False,
     )
     assert len(a.shards) == 3  # 5 rows in chunks of 2
@@ -167,7 +198,10 @@ def test_store_folder_opens_as_one_parquet_dataset(ldc93s1_csv, alphabet_path, t
     line = open(ldc93s1_csv).read().splitlines()[1]
     csv_path.write_text("wav_filename,wav_filesize,transcript\n" + "\n".join([line] * 5) + "\nmissing.wav,0,x\n")
     out = tmp_path / "store"
-    m = preprocess(PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(out), chunk_rows=2), progress=False)
+    m = preprocess(
+        PreprocessConfig(csv_files=(str(csv_path),), alphabet_path=alphabet_path, output=str(out), chunk_rows=2),
+        progress=False,
+    )
     assert len(m.shards) == 3 and m.rejects["count"] == 1 and (out / "_rejects.csv").exists()
     frame = pandas.read_parquet(out)
     assert len(frame) == m.utterances == 5 and set(frame["transcript"]) == {TRANSCRIPT}
@@ -181,7 +215,9 @@ def test_stores_of_the_old_layout_still_open(ldc93s1_csv, alphabet_path, tmp_pat
     store = FeatureStore.open(str(out))
     assert store.manifest.utterances == 1 and store.verify() == []
     with pytest.raises(StoreError, match="already holds a finished store"):
-        preprocess(PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(out)), progress=False)
+        preprocess(
+            PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(out)), progress=False
+        )
 
 
 def test_truncated_shard_is_named_with_the_fix(ldc93s1_csv, alphabet_path, tmp_path):

@@ -1,5 +1,6 @@
 """Training semantics through the real entry points: exact resume after SIGKILL, preemption that cannot lose its
 checkpoint, mixed precision, non-finite steps, early stopping from global figures, geometry checks, bytes mode."""
+
 import json
 import os
 import random
@@ -10,21 +11,43 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import DATA, SHARED, final_digests, records, synthetic_store, tool
 
 pytestmark = pytest.mark.slow
 
 
 def env(**extra) -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **extra)
+    return dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **extra
+    )
 
 
 def train_cmd(store: str, work, *extra: str, epochs: int = 3, batch: int = 2) -> list[str]:
-    return [tool("dstrain"), "train", "--train_files", store, "--alphabet_config_path", str(DATA / "alphabet.txt"),
-            "--n_hidden", "16", "--epochs", str(epochs), "--train_batch_size", str(batch), "--learning_rate", "0.002",
-            "--checkpoint_dir", str(work), "--inter_op_parallelism_threads", "1", "--intra_op_parallelism_threads", "1",
-            "--loader_threads", "2", *extra]  # fmt: skip
+    return [
+        tool("dstrain"),
+        "train",
+        "--train_files",
+        store,
+        "--alphabet_config_path",
+        str(DATA / "alphabet.txt"),
+        "--n_hidden",
+        "16",
+        "--epochs",
+        str(epochs),
+        "--train_batch_size",
+        str(batch),
+        "--learning_rate",
+        "0.002",
+        "--checkpoint_dir",
+        str(work),
+        "--inter_op_parallelism_threads",
+        "1",
+        "--intra_op_parallelism_threads",
+        "1",
+        "--loader_threads",
+        "2",
+        *extra,
+    ]
 
 
 def horovodrun(np_: int = 2) -> list[str]:
@@ -32,20 +55,44 @@ def horovodrun(np_: int = 2) -> list[str]:
 
 
 def mpirun(np_: int = 2) -> list[str]:
-    return ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", "-x", "PATH", "-x", "TF_CPP_MIN_LOG_LEVEL",
-            "-x", "TF_DETERMINISTIC_OPS", "-x", "HOROVOD_CONTROLLER=mpi", "-x", "HOROVOD_CPU_OPERATIONS=mpi"] + (
-        ["--allow-run-as-root"] if os.geteuid() == 0 else [])  # fmt: skip
+    return [
+        "mpirun",
+        "-np",
+        str(np_),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-x",
+        "PATH",
+        "-x",
+        "TF_CPP_MIN_LOG_LEVEL",
+        "-x",
+        "TF_DETERMINISTIC_OPS",
+        "-x",
+        "HOROVOD_CONTROLLER=mpi",
+        "-x",
+        "HOROVOD_CPU_OPERATIONS=mpi",
+    ] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
 
 
 def run(cmd: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=kw.pop("env", env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, **kw)  # fmt: skip
+    return subprocess.run(
+        cmd,
+        env=kw.pop("env", env()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     # 41 utterances in row groups of 4 over 3 shards: divides evenly into neither ranks nor batches.
-    return synthetic_store(tmp_path_factory.mktemp("train") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11)
+    return synthetic_store(
+        tmp_path_factory.mktemp("train") / "s", 41, row_group_rows=4, shard_rows=15, frames=(40, 90), seed=11
+    )
 
 
 @pytest.mark.timeout(400)
@@ -64,8 +111,14 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_pa
     assert [r["number"] for r in epochs] == [1, 2, 3] and [r["steps"] for r in epochs] == [21, 21, 21]
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(horovodrun() + train_cmd(store, work, *args, batch=1), env=deterministic, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        horovodrun() + train_cmd(store, work, *args, batch=1),
+        env=deterministic,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = ""
     for line in proc.stdout:
         seen += line
@@ -88,8 +141,12 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_pa
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_sigusr1_on_one_rank_stops_all_after_rank0s_checkpoint(store, tmp_path, launcher):
     work = tmp_path / "run"
-    cmd = (horovodrun() if launcher == "horovodrun" else mpirun()) + train_cmd(store, work, "--dropout_rate", "0", epochs=400)
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = (horovodrun() if launcher == "horovodrun" else mpirun()) + train_cmd(
+        store, work, "--dropout_rate", "0", epochs=400
+    )
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     out = ""
     for line in proc.stdout:
         out += line
@@ -108,16 +165,23 @@ def test_sigusr1_on_one_rank_stops_all_after_rank0s_checkpoint(store, tmp_path, 
     assert stop["signal"] == "SIGUSR1" and stop["requested_by"] == [1] and stop["exit_code"] == 75, stop
     assert "Stop requested (on another rank)" in out  # rank 1 asked; rank 0 was told by the step's allreduce
     index = work / "train" / "checkpoint"
-    assert index.exists() and os.stat(index).st_mtime <= min(exits), "a rank left before rank 0's checkpoint was complete"
+    assert index.exists() and os.stat(index).st_mtime <= min(
+        exits
+    ), "a rank left before rank 0's checkpoint was complete"
     assert stop["checkpoint"] and records(work, "checkpoint")[-1]["reason"] == "stop"
-    resumed = run((horovodrun() if launcher == "horovodrun" else mpirun()) + train_cmd(store, work, "--dropout_rate", "0", epochs=5))
+    resumed = run(
+        (horovodrun() if launcher == "horovodrun" else mpirun())
+        + train_cmd(store, work, "--dropout_rate", "0", epochs=5)
+    )
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     (resume,) = records(work, "resume")
     assert resume["checkpoint"] == stop["checkpoint"] and resume["step"] == stop["step"]
     if launcher == "horovodrun":
         # Stopped mid-epoch again, then resumed on one rank: the rest of the epoch is re-partitioned, and it says so.
-        out = run(horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=7),
-                  timeout=300)  # fmt: skip
+        out = run(
+            horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=7),
+            timeout=300,
+        )
         assert out.returncode == 0
         partial = work / "partial"
         import shutil
@@ -164,8 +228,14 @@ def rank_pid(launcher: int, rank: int) -> int:
 
 def _stop_mid_epoch(store: str, work) -> None:
     """Run 2 ranks until a mid-epoch checkpoint of the next epoch is saved, then SIGUSR1 (stop, checkpoint, exit 75)."""
-    proc = subprocess.Popen(horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=9),
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=9),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:
         if re.search(r"saved \S+ at step \d+ \(epoch \d+, step [2-8] of it\)", line):
             for rank in (0, 1):
@@ -228,8 +298,12 @@ def test_sigkill_inside_any_save_leaves_a_loadable_checkpoint(tmp_path):
     expected, held = 0, {"latest": 0, "best": 0}
     for kill in range(20):
         stage = ("latest", "best")[kill % 2]
-        saver = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING, work, stage, str(rng.randint(0, 3))],
-                                 stdout=subprocess.PIPE, text=True, env=env())  # fmt: skip
+        saver = subprocess.Popen(
+            [sys.executable, "-c", KILL_WHILE_SAVING, work, stage, str(rng.randint(0, 3))],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
         ready = saver.stdout.readline().split()
         assert ready[:1] == ["ready"] and int(ready[1]) == expected, (kill, ready)
         inside = saver.stdout.readline().split()
@@ -242,7 +316,9 @@ def test_sigkill_inside_any_save_leaves_a_loadable_checkpoint(tmp_path):
         assert os.path.exists(path + ".index") and index_names(work, stage) != os.path.basename(path), (kill, path)
         held[stage] += 1
     assert held == {"latest": 10, "best": 10}
-    check = subprocess.run([sys.executable, "-c", RESTORE, work], capture_output=True, text=True, env=env(), timeout=120)
+    check = subprocess.run(
+        [sys.executable, "-c", RESTORE, work], capture_output=True, text=True, env=env(), timeout=120
+    )
     assert check.returncode == 0, check.stderr[-3000:]
     loaded = [line.split() for line in check.stdout.splitlines() if line.startswith("loaded")]
     assert len(loaded) == 2 and int(loaded[0][2]) == expected and int(loaded[1][2]) % 3 == 0, check.stdout
@@ -259,8 +335,11 @@ def index_names(run: str, kind: str) -> str:
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_trains_with_identical_weights_on_both_ranks(store, tmp_path, precision):
-    out = run(horovodrun() + train_cmd(store, tmp_path / precision, "--precision", precision, "--dropout_rate", "0",
-                                       epochs=6, batch=4) + ["--learning_rate", "0.01"])  # fmt: skip
+    out = run(
+        horovodrun()
+        + train_cmd(store, tmp_path / precision, "--precision", precision, "--dropout_rate", "0", epochs=6, batch=4)
+        + ["--learning_rate", "0.01"]
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     work = tmp_path / precision
     assert records(work, "start")[0]["precision"] == precision
@@ -282,10 +361,14 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_both(tmp_path):
     feats[5][7] = float("inf")
     import pyarrow as pa
 
-    table = table.set_column(table.schema.get_field_index("features"), "features", pa.array(feats, table.schema.field("features").type))
+    table = table.set_column(
+        table.schema.get_field_index("features"), "features", pa.array(feats, table.schema.field("features").type)
+    )
     pq.write_table(table, os.path.join(url, shard), row_group_size=4)
     _refresh_manifest(url)
-    out = run(horovodrun() + train_cmd(url, tmp_path / "w", "--nofeature_normalization", "--noshuffle", epochs=2, batch=2))
+    out = run(
+        horovodrun() + train_cmd(url, tmp_path / "w", "--nofeature_normalization", "--noshuffle", epochs=2, batch=2)
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     work = tmp_path / "w"
     # One step per epoch is skipped on every rank: the batch holding sample 5, which only one rank reads (rank 0's
@@ -313,7 +396,6 @@ def test_augmentation_that_would_make_samples_infeasible_never_skips_a_step(tmp_
 
 
 def _refresh_manifest(url: str) -> None:
-
     from dstrain.store import StoreLayout
 
     layout = StoreLayout(url)
@@ -327,8 +409,21 @@ def _refresh_manifest(url: str) -> None:
 @pytest.mark.timeout(400)
 def test_early_stop_from_global_dev_loss_stops_both_ranks_together(store, tmp_path):
     # Each rank holds different dev samples, so their local dev losses differ; the decision uses the global loss.
-    out = run(horovodrun() + train_cmd(store, tmp_path / "w", "--dev_files", store, "--early_stop", "--es_epochs", "1",
-                                       "--es_min_delta", "1000", epochs=10))  # fmt: skip
+    out = run(
+        horovodrun()
+        + train_cmd(
+            store,
+            tmp_path / "w",
+            "--dev_files",
+            store,
+            "--early_stop",
+            "--es_epochs",
+            "1",
+            "--es_min_delta",
+            "1000",
+            epochs=10,
+        )
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     epochs = records(tmp_path / "w", "epoch")
     assert [r["number"] for r in epochs] == [1, 2] and epochs[-1]["early_stop"] and not epochs[0].get("early_stop")
@@ -348,26 +443,74 @@ def test_checkpoint_of_another_geometry_names_the_mismatch(store, tmp_path):
 @pytest.mark.timeout(300)
 def test_fine_tuning_from_another_run_with_a_new_output_layer(store, tmp_path):
     assert run(train_cmd(store, tmp_path / "base", epochs=1)).returncode == 0
-    out = run(train_cmd(store, tmp_path / "tuned", "--load_checkpoint_dir", str(tmp_path / "base"), "--drop_source_layers", "1",
-                        epochs=1) + ["--learning_rate", "0.0005"])  # fmt: skip
+    out = run(
+        train_cmd(
+            store,
+            tmp_path / "tuned",
+            "--load_checkpoint_dir",
+            str(tmp_path / "base"),
+            "--drop_source_layers",
+            "1",
+            epochs=1,
+        )
+        + ["--learning_rate", "0.0005"]
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     assert "Starting from the weights of" in out.stdout and "fine-tuning" in out.stdout
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(not (SHARED / "data" / "smoke" / "ru.csv").exists(), reason="needs ../shared/data/smoke (the Russian sample)")
+@pytest.mark.skipif(
+    not (SHARED / "data" / "smoke" / "ru.csv").exists(), reason="needs ../shared/data/smoke (the Russian sample)"
+)
 def test_bytes_output_mode_on_a_russian_sample(tmp_path):
     import shutil
 
     for name in ("ru.wav", "ru.csv"):
         shutil.copy(SHARED / "data" / "smoke" / name, tmp_path / name)
-    prep = run([tool("dstrain"), "preprocess", "--csv", str(tmp_path / "ru.csv"), "--bytes_output_mode", "--output", str(tmp_path / "s")])
+    prep = run(
+        [
+            tool("dstrain"),
+            "preprocess",
+            "--csv",
+            str(tmp_path / "ru.csv"),
+            "--bytes_output_mode",
+            "--output",
+            str(tmp_path / "s"),
+        ]
+    )
     assert prep.returncode == 0, prep.stdout
     store = str(tmp_path / "s")
-    out = run([tool("dstrain"), "train", "--train_files", store, "--dev_files", store, "--test_files", store, "--bytes_output_mode",
-               "--n_hidden", "256", "--epochs", "450", "--learning_rate", "0.002", "--dropout_rate", "0", "--test_batch_size", "1",
-               "--inter_op_parallelism_threads", "1", "--intra_op_parallelism_threads", "1",
-               "--test_output_file", str(tmp_path / "test.json")], timeout=380)  # fmt: skip
+    out = run(
+        [
+            tool("dstrain"),
+            "train",
+            "--train_files",
+            store,
+            "--dev_files",
+            store,
+            "--test_files",
+            store,
+            "--bytes_output_mode",
+            "--n_hidden",
+            "256",
+            "--epochs",
+            "450",
+            "--learning_rate",
+            "0.002",
+            "--dropout_rate",
+            "0",
+            "--test_batch_size",
+            "1",
+            "--inter_op_parallelism_threads",
+            "1",
+            "--intra_op_parallelism_threads",
+            "1",
+            "--test_output_file",
+            str(tmp_path / "test.json"),
+        ],
+        timeout=380,
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     text = open(tmp_path / "ru.csv", encoding="utf-8").read().splitlines()[1].split(",", 2)[2]
     (sample,) = json.load(open(tmp_path / "test.json", encoding="utf-8"))
@@ -389,8 +532,11 @@ def test_accumulation_equals_one_larger_batch_and_fp16_compression_stays_close(t
     # In input order without buckets, 4 micro-batches of 2 are exactly the batch of 8 a plain run takes.
     url = synthetic_store(tmp_path / "s", 32, row_group_rows=8, frames=(40, 70), seed=8)
     plain = ("--noshuffle", "--length_buckets", "1", "--dropout_rate", "0", "--learning_rate", "0.001")
-    runs = {"big": ("--train_batch_size", "8"), "acc": ("--train_batch_size", "2", "--accumulation_steps", "4"),
-            "fp16": ("--train_batch_size", "8", "--gradient_compression", "fp16")}  # fmt: skip
+    runs = {
+        "big": ("--train_batch_size", "8"),
+        "acc": ("--train_batch_size", "2", "--accumulation_steps", "4"),
+        "fp16": ("--train_batch_size", "8", "--gradient_compression", "fp16"),
+    }
     for name, extra in runs.items():
         out = run(horovodrun() + train_cmd(url, tmp_path / name, *plain, *extra, epochs=2))
         assert out.returncode == 0, (name, out.stdout[-3000:])
@@ -425,8 +571,15 @@ def test_batch_frames_two_ranks_run_equal_steps_with_identical_weights(store, tm
     d = final_digests(work)
     assert len(d) == 2 and d[0] == d[1]
     # The run's plans, recomputed as every rank computes them: the same steps on both ranks, batches within budget.
-    data = TrainInput.build([store], Alphabet.from_file(str(DATA / "alphabet.txt")), LoaderConfig(batch_frames=400),
-                            World(), batch_size=2, seed=4568, epochs=2)  # fmt: skip
+    data = TrainInput.build(
+        [store],
+        Alphabet.from_file(str(DATA / "alphabet.txt")),
+        LoaderConfig(batch_frames=400),
+        World(),
+        batch_size=2,
+        seed=4568,
+        epochs=2,
+    )
     epochs = records(work, "epoch")
     assert [r["number"] for r in epochs] == [1, 2]
     for epoch, record in enumerate(epochs):
@@ -447,7 +600,8 @@ UNEQUAL_STEP = textwrap.dedent("""
     from dstrain.runtime import ProcessConfig
     from dstrain.train.trainer import TrainConfig, Trainer
     store, alphabet, out = sys.argv[1:4]
-    cfg = TrainConfig(train_files=(store,), alphabet_config_path=alphabet, model=ModelConfig(n_hidden=16, dropout_rate=0.0),
+    cfg = TrainConfig(train_files=(store,), alphabet_config_path=alphabet,
+                      model=ModelConfig(n_hidden=16, dropout_rate=0.0),
                       process=ProcessConfig(inter_op_parallelism_threads=1, intra_op_parallelism_threads=1))
     trainer = Trainer(cfg, runtime.start(cfg.process))
     trainer.restore_and_broadcast()
@@ -475,7 +629,8 @@ UNEQUAL_STEP = textwrap.dedent("""
     got, want, other = flat(got), flat([0.1 * g for g in want]), flat([0.1 * g for g in mean_of_means])
     scale = float(np.abs(want).max())
     report = {"loss": float(result[0]), "want_loss": float(loss), "count": float(result[3]),
-              "error": float(np.abs(got - want).max() / scale), "mean_of_means_error": float(np.abs(other - want).max() / scale)}
+              "error": float(np.abs(got - want).max() / scale),
+              "mean_of_means_error": float(np.abs(other - want).max() / scale)}
     if world.is_root:
         json.dump(report, open(out, "w"))
     world.join()

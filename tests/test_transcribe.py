@@ -1,5 +1,6 @@
 """dstrain transcribe: the three model forms print LDC93S1's exact transcript; --json word timings; a 3-minute
 recording split by VAD; folders, CSVs, other rates, channel counts and formats; CTC alignment."""
+
 from __future__ import annotations
 
 import csv
@@ -10,15 +11,20 @@ import os
 import numpy as np
 import pytest
 import soundfile
-
 from conftest import DATA, SHARED
+from test_export import TEXT, VAD_FRAME, ldc93s1_model
+
 from dstrain.decoder.config import DecoderConfig
 from dstrain.export import STREAMING_TFLITE_NAME, TFLITE_NAME
 from dstrain.inference import load_model
 from dstrain.transcribe import (
-    TranscribeConfig, Transcriber, audio_files, ctc_alignment, parse_hot_words, run,
-)  # fmt: skip
-from test_export import TEXT, VAD_FRAME, ldc93s1_model
+    TranscribeConfig,
+    Transcriber,
+    audio_files,
+    ctc_alignment,
+    parse_hot_words,
+    run,
+)
 
 WAV = str(DATA / "LDC93S1.wav")
 FAST = DecoderConfig(beam_width=64)  # the default 1024 costs ~16 ms a frame without a scorer
@@ -42,18 +48,31 @@ def test_every_model_form_prints_the_exact_transcript(ldc, capsys):
     # As launch/run_ldc93s1.sh runs it: default beam width, the transcript alone on stdout.
     assert cli_run(build_parser().parse_args(["transcribe", "--model", ldc.export_dir, "--audio", WAV])) == 0
     assert capsys.readouterr().out == TEXT + "\n"
-    for model in (os.path.join(ldc.export_dir, TFLITE_NAME), os.path.join(ldc.export_dir, STREAMING_TFLITE_NAME),
-                  ldc.run_dir, ldc.quantized_tflite):  # fmt: skip
+    for model in (
+        os.path.join(ldc.export_dir, TFLITE_NAME),
+        os.path.join(ldc.export_dir, STREAMING_TFLITE_NAME),
+        ldc.run_dir,
+        ldc.quantized_tflite,
+    ):
         assert _stdout(capsys, TranscribeConfig(model=model, audio=(WAV,), decoder=FAST)) == TEXT + "\n", model
 
 
 def test_json_has_candidates_with_word_timings_inside_the_audio(ldc, capsys):
     decoder = DecoderConfig(beam_width=64, scorer_path=SCORERS[0]) if SCORERS else FAST
     hot_words = "wash:2.0,year:1.5" if SCORERS else ""
-    out = json.loads(_stdout(capsys, TranscribeConfig(
-        model=os.path.join(ldc.export_dir, TFLITE_NAME), audio=(WAV,), json=True, candidate_transcripts=2,
-        hot_words=hot_words, decoder=decoder,
-    )))  # fmt: skip
+    out = json.loads(
+        _stdout(
+            capsys,
+            TranscribeConfig(
+                model=os.path.join(ldc.export_dir, TFLITE_NAME),
+                audio=(WAV,),
+                json=True,
+                candidate_transcripts=2,
+                hot_words=hot_words,
+                decoder=decoder,
+            ),
+        )
+    )
     assert 1 <= len(out["transcripts"]) <= 2
     best = out["transcripts"][0]
     assert isinstance(best["confidence"], float)
@@ -88,7 +107,9 @@ def test_long_recording_is_split_at_pauses_and_every_segment_is_exact(ldc, tmp_p
     result = next(Transcriber(load_model(ldc.export_dir), cfg).transcribe_files([path]))
     assert len(result.segments) == len(starts) > 40  # one segment per repeat
     for (seg_start, seg_end), start in zip(result.segments, starts):
-        assert seg_start <= (start + 0.3 * 16000) / 16000 and seg_end >= (start + len(ldc.samples) - 0.3 * 16000) / 16000
+        assert (
+            seg_start <= (start + 0.3 * 16000) / 16000 and seg_end >= (start + len(ldc.samples) - 0.3 * 16000) / 16000
+        )
     words = result.candidates[0].words
     for seg_start, seg_end in result.segments:
         inside = [w for w in words if seg_start <= w.start_time < seg_end]
@@ -111,7 +132,12 @@ def test_folders_csvs_rates_channels_and_formats(ldc, tmp_path, capsys):
         csv.writer(f).writerows([["wav_filename", "wav_filesize", "transcript"], ["in/sub/b.flac", 0, TEXT]])
     inputs = (str(tmp_path / "in"), str(tmp_path / "list.csv"))
     files = audio_files(inputs)
-    assert [os.path.relpath(f, tmp_path) for f in files] == ["in/a.wav", "in/sub/b.flac", "in/sub/c.mp3", "in/sub/b.flac"]
+    assert [os.path.relpath(f, tmp_path) for f in files] == [
+        "in/a.wav",
+        "in/sub/b.flac",
+        "in/sub/c.mp3",
+        "in/sub/b.flac",
+    ]
     out_csv, out_json = str(tmp_path / "out.csv"), str(tmp_path / "out.json")
     printed = _stdout(capsys, TranscribeConfig(model=ldc.export_dir, audio=inputs, output=out_csv, decoder=FAST))
     assert printed.splitlines() == [f"{f}: {TEXT}" for f in files]

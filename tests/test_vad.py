@@ -4,9 +4,9 @@ import pytest
 soundfile = pytest.importorskip("soundfile")
 pytest.importorskip("webrtcvad", reason="pip install webrtcvad-wheels")
 
-from dstrain.vad import Segment, split_on_silence  # noqa: E402
-
 from conftest import DATA  # noqa: E402
+
+from dstrain.vad import Segment, split_on_silence  # noqa: E402
 
 SR = 16000
 

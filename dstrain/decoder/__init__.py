@@ -1,10 +1,11 @@
 """DeepSpeech-compatible CTC decoding: ``ds_ctcdecoder``'s Python API, for code written against it.
 
-    from dstrain.decoder import Alphabet, Scorer, ctc_beam_search_decoder
-    alphabet = Alphabet("alphabet.txt")
-    scorer = Scorer(0.93, 1.18, "kenlm.scorer", alphabet)
-    [(confidence, text), ...] = ctc_beam_search_decoder(probs, alphabet, 1024, scorer=scorer)
+from dstrain.decoder import Alphabet, Scorer, ctc_beam_search_decoder
+alphabet = Alphabet("alphabet.txt")
+scorer = Scorer(0.93, 1.18, "kenlm.scorer", alphabet)
+[(confidence, text), ...] = ctc_beam_search_decoder(probs, alphabet, 1024, scorer=scorer)
 """
+
 from __future__ import annotations
 
 from dstrain.alphabet import Alphabet as _Alphabet

@@ -1,4 +1,5 @@
 """Beam search options, frozen, as Whisper's ``DecodingOptions``: one object handed to every decoding caller."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

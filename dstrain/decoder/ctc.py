@@ -8,6 +8,7 @@ non-blank at the previous and current frame. With a scorer, prefixes are constra
 trie, and at each word boundary (a space) ``alpha * ln P_lm(word | history) + beta`` is added; the unfinished last
 word is scored when decoding ends. Probabilities come in with the CTC blank last, as the model outputs them.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,18 @@ def log_sum_exp(x: float, y: float) -> float:
 
 
 class _Node:
-    __slots__ = ("character", "parent", "children", "exists", "b_prev", "nb_prev", "b_cur", "nb_cur", "score", "dict_state")
+    __slots__ = (
+        "character",
+        "parent",
+        "children",
+        "exists",
+        "b_prev",
+        "nb_prev",
+        "b_cur",
+        "nb_cur",
+        "score",
+        "dict_state",
+    )
 
     def __init__(self, character: int, parent: "_Node | None", dict_state: int):
         self.character = character
@@ -110,7 +122,15 @@ def pruned_log_probs(probs: np.ndarray, cutoff_prob: float, cutoff_top_n: int) -
 
 
 class _Search:
-    def __init__(self, alphabet: Alphabet, beam_size: int, cutoff_prob: float, cutoff_top_n: int, scorer: Scorer | None, hot_words: dict[str, float]):
+    def __init__(
+        self,
+        alphabet: Alphabet,
+        beam_size: int,
+        cutoff_prob: float,
+        cutoff_top_n: int,
+        scorer: Scorer | None,
+        hot_words: dict[str, float],
+    ):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         self.alphabet = alphabet
@@ -214,7 +234,12 @@ class _Search:
         scored = []
         for i, prefix in enumerate(self.prefixes):
             score = prefix.score
-            if self.scorer is not None and i < self.beam_size and prefix.parent is not None and prefix.character != self.space:
+            if (
+                self.scorer is not None
+                and i < self.beam_size
+                and prefix.parent is not None
+                and prefix.character != self.space
+            ):
                 score += self.word_score(prefix)  # the unfinished last word
             scored.append((score, prefix))
         scored.sort(key=lambda sp: (-sp[0], sp[1].character))
@@ -229,9 +254,15 @@ def _check(probs_seq: np.ndarray, alphabet: Alphabet) -> np.ndarray:
 
 
 def reference_beam_search(
-    probs_seq: np.ndarray, alphabet: Alphabet, beam_size: int, cutoff_prob: float = 1.0, cutoff_top_n: int = API_CUTOFF_TOP_N,
-    scorer: Scorer | None = None, hot_words: dict[str, float] | None = None, num_results: int = 1,
-) -> list[tuple[float, str]]:  # fmt: skip
+    probs_seq: np.ndarray,
+    alphabet: Alphabet,
+    beam_size: int,
+    cutoff_prob: float = 1.0,
+    cutoff_top_n: int = API_CUTOFF_TOP_N,
+    scorer: Scorer | None = None,
+    hot_words: dict[str, float] | None = None,
+    num_results: int = 1,
+) -> list[tuple[float, str]]:
     """The search in pure Python (float64): the specification of the compiled decoder in character mode."""
     if isinstance(alphabet, UTF8Alphabet):
         raise ValueError("the reference search covers character mode; UTF-8 mode is in the compiled decoder only")
@@ -257,10 +288,13 @@ def _compiled(alphabet: Alphabet, scorer: Scorer | None):
         state_of_arc = np.repeat(np.arange(len(fst.states)), fst.states["narcs"].astype(np.int64))
         order = np.lexsort((fst.arcs["ilabel"], state_of_arc))  # arcs sorted by label within each state
         decoder.set_dictionary(
-            fst.start, fst.states["pos"].astype(np.int64), fst.states["narcs"].astype(np.int64),
-            np.ascontiguousarray(fst.arcs["ilabel"][order]), np.ascontiguousarray(fst.arcs["nextstate"][order]),
+            fst.start,
+            fst.states["pos"].astype(np.int64),
+            fst.states["narcs"].astype(np.int64),
+            np.ascontiguousarray(fst.arcs["ilabel"][order]),
+            np.ascontiguousarray(fst.arcs["nextstate"][order]),
             np.isfinite(fst.states["final"]).astype(np.uint8),
-        )  # fmt: skip
+        )
         scorer.compiled[key] = decoder
     return decoder
 
@@ -289,10 +323,17 @@ def ctc_beam_search_decoder(
         # Words arrive as bytes (in UTF-8 mode possibly a partial codepoint, which KenLM then calls OOV).
         lm = lambda words, bos: scorer.log_cond_prob(tuple(w.decode("utf-8", "replace") for w in words), bos)  # noqa: E731
     results = decoder.decode(
-        probs_seq, beam_size, cutoff_prob, cutoff_top_n, lm,
-        scorer.alpha if scorer else 0.0, scorer.beta if scorer else 0.0, scorer.max_order if scorer else 0,
-        dict(hot_words or {}), num_results,
-    )  # fmt: skip
+        probs_seq,
+        beam_size,
+        cutoff_prob,
+        cutoff_top_n,
+        lm,
+        scorer.alpha if scorer else 0.0,
+        scorer.beta if scorer else 0.0,
+        scorer.max_order if scorer else 0,
+        dict(hot_words or {}),
+        num_results,
+    )
     return [(score, alphabet.decode(labels)) for score, labels in results]
 
 
@@ -309,7 +350,9 @@ def _init_worker(scorer_args: tuple | None, alphabet: Alphabet) -> None:
 
 def _decode_one(job: tuple) -> list[tuple[float, str]]:
     probs, alphabet, beam_size, cutoff_prob, cutoff_top_n, hot_words, num_results = job
-    return ctc_beam_search_decoder(probs, alphabet, beam_size, cutoff_prob, cutoff_top_n, _WORKER_SCORER, hot_words, num_results)
+    return ctc_beam_search_decoder(
+        probs, alphabet, beam_size, cutoff_prob, cutoff_top_n, _WORKER_SCORER, hot_words, num_results
+    )
 
 
 def ctc_beam_search_decoder_batch(
@@ -331,12 +374,17 @@ def ctc_beam_search_decoder_batch(
         raise ValueError("need one sequence length per batch element")
     items = [np.ascontiguousarray(p[:n]) for p, n in zip(probs_seq, seq_lengths)]
     if num_processes == 1 or len(items) < 2:
-        return [ctc_beam_search_decoder(p, alphabet, beam_size, cutoff_prob, cutoff_top_n, scorer, hot_words, num_results) for p in items]
+        return [
+            ctc_beam_search_decoder(p, alphabet, beam_size, cutoff_prob, cutoff_top_n, scorer, hot_words, num_results)
+            for p in items
+        ]
     import multiprocessing
 
     # Each worker loads the scorer itself (a KenLM model does not pickle); spawn keeps workers clear of
     # TensorFlow's threads in the parent.
     scorer_args = (scorer.path, scorer.alpha, scorer.beta) if scorer is not None else None
     jobs = [(p, alphabet, beam_size, cutoff_prob, cutoff_top_n, dict(hot_words or {}), num_results) for p in items]
-    with multiprocessing.get_context("spawn").Pool(min(num_processes, len(items)), _init_worker, (scorer_args, alphabet)) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        min(num_processes, len(items)), _init_worker, (scorer_args, alphabet)
+    ) as pool:
         return pool.map(_decode_one, jobs, chunksize=max(1, len(jobs) // (4 * num_processes)))

@@ -1,6 +1,7 @@
 """Text corpus -> KenLM binary language model, as DeepSpeech's data/lm/generate_lm.py: keep the ``top_k`` most
 frequent words, estimate an n-gram model with KenLM's ``lmplz`` restricted to them, quantise it into a trie binary
 with ``build_binary``. The two programs are built from the kenlm source on PyPI by tools/install.sh."""
+
 from __future__ import annotations
 
 import os
@@ -52,10 +53,22 @@ def build_lm(cfg: LmConfig) -> tuple[str, str]:
     arpa = os.path.join(cfg.output_dir, "lm.arpa")
     prune = [str(p) for p in cfg.prune[: cfg.order]]
     lmplz = [
-        find_executable("lmplz"), "--order", str(cfg.order), "--memory", cfg.memory, "--temp_prefix", cfg.output_dir,
-        "--text", cfg.text, "--arpa", arpa, "--limit_vocab_file", vocab_path, "--skip_symbols",
+        find_executable("lmplz"),
+        "--order",
+        str(cfg.order),
+        "--memory",
+        cfg.memory,
+        "--temp_prefix",
+        cfg.output_dir,
+        "--text",
+        cfg.text,
+        "--arpa",
+        arpa,
+        "--limit_vocab_file",
+        vocab_path,
+        "--skip_symbols",
         "--discount_fallback",  # small corpora lack the counts-of-counts Kneser-Ney discounts need
-    ] + (["--prune", *prune] if prune else [])  # fmt: skip
+    ] + (["--prune", *prune] if prune else [])
     _run(lmplz)
     binary = os.path.join(cfg.output_dir, "lm.binary")
     _run([find_executable("build_binary"), "-a", "255", "-q", "8", "-v", "trie", arpa, binary])

@@ -1,4 +1,5 @@
 """External scorer: a KenLM model plus the vocabulary trie of a DeepSpeech ``.scorer`` package."""
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,12 @@ class Scorer:
     """DeepSpeech's ``Scorer(alpha, beta, scorer_path, alphabet)``: word-level LM scoring at word boundaries."""
 
     def __init__(
-        self, alpha: float | None = None, beta: float | None = None, scorer_path: str = "",
+        self,
+        alpha: float | None = None,
+        beta: float | None = None,
+        scorer_path: str = "",
         alphabet: Alphabet | UTF8Alphabet | None = None,
-    ):  # fmt: skip
+    ):
         if not scorer_path:
             raise ScorerError("scorer_path is empty (--scorer_path)")
         self.path = scorer_path

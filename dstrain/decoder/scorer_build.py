@@ -5,6 +5,7 @@ The trie is the minimal deterministic acceptor of the vocabulary: each word spel
 or UTF-8 bytes in bytes-output mode) followed by the space label in character mode. A minimal DFA is unique up to
 state numbering, so the state and arc counts equal DeepSpeech's for the same words.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,14 @@ import numpy as np
 from dstrain.alphabet import Alphabet
 from dstrain.config import option
 from dstrain.decoder.scorer_package import (
-    ARC_DTYPE, FST_MAGIC, STATE_DTYPE, TRIE_MAGIC, TRIE_VERSION, ScorerError, read_scorer_package,
-)  # fmt: skip
+    ARC_DTYPE,
+    FST_MAGIC,
+    STATE_DTYPE,
+    TRIE_MAGIC,
+    TRIE_VERSION,
+    ScorerError,
+    read_scorer_package,
+)
 
 # OpenFST property bits of an expanded, arc-sorted, epsilon-free, deterministic, acyclic, unweighted acceptor —
 # the value DeepSpeech's packages carry for their tries.
@@ -101,10 +108,23 @@ def _align(buf: bytearray, absolute_start: int) -> None:
     buf.extend(b"\0" * pad)
 
 
-def trailer_bytes(lm_bytes: int, utf8: bool, alpha: float, beta: float, start: int, finals: list[bool], arcs: list[list[tuple[int, int]]]) -> bytes:
+def trailer_bytes(
+    lm_bytes: int,
+    utf8: bool,
+    alpha: float,
+    beta: float,
+    start: int,
+    finals: list[bool],
+    arcs: list[list[tuple[int, int]]],
+) -> bytes:
     """DeepSpeech's trailer, for a package whose KenLM part is ``lm_bytes`` long (alignment is of absolute offsets)."""
     buf = bytearray()
-    buf += TRIE_MAGIC + struct.pack("<i", TRIE_VERSION) + struct.pack("<B", 1 if utf8 else 0) + struct.pack("<dd", alpha, beta)
+    buf += (
+        TRIE_MAGIC
+        + struct.pack("<i", TRIE_VERSION)
+        + struct.pack("<B", 1 if utf8 else 0)
+        + struct.pack("<dd", alpha, beta)
+    )
     n_arcs = sum(len(a) for a in arcs)
     buf += struct.pack("<i", FST_MAGIC)
     for text in (b"const", b"standard"):
@@ -126,13 +146,21 @@ def trailer_bytes(lm_bytes: int, utf8: bool, alpha: float, beta: float, start: i
 
 
 def build_package(
-    lm_path: str, vocab_path: str, package_path: str, alphabet: Alphabet | None, alpha: float, beta: float, utf8: bool = False,
-) -> BuildReport:  # fmt: skip
+    lm_path: str,
+    vocab_path: str,
+    package_path: str,
+    alphabet: Alphabet | None,
+    alpha: float,
+    beta: float,
+    utf8: bool = False,
+) -> BuildReport:
     """Write ``package_path``: the KenLM binary ``lm_path`` plus the trie of the words in ``vocab_path``."""
     with open(lm_path, "rb") as f:
         head = f.read(64)
     if not head.startswith(b"mmap lm http://kheafield.com/code"):
-        raise ScorerError(f"{lm_path}: not a KenLM binary model; convert an ARPA file with build_binary (dstrain scorer lm does)")
+        raise ScorerError(
+            f"{lm_path}: not a KenLM binary model; convert an ARPA file with build_binary (dstrain scorer lm does)"
+        )
     if not utf8 and alphabet is None:
         raise ScorerError("an alphabet is needed unless --force_bytes_output_mode")
     with open(vocab_path, encoding="utf-8") as f:
@@ -177,9 +205,13 @@ class ScorerBuildConfig:
 
 def run_build(cfg: ScorerBuildConfig) -> int:
     alphabet = Alphabet.from_file(cfg.alphabet) if cfg.alphabet else None
-    report = build_package(cfg.lm, cfg.vocab, cfg.package, alphabet, cfg.default_alpha, cfg.default_beta, cfg.force_bytes_output_mode)
+    report = build_package(
+        cfg.lm, cfg.vocab, cfg.package, alphabet, cfg.default_alpha, cfg.default_beta, cfg.force_bytes_output_mode
+    )
     print(f"{cfg.package}: {report.words} words, trie of {report.states} states and {report.arcs} arcs")
     if report.skipped:
-        print(f"{len(report.skipped)} word(s) skipped, characters outside the alphabet: {' '.join(report.skipped[:20])}"
-              + (" ..." if len(report.skipped) > 20 else ""))
+        print(
+            f"{len(report.skipped)} word(s) skipped, characters outside the alphabet: {' '.join(report.skipped[:20])}"
+            + (" ..." if len(report.skipped) > 20 else "")
+        )
     return 0

@@ -18,6 +18,7 @@ A package is a KenLM binary followed, at KenLM's end-of-search offset, by DeepSp
 Trie labels are alphabet index + 1 (byte value in UTF-8 mode); a word is a path from the start state to a final
 state (final weight 0; non-final states carry +inf).
 """
+
 from __future__ import annotations
 
 import struct
@@ -30,7 +31,9 @@ TRIE_MAGIC = b"EIRT"
 TRIE_VERSION = 6
 FST_MAGIC = 2125659606
 _ALIGN = 16
-STATE_DTYPE = np.dtype([("final", "<f4"), ("pos", "<u4"), ("narcs", "<u4"), ("niepsilons", "<u4"), ("noepsilons", "<u4")])
+STATE_DTYPE = np.dtype(
+    [("final", "<f4"), ("pos", "<u4"), ("narcs", "<u4"), ("niepsilons", "<u4"), ("noepsilons", "<u4")]
+)
 ARC_DTYPE = np.dtype([("ilabel", "<i4"), ("olabel", "<i4"), ("weight", "<f4"), ("nextstate", "<i4")])
 
 
@@ -119,7 +122,9 @@ def parse_trailer(data: bytes, offset: int, path: str = "scorer") -> ScorerPacka
         raise ScorerError(f"{path}: {len(data) - off} unexpected byte(s) after the trie")
     if not (0 <= start < max(n_states, 1)) or (n_arcs and int(arcs["nextstate"].max()) >= n_states):
         raise ScorerError(f"{path}: trie refers to states that do not exist")
-    return ScorerPackage(path, offset, utf8, float(alpha), float(beta), ConstFst(int(start), states.copy(), arcs.copy()))
+    return ScorerPackage(
+        path, offset, utf8, float(alpha), float(beta), ConstFst(int(start), states.copy(), arcs.copy())
+    )
 
 
 def read_scorer_package(path: str) -> ScorerPackage:

@@ -1,5 +1,6 @@
 """Synthetic posteriorgrams: a transcript spelled with random confusions and blank runs, as a half-trained model
 outputs them. For decoder tests and benchmarks, where a trained acoustic model would be too slow to make."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -17,11 +17,34 @@ The package: :mod:`~dstrain.distributed.world` (the world, its collectives and h
 :mod:`~dstrain.distributed.elastic` (Horovod's elastic driver and state) and :mod:`~dstrain.distributed.peer_watch`
 (liveness of the ranks).
 """
+
 from dstrain.distributed.elastic import Elastic, elastic_launch, run_elastic_driver
 from dstrain.distributed.peer_watch import EXIT_PEER_LOST, PEER_TIMEOUT_S, PEER_WARN_S, PeerWatch
-from dstrain.distributed.world import (CPU_CYCLE_TIME_MS, World, WorldError, cpu_threads, inter_op_threads,
-                                       launcher_size, mpi_world, start_horovod)  # fmt: skip
+from dstrain.distributed.world import (
+    CPU_CYCLE_TIME_MS,
+    World,
+    WorldError,
+    cpu_threads,
+    inter_op_threads,
+    launcher_size,
+    mpi_world,
+    start_horovod,
+)
 
-__all__ = ["CPU_CYCLE_TIME_MS", "EXIT_PEER_LOST", "PEER_TIMEOUT_S", "PEER_WARN_S", "Elastic", "PeerWatch", "World",
-           "WorldError", "cpu_threads", "elastic_launch", "inter_op_threads", "launcher_size", "mpi_world",
-           "run_elastic_driver", "start_horovod"]  # fmt: skip
+__all__ = [
+    "CPU_CYCLE_TIME_MS",
+    "EXIT_PEER_LOST",
+    "PEER_TIMEOUT_S",
+    "PEER_WARN_S",
+    "Elastic",
+    "PeerWatch",
+    "World",
+    "WorldError",
+    "cpu_threads",
+    "elastic_launch",
+    "inter_op_threads",
+    "launcher_size",
+    "mpi_world",
+    "run_elastic_driver",
+    "start_horovod",
+]

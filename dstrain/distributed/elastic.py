@@ -1,5 +1,6 @@
 """Horovod's elastic mode: the driver ``dstrain launch --elastic`` runs (:func:`run_elastic_driver`) and the state a
 training under it commits and rolls back (:class:`Elastic`)."""
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,6 @@ def run_elastic_driver(horovodrun_args: Sequence[str]) -> None:
     WorkerNotificationClient.notify_hosts_updated = notify_hosts_updated
     sys.argv = ["horovodrun", *horovodrun_args]
     run_commandline()
-
 
 
 class Elastic:

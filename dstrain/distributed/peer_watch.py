@@ -1,4 +1,5 @@
 """Liveness of the ranks of a Horovod world, apart from Horovod's own traffic (:class:`PeerWatch`)."""
+
 from __future__ import annotations
 
 import atexit
@@ -76,8 +77,13 @@ class PeerWatch:
             try:
                 sock = socket.create_connection(address, timeout=10)
             except OSError as e:
-                log.warning("rank %d: cannot reach rank 0's peer watch at %s:%d (%s): a lost rank 0 will not be "
-                            "noticed here", watch.rank, *address, e)  # fmt: skip
+                log.warning(
+                    "rank %d: cannot reach rank 0's peer watch at %s:%d (%s): a lost rank 0 will not be "
+                    "noticed here",
+                    watch.rank,
+                    *address,
+                    e,
+                )
                 return None
             sock.sendall(f"HELLO {watch.rank} {watch.me}\n".encode())
             watch._add(sock, "rank 0", address[0])
@@ -178,21 +184,35 @@ class PeerWatch:
             return
         if p.closed is not None:
             if now - p.closed >= self.GRACE_S:
-                self._lost(f"{p} is lost: its connection closed without a goodbye (the process was killed, or its node "
-                           "went down)")  # fmt: skip
+                self._lost(
+                    f"{p} is lost: its connection closed without a goodbye (the process was killed, or its node "
+                    "went down)"
+                )
             return
         silent = now - p.last
         if silent >= self.timeout_s:
-            self._lost(f"{p} is lost: nothing heard from it for {silent:.0f} s (its node is down or unreachable, or it "
-                       "is stopped)")  # fmt: skip
+            self._lost(
+                f"{p} is lost: nothing heard from it for {silent:.0f} s (its node is down or unreachable, or it "
+                "is stopped)"
+            )
         elif silent >= self.warn_s and not p.warned:
             p.warned = True
-            log.warning("%s has been silent for %.0f s (stopped, overloaded, or its node unreachable); waiting for it, "
-                        "for at most %.0f s", p, silent, self.timeout_s)  # fmt: skip
+            log.warning(
+                "%s has been silent for %.0f s (stopped, overloaded, or its node unreachable); waiting for it, "
+                "for at most %.0f s",
+                p,
+                silent,
+                self.timeout_s,
+            )
 
     def _lost(self, what: str) -> None:
-        log.error("%s; this rank (%s) exits with %d so that the launcher stops the job: run the same command (or "
-                  "requeue) on the nodes that are left to resume from the last checkpoint", what, self.me, EXIT_PEER_LOST)  # fmt: skip
+        log.error(
+            "%s; this rank (%s) exits with %d so that the launcher stops the job: run the same command (or "
+            "requeue) on the nodes that are left to resume from the last checkpoint",
+            what,
+            self.me,
+            EXIT_PEER_LOST,
+        )
         for handler in logging.getLogger("dstrain").handlers + logging.getLogger().handlers:
             handler.flush()
         sys.stdout.flush()

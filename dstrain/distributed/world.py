@@ -1,5 +1,6 @@
 """The world: rank, size and the collectives every other module is handed (:class:`World`), and how a process joins
 one (:func:`start_horovod`, :func:`mpi_world`, or a single process)."""
+
 from __future__ import annotations
 
 import logging
@@ -194,7 +195,6 @@ class World:
         return self._comm
 
 
-
 def start_horovod(pin_gpu: bool = True) -> World:
     """Initialises Horovod (one process per device) and pins this process to its GPU by local rank."""
     import horovod.tensorflow as hvd
@@ -216,9 +216,15 @@ def start_horovod(pin_gpu: bool = True) -> World:
         if gpus:
             tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
     # Elastic worlds leave lost peers to Horovod's driver and its resets: the watch would stop the job instead.
-    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", hvd,
-                 _watch_pending=hvd.size() > 1 and not elastic)
-
+    return World(
+        hvd.rank(),
+        hvd.size(),
+        hvd.local_rank(),
+        hvd.local_size(),
+        "horovod",
+        hvd,
+        _watch_pending=hvd.size() > 1 and not elastic,
+    )
 
 
 def mpi_world() -> World:
@@ -231,4 +237,3 @@ def mpi_world() -> World:
     _check_size(comm.Get_size(), "MPI")
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     return World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), "mpi", comm)
-

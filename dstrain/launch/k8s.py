@@ -4,10 +4,11 @@ preprocessing, and the ReadWriteMany volume both share.
     dstrain k8s render --workers 4 --gpus 8 --image registry/dstrain:0.1 --data /data > job.yaml
 
 The launcher pod runs exactly ``dstrain launch --launcher mpirun --hostfile /etc/mpi/hostfile -- dstrain train
-...`` (:func:`dstrain.launch.launcher.launch_argv`), the command the test suite runs under mpirun; the MPI operator writes
-the hostfile (one line per worker with ``slots=GPUS``) and the SSH keys. Pods run as the image's unprivileged
+...`` (:func:`dstrain.launch.launcher.launch_argv`), the command the test suite runs under mpirun; the MPI operator
+writes the hostfile (one line per worker with ``slots=GPUS``) and the SSH keys. Pods run as the image's unprivileged
 ``mpiuser`` (uid 1000): the workers' sshd listens on port 2222 with its own config.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -48,7 +49,9 @@ class K8sConfig:
     """CPUs per worker."""
     memory: str = "480Gi"
     """Memory per worker."""
-    train_args: tuple[str, ...] = option(("--epochs", "30", "--train_batch_size", "32", "--automatic_mixed_precision"), parse=shlex.split)
+    train_args: tuple[str, ...] = option(
+        ("--epochs", "30", "--train_batch_size", "32", "--automatic_mixed_precision"), parse=shlex.split
+    )
     """Extra dstrain train flags, one string."""
     preprocess_csv: str = ""
     """CSV(s) to preprocess into DATA/stores/train in a Job; empty leaves out the preprocessing Job."""
@@ -68,12 +71,22 @@ class K8sConfig:
 
 def train_command(cfg: K8sConfig) -> list[str]:
     rank_command = [
-        "dstrain", "train",
-        "--train_files", cfg.path("stores", "train"), "--dev_files", cfg.path("stores", "dev"),
-        "--test_files", cfg.path("stores", "test"), "--alphabet_config_path", cfg.path("alphabet.txt"),
-        "--checkpoint_dir", cfg.path("checkpoints", cfg.name), "--export_dir", cfg.path("exports", cfg.name),
+        "dstrain",
+        "train",
+        "--train_files",
+        cfg.path("stores", "train"),
+        "--dev_files",
+        cfg.path("stores", "dev"),
+        "--test_files",
+        cfg.path("stores", "test"),
+        "--alphabet_config_path",
+        cfg.path("alphabet.txt"),
+        "--checkpoint_dir",
+        cfg.path("checkpoints", cfg.name),
+        "--export_dir",
+        cfg.path("exports", cfg.name),
         *cfg.train_args,
-    ]  # fmt: skip
+    ]
     return launch_argv("mpirun", rank_command, hostfile=HOSTFILE)
 
 
@@ -116,7 +129,12 @@ def mpijob(cfg: K8sConfig) -> dict:
         # sshd is the container's main process and gets the pod's SIGTERM; the ranks are its sessions' children and
         # would only see the SIGKILL after the grace period. Forward the request to them as SIGUSR1 (dstrain's stop
         # signal): they checkpoint and exit 75 within the grace period.
-        "command": ["/bin/sh", "-c", f"trap 'pkill -USR1 -f \"bin/dstrain train\"; wait' TERM; /usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait"],
+        "command": [
+            "/bin/sh",
+            "-c",
+            f"trap 'pkill -USR1 -f \"bin/dstrain train\"; wait' TERM; "
+            f"/usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait",
+        ],
         "ports": [{"containerPort": 2222, "name": "ssh"}],
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts + [{"name": "dshm", "mountPath": "/dev/shm"}],
@@ -131,13 +149,23 @@ def mpijob(cfg: K8sConfig) -> dict:
             "mpiImplementation": "OpenMPI",
             "sshAuthMountPath": f"{USER_HOME}/.ssh",
             "launcherCreationPolicy": "WaitForWorkersReady",
-            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": cfg.backoff_limit, "ttlSecondsAfterFinished": 86400},
+            "runPolicy": {
+                "cleanPodPolicy": "Running",
+                "backoffLimit": cfg.backoff_limit,
+                "ttlSecondsAfterFinished": 86400,
+            },
             "mpiReplicaSpecs": {
                 "Launcher": {
                     "replicas": 1,
                     "restartPolicy": "OnFailure",
-                    "template": {"spec": {"securityContext": _security(), "containers": [launcher], "volumes": [_data_volume(cfg)],
-                                          "terminationGracePeriodSeconds": cfg.grace_period_s}},
+                    "template": {
+                        "spec": {
+                            "securityContext": _security(),
+                            "containers": [launcher],
+                            "volumes": [_data_volume(cfg)],
+                            "terminationGracePeriodSeconds": cfg.grace_period_s,
+                        }
+                    },
                 },
                 "Worker": {
                     "replicas": cfg.workers,
@@ -159,8 +187,18 @@ def mpijob(cfg: K8sConfig) -> dict:
 
 
 def preprocess_job(cfg: K8sConfig) -> dict:
-    command = ["dstrain", "preprocess", "--csv", cfg.preprocess_csv, "--alphabet", cfg.path("alphabet.txt"),
-               "--output", cfg.path("stores", "train"), "--workers", str(cfg.cpus)]  # fmt: skip
+    command = [
+        "dstrain",
+        "preprocess",
+        "--csv",
+        cfg.preprocess_csv,
+        "--alphabet",
+        cfg.path("alphabet.txt"),
+        "--output",
+        cfg.path("stores", "train"),
+        "--workers",
+        str(cfg.cpus),
+    ]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -172,12 +210,19 @@ def preprocess_job(cfg: K8sConfig) -> dict:
                 "spec": {
                     "restartPolicy": "OnFailure",
                     "securityContext": _security(),
-                    "containers": [{
-                        "name": "preprocess", "image": cfg.image, "command": command,
-                        "resources": {"requests": {"cpu": str(cfg.cpus), "memory": cfg.memory}, "limits": {"cpu": str(cfg.cpus), "memory": cfg.memory}},
-                        "volumeMounts": [{"name": "data", "mountPath": cfg.data}],
-                        "securityContext": _container_security(),
-                    }],  # fmt: skip
+                    "containers": [
+                        {
+                            "name": "preprocess",
+                            "image": cfg.image,
+                            "command": command,
+                            "resources": {
+                                "requests": {"cpu": str(cfg.cpus), "memory": cfg.memory},
+                                "limits": {"cpu": str(cfg.cpus), "memory": cfg.memory},
+                            },
+                            "volumeMounts": [{"name": "data", "mountPath": cfg.data}],
+                            "securityContext": _container_security(),
+                        }
+                    ],
                     "volumes": [_data_volume(cfg)],
                 }
             },

@@ -14,6 +14,7 @@ Elastic launches (``--elastic``) run horovodrun's elastic driver with a host dis
 that are up) and add ``--elastic`` to the ``dstrain train`` command. The driver (this process) must stay up: run it
 on a stable node.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,7 +113,9 @@ class LaunchConfig:
         if self.hosts and self.hostfile:
             raise ValueError("give --hosts or --hostfile, not both")
         if self.elastic and (self.launcher != "horovodrun" or self.controller != "gloo"):
-            raise ValueError("--elastic runs horovodrun's elastic driver with the Gloo controller (not mpirun or --controller mpi)")
+            raise ValueError(
+                "--elastic runs horovodrun's elastic driver with the Gloo controller (not mpirun or --controller mpi)"
+            )
         if self.min_np < 1 or self.max_np < 0 or (self.max_np and self.max_np < self.min_np):
             raise ValueError(f"need 1 <= --min_np <= --max_np, got {self.min_np} and {self.max_np}")
         if not re.fullmatch(r"\d+,\d+", self.blacklist_cooldown):
@@ -203,19 +206,27 @@ def resolve_hosts(cfg: LaunchConfig, env: dict[str, str]) -> tuple[Host, ...]:
     return ()
 
 
-def rank_environment(cfg: LaunchConfig, hosts: tuple[Host, ...], base: dict[str, str], cores_per_node: int) -> dict[str, str]:
+def rank_environment(
+    cfg: LaunchConfig, hosts: tuple[Host, ...], base: dict[str, str], cores_per_node: int
+) -> dict[str, str]:
     """Variables every rank gets (only those not already in ``base``)."""
     ranks_per_node = max(h.slots for h in hosts) if hosts else max(cfg.np, 1)
     threads = cfg.threads_per_rank or cpu_threads(cores_per_node, ranks_per_node)[0]
     wanted = dict(HOROVOD_DEFAULTS)
-    wanted.update({"OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads),
-                   "TF_NUM_INTEROP_THREADS": str(inter_op_threads(threads))})  # fmt: skip
+    wanted.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "TF_NUM_INTRAOP_THREADS": str(threads),
+            "TF_NUM_INTEROP_THREADS": str(inter_op_threads(threads)),
+        }
+    )
     wanted.update(cfg.env)
     return {k: v for k, v in wanted.items() if k not in base or k in cfg.env}
 
 
-def build_command(cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: int,
-                  interface: str = "") -> tuple[list[str], dict[str, str]]:  # fmt: skip
+def build_command(
+    cfg: LaunchConfig, base_env: dict[str, str], cores_per_node: int, interface: str = ""
+) -> tuple[list[str], dict[str, str]]:
     """The launcher argv and the environment to run it with; ``interface`` is the network the ranks talk over."""
     hosts = resolve_hosts(cfg, base_env) or (Host("localhost", cfg.np or 1),)
     np_ = cfg.np or sum(h.slots for h in hosts)
@@ -268,11 +279,24 @@ def elastic_arguments(cfg: LaunchConfig, env: dict[str, str], np_: int) -> list[
     elif "SLURM_JOB_NODELIST" in env:
         script = shlex.quote(os.path.join(DISCOVERY, "slurm.sh"))
     else:
-        raise ValueError("--elastic needs hosts that can change: a --hostfile (re-read while the job runs), a SLURM "
-                         "allocation, or --host_discovery_script")  # fmt: skip
+        raise ValueError(
+            "--elastic needs hosts that can change: a --hostfile (re-read while the job runs), a SLURM "
+            "allocation, or --host_discovery_script"
+        )
     low, high = cfg.blacklist_cooldown.split(",")
-    return ["--min-np", str(cfg.min_np), "--max-np", str(cfg.max_np or np_), "--host-discovery-script", script,
-            "--elastic-timeout", str(cfg.elastic_timeout), "--blacklist-cooldown-range", low, high]  # fmt: skip
+    return [
+        "--min-np",
+        str(cfg.min_np),
+        "--max-np",
+        str(cfg.max_np or np_),
+        "--host-discovery-script",
+        script,
+        "--elastic-timeout",
+        str(cfg.elastic_timeout),
+        "--blacklist-cooldown-range",
+        low,
+        high,
+    ]
 
 
 FORWARDED = {"PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "TF_DETERMINISTIC_OPS"}
@@ -288,9 +312,11 @@ def run_preflight(cfg: LaunchConfig, env: dict[str, str]) -> str:
     print(f"dstrain launch: pre-flight check passed on {', '.join(names)}", flush=True)
     if interface is not None:
         how = "given" if cfg.network_interface else "shared by every node"
-        print(f"dstrain launch: network interface {interface}, {how}: HOROVOD_GLOO_IFACE, NCCL_SOCKET_IFNAME"
-              f"{', Open MPI btl/oob_tcp_if_include' if cfg.launcher == 'mpirun' else ', horovodrun --network-interfaces'}",
-              flush=True)  # fmt: skip
+        print(
+            f"dstrain launch: network interface {interface}, {how}: HOROVOD_GLOO_IFACE, NCCL_SOCKET_IFNAME, "
+            + ("Open MPI btl/oob_tcp_if_include" if cfg.launcher == "mpirun" else "horovodrun --network-interfaces"),
+            flush=True,
+        )
         return interface.name
     return cfg.network_interface
 
@@ -316,8 +342,9 @@ def launch(cfg: LaunchConfig) -> int:
     return 127
 
 
-def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str, ...], min_np: int,
-                       timeout_s: int) -> int:  # fmt: skip
+def run_elastic_driver(
+    argv: list[str], env: dict[str, str], command: tuple[str, ...], min_np: int, timeout_s: int
+) -> int:
     """horovodrun's elastic driver as a child, its output passed through; its exit status, except that a job whose
     ranks stopped on request (preemption: a checkpoint, then status 75 on every rank) exits 75 as other launches do,
     which the elastic driver does not pass on (it counts the ranks' 75s as failed workers; the run record says which
@@ -341,14 +368,19 @@ def run_elastic_driver(argv: list[str], env: dict[str, str], command: tuple[str,
         events = read_record(path) if os.path.exists(path) else []
         last = next((r for r in reversed(events) if r["event"] in ("start", "reset", "stop", "final")), None)
         if last is not None and last["event"] == "stop" and last.get("exit_code"):
-            print(f"dstrain launch: the ranks stopped on request ({last.get('signal') or last.get('reason')}) after a "
-                  f"checkpoint; exit status {last['exit_code']}", flush=True)  # fmt: skip
+            print(
+                f"dstrain launch: the ranks stopped on request ({last.get('signal') or last.get('reason')}) after a "
+                f"checkpoint; exit status {last['exit_code']}",
+                flush=True,
+            )
             return int(last["exit_code"])
     if code and too_few:
         where = f" ({run_dir})" if run_dir else ""
-        print(f"dstrain launch: error: fewer than --min_np {min_np} ranks' hosts for --elastic_timeout {timeout_s} s: "
-              f"the job stopped; the same command resumes from its last checkpoint{where} once enough hosts are up",
-              flush=True)  # fmt: skip
+        print(
+            f"dstrain launch: error: fewer than --min_np {min_np} ranks' hosts for --elastic_timeout {timeout_s} s: "
+            f"the job stopped; the same command resumes from its last checkpoint{where} once enough hosts are up",
+            flush=True,
+        )
     return code
 
 
@@ -362,7 +394,9 @@ def flag_value(command: tuple[str, ...] | list[str], flag: str) -> str:
     return ""
 
 
-def launch_argv(launcher: str, rank_command: list[str], np: int = 0, hostfile: str = "", log_dir: str = "") -> list[str]:
+def launch_argv(
+    launcher: str, rank_command: list[str], np: int = 0, hostfile: str = "", log_dir: str = ""
+) -> list[str]:
     """The ``dstrain launch`` command line for a job: what the k8s launcher pod, the sbatch scripts' docs and the
     tests all run, so the three cannot drift apart."""
     argv = ["dstrain", "launch", "--launcher", launcher]

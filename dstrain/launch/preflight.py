@@ -14,6 +14,7 @@ On every node:
 The same answers give the interface: the one every node has, with the address its hostname resolves to, on one
 network. ``python -m dstrain.launch.preflight REQUEST`` is the probe each node runs (JSON in, JSON out).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -55,7 +56,10 @@ def versions() -> dict[str, str]:
     import dstrain
 
     out = {"dstrain": dstrain.__version__, "python": platform.python_version()}
-    for name, dists in (("tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-intel")), ("horovod", ("horovod",))):  # fmt: skip
+    for name, dists in (
+        ("tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-intel")),
+        ("horovod", ("horovod",)),
+    ):
         out[name] = "not installed"
         for dist in dists:
             try:
@@ -116,9 +120,16 @@ def probe(request: dict) -> dict:
         except OSError as e:
             run_dirs[path] = f"cannot write: {e.strerror or e}"
     hostname = socket.gethostname()
-    return {"as": me, "hostname": hostname, "resolves": ipv4_addresses(hostname), "interfaces": interfaces(),
-            "peers": {h: ipv4_addresses(h) for h in request["hosts"]}, "versions": versions(), "stores": stores,
-            "run_dirs": run_dirs}  # fmt: skip
+    return {
+        "as": me,
+        "hostname": hostname,
+        "resolves": ipv4_addresses(hostname),
+        "interfaces": interfaces(),
+        "peers": {h: ipv4_addresses(h) for h in request["hosts"]},
+        "versions": versions(),
+        "stores": stores,
+        "run_dirs": run_dirs,
+    }
 
 
 # --- asking every node (runs on the launching node)
@@ -136,7 +147,10 @@ def command_paths(command: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
         with open(values["config"], encoding="utf-8") as f:
             from_file = yaml.safe_load(f) or {}
-        values = {**{k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in from_file.items()}, **values}
+        values = {
+            **{k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in from_file.items()},
+            **values,
+        }
     # A memory:// store lives in one process: nothing another process could be asked about.
     stores = [s for flag in STORE_FLAGS for s in values.get(flag, "").split(",") if s and not s.startswith("memory://")]
     run_dirs = [values[f] for f in RUN_DIR_FLAGS if values.get(f) and "://" not in values[f]]
@@ -181,13 +195,23 @@ def _run(argv: list[str]) -> dict | str:
     return (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
 
 
-def ask(hosts: list[str], request: dict, slurm: bool = False,
-        local: frozenset[str] | set[str] = frozenset()) -> dict[str, dict | str]:  # fmt: skip
+def ask(
+    hosts: list[str], request: dict, slurm: bool = False, local: frozenset[str] | set[str] = frozenset()
+) -> dict[str, dict | str]:
     """Every host's answer (or the reason it gave none), by host name; ``local`` hosts answer without ssh."""
     if slurm:
         # Inside an allocation: one task per node through srun, as the job's own ranks start.
-        argv = ["srun", f"--nodes={len(hosts)}", f"--ntasks={len(hosts)}", "--ntasks-per-node=1", "--kill-on-bad-exit=0",
-                sys.executable, "-m", "dstrain.launch.preflight", json.dumps({**request, "as": "$SLURMD_NODENAME"})]  # fmt: skip
+        argv = [
+            "srun",
+            f"--nodes={len(hosts)}",
+            f"--ntasks={len(hosts)}",
+            "--ntasks-per-node=1",
+            "--kill-on-bad-exit=0",
+            sys.executable,
+            "-m",
+            "dstrain.launch.preflight",
+            json.dumps({**request, "as": "$SLURMD_NODENAME"}),
+        ]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S * 2)
         answers = {}
         for line in proc.stdout.splitlines():
@@ -210,22 +234,31 @@ def choose_interface(answers: dict[str, dict], wanted: str = "") -> Interface:
     if wanted:
         lacking = [n for n in nodes if wanted not in answers[n]["interfaces"]]
         if lacking:
-            raise PreflightError("\n".join(
-                f"{n}: no network interface {wanted} with an IPv4 address (it has "
-                f"{_describe(answers[n]['interfaces'])}): choose another --network_interface" for n in lacking))  # fmt: skip
+            raise PreflightError(
+                "\n".join(
+                    f"{n}: no network interface {wanted} with an IPv4 address (it has "
+                    f"{_describe(answers[n]['interfaces'])}): choose another --network_interface"
+                    for n in lacking
+                )
+            )
         return Interface(wanted, _common_network(answers, wanted))
     common = set.intersection(*(set(a["interfaces"]) for a in answers.values()))
-    candidates = [i for i in common
-                  if not all(ipaddress.ip_interface(x).is_loopback for a in answers.values() for x in a["interfaces"][i])]
+    candidates = [
+        i
+        for i in common
+        if not all(ipaddress.ip_interface(x).is_loopback for a in answers.values() for x in a["interfaces"][i])
+    ]
 
     def preference(name: str) -> tuple:
         bound = all(set(a["resolves"]) & {x.split("/")[0] for x in a["interfaces"][name]} for a in answers.values())
         return (not bound, not _common_network(answers, name), name)
 
     if not candidates:
-        raise PreflightError("no network interface with an IPv4 address is shared by every node ("
-                             + "; ".join(f"{n}: {_describe(answers[n]['interfaces'])}" for n in nodes)
-                             + "): give the one the nodes talk over with --network_interface")  # fmt: skip
+        raise PreflightError(
+            "no network interface with an IPv4 address is shared by every node ("
+            + "; ".join(f"{n}: {_describe(answers[n]['interfaces'])}" for n in nodes)
+            + "): give the one the nodes talk over with --network_interface"
+        )
     best = min(candidates, key=preference)
     return Interface(best, _common_network(answers, best))
 
@@ -239,14 +272,17 @@ def _common_network(answers: dict[str, dict], name: str) -> str:
     return networks.pop() if len(networks) == 1 else ""
 
 
-def problems(answers: dict[str, dict | str], interface: Interface | None, request: dict,
-             reference: dict[str, str]) -> list[str]:  # fmt: skip
+def problems(
+    answers: dict[str, dict | str], interface: Interface | None, request: dict, reference: dict[str, str]
+) -> list[str]:
     """One line per problem, each naming the node and the fix."""
     out = []
     for node, a in answers.items():
         if isinstance(a, str):
-            out.append(f"{node}: could not run the check there ({a}): the launcher needs passwordless ssh to every node "
-                       f"and dstrain at {sys.executable} on each")  # fmt: skip
+            out.append(
+                f"{node}: could not run the check there ({a}): the launcher needs passwordless ssh to every node "
+                f"and dstrain at {sys.executable} on each"
+            )
     ok = {n: a for n, a in answers.items() if isinstance(a, dict)}
     if interface is not None:
         own = {n: {x.split("/")[0] for x in a["interfaces"].get(interface.name, [])} for n, a in ok.items()}
@@ -255,19 +291,27 @@ def problems(answers: dict[str, dict | str], interface: Interface | None, reques
     for node, a in ok.items():
         for url, why in a["stores"].items():
             if why:
-                out.append(f"{node}: cannot see the feature store {url} ({why}): put stores on storage every node mounts "
-                           "at the same path")  # fmt: skip
+                out.append(
+                    f"{node}: cannot see the feature store {url} ({why}): put stores on storage every node mounts "
+                    "at the same path"
+                )
         for path, why in a["run_dirs"].items():
             if why == "unseen":
-                out.append(f"{node}: does not see the file the launching node wrote in the run directory {path}: it must "
-                           "be on storage shared by every node, at the same path")  # fmt: skip
+                out.append(
+                    f"{node}: does not see the file the launching node wrote in the run directory {path}: it must "
+                    "be on storage shared by every node, at the same path"
+                )
             elif why:
-                out.append(f"{node}: {why.replace('cannot write', f'cannot write in the run directory {path}')}: "
-                           "every node must be able to write there (rank 0 may run on any of them)")  # fmt: skip
+                out.append(
+                    f"{node}: {why.replace('cannot write', f'cannot write in the run directory {path}')}: "
+                    "every node must be able to write there (rank 0 may run on any of them)"
+                )
         differ = [f"{k} {a['versions'].get(k)} (here {v})" for k, v in reference.items() if a["versions"].get(k) != v]
         if differ:
-            out.append(f"{node}: {', '.join(differ)}: install the same dstrain, TensorFlow, Horovod and Python on every "
-                       "node (tools/install.sh, or one environment on shared storage)")  # fmt: skip
+            out.append(
+                f"{node}: {', '.join(differ)}: install the same dstrain, TensorFlow, Horovod and Python on every "
+                "node (tools/install.sh, or one environment on shared storage)"
+            )
     return out
 
 
@@ -279,21 +323,29 @@ def _resolution_problems(node: str, a: dict, interface: Interface, own: dict[str
     if not a["resolves"]:
         out.append(f"{node}: its hostname {a['hostname']} does not resolve: map it to {where} in /etc/hosts or DNS")
     elif loopback:
-        out.append(f"{node}: its hostname {a['hostname']} resolves to {' '.join(loopback)} (loopback), which Gloo and MPI "
-                   f"would give the other ranks: map it to {where} in /etc/hosts or DNS (Debian and Ubuntu map a "
-                   "machine's name to 127.0.1.1)")  # fmt: skip
+        out.append(
+            f"{node}: its hostname {a['hostname']} resolves to {' '.join(loopback)} (loopback), which Gloo and MPI "
+            f"would give the other ranks: map it to {where} in /etc/hosts or DNS (Debian and Ubuntu map a "
+            "machine's name to 127.0.1.1)"
+        )
     elif mine and not set(a["resolves"]) & own[node]:
-        out.append(f"{node}: its hostname {a['hostname']} resolves to {' '.join(a['resolves'])}, not to {where}: fix "
-                   "/etc/hosts or DNS, or choose that address's interface with --network_interface")  # fmt: skip
+        out.append(
+            f"{node}: its hostname {a['hostname']} resolves to {' '.join(a['resolves'])}, not to {where}: fix "
+            "/etc/hosts or DNS, or choose that address's interface with --network_interface"
+        )
     for peer, addrs in a["peers"].items():
         if peer != node and peer in own and own[peer] and not set(addrs) & own[peer]:
             seen = " ".join(addrs) or "nothing"
-            out.append(f"{node}: resolves {peer} to {seen}, not to {peer}'s {interface.name} address "
-                       f"{' '.join(sorted(own[peer]))}: fix /etc/hosts or DNS on {node}")  # fmt: skip
+            out.append(
+                f"{node}: resolves {peer} to {seen}, not to {peer}'s {interface.name} address "
+                f"{' '.join(sorted(own[peer]))}: fix /etc/hosts or DNS on {node}"
+            )
     return out
 
 
-def check(hosts: list[str], command: tuple[str, ...], wanted_interface: str = "", slurm: bool = False) -> Interface | None:
+def check(
+    hosts: list[str], command: tuple[str, ...], wanted_interface: str = "", slurm: bool = False
+) -> Interface | None:
     """Asks every node; raises :class:`PreflightError` listing every problem; returns the interface the ranks should
     use (None for a job on this machine alone)."""
     request = make_request(hosts, command)
@@ -305,7 +357,9 @@ def check(hosts: list[str], command: tuple[str, ...], wanted_interface: str = ""
             with open(os.path.join(path, TOKEN + request["token"]), "w", encoding="utf-8") as f:
                 f.write(request["token"])
         except OSError as e:
-            raise PreflightError(f"cannot write in the run directory {path} from this node: {e.strerror or e}") from None
+            raise PreflightError(
+                f"cannot write in the run directory {path} from this node: {e.strerror or e}"
+            ) from None
     try:
         answers = ask(hosts, request, slurm, local)
         ok = {n: a for n, a in answers.items() if isinstance(a, dict)}
@@ -318,9 +372,13 @@ def check(hosts: list[str], command: tuple[str, ...], wanted_interface: str = ""
                 found.append(str(e))
         found += problems(answers, interface, request, versions())
         for path in request["run_dirs"]:
-            found += [f"{n}: wrote its file in the run directory {path}, but this node cannot read it: the run directory "
-                      "must be on storage shared by every node" for n, a in ok.items()
-                      if not a["run_dirs"].get(path) and not os.path.exists(os.path.join(path, f"{TOKEN}{request['token']}-{n}"))]  # fmt: skip
+            found += [
+                f"{n}: wrote its file in the run directory {path}, but this node cannot read it: the run directory "
+                "must be on storage shared by every node"
+                for n, a in ok.items()
+                if not a["run_dirs"].get(path)
+                and not os.path.exists(os.path.join(path, f"{TOKEN}{request['token']}-{n}"))
+            ]
     finally:
         _remove_tokens(request)
     if found:

@@ -43,6 +43,7 @@ refused here: :mod:`dstrain.prep.augment` applies them at preprocessing into sto
 ``fill=mean`` (an extension) masks with each channel's mean log mel over the utterance, which is what
 SpecAugment's zero is after per-channel mean normalisation; DeepSpeech's ``fill=zero`` writes silence.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,6 +78,8 @@ def zero_value(domain: str, power: bool) -> float:
     if domain == "spectrogram":
         return 0.0 if power else _FLOOR_LOG
     return 1.0 if power else 0.0
+
+
 _FLOOR_POW = _FILTERBANK_FLOOR**2
 # At or below this a value is the floor (digital silence); float16 stores the floor 0.006 higher.
 _SILENT_LOG = _FLOOR_LOG + 0.05
@@ -427,9 +430,11 @@ class Volume(Augmentation):
 
     name = "volume"
     PARAMS = {"gain": ("float", "0~6")}
-    REFUSED = {"dbfs": "dbfs levels a waveform's peak, which a filterbank store does not have; use volume[gain=<dB>] "
-                       "for a relative gain, or level the waveform while preprocessing: dstrain preprocess --augment "
-                       "'volume[dbfs=...]' --augment_copies K"}  # fmt: skip
+    REFUSED = {
+        "dbfs": "dbfs levels a waveform's peak, which a filterbank store does not have; use volume[gain=<dB>] "
+        "for a relative gain, or level the waveform while preprocessing: dstrain preprocess --augment "
+        "'volume[dbfs=...]' --augment_copies K"
+    }
 
     @property
     def stage(self) -> int:
@@ -610,7 +615,9 @@ WAVEFORM_OPS = ("codec", "resample", "reverb", "speed")
 """Ops that need the waveform: :mod:`dstrain.prep.augment` makes them into stored copies at preprocessing; here
 they are refused with that advice (as are ``overlay`` of audio files and ``volume[dbfs]``, which preprocessing has)."""
 
-_AT_PREPROCESSING = "make augmented copies while preprocessing: dstrain preprocess --augment '{spec}' --augment_copies K"
+_AT_PREPROCESSING = (
+    "make augmented copies while preprocessing: dstrain preprocess --augment '{spec}' --augment_copies K"
+)
 
 
 def _domain(raw: str) -> str:
@@ -634,8 +641,10 @@ def _fill_kind(raw: str) -> str:
 def _parse_one(spec: str, noise_source) -> Augmentation:
     def unknown(name: str) -> str:
         if name in WAVEFORM_OPS:
-            return (f"{name} needs the waveform, and the feature store holds log mel filterbanks; "
-                    + _AT_PREPROCESSING.format(spec=spec.strip()))  # fmt: skip
+            return (
+                f"{name} needs the waveform, and the feature store holds log mel filterbanks; "
+                + _AT_PREPROCESSING.format(spec=spec.strip())
+            )
         return f"unknown augmentation {name!r} (known: {', '.join(sorted(_OPS))})"
 
     cls, p, values = parse_spec(spec, _OPS, unknown, {"domain": _domain, "fill": _fill_kind})

@@ -23,6 +23,7 @@ What each rank reads, and in which order, is :mod:`dstrain.loader.sampler`'s; ho
 :mod:`dstrain.loader.reader`'s; what augmentation does, :mod:`dstrain.loader.augment`'s (on the loader, and the
 reference) and :mod:`dstrain.loader.device_augment`'s (in the training step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,15 @@ import numpy as np
 from dstrain.alphabet import Alphabet, UTF8Alphabet, ctc_min_frames
 from dstrain.distributed import World
 from dstrain.features import FeatureConfig
-from dstrain.loader.augment import (Augmentation, Augmenter, expand_specs, overlay_sources, parse_augmentations,
-                                    sample_rng, split_ops)  # fmt: skip
+from dstrain.loader.augment import (
+    Augmentation,
+    Augmenter,
+    expand_specs,
+    overlay_sources,
+    parse_augmentations,
+    sample_rng,
+    split_ops,
+)
 from dstrain.loader.config import LoaderConfig
 from dstrain.loader.reader import Batch, Catalog, PlanReader, Transform, read_row_group
 from dstrain.loader.sampler import (
@@ -60,25 +68,33 @@ STATS_SAMPLE = 2000
 """Utterances measured for feature statistics when a store's manifest has none (stores of older dstrains)."""
 
 
-def open_stores(urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, features: FeatureConfig | None = None,
-                reference: str = "") -> list[FeatureStore]:  # fmt: skip
+def open_stores(
+    urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, features: FeatureConfig | None = None, reference: str = ""
+) -> list[FeatureStore]:
     """The stores of ``urls``, checked to agree with each other and with ``alphabet`` (and, given, with ``features``
     of ``reference``: the training stores, a model): one error naming both sides of any mismatch."""
     stores = [FeatureStore.open(url) for url in urls]
     bytes_mode = isinstance(alphabet, UTF8Alphabet)
     for store in stores:
         if store.manifest.bytes_output_mode != bytes_mode:
-            raise StoreError(f"{store.url}: preprocessed {'with' if store.manifest.bytes_output_mode else 'without'} "
-                             f"--bytes_output_mode; use it {'with' if bytes_mode else 'without'} that flag, or "
-                             "preprocess it again")  # fmt: skip
+            raise StoreError(
+                f"{store.url}: preprocessed {'with' if store.manifest.bytes_output_mode else 'without'} "
+                f"--bytes_output_mode; use it {'with' if bytes_mode else 'without'} that flag, or "
+                "preprocess it again"
+            )
         store.check_alphabet(alphabet)
     want, source = (features, reference) if features is not None else (stores[0].features, stores[0].url)
     for store in stores:
         if store.features != want:
-            differ = [f"{f.name} {getattr(store.features, f.name)} vs {getattr(want, f.name)}"
-                      for f in dataclasses.fields(want) if getattr(store.features, f.name) != getattr(want, f.name)]  # fmt: skip
-            raise StoreError(f"{store.url} and {source} have different feature parameters ({', '.join(differ)}); "
-                             "preprocess them alike")  # fmt: skip
+            differ = [
+                f"{f.name} {getattr(store.features, f.name)} vs {getattr(want, f.name)}"
+                for f in dataclasses.fields(want)
+                if getattr(store.features, f.name) != getattr(want, f.name)
+            ]
+            raise StoreError(
+                f"{store.url} and {source} have different feature parameters ({', '.join(differ)}); "
+                "preprocess them alike"
+            )
     return stores
 
 
@@ -90,8 +106,10 @@ def feature_statistics(stores: Sequence[FeatureStore], catalog: Catalog, world: 
         return FeatureStats.merge_all(recorded)  # type: ignore[arg-type]
     stats = None
     if world.is_root:
-        log.warning("the training stores hold no feature statistics (made by an older dstrain): measuring them on "
-                    "a sample; re-run dstrain preprocess to record them")  # fmt: skip
+        log.warning(
+            "the training stores hold no feature statistics (made by an older dstrain): measuring them on "
+            "a sample; re-run dstrain preprocess to record them"
+        )
         stats, n = FeatureStats.empty(catalog.n_mel), 0
         for ref in catalog.refs:
             for x in read_row_group(ref, catalog.n_mel).features:
@@ -126,8 +144,9 @@ class NoiseStore:
         return rows[int(rng.integers(len(rows)))]
 
 
-def mixing_weights(catalog: Catalog, n_stores: int, train_weights: Sequence[float], augmented_weight: float
-                   ) -> tuple[float, ...] | None:  # fmt: skip
+def mixing_weights(
+    catalog: Catalog, n_stores: int, train_weights: Sequence[float], augmented_weight: float
+) -> tuple[float, ...] | None:
     """``PlanSpec.weights``: ``--train_weights`` per store (empty: in proportion to their sizes), and within a store,
     its augmented copies drawn ``augmented_weight`` times as often per sample as its originals (``Catalog.group``
     gives each its own weight). None where every sample is drawn once."""
@@ -142,7 +161,11 @@ def mixing_weights(catalog: Catalog, n_stores: int, train_weights: Sequence[floa
     for s, (originals, copies) in enumerate(rows):
         share = train_weights[s] if train_weights else originals + copies
         per_sample = originals + augmented_weight * copies
-        weights += [share * originals / per_sample, share * augmented_weight * copies / per_sample] if per_sample else [0.0, 0.0]
+        weights += (
+            [share * originals / per_sample, share * augmented_weight * copies / per_sample]
+            if per_sample
+            else [0.0, 0.0]
+        )
     return tuple(weights)
 
 
@@ -157,8 +180,9 @@ def planned_frames(batch_frames: int, augmentations: Sequence[Augmentation]) -> 
     return int(batch_frames / stretch), stretch
 
 
-def check_batch_frames(lengths: np.ndarray, batch_frames: int, augmentations: Sequence[Augmentation],
-                       step_ms: float) -> int:  # fmt: skip
+def check_batch_frames(
+    lengths: np.ndarray, batch_frames: int, augmentations: Sequence[Augmentation], step_ms: float
+) -> int:
     """The plans' frame budget (see :func:`planned_frames`); one error naming the longest utterance and the ways out
     when some utterance cannot fit."""
     frames, stretch = planned_frames(batch_frames, augmentations)
@@ -167,10 +191,12 @@ def check_batch_frames(lengths: np.ndarray, batch_frames: int, augmentations: Se
         longest = int(lengths.max())
         tempo = f" (tempo augmentation lengthens utterances up to {stretch:.3g}x: {frames} frames planned)"
         tempo = tempo if stretch > 1 else ""
-        raise ValueError(f"--batch_frames {batch_frames}{tempo}: {over} training utterance(s) do not fit a batch, the "
-                         f"longest has {longest} frames ({longest * step_ms / 1000:.1f} s); raise --batch_frames to at "
-                         f"least {math.ceil(longest * stretch)}, or leave long utterances out with dstrain preprocess "
-                         "--max_duration")  # fmt: skip
+        raise ValueError(
+            f"--batch_frames {batch_frames}{tempo}: {over} training utterance(s) do not fit a batch, the "
+            f"longest has {longest} frames ({longest * step_ms / 1000:.1f} s); raise --batch_frames to at "
+            f"least {math.ceil(longest * stretch)}, or leave long utterances out with dstrain preprocess "
+            "--max_duration"
+        )
     return frames
 
 
@@ -194,9 +220,19 @@ class TrainInput:
     :meth:`device_augmenter` the rest in the training step; batches carry each sample's (epoch, sample id) for it.
     """
 
-    def __init__(self, stores: list[FeatureStore], catalog: Catalog, spec: PlanSpec, cfg: LoaderConfig, world: World, *,
-                 seed: int, epochs: int, augmentations: Sequence[Augmentation] = (),
-                 scan_world: World | None = None):  # fmt: skip
+    def __init__(
+        self,
+        stores: list[FeatureStore],
+        catalog: Catalog,
+        spec: PlanSpec,
+        cfg: LoaderConfig,
+        world: World,
+        *,
+        seed: int,
+        epochs: int,
+        augmentations: Sequence[Augmentation] = (),
+        scan_world: World | None = None,
+    ):
         self.stores, self.catalog, self.spec, self.cfg, self.world = stores, catalog, spec, cfg, world
         self.scan_world = scan_world or world
         self.seed, self.epochs = seed, epochs
@@ -213,9 +249,19 @@ class TrainInput:
         self._ahead: PlanReader | None = None
 
     @classmethod
-    def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet | None, cfg: LoaderConfig, world: World, *,
-              batch_size: int, seed: int, epochs: int, shuffle: bool = True,
-              scan_world: World | None = None) -> "TrainInput":  # fmt: skip
+    def build(
+        cls,
+        urls: Sequence[str],
+        alphabet: Alphabet | UTF8Alphabet | None,
+        cfg: LoaderConfig,
+        world: World,
+        *,
+        batch_size: int,
+        seed: int,
+        epochs: int,
+        shuffle: bool = True,
+        scan_world: World | None = None,
+    ) -> "TrainInput":
         """Collective over ``scan_world`` (default ``world``: rank 0 scans the shards, every rank gets the catalog;
         a single world: this rank scans them itself). ``alphabet`` None: the first store's."""
         if cfg.train_weights and len(cfg.train_weights) != len(urls):
@@ -237,22 +283,49 @@ class TrainInput:
             augmentations = parse_augmentations(specs, noise_source=noise)
         frames = 0
         if cfg.batch_frames:
-            frames = check_batch_frames(sample_lengths(catalog.table, cfg.limit_train), cfg.batch_frames, augmentations,
-                                        stores[0].features.step_ms)  # fmt: skip
-            log.info("--batch_frames %d: batches of up to %d padded frames per rank (--train_batch_size is not used)",
-                     cfg.batch_frames, frames)  # fmt: skip
-        spec = PlanSpec(batch_size=0 if frames else batch_size, batch_frames=frames, shuffle=shuffle,
-                        sortagrad=cfg.sortagrad, reverse=cfg.reverse_train, limit=cfg.limit_train,
-                        buckets=cfg.length_buckets, remainder=cfg.remainder,
-                        window_row_groups=window_row_groups(catalog, cfg.loader_memory_mb),
-                        weights=mixing_weights(catalog, len(stores), cfg.train_weights, cfg.augmented_weight))  # fmt: skip
+            frames = check_batch_frames(
+                sample_lengths(catalog.table, cfg.limit_train),
+                cfg.batch_frames,
+                augmentations,
+                stores[0].features.step_ms,
+            )
+            log.info(
+                "--batch_frames %d: batches of up to %d padded frames per rank (--train_batch_size is not used)",
+                cfg.batch_frames,
+                frames,
+            )
+        spec = PlanSpec(
+            batch_size=0 if frames else batch_size,
+            batch_frames=frames,
+            shuffle=shuffle,
+            sortagrad=cfg.sortagrad,
+            reverse=cfg.reverse_train,
+            limit=cfg.limit_train,
+            buckets=cfg.length_buckets,
+            remainder=cfg.remainder,
+            window_row_groups=window_row_groups(catalog, cfg.loader_memory_mb),
+            weights=mixing_weights(catalog, len(stores), cfg.train_weights, cfg.augmented_weight),
+        )
         copies = sum(s.manifest.augmented_utterances for s in stores)
         if copies and world.is_root:
-            log.info("training stores hold %d augmented copies (of %d utterances): --augmented_weight %g%s", copies,
-                     sum(s.manifest.utterances for s in stores), cfg.augmented_weight,
-                     " leaves them out" if cfg.augmented_weight == 0 else "")  # fmt: skip
-        return cls(stores, catalog, spec, cfg, world, seed=seed, epochs=epochs, augmentations=augmentations,
-                   scan_world=scan_world)
+            log.info(
+                "training stores hold %d augmented copies (of %d utterances): --augmented_weight %g%s",
+                copies,
+                sum(s.manifest.utterances for s in stores),
+                cfg.augmented_weight,
+                " leaves them out" if cfg.augmented_weight == 0 else "",
+            )
+        return cls(
+            stores,
+            catalog,
+            spec,
+            cfg,
+            world,
+            seed=seed,
+            epochs=epochs,
+            augmentations=augmentations,
+            scan_world=scan_world,
+        )
 
     @property
     def feature_dtype(self) -> str:
@@ -329,7 +402,13 @@ class TrainInput:
         # Once this epoch's reader holds no row group, the next epoch's starts filling its first window (during the
         # last steps, dev evaluation and checkpointing), within the same memory budget.
         current, plan = self._current, self.plan
-        if self._ahead is None and current is not None and current.produced and plan is not None and plan.epoch + 1 < self.epochs:
+        if (
+            self._ahead is None
+            and current is not None
+            and current.produced
+            and plan is not None
+            and plan.epoch + 1 < self.epochs
+        ):
             self._ahead = self._new_reader(self.plan_for(plan.epoch + 1)).start()
 
     def end_epoch(self) -> None:
@@ -343,9 +422,16 @@ class TrainInput:
 
     def _new_reader(self, plan: EpochPlan) -> PlanReader:
         cfg = self.cfg
-        return PlanReader(self.catalog, plan, threads=cfg.loader_threads, memory_mb=cfg.loader_memory_mb,
-                          prefetch=cfg.loader_prefetch, transform=self._transform(plan.epoch), skip_bad=cfg.skip_bad_shards,
-                          keys=True)  # fmt: skip
+        return PlanReader(
+            self.catalog,
+            plan,
+            threads=cfg.loader_threads,
+            memory_mb=cfg.loader_memory_mb,
+            prefetch=cfg.loader_prefetch,
+            transform=self._transform(plan.epoch),
+            skip_bad=cfg.skip_bad_shards,
+            keys=True,
+        )
 
     def _transform(self, epoch: int) -> Transform | None:
         if self.augmenter is None:
@@ -353,29 +439,43 @@ class TrainInput:
         aug, seed, clock = self.augmenter, self.seed, epoch / max(1, self.epochs - 1)
         # min_frames: tempo never makes an utterance too short for its transcript (CTC's loss would be infinite and
         # the whole step skipped on every rank).
-        return lambda x, sid, labels: aug.apply(x, sample_rng(seed, epoch, sid), clock=clock,
-                                                min_frames=ctc_min_frames(labels))  # fmt: skip
+        return lambda x, sid, labels: aug.apply(
+            x, sample_rng(seed, epoch, sid), clock=clock, min_frames=ctc_min_frames(labels)
+        )
 
 
 class EvalInput:
     """A fixed set of samples (dev or test) dealt out over the ranks in order, every sample exactly once; planned for
     the world as it is when read (an elastic world may have changed since)."""
 
-    def __init__(self, catalog: Catalog, cfg: LoaderConfig, world: World, batch_size: int, limit: int = 0,
-                 reverse: bool = False):  # fmt: skip
+    def __init__(
+        self, catalog: Catalog, cfg: LoaderConfig, world: World, batch_size: int, limit: int = 0, reverse: bool = False
+    ):
         self.catalog, self.cfg, self.world, self.batch_size, self.limit = catalog, cfg, world, batch_size, limit
         self.reverse = reverse
         self._plans: dict[tuple[int, int], EpochPlan] = {}
 
     @classmethod
-    def build(cls, urls: Sequence[str], alphabet: Alphabet | UTF8Alphabet, cfg: LoaderConfig, world: World, *,
-              batch_size: int, limit: int = 0, features: FeatureConfig | None = None,
-              reference: str = "the training stores", reverse: bool = False,
-              scan_world: World | None = None) -> "EvalInput":  # fmt: skip
+    def build(
+        cls,
+        urls: Sequence[str],
+        alphabet: Alphabet | UTF8Alphabet,
+        cfg: LoaderConfig,
+        world: World,
+        *,
+        batch_size: int,
+        limit: int = 0,
+        features: FeatureConfig | None = None,
+        reference: str = "the training stores",
+        reverse: bool = False,
+        scan_world: World | None = None,
+    ) -> "EvalInput":
         """Collective over ``scan_world`` (default ``world``). ``features`` (of ``reference``): what the stores must
         have been preprocessed with; ``reverse``: longest batches first."""
         stores = open_stores(urls, alphabet, features, reference)
-        catalog = Catalog.build(stores, scan_world or world, skip_bad_shards=cfg.skip_bad_shards, augmented=False)  # originals only
+        catalog = Catalog.build(
+            stores, scan_world or world, skip_bad_shards=cfg.skip_bad_shards, augmented=False
+        )  # originals only
         return cls(catalog, cfg, world, batch_size, limit, reverse)
 
     @property
@@ -383,8 +483,15 @@ class EvalInput:
         """This rank's share at the current world."""
         key = (self.world.rank, self.world.size)
         if key not in self._plans:
-            self._plans[key] = plan_eval(self.catalog.table, rank=key[0], world=key[1], batch_size=self.batch_size,
-                                         limit=self.limit, sort_by_length=True, reverse=self.reverse)  # fmt: skip
+            self._plans[key] = plan_eval(
+                self.catalog.table,
+                rank=key[0],
+                world=key[1],
+                batch_size=self.batch_size,
+                limit=self.limit,
+                sort_by_length=True,
+                reverse=self.reverse,
+            )
         return self._plans[key]
 
     @property
@@ -405,8 +512,14 @@ class EvalInput:
         """This rank's batches with the ids of their samples (with --skip_bad_shards, the samples of unreadable row
         groups are left out, and logged by the reader)."""
         cfg, plan = self.cfg, self.plan
-        reader = PlanReader(self.catalog, plan, threads=cfg.loader_threads, memory_mb=cfg.loader_memory_mb,
-                            prefetch=cfg.loader_prefetch, skip_bad=cfg.skip_bad_shards)  # fmt: skip
+        reader = PlanReader(
+            self.catalog,
+            plan,
+            threads=cfg.loader_threads,
+            memory_mb=cfg.loader_memory_mb,
+            prefetch=cfg.loader_prefetch,
+            skip_bad=cfg.skip_bad_shards,
+        )
         for step, batch in enumerate(reader):
             # A batch is assembled only once its row groups are loaded: reader.bad_keys already names its bad ones.
             lo, hi = plan.offsets[step], plan.offsets[step + 1]

@@ -1,4 +1,5 @@
 """Input pipeline options (training; dev and test sets use the reader settings, never augmentation)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,9 +4,9 @@ a padded batch, run inside the training step just before the model (never for ev
 Why on the device: in numpy on the loader threads the ops held the GIL for most of their time, so a process delivered
 about a third of its unaugmented frames per second whatever its thread count; on a GPU the same work is a few hundred
 small kernels per step (on a CPU-only run, ~15-20 ms of one core per batch of 32 utterances for ``--augment
-default``: ``benchmarks/loader.py`` times it). The loader keeps what needs other data: ``overlay`` reads noise utterances from another
-store, so the ops up to the last overlay (in the order ops run) stay on the loader and the device runs the rest, the
-order kept (:func:`dstrain.loader.augment.split_ops`).
+default``: ``benchmarks/loader.py`` times it). The loader keeps what needs other data: ``overlay`` reads noise
+utterances from another store, so the ops up to the last overlay (in the order ops run) stay on the loader and the
+device runs the rest, the order kept (:func:`dstrain.loader.augment.split_ops`).
 
 Randomness: every number an op draws is a function of (``--random_seed``, epoch, sample id, op, draw) alone; each
 batch carries its samples' (epoch, sample id) as ``keys`` ``[B, 2]`` int64. A sample is therefore augmented alike
@@ -14,8 +14,8 @@ whatever its batch-mates, its padding, the number of ranks or a resume in betwee
 utterance's frames, a reduction whose float rounding may differ with the padded length: at most a few ulps.)
 TensorFlow's stateless random ops take one seed per call, and vectorising them over per-sample seeds falls back to a
 loop over the batch (``pfor``), so the numbers come from a counter-based integer hash instead (an xorshift-multiply
-mixer on 32-bit words held in int64), vectorised over samples, draws and elements. They are not the loader's numpy draws: a
-spec gives statistically the same augmentation on either side, not the same numbers.
+mixer on 32-bit words held in int64), vectorised over samples, draws and elements. They are not the loader's numpy
+draws: a spec gives statistically the same augmentation on either side, not the same numbers.
 
 Each op draws a fixed number of values per sample, sized by its parameters' largest values (``n`` masks: ``n``'s
 upper bound of them; a warp grid: ``nt`` x ``nf`` points at their upper bounds), and a sample its ``p`` draw leaves
@@ -28,6 +28,7 @@ Example::
 
 (:meth:`dstrain.loader.builder.TrainInput.device_augmenter` builds it from ``--augment`` for the trainer.)
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,6 @@ import tensorflow as tf
 
 from dstrain.features import FeatureConfig
 from dstrain.loader.augment import (
-    zero_value,
     _FLOOR_LOG,
     _FLOOR_POW,
     _SILENT_LOG,
@@ -46,6 +46,7 @@ from dstrain.loader.augment import (
     Augmentation,
     ValueRange,
     _mel_geometry,
+    zero_value,
 )
 
 _MASK32 = 0xFFFFFFFF
@@ -79,8 +80,9 @@ def _c(v: int) -> tf.Tensor:
 def _mix(x: tf.Tensor) -> tf.Tensor:
     """The mixer on int64 tensors of 32-bit words."""
     for shift, multiplier in zip(_SHIFTS, _MULTIPLIERS):
-        x = tf.bitwise.bitwise_and(tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _c(shift))) * _c(multiplier),
-                                   _c(_MASK32))  # fmt: skip
+        x = tf.bitwise.bitwise_and(
+            tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _c(shift))) * _c(multiplier), _c(_MASK32)
+        )
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _c(_SHIFTS[-1])))
 
 
@@ -354,8 +356,12 @@ def _cubic_taps(n_in: tf.Tensor, n_out: tf.Tensor, positions: tf.Tensor) -> list
 
 def _upsampling(n_in: tf.Tensor, n_out: tf.Tensor, positions: tf.Tensor, depth: int) -> tf.Tensor:
     """The taps of :func:`_cubic_taps` as weights ``[B, P, depth]`` (grid points past a sample's ``n_in`` weigh 0)."""
-    return tf.add_n([tf.one_hot(index, depth, dtype=tf.float32) * weight[:, :, None]
-                     for index, weight in _cubic_taps(n_in, n_out, positions)])  # fmt: skip
+    return tf.add_n(
+        [
+            tf.one_hot(index, depth, dtype=tf.float32) * weight[:, :, None]
+            for index, weight in _cubic_taps(n_in, n_out, positions)
+        ]
+    )
 
 
 def _warp(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
@@ -377,16 +383,21 @@ def _warp(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     scale = tf.stack([wt * frames / (2 * (nt + 1)), wf * n_mel / (2 * (nf + 1))], axis=1)  # [A, 2]
     half = 2 * nt_max * nf_max
     z = tf.reshape(_normal(normal_u[:, :half], normal_u[:, half:]), [-1, 2, nt_max, nf_max]) * scale[:, :, None, None]
-    interior = ((tf.range(nt_max, dtype=tf.float64)[None, :, None] < nt[:, None, None])
-                & (tf.range(nf_max, dtype=tf.float64)[None, None, :] < nf[:, None, None]))  # fmt: skip
+    interior = (tf.range(nt_max, dtype=tf.float64)[None, :, None] < nt[:, None, None]) & (
+        tf.range(nf_max, dtype=tf.float64)[None, None, :] < nf[:, None, None]
+    )
     grid = tf.where(interior[:, None], z, 0.0)
     grid = tf.cast(tf.pad(grid, [[0, 0], [0, 0], [1, 1], [1, 1]]), tf.float32)  # [A, 2, Gt, Gf], zero at the edges
     # Dense flow: the grid upsampled along frequency (per sample, small), then along time. Sums of products in a
     # fixed order rather than matrix products, whose rounding could change with the padded length.
     t_pad = tf.shape(w.x)[1]
-    along_f = _upsampling(nf + 2, tf.zeros_like(nf) + n_mel, tf.range(n_mel, dtype=tf.float64), nf_max + 2)  # [A, F, Gf]
+    along_f = _upsampling(
+        nf + 2, tf.zeros_like(nf) + n_mel, tf.range(n_mel, dtype=tf.float64), nf_max + 2
+    )  # [A, F, Gf]
     along_t = _upsampling(nt + 2, frames, tf.range(t_pad, dtype=tf.float64), nt_max + 2)  # [A, T, Gt]
-    coarse = tf.add_n([grid[:, :, :, j, None] * along_f[:, None, None, :, j] for j in range(nf_max + 2)])  # [A, 2, Gt, F]
+    coarse = tf.add_n(
+        [grid[:, :, :, j, None] * along_f[:, None, None, :, j] for j in range(nf_max + 2)]
+    )  # [A, 2, Gt, F]
 
     def flow(axis: int) -> tf.Tensor:  # [A, T, F]
         return tf.add_n([along_t[:, :, i, None] * coarse[:, axis, None, i, :] for i in range(nt_max + 2)])
@@ -462,12 +473,20 @@ class DeviceAugmenter:
     on the loader.
     """
 
-    def __init__(self, augmentations: Sequence[Augmentation], seed: int, epochs: int,
-                 features: Optional[FeatureConfig] = None, step_ms: Optional[float] = None):  # fmt: skip
+    def __init__(
+        self,
+        augmentations: Sequence[Augmentation],
+        seed: int,
+        epochs: int,
+        features: Optional[FeatureConfig] = None,
+        step_ms: Optional[float] = None,
+    ):
         refused = [a.spec for a in augmentations if a.name not in _DEVICE_OPS]
         if refused:
-            raise ValueError(f"augmentation {refused[0]!r} cannot run on the device (only {', '.join(DEVICE_OPS)} "
-                             "can); let the loader apply it (dstrain.loader.augment.split_ops)")  # fmt: skip
+            raise ValueError(
+                f"augmentation {refused[0]!r} cannot run on the device (only {', '.join(DEVICE_OPS)} "
+                "can); let the loader apply it (dstrain.loader.augment.split_ops)"
+            )
         self.features = features if features is not None else FeatureConfig()
         self.step_ms = float(step_ms if step_ms is not None else self.features.step_ms)
         if self.step_ms <= 0:
@@ -479,8 +498,9 @@ class DeviceAugmenter:
     def __len__(self) -> int:
         return len(self.augmentations)
 
-    def __call__(self, x: tf.Tensor, lengths: tf.Tensor, labels: tf.Tensor, label_lengths: tf.Tensor,
-                 keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:  # fmt: skip
+    def __call__(
+        self, x: tf.Tensor, lengths: tf.Tensor, labels: tf.Tensor, label_lengths: tf.Tensor, keys: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """(augmented log mel ``[B, T', n_mel]`` float32, zero beyond each length; lengths ``[B]`` int32). ``x`` is a
         padded batch of any float dtype, ``labels``/``label_lengths`` bound how short tempo may make an utterance
         (what CTC needs), ``keys`` ``[B, 2]`` holds each sample's (epoch, sample id)."""
@@ -499,6 +519,8 @@ class DeviceAugmenter:
             applied = draws.take(1)[:, 0] < aug.p  # p=0 never (draws >= 0), p=1 always (draws < 1)
             _DEVICE_OPS[aug.name](aug, w, draws, ctx, applied)
             if draws.used - before != _draw_count(aug):  # an op's draws would shift every later op's
-                raise AssertionError(f"{aug.name} took {draws.used - before} draws, _draw_count says {_draw_count(aug)}")
+                raise AssertionError(
+                    f"{aug.name} took {draws.used - before} draws, _draw_count says {_draw_count(aug)}"
+                )
         out = w.log()
         return tf.where(w.valid()[:, :, None], out, 0.0), w.lengths

@@ -6,6 +6,7 @@ saying what it became. DeepSpeech 0.6 applied them to the power spectrogram (257
 holds the log mel filterbank, so ``frequency_mask`` counts mel channels and ``add``/``multiply`` act on log mel, as
 the ``--augment`` ops they become do (that module's docstring lists those differences).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,20 +67,35 @@ class LegacyAugmentConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 means none), got {getattr(self, name)}")
         if not 0 < self.augmentation_spec_dropout_keeprate <= 1:
-            raise ValueError(f"augmentation_spec_dropout_keeprate must be in (0, 1], got {self.augmentation_spec_dropout_keeprate}")
-        for name in ("augmentation_sparse_warp_num_control_points", "augmentation_freq_and_time_masking_freq_mask_range",
-                     "augmentation_freq_and_time_masking_time_mask_range"):  # fmt: skip
+            raise ValueError(
+                f"augmentation_spec_dropout_keeprate must be in (0, 1], got {self.augmentation_spec_dropout_keeprate}"
+            )
+        for name in (
+            "augmentation_sparse_warp_num_control_points",
+            "augmentation_freq_and_time_masking_freq_mask_range",
+            "augmentation_freq_and_time_masking_time_mask_range",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("augmentation_freq_and_time_masking_number_freq_masks", "augmentation_freq_and_time_masking_number_time_masks"):
+        for name in (
+            "augmentation_freq_and_time_masking_number_freq_masks",
+            "augmentation_freq_and_time_masking_number_time_masks",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        low, high = self.augmentation_pitch_and_tempo_scaling_min_pitch, self.augmentation_pitch_and_tempo_scaling_max_pitch
+        low, high = (
+            self.augmentation_pitch_and_tempo_scaling_min_pitch,
+            self.augmentation_pitch_and_tempo_scaling_max_pitch,
+        )
         if not 0 < low <= high:
-            raise ValueError(f"augmentation_pitch_and_tempo_scaling_min_pitch {low} and _max_pitch {high}: need 0 < min <= max")
+            raise ValueError(
+                f"augmentation_pitch_and_tempo_scaling_min_pitch {low} and _max_pitch {high}: need 0 < min <= max"
+            )
         if self.augmentation_pitch_and_tempo_scaling_max_tempo <= 0:
-            raise ValueError(f"augmentation_pitch_and_tempo_scaling_max_tempo must be > 0, got "
-                             f"{self.augmentation_pitch_and_tempo_scaling_max_tempo}")  # fmt: skip
+            raise ValueError(
+                f"augmentation_pitch_and_tempo_scaling_max_tempo must be > 0, got "
+                f"{self.augmentation_pitch_and_tempo_scaling_max_tempo}"
+            )
 
     def translate(self, step_ms: float) -> list[tuple[str, str]]:
         """(``--augment`` spec, the one-line note training logs) for every flag in use, in DeepSpeech 0.6's order of
@@ -91,39 +107,69 @@ class LegacyAugmentConfig:
 
         keep = self.augmentation_spec_dropout_keeprate
         if keep < 1:
-            add(f"--augmentation_spec_dropout_keeprate {keep:g}", f"dropout[rate={1 - keep:g},domain=spectrogram]",
-                "the fraction dropped")  # fmt: skip
+            add(
+                f"--augmentation_spec_dropout_keeprate {keep:g}",
+                f"dropout[rate={1 - keep:g},domain=spectrogram]",
+                "the fraction dropped",
+            )
         if self.augmentation_sparse_warp:
             points = self.augmentation_sparse_warp_num_control_points
-            add(f"--augmentation_sparse_warp (num_control_points {points})", f"warp[nt={points},nf=1,wt=0.1,wf=0.0]",
+            add(
+                f"--augmentation_sparse_warp (num_control_points {points})",
+                f"warp[nt={points},nf=1,wt=0.1,wf=0.0]",
                 "a smooth grid warp in time; time_warping_para, interpolation_order, regularization_weight and "
-                "num_boundary_points have no equivalent there and are not used")  # fmt: skip
+                "num_boundary_points have no equivalent there and are not used",
+            )
         if self.augmentation_freq_and_time_masking:
             f_range = self.augmentation_freq_and_time_masking_freq_mask_range
             f_n = self.augmentation_freq_and_time_masking_number_freq_masks
             # Integer sizes are rounded from a uniform draw: about 0..range-1 wide, at least 1.
-            add(f"--augmentation_freq_and_time_masking freq_mask_range {f_range}, number_freq_masks {f_n}",
-                f"frequency_mask[n={f_n},size={(f_range - 1) // 2}~{f_range // 2}]", "mel channels, not FFT bins")
+            add(
+                f"--augmentation_freq_and_time_masking freq_mask_range {f_range}, number_freq_masks {f_n}",
+                f"frequency_mask[n={f_n},size={(f_range - 1) // 2}~{f_range // 2}]",
+                "mel channels, not FFT bins",
+            )
             t_range = self.augmentation_freq_and_time_masking_time_mask_range
             t_n = self.augmentation_freq_and_time_masking_number_time_masks
             half_ms = t_range * step_ms / 2  # a uniform [0, range) frames draw, truncated to whole frames as there
-            add(f"--augmentation_freq_and_time_masking time_mask_range {t_range}, number_time_masks {t_n}",
-                f"time_mask[n={t_n},size={half_ms:g}~{half_ms:g}]", f"0..{t_range - 1} frames of {step_ms:g} ms")
+            add(
+                f"--augmentation_freq_and_time_masking time_mask_range {t_range}, number_time_masks {t_n}",
+                f"time_mask[n={t_n},size={half_ms:g}~{half_ms:g}]",
+                f"0..{t_range - 1} frames of {step_ms:g} ms",
+            )
         if self.augmentation_pitch_and_tempo_scaling:
-            low, high = self.augmentation_pitch_and_tempo_scaling_min_pitch, self.augmentation_pitch_and_tempo_scaling_max_pitch
+            low, high = (
+                self.augmentation_pitch_and_tempo_scaling_min_pitch,
+                self.augmentation_pitch_and_tempo_scaling_max_pitch,
+            )
             tempo = self.augmentation_pitch_and_tempo_scaling_max_tempo
-            add(f"--augmentation_pitch_and_tempo_scaling min_pitch {low:g}, max_pitch {high:g}",
-                f"pitch[pitch={(low + high) / 2:g}~{(high - low) / 2:g}]", "uniform in the same range")
-            add(f"--augmentation_pitch_and_tempo_scaling max_tempo {tempo:g}",
-                f"tempo[factor={(1 + tempo) / 2:g}~{abs(tempo - 1) / 2:g}]", f"uniform between 1 and {tempo:g}")
+            add(
+                f"--augmentation_pitch_and_tempo_scaling min_pitch {low:g}, max_pitch {high:g}",
+                f"pitch[pitch={(low + high) / 2:g}~{(high - low) / 2:g}]",
+                "uniform in the same range",
+            )
+            add(
+                f"--augmentation_pitch_and_tempo_scaling max_tempo {tempo:g}",
+                f"tempo[factor={(1 + tempo) / 2:g}~{abs(tempo - 1) / 2:g}]",
+                f"uniform between 1 and {tempo:g}",
+            )
         std = self.augmentation_speed_up_std
         if std > 0:
-            add(f"--augmentation_speed_up_std {std:g}", f"tempo[factor={1 + std:g}~{std:g}]",
-                f"uniform in 1..{1 + 2 * std:g}, where DeepSpeech drew 1+|N(0, {std:g})|")
+            add(
+                f"--augmentation_speed_up_std {std:g}",
+                f"tempo[factor={1 + std:g}~{std:g}]",
+                f"uniform in 1..{1 + 2 * std:g}, where DeepSpeech drew 1+|N(0, {std:g})|",
+            )
         if self.data_aug_features_multiplicative > 0:
             std = self.data_aug_features_multiplicative
-            add(f"--data_aug_features_multiplicative {std:g}", f"multiply[stddev={std:g},domain=features]", "on log mel, not MFCCs")
+            add(
+                f"--data_aug_features_multiplicative {std:g}",
+                f"multiply[stddev={std:g},domain=features]",
+                "on log mel, not MFCCs",
+            )
         if self.data_aug_features_additive > 0:
             std = self.data_aug_features_additive
-            add(f"--data_aug_features_additive {std:g}", f"add[stddev={std:g},domain=features]", "on log mel, not MFCCs")
+            add(
+                f"--data_aug_features_additive {std:g}", f"add[stddev={std:g},domain=features]", "on log mel, not MFCCs"
+            )
         return out

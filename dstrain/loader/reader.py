@@ -10,6 +10,7 @@ Memory per rank: the row groups of the current shuffle window plus those prefetc
 ``--loader_memory_mb``; a window that alone needs more than the budget is still read whole (the bound is then one
 window), and queued batches (``prefetch`` of them) come on top.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,9 @@ class Catalog:
         return int(self.frames[key].sum()) * self.n_mel * self.itemsize
 
     @classmethod
-    def build(cls, stores: Sequence[FeatureStore], world: World, skip_bad_shards: bool = False,
-              augmented: bool = True) -> "Catalog":  # fmt: skip
+    def build(
+        cls, stores: Sequence[FeatureStore], world: World, skip_bad_shards: bool = False, augmented: bool = True
+    ) -> "Catalog":
         """Rank 0 reads every shard's footer and ``n_frames`` column (and checks sizes against the manifest); every
         rank gets the same catalog. ``augmented=False`` leaves out the shards of augmented copies."""
         result = None
@@ -157,9 +159,18 @@ class PlanReader:
     ``skip_bad``).
     """
 
-    def __init__(self, catalog: Catalog, plan: EpochPlan, *, threads: int = 4, memory_mb: float = 1024.0,
-                 prefetch: int = 4, transform: Transform | None = None, skip_bad: bool = False,
-                 keys: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        catalog: Catalog,
+        plan: EpochPlan,
+        *,
+        threads: int = 4,
+        memory_mb: float = 1024.0,
+        prefetch: int = 4,
+        transform: Transform | None = None,
+        skip_bad: bool = False,
+        keys: bool = False,
+    ):
         # Arrow's default allocator (mimalloc) keeps freed row groups' pages for reuse, so a rank's resident memory
         # would grow to the largest window it ever read whatever the budget; the system allocator gives them back.
         pa.set_memory_pool(pa.system_memory_pool())
@@ -183,7 +194,9 @@ class PlanReader:
         if self._worker is None:
             self._out = queue.Queue(maxsize=self.prefetch)
             self._stop = threading.Event()
-            self._worker = threading.Thread(target=self._produce, args=(self._out, self._stop), daemon=True, name="dstrain-loader")
+            self._worker = threading.Thread(
+                target=self._produce, args=(self._out, self._stop), daemon=True, name="dstrain-loader"
+            )
             self._worker.start()
         return self
 
@@ -294,8 +307,12 @@ class PlanReader:
             labels.append(data.labels[row])
             kept.append(sid)
         if not feats:  # every sample unreadable (skip_bad): an empty batch; the trainer skips it on all ranks
-            batch = (np.zeros((0, 1, self.catalog.n_mel), np.float32), np.zeros(0, np.int32), np.zeros((0, 1), np.int32),
-                     np.zeros(0, np.int32))  # fmt: skip
+            batch = (
+                np.zeros((0, 1, self.catalog.n_mel), np.float32),
+                np.zeros(0, np.int32),
+                np.zeros((0, 1), np.int32),
+                np.zeros(0, np.int32),
+            )
         else:
             batch = pad_batch(feats, labels)
         if not self.keys:

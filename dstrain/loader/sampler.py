@@ -59,6 +59,7 @@ all ranks, no padding or dropping; ranks may differ by one step (or have none at
 
 Resume (:class:`LoaderPosition`, :func:`resume_plan`): see there.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -288,8 +289,13 @@ class LoaderPosition:
             "step": int(self.step),
             "seed": int(self.seed),
             "segments": [
-                {"world": s.world, "batch_size": s.batch_size, "window_row_groups": s.window_row_groups,
-                 "steps": s.steps, **({"batch_frames": s.batch_frames} if s.batch_frames else {})}
+                {
+                    "world": s.world,
+                    "batch_size": s.batch_size,
+                    "window_row_groups": s.window_row_groups,
+                    "steps": s.steps,
+                    **({"batch_frames": s.batch_frames} if s.batch_frames else {}),
+                }
                 for s in self.segments
             ],
             "fingerprint": self.fingerprint,
@@ -300,8 +306,13 @@ class LoaderPosition:
         if d.get("version", POSITION_VERSION) != POSITION_VERSION:
             raise ValueError(f"loader position version {d.get('version')} not understood")
         segs = tuple(
-            Segment(int(s["world"]), int(s["batch_size"]), int(s["window_row_groups"]), int(s["steps"]),
-                    int(s.get("batch_frames", 0)))
+            Segment(
+                int(s["world"]),
+                int(s["batch_size"]),
+                int(s["window_row_groups"]),
+                int(s["steps"]),
+                int(s.get("batch_frames", 0)),
+            )
             for s in d.get("segments", [])
         )
         pos = cls(int(d["epoch"]), int(d["seed"]), segs, str(d.get("fingerprint", "")))
@@ -551,7 +562,12 @@ class _Epoch:
         if epoch < 0 or seed < 0:
             raise ValueError("epoch and seed must be non-negative")
         self.table, self.epoch, self.seed, self.shuffle, self.reverse, self.remainder = (
-            table, epoch, seed, spec.shuffle, spec.reverse, spec.remainder
+            table,
+            epoch,
+            seed,
+            spec.shuffle,
+            spec.reverse,
+            spec.remainder,
         )
         self.avail = _limited(table, spec.limit)
         if spec.batch_frames:
@@ -632,8 +648,17 @@ class _Epoch:
             return max(1, steps)
         return max(1, min(steps, int(window_row_groups * self.mean_rows) // batch_size))
 
-    def run(self, sids: np.ndarray, pidx: np.ndarray, *, rank: int, world: int, batch_size: int,
-            window_row_groups: int, salt: int) -> _RankRun:
+    def run(
+        self,
+        sids: np.ndarray,
+        pidx: np.ndarray,
+        *,
+        rank: int,
+        world: int,
+        batch_size: int,
+        window_row_groups: int,
+        salt: int,
+    ) -> _RankRun:
         """Rank ``rank``'s full run over the (remaining) pool ``sids`` (epoch order; ``pidx`` their pool indices)."""
         B, P = batch_size, int(sids.size)
         base, extra = divmod(P, world)
@@ -686,14 +711,25 @@ class _Epoch:
         flat = batches.ravel()
         return _RankRun(e_sid[flat], e_pidx[flat], e_pad[flat], S, Sw, n, int(dropped), *_fixed_layout(S, B, Sw))
 
-    def runner(self, sids: np.ndarray, pidx: np.ndarray, *, world: int, batch_size: int, batch_frames: int,
-               window_row_groups: int, salt: int) -> Callable[[int], _RankRun]:
+    def runner(
+        self,
+        sids: np.ndarray,
+        pidx: np.ndarray,
+        *,
+        world: int,
+        batch_size: int,
+        batch_frames: int,
+        window_row_groups: int,
+        salt: int,
+    ) -> Callable[[int], _RankRun]:
         """``rank -> _RankRun`` over the (remaining) pool for one layout; what all ranks share is computed once."""
         if batch_frames:
-            return _DurationRuns(self, sids, pidx, world=world, batch_frames=batch_frames,
-                                 window_row_groups=window_row_groups, salt=salt).run
-        return lambda rank: self.run(sids, pidx, rank=rank, world=world, batch_size=batch_size,
-                                     window_row_groups=window_row_groups, salt=salt)
+            return _DurationRuns(
+                self, sids, pidx, world=world, batch_frames=batch_frames, window_row_groups=window_row_groups, salt=salt
+            ).run
+        return lambda rank: self.run(
+            sids, pidx, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups, salt=salt
+        )
 
     def sort_key(self, lengths: np.ndarray) -> np.ndarray:
         """What batches are cut along within a window (ties broken at random): exact length in length-ordered epochs,
@@ -741,8 +777,17 @@ class _DurationRuns:
     every rank's batch fits the budget, and one shared permutation orders a window's steps.
     """
 
-    def __init__(self, ep: _Epoch, sids: np.ndarray, pidx: np.ndarray, *, world: int, batch_frames: int,
-                 window_row_groups: int, salt: int):
+    def __init__(
+        self,
+        ep: _Epoch,
+        sids: np.ndarray,
+        pidx: np.ndarray,
+        *,
+        world: int,
+        batch_frames: int,
+        window_row_groups: int,
+        salt: int,
+    ):
         P = int(sids.size)
         base, extra = divmod(P, world)
         ranks = np.arange(world)
@@ -808,8 +853,17 @@ class _DurationRuns:
 
     def run(self, rank: int) -> _RankRun:
         pos = self.pos[rank]
-        return _RankRun(self.sids[pos], self.pidx[pos], self.pad[rank], int(self.offsets.size - 1), self.window_steps,
-                        int(self.assigned[rank]), int(self.dropped[rank]), self.offsets, self.starts)
+        return _RankRun(
+            self.sids[pos],
+            self.pidx[pos],
+            self.pad[rank],
+            int(self.offsets.size - 1),
+            self.window_steps,
+            int(self.assigned[rank]),
+            int(self.dropped[rank]),
+            self.offsets,
+            self.starts,
+        )
 
 
 def _fingerprint(table: RowGroupTable, spec: PlanSpec) -> str:
@@ -819,7 +873,9 @@ def _fingerprint(table: RowGroupTable, spec: PlanSpec) -> str:
         "sortagrad": bool(spec.sortagrad),
         "reverse": bool(spec.reverse),
         "limit": int(spec.limit),
-        "buckets": int(spec.buckets) if isinstance(spec.buckets, (int, np.integer)) else [float(b) for b in spec.buckets],
+        "buckets": int(spec.buckets)
+        if isinstance(spec.buckets, (int, np.integer))
+        else [float(b) for b in spec.buckets],
         "remainder": spec.remainder,
         "weights": None if spec.weights is None else [float(w) for w in spec.weights],
     }
@@ -828,8 +884,9 @@ def _fingerprint(table: RowGroupTable, spec: PlanSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def _windows(table: RowGroupTable, sids: np.ndarray, offsets: np.ndarray, first_step: int, starts: np.ndarray,
-             total_steps: int) -> tuple[Window, ...]:
+def _windows(
+    table: RowGroupTable, sids: np.ndarray, offsets: np.ndarray, first_step: int, starts: np.ndarray, total_steps: int
+) -> tuple[Window, ...]:
     """The windows of a plan that starts at step ``first_step`` of a run whose windows start at steps ``starts``."""
     steps = offsets.size - 1
     if steps == 0:
@@ -853,8 +910,19 @@ def _check_world(rank: int, world: int) -> None:
         raise ValueError(f"rank {rank} outside world of {world}")
 
 
-def _train_plan(ep: _Epoch, run: _RankRun, spec: PlanSpec, *, rank: int, world: int, offset: int,
-                prior: tuple[Segment, ...], pool_size: int, exact: bool, note: str) -> EpochPlan:
+def _train_plan(
+    ep: _Epoch,
+    run: _RankRun,
+    spec: PlanSpec,
+    *,
+    rank: int,
+    world: int,
+    offset: int,
+    prior: tuple[Segment, ...],
+    pool_size: int,
+    exact: bool,
+    note: str,
+) -> EpochPlan:
     if offset > run.steps:
         raise ValueError(f"position is at step {offset} of a segment plan that has only {run.steps} steps")
     t, first = ep.table, int(run.offsets[offset])
@@ -862,13 +930,34 @@ def _train_plan(ep: _Epoch, run: _RankRun, spec: PlanSpec, *, rank: int, world: 
     offsets = run.offsets[offset:] - first
     keys, rows = t.locate(sids)
     return EpochPlan(
-        rank=rank, world=world, epoch=ep.epoch, seed=ep.seed, batch_size=spec.batch_size,
-        window_row_groups=spec.window_row_groups, start_step=sum(s.steps for s in prior) + offset,
-        window_steps=run.window_steps, sample_ids=sids, keys=keys, rows=rows, n_frames=t.n_frames[sids], is_pad=pad,
-        entries=pidx, offsets=offsets, windows=_windows(t, sids, offsets, offset, run.window_starts, run.steps),
-        bucket_bounds=ep.bounds, assigned=run.assigned, dropped=run.dropped, pool_size=pool_size, mode="train",
-        length_ordered=ep.length_ordered, exact=exact, note=note, prior_segments=prior, segment_offset=offset,
-        fingerprint=ep.fingerprint, batch_frames=spec.batch_frames,
+        rank=rank,
+        world=world,
+        epoch=ep.epoch,
+        seed=ep.seed,
+        batch_size=spec.batch_size,
+        window_row_groups=spec.window_row_groups,
+        start_step=sum(s.steps for s in prior) + offset,
+        window_steps=run.window_steps,
+        sample_ids=sids,
+        keys=keys,
+        rows=rows,
+        n_frames=t.n_frames[sids],
+        is_pad=pad,
+        entries=pidx,
+        offsets=offsets,
+        windows=_windows(t, sids, offsets, offset, run.window_starts, run.steps),
+        bucket_bounds=ep.bounds,
+        assigned=run.assigned,
+        dropped=run.dropped,
+        pool_size=pool_size,
+        mode="train",
+        length_ordered=ep.length_ordered,
+        exact=exact,
+        note=note,
+        prior_segments=prior,
+        segment_offset=offset,
+        fingerprint=ep.fingerprint,
+        batch_frames=spec.batch_frames,
     )
 
 
@@ -925,10 +1014,18 @@ def plan_epoch(row_groups: RowGroups, spec: PlanSpec, *, rank: int, world: int, 
     _check_world(rank, world)
     table = _as_table(row_groups)
     ep = _Epoch(table, spec, epoch=epoch, seed=seed)
-    run = ep.runner(ep.pool, np.arange(ep.pool.size), world=world, batch_size=spec.batch_size,
-                    batch_frames=spec.batch_frames, window_row_groups=spec.window_row_groups, salt=0)(rank)
-    return _train_plan(ep, run, spec, rank=rank, world=world, offset=0, prior=(), pool_size=int(ep.pool.size), exact=True,
-                       note="")
+    run = ep.runner(
+        ep.pool,
+        np.arange(ep.pool.size),
+        world=world,
+        batch_size=spec.batch_size,
+        batch_frames=spec.batch_frames,
+        window_row_groups=spec.window_row_groups,
+        salt=0,
+    )(rank)
+    return _train_plan(
+        ep, run, spec, rank=rank, world=world, offset=0, prior=(), pool_size=int(ep.pool.size), exact=True, note=""
+    )
 
 
 def plan_all(row_groups: RowGroups, spec: PlanSpec, *, world: int, epoch: int, seed: int) -> list[EpochPlan]:
@@ -973,8 +1070,15 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
     sids, pidx = ep.pool, np.arange(ep.pool.size)
     for i, seg in enumerate(prior):
         consumed = np.zeros(ep.pool.size, bool)
-        runner = ep.runner(sids, pidx, world=seg.world, batch_size=seg.batch_size, batch_frames=seg.batch_frames,
-                           window_row_groups=seg.window_row_groups, salt=i)
+        runner = ep.runner(
+            sids,
+            pidx,
+            world=seg.world,
+            batch_size=seg.batch_size,
+            batch_frames=seg.batch_frames,
+            window_row_groups=seg.window_row_groups,
+            salt=i,
+        )
         for r in range(seg.world):
             old = runner(r)
             if seg.steps > old.steps:
@@ -984,8 +1088,15 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
             consumed[old.pidx[done][~old.pad[done]]] = True
         keep = ~consumed[pidx]
         sids, pidx = sids[keep], pidx[keep]
-    run = ep.runner(sids, pidx, world=world, batch_size=spec.batch_size, batch_frames=spec.batch_frames,
-                    window_row_groups=spec.window_row_groups, salt=len(prior))(rank)
+    run = ep.runner(
+        sids,
+        pidx,
+        world=world,
+        batch_size=spec.batch_size,
+        batch_frames=spec.batch_frames,
+        window_row_groups=spec.window_row_groups,
+        salt=len(prior),
+    )(rank)
     exact = not prior
     step = position.step
     if exact:
@@ -997,12 +1108,23 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
             f"epoch {ep.epoch}: resumed at step {step} after {history}; the {sids.size} of {ep.pool.size} samples "
             f"not consumed at the time of the change were re-partitioned over {world} ranks"
             f"{f' (this plan continues that re-partition exactly from its step {offset})' if offset else ''}. "
-            f"Each is still used once this epoch (up to the '{spec.remainder}' remainder rule), but which rank sees which "
+            f"Each is still used once this epoch (up to the '{spec.remainder}' remainder rule), but which rank sees "
+            f"which "
             f"sample and the order differ from an uninterrupted run at world {segs[0].world}, and the epoch has a "
             f"different number of steps; from the next epoch plans are regular at world {world}."
         )
-    return _train_plan(ep, run, spec, rank=rank, world=world, offset=offset, prior=prior, pool_size=int(sids.size),
-                       exact=exact, note=note)
+    return _train_plan(
+        ep,
+        run,
+        spec,
+        rank=rank,
+        world=world,
+        offset=offset,
+        prior=prior,
+        pool_size=int(sids.size),
+        exact=exact,
+        note=note,
+    )
 
 
 def sample_lengths(row_groups: RowGroups, limit: int = 0) -> np.ndarray:
@@ -1049,11 +1171,30 @@ def plan_eval(
     offsets = np.minimum(np.arange(S + 1, dtype=np.int64) * B, n)
     keys, rows = t.locate(seq)
     return EpochPlan(
-        rank=rank, world=world, epoch=0, seed=0, batch_size=B, window_row_groups=window_row_groups, start_step=0,
-        window_steps=Sw, sample_ids=seq, keys=keys, rows=rows, n_frames=t.n_frames[seq], is_pad=np.zeros(n, bool),
-        entries=seq.copy(), offsets=offsets, windows=_windows(t, seq, offsets, 0, np.arange(0, S, Sw), S),
-        bucket_bounds=np.zeros(0), assigned=n, dropped=0, pool_size=P, mode="eval", length_ordered=sort_by_length,
-        exact=True, note="",
+        rank=rank,
+        world=world,
+        epoch=0,
+        seed=0,
+        batch_size=B,
+        window_row_groups=window_row_groups,
+        start_step=0,
+        window_steps=Sw,
+        sample_ids=seq,
+        keys=keys,
+        rows=rows,
+        n_frames=t.n_frames[seq],
+        is_pad=np.zeros(n, bool),
+        entries=seq.copy(),
+        offsets=offsets,
+        windows=_windows(t, seq, offsets, 0, np.arange(0, S, Sw), S),
+        bucket_bounds=np.zeros(0),
+        assigned=n,
+        dropped=0,
+        pool_size=P,
+        mode="eval",
+        length_ordered=sort_by_length,
+        exact=True,
+        note="",
     )
 
 

@@ -32,6 +32,7 @@ training clock becomes the copy number), so ``speed[factor=0.9:1.1]`` with ``--a
 0.9/1.1 pair. Every random draw comes from a generator seeded by (``--augment_seed``, the row's position in the
 input, the copy number) alone: the same command makes the same copies on any number of workers or ranks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -169,16 +170,20 @@ class Codec(WaveOp):
     name = "codec"
     PARAMS = {"bitrate": ("int", "3200"), "format": ("format", "opus")}
     # Through libsndfile, Opus (Ogg) takes these rates; MP3 (LAME) the MPEG-1/2/2.5 rates.
-    RATES = {"opus": (8000, 12000, 16000, 24000, 48000),
-             "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)}  # fmt: skip
+    RATES = {
+        "opus": (8000, 12000, 16000, 24000, 48000),
+        "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
+    }
 
     def validate(self) -> None:
         _positive("bitrate", self.bitrate)
 
     def check_rate(self, sample_rate: int) -> None:
         if sample_rate not in self.RATES[self.format]:
-            raise ValueError(f"augmentation {self.spec!r}: {self.format} cannot encode {sample_rate} Hz audio "
-                             f"(rates: {', '.join(map(str, self.RATES[self.format]))})")  # fmt: skip
+            raise ValueError(
+                f"augmentation {self.spec!r}: {self.format} cannot encode {sample_rate} Hz audio "
+                f"(rates: {', '.join(map(str, self.RATES[self.format]))})"
+            )
 
     def apply(self, x: np.ndarray, ctx: _Ctx) -> np.ndarray:
         bitrate = self.bitrate.pick(ctx.rng, ctx.clock)
@@ -191,8 +196,15 @@ class Codec(WaveOp):
             # libsndfile: MPEG-1 (32-48 kHz) 320 - level x 288 kbit/s, MPEG-2/2.5 160 - level x 152; level 1.0 fails
             top, span = (320, 288) if ctx.sample_rate >= 32000 else (160, 152)
             level = min(_clip_level((top - bitrate / 1000) / span), 0.999)
-            soundfile.write(buf, x, ctx.sample_rate, format="MP3", subtype="MPEG_LAYER_III", compression_level=level,
-                            bitrate_mode="CONSTANT")  # fmt: skip
+            soundfile.write(
+                buf,
+                x,
+                ctx.sample_rate,
+                format="MP3",
+                subtype="MPEG_LAYER_III",
+                compression_level=level,
+                bitrate_mode="CONSTANT",
+            )
         buf.seek(0)
         y, _ = soundfile.read(buf, dtype="float32")
         return _align(y, x)
@@ -342,8 +354,10 @@ def _noise_audio(path: str, sample_rate: int, source: str) -> np.ndarray:
 
 def _unknown(name: str) -> str:
     if name in FILTERBANK_OPS:
-        return (f"{name} acts on the filterbank at training time: give it to dstrain train --augment; "
-                f"preprocessing augments the waveform ({', '.join(sorted(OPS))})")  # fmt: skip
+        return (
+            f"{name} acts on the filterbank at training time: give it to dstrain train --augment; "
+            f"preprocessing augments the waveform ({', '.join(sorted(OPS))})"
+        )
     return f"unknown augmentation {name!r} (preprocessing has: {', '.join(sorted(OPS))})"
 
 
@@ -386,7 +400,9 @@ class WaveAugmenter:
         """None when ``cfg`` asks for no copies."""
         if not cfg.augment_copies:
             return None
-        return cls(parse_ops(cfg.augment, sample_rate, open_noise=True), cfg.augment_copies, cfg.augment_seed, sample_rate)
+        return cls(
+            parse_ops(cfg.augment, sample_rate, open_noise=True), cfg.augment_copies, cfg.augment_seed, sample_rate
+        )
 
     def rng(self, row_index: int, copy: int) -> np.random.Generator:
         entropy = [int(v) % (1 << 64) for v in (self.seed, row_index, copy)]
@@ -460,5 +476,3 @@ def manifest_section(cfg: AugmentConfig, augmenter: WaveAugmenter, tally: Augmen
         "applied": dict(sorted(tally.applied.items())),
         "rejects": {"count": sum(rejects.values()), "by_reason": rejects},
     }
-
-

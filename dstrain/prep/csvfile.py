@@ -1,4 +1,5 @@
 """DeepSpeech's CSV format (``wav_filename,wav_filesize,transcript``): what importers write and preprocessing reads."""
+
 from __future__ import annotations
 
 import csv
@@ -33,7 +34,9 @@ def read_csv_rows(csv_files: Iterable[str]) -> Iterator[Row]:
                 reader = csv.DictReader(f)
                 missing = [c for c in ("wav_filename", "transcript") if c not in (reader.fieldnames or [])]
                 if missing:
-                    raise ValueError(f"{csv_file}: missing column(s) {missing}; DeepSpeech CSVs have {','.join(CSV_COLUMNS)}")
+                    raise ValueError(
+                        f"{csv_file}: missing column(s) {missing}; DeepSpeech CSVs have {','.join(CSV_COLUMNS)}"
+                    )
                 for rec in reader:
                     path = rec["wav_filename"]
                     if "://" not in path and not os.path.isabs(path):
@@ -51,8 +54,10 @@ def _not_utf8(csv_file: str) -> str:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                return (f"{csv_file} line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                        "DeepSpeech CSVs are UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8")  # fmt: skip
+                return (
+                    f"{csv_file} line {number}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "DeepSpeech CSVs are UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8"
+                )
     return f"{csv_file}: not UTF-8"
 
 

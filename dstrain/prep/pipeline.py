@@ -18,6 +18,7 @@ copies, made from its waveform in the same chunk and written to the chunk's own 
 shards (flagged ``augmented`` in the manifest, ids ``ID-augK``), so the loader can weight or leave them out by row
 group.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,9 +44,9 @@ from dstrain.features import FeatureConfig, log_mel, power_spectrogram
 from dstrain.preemption import Preempted
 from dstrain.prep.augment import REJECT_PREFIX, AugmentConfig, AugmentTally, WaveAugmenter, copy_id, manifest_section
 from dstrain.prep.csvfile import Row, read_csv_rows
-from dstrain.store.stats import FeatureStats
 from dstrain.store import Manifest, ShardInfo, ShardWriter, StoreError, StoreLayout
 from dstrain.store.layout import MANIFEST, PROGRESS, REJECTS
+from dstrain.store.stats import FeatureStats
 
 log = logging.getLogger("dstrain.preprocess")
 REJECT_COLUMNS = ["wav_filename", "transcript", "reason", "detail"]
@@ -124,7 +125,11 @@ def process_row(row: Row, alphabet: Alphabet, cfg: FeatureConfig, max_duration: 
     try:
         samples = read_audio(row.source, cfg.sample_rate)
     except AudioError as e:
-        reason = "missing_file" if "not found" in str(e) else ("empty_audio" if "no audio samples" in str(e) else "unreadable_audio")
+        reason = (
+            "missing_file"
+            if "not found" in str(e)
+            else ("empty_audio" if "no audio samples" in str(e) else "unreadable_audio")
+        )
         return Processed(row, reason, str(e))
     return featurize(row, samples, alphabet.encode(transcript), cfg, max_duration)
 
@@ -165,7 +170,9 @@ class ChunkJob:
     or None when a stop request made it abandon the chunk (its shards are incomplete and it has no marker: a rerun
     redoes it)."""
 
-    def __init__(self, cfg: PreprocessConfig, alphabet: Alphabet, rows: list[Row], augmenter: WaveAugmenter | None = None):
+    def __init__(
+        self, cfg: PreprocessConfig, alphabet: Alphabet, rows: list[Row], augmenter: WaveAugmenter | None = None
+    ):
         self.cfg, self.alphabet, self.rows, self.augmenter = cfg, alphabet, rows, augmenter
 
     def __call__(self, chunk: int) -> tuple[int, int, int] | None:
@@ -181,10 +188,23 @@ class ChunkJob:
         stats = FeatureStats.empty(cfg.features.n_mel)
         layout = StoreLayout(cfg.output)
         tally = AugmentTally()
-        with ShardWriter(layout, lambda part: layout.shard_name(chunk, part), cfg.shard_size_mb, cfg.feature_dtype,
-                         cfg.row_group_rows) as writer, \
-             ShardWriter(layout, lambda part: layout.shard_name(chunk, part, augmented=True), cfg.shard_size_mb,
-                         cfg.feature_dtype, cfg.row_group_rows, augmented=True) as copies:  # fmt: skip
+        with (
+            ShardWriter(
+                layout,
+                lambda part: layout.shard_name(chunk, part),
+                cfg.shard_size_mb,
+                cfg.feature_dtype,
+                cfg.row_group_rows,
+            ) as writer,
+            ShardWriter(
+                layout,
+                lambda part: layout.shard_name(chunk, part, augmented=True),
+                cfg.shard_size_mb,
+                cfg.feature_dtype,
+                cfg.row_group_rows,
+                augmented=True,
+            ) as copies,
+        ):
             for row in self.rows[start : start + cfg.chunk_rows]:
                 if _stop_requested():
                     raise _Abandoned  # the writer does not flush on an exception: no shard of it is final
@@ -193,9 +213,13 @@ class ChunkJob:
                     rejects.append([row.source, row.transcript, p.reason, p.detail])
                     continue
                 writer.add(
-                    id=f"{row.index:09d}", source=row.source, transcript=row.transcript.strip(),
-                    labels=p.labels, duration=p.duration, log_mel=p.log_mel,
-                )  # fmt: skip
+                    id=f"{row.index:09d}",
+                    source=row.source,
+                    transcript=row.transcript.strip(),
+                    labels=p.labels,
+                    duration=p.duration,
+                    log_mel=p.log_mel,
+                )
                 # Statistics of what is stored (float16 rounding included), for input normalisation; of the originals
                 # only, which is what the model will be given at inference.
                 stats = stats.merge(FeatureStats.from_features(p.log_mel.astype(cfg.feature_dtype)))
@@ -209,7 +233,9 @@ class ChunkJob:
             json.dump(marker, f)
         return chunk, sum(s.rows for s in shards), len(rejects)
 
-    def _add_copies(self, row: Row, original: Processed, writer: ShardWriter, rejects: list, tally: AugmentTally) -> None:
+    def _add_copies(
+        self, row: Row, original: Processed, writer: ShardWriter, rejects: list, tally: AugmentTally
+    ) -> None:
         """The augmented copies of one stored utterance; those that cannot be stored are rejected as
         ``augmented_<reason>``, naming the copy and the ops applied."""
         cfg = self.cfg
@@ -224,8 +250,14 @@ class ChunkJob:
                 rejects.append([row.source, row.transcript, REJECT_PREFIX + c.reason, f"copy {k} ({ops}): {c.detail}"])
                 continue
             tally.count(applied)
-            writer.add(id=copy_id(f"{row.index:09d}", k), source=row.source, transcript=row.transcript.strip(),
-                       labels=c.labels, duration=c.duration, log_mel=c.log_mel)  # fmt: skip
+            writer.add(
+                id=copy_id(f"{row.index:09d}", k),
+                source=row.source,
+                transcript=row.transcript.strip(),
+                labels=c.labels,
+                duration=c.duration,
+                log_mel=c.log_mel,
+            )
 
 
 def _read_marker(layout: StoreLayout, chunk: int, verify: bool) -> dict | None:
@@ -284,7 +316,9 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
     mine = list(range(world.rank, n_chunks, world.size))
     todo = [c for c in mine if _read_marker(layout, c, verify=True) is None]
     if len(todo) < len(mine):
-        log.info("rank %d: %d of its %d chunk(s) already complete, resuming", world.rank, len(mine) - len(todo), len(mine))
+        log.info(
+            "rank %d: %d of its %d chunk(s) already complete, resuming", world.rank, len(mine) - len(todo), len(mine)
+        )
     job = ChunkJob(cfg, alphabet, rows, augmenter)
     bar = tqdm(total=len(todo), disable=not progress or world.rank != 0, desc="preprocess", unit="chunk")
     done = 0
@@ -294,7 +328,9 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
         if result is not None:
             done += 1
             bar.update()
-            log.info("chunk %d done (%d of %d this run): %d utterances, %d rejected", result[0], done, len(todo), *result[1:])
+            log.info(
+                "chunk %d done (%d of %d this run): %d utterances, %d rejected", result[0], done, len(todo), *result[1:]
+            )
 
     if cfg.workers > 1 and len(todo) > 1:
         ctx = get_context("spawn")
@@ -323,8 +359,10 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
     stopped = world.allreduce([1.0 if preemption.requested() else 0.0], op="max")[0] > 0
     if stopped:
         complete = sum(_read_marker(layout, c, verify=False) is not None for c in range(n_chunks))
-        raise Preempted(f"stopped by {preemption.signal_name() or 'a request on another rank'}: {complete} of {n_chunks} "
-                        f"chunks complete; run the same command again to finish the store")  # fmt: skip
+        raise Preempted(
+            f"stopped by {preemption.signal_name() or 'a request on another rank'}: {complete} of {n_chunks} "
+            f"chunks complete; run the same command again to finish the store"
+        )
     if world.rank != 0:
         return None
     return _finish(layout, cfg, alphabet, n_chunks, augmenter)
@@ -352,8 +390,9 @@ def _prepare(layout: StoreLayout, cfg: PreprocessConfig, fingerprint: str, n_row
         json.dump({"fingerprint": fingerprint, "rows": n_rows, "chunk_rows": cfg.chunk_rows}, f)
 
 
-def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_chunks: int,
-            augmenter: WaveAugmenter | None) -> Manifest:  # fmt: skip
+def _finish(
+    layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_chunks: int, augmenter: WaveAugmenter | None
+) -> Manifest:
     """Rank 0: gather every chunk's shards and rejects into _rejects.csv and, last, the manifest."""
     shards: list[ShardInfo] = []
     tally = AugmentTally()
@@ -383,9 +422,10 @@ def _finish(layout: StoreLayout, cfg: PreprocessConfig, alphabet: Alphabet, n_ch
         rejects={"count": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
         feature_stats=FeatureStats.merge_all(stats).to_dict(),  # in chunk order: the same for any workers or ranks
         bytes_output_mode=cfg.bytes_output_mode,
-        augmentation=None if augmenter is None else manifest_section(
-            cfg.augmentation, augmenter, tally, sum(s.rows for s in shards if s.augmented)),
-    )  # fmt: skip
+        augmentation=None
+        if augmenter is None
+        else manifest_section(cfg.augmentation, augmenter, tally, sum(s.rows for s in shards if s.augmented)),
+    )
     with layout.open(MANIFEST, "wt", encoding="utf-8") as f:
         f.write(manifest.to_json())
     layout.remove(PROGRESS)
@@ -403,12 +443,17 @@ def run(cfg: PreprocessConfig) -> int:
         return 0
     print(f"{m.utterances} utterances ({m.hours * 3600:.1f} s) in {len(m.shards)} shard(s) at {cfg.output}")
     rejected = m.rejects.get("count", 0)
-    print(f"{rejected} rejected" + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
-          + (f" (see {StoreLayout(cfg.output).url(REJECTS)})" if rejected else ""))
+    print(
+        f"{rejected} rejected"
+        + "".join(f", {n} {r}" for r, n in m.rejects.get("by_reason", {}).items())
+        + (f" (see {StoreLayout(cfg.output).url(REJECTS)})" if rejected else "")
+    )
     if m.augmentation:
         a = m.augmentation
         seconds = sum(s.seconds for s in m.shards if s.augmented)
-        print(f"of which {a['utterances']} augmented copies ({seconds:.1f} s), ops applied: "
-              + ", ".join(f"{op} {n}" for op, n in a["applied"].items())
-              + (f"; {a['rejects']['count']} copies rejected" if a["rejects"]["count"] else ""))  # fmt: skip
+        print(
+            f"of which {a['utterances']} augmented copies ({seconds:.1f} s), ops applied: "
+            + ", ".join(f"{op} {n}" for op, n in a["applied"].items())
+            + (f"; {a['rejects']['count']} copies rejected" if a["rejects"]["count"] else "")
+        )
     return 0

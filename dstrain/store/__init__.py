@@ -20,11 +20,24 @@ One class per file: :class:`StoreLayout` (names and URL joining), :class:`Manife
 :class:`FeatureStore` (a finished store opened for reading); :class:`~dstrain.store.stats.FeatureStats` (the
 per-channel statistics the manifest records).
 """
+
 from dstrain.store.layout import StoreLayout, join
 from dstrain.store.manifest import Manifest, ShardInfo, StoreError, shard_schema
 from dstrain.store.reader import Rows, ShardError, ShardReader, Utterance
 from dstrain.store.store import FeatureStore
 from dstrain.store.writer import ShardWriter
 
-__all__ = ["FeatureStore", "Manifest", "Rows", "ShardError", "ShardInfo", "ShardReader", "ShardWriter", "StoreError",
-           "StoreLayout", "Utterance", "join", "shard_schema"]  # fmt: skip
+__all__ = [
+    "FeatureStore",
+    "Manifest",
+    "Rows",
+    "ShardError",
+    "ShardInfo",
+    "ShardReader",
+    "ShardWriter",
+    "StoreError",
+    "StoreLayout",
+    "Utterance",
+    "join",
+    "shard_schema",
+]

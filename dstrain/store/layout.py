@@ -4,6 +4,7 @@ Metadata files start with ``_`` so that Parquet readers (pyarrow datasets, panda
 store folder as one dataset skip them, as they skip Hive/Spark's ``_SUCCESS``. Stores written before that rule
 (``manifest.json``, ``rejects.csv``) are still read.
 """
+
 from __future__ import annotations
 
 import hashlib

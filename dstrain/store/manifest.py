@@ -1,5 +1,6 @@
 """The manifest: what a store holds (feature parameters, alphabet, shards with checksums, rejects), kept apart from
 the heavy shards as Lhotse keeps its manifests apart from the audio, and the shard schema it describes."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ FEATURE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 # Shard columns; the loader reads only some of them.
 ID, SOURCE, TRANSCRIPT, LABELS, N_FRAMES, DURATION, FEATURES = (
-    "id", "source", "transcript", "labels", "n_frames", "duration", "features",
-)  # fmt: skip
+    "id",
+    "source",
+    "transcript",
+    "labels",
+    "n_frames",
+    "duration",
+    "features",
+)
 
 
 class StoreError(ValueError):
@@ -109,7 +116,9 @@ class Manifest:
         d = json.loads(text)
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{where}: schema_version {version}, this dstrain reads {SCHEMA_VERSION}; re-run dstrain preprocess")
+            raise StoreError(
+                f"{where}: schema_version {version}, this dstrain reads {SCHEMA_VERSION}; re-run dstrain preprocess"
+            )
         d.pop("totals", None)
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
         return cls(**d)

@@ -9,6 +9,7 @@ Example::
     rows = reader.read_row_group(0)             # ids, labels, features of row group 0 (page checksums verified)
     for u in reader.utterances(): ...           # the whole shard, with transcripts
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -103,8 +104,12 @@ class ShardReader:
         try:
             with self._open() as f:
                 pf = pq.ParquetFile(f)
-                return [np.asarray(pf.read_row_group(i, columns=[N_FRAMES], use_threads=False).column(0).to_numpy(), np.int64)
-                        for i in range(pf.num_row_groups)]  # fmt: skip
+                return [
+                    np.asarray(
+                        pf.read_row_group(i, columns=[N_FRAMES], use_threads=False).column(0).to_numpy(), np.int64
+                    )
+                    for i in range(pf.num_row_groups)
+                ]
         except (pa.ArrowInvalid, OSError) as e:
             raise self._fail(e) from None
 
@@ -114,7 +119,9 @@ class ShardReader:
         try:
             with self._open() as f:
                 # use_threads=False: a streaming loader's own threads read in parallel; Arrow's pool only competes.
-                table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(index, columns=columns, use_threads=False)
+                table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
+                    index, columns=columns, use_threads=False
+                )
         except (pa.ArrowInvalid, OSError) as e:
             raise self._fail(e, f"row group {index} ") from None
         return decode_rows(table, self.n_mel)

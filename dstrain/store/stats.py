@@ -11,6 +11,7 @@ or partition. :meth:`merge_all` reduces as a balanced tree, keeping the rounding
 ``to_dict``/``from_dict`` store the float64 values as JSON numbers, which Python writes with ``repr`` (the
 shortest string that parses back to the same double), so a manifest round trip is bit-exact.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -136,10 +137,6 @@ class FeatureStats:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FeatureStats):
             return NotImplemented
-        return (
-            self.count == other.count
-            and np.array_equal(self.mean, other.mean)
-            and np.array_equal(self.m2, other.m2)
-        )
+        return self.count == other.count and np.array_equal(self.mean, other.mean) and np.array_equal(self.m2, other.m2)
 
     __hash__ = None  # type: ignore[assignment]

@@ -1,4 +1,5 @@
 """A finished feature store opened for reading: its manifest, its shards' URLs, checks."""
+
 from __future__ import annotations
 
 from dstrain.alphabet import Alphabet
@@ -11,9 +12,9 @@ from dstrain.store.reader import ShardReader
 class FeatureStore:
     """Example::
 
-        store = FeatureStore.open("/shared/stores/cv-train")
-        store.manifest.utterances, store.shard_urls()
-        for u in store.reader(0).utterances(): ...
+    store = FeatureStore.open("/shared/stores/cv-train")
+    store.manifest.utterances, store.shard_urls()
+    for u in store.reader(0).utterances(): ...
     """
 
     def __init__(self, layout: StoreLayout, manifest: Manifest):
@@ -63,7 +64,9 @@ class FeatureStore:
             if checksums:
                 digest = self.layout.sha256(shard.path)
                 if digest != shard.sha256:
-                    problems.append(f"{shard.path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…")
+                    problems.append(
+                        f"{shard.path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…"
+                    )
         return problems
 
     def check_alphabet(self, alphabet: Alphabet) -> None:

@@ -1,4 +1,5 @@
 """Writes utterances into size-bounded Parquet shards through fsspec."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,15 @@ class ShardWriter:
     A shard is complete once its file exists: it is written in one piece from memory.
     """
 
-    def __init__(self, layout: StoreLayout, name: Callable[[int], str], shard_size_mb: float = 256.0, feature_dtype: str = "float32",
-                 row_group_rows: int = ROW_GROUP_ROWS, augmented: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        layout: StoreLayout,
+        name: Callable[[int], str],
+        shard_size_mb: float = 256.0,
+        feature_dtype: str = "float32",
+        row_group_rows: int = ROW_GROUP_ROWS,
+        augmented: bool = False,
+    ):
         if shard_size_mb <= 0:
             raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb}")
         self.layout, self.name, self.row_group_rows, self.augmented = layout, name, row_group_rows, augmented
@@ -40,7 +48,9 @@ class ShardWriter:
         self._rows: list[dict] = []
         self._bytes = 0
 
-    def add(self, *, id: str, source: str, transcript: str, labels: list[int], duration: float, log_mel: np.ndarray) -> None:
+    def add(
+        self, *, id: str, source: str, transcript: str, labels: list[int], duration: float, log_mel: np.ndarray
+    ) -> None:
         features = np.ascontiguousarray(log_mel, dtype=self.feature_dtype)
         self._rows.append(
             {
@@ -72,8 +82,15 @@ class ShardWriter:
         # Only text is dictionary-encoded: a dictionary of float features grows the shard by half and slows reading.
         # Byte-stream-split float32 compresses best under zstd (float16 has no such encoding in Parquet here).
         encodings = {"features": "BYTE_STREAM_SPLIT"} if self.feature_dtype == "float32" else None
-        pq.write_table(table, buf, compression="zstd", row_group_size=self.row_group_rows, write_page_checksum=True,
-                       use_dictionary=["id", "source", "transcript"], column_encoding=encodings)  # fmt: skip
+        pq.write_table(
+            table,
+            buf,
+            compression="zstd",
+            row_group_size=self.row_group_rows,
+            write_page_checksum=True,
+            use_dictionary=["id", "source", "transcript"],
+            column_encoding=encodings,
+        )
         data = buf.getvalue()
         name = self.name(self.next_index)
         with self.layout.open(name, "wb") as f:

@@ -7,6 +7,7 @@ TensorFlow writes the files under a temporary name, and the ``checkpoint`` index
 replaced atomically after them, so a kill at any moment leaves the previous checkpoint the latest. Checkpoints are
 numbered by a save counter stored with them, so a resumed run never overwrites one.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,8 +114,14 @@ class Progress:
         self.history.assign(values["history"])
 
     def trackables(self) -> dict[str, tf.Variable]:
-        return {"epoch": self.epoch, "step": self.step, "best_dev_loss": self.best_dev_loss,
-                "nonfinite_steps": self.nonfinite, "loader_position": self.position, "dev_history": self.history}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_dev_loss": self.best_dev_loss,
+            "nonfinite_steps": self.nonfinite,
+            "loader_position": self.position,
+            "dev_history": self.history,
+        }
 
 
 def check_geometry(saved: RunInfo, model: DeepSpeech, n_classes: int, drop_source_layers: int, where: str) -> None:
@@ -125,16 +132,24 @@ def check_geometry(saved: RunInfo, model: DeepSpeech, n_classes: int, drop_sourc
         if a != b:
             mismatches.append(f"{name} {a} in the checkpoint, --{name} {b} now")
     features = model.front_end.features if model.front_end is not None else None
-    for name, flag in (("sample_rate", "audio_sample_rate"), ("window_ms", "feature_win_len"), ("step_ms", "feature_win_step")):
+    for name, flag in (
+        ("sample_rate", "audio_sample_rate"),
+        ("window_ms", "feature_win_len"),
+        ("step_ms", "feature_win_step"),
+    ):
         a, b = getattr(saved.features, name), getattr(features, name, None)
         if features is not None and a != b:
             mismatches.append(f"{flag} {a} in the checkpoint, {b} in the training stores")
     if saved.features.n_mfcc != model.n_input:
-        mismatches.append(f"{saved.features.n_mfcc} MFCC inputs in the checkpoint, {model.n_input} now (feature parameters)")
+        mismatches.append(
+            f"{saved.features.n_mfcc} MFCC inputs in the checkpoint, {model.n_input} now (feature parameters)"
+        )
     saved_classes = len(saved.alphabet) + 1
     if saved_classes != n_classes and drop_source_layers < 1:
-        mismatches.append(f"{saved_classes - 1} alphabet labels in the checkpoint, {n_classes - 1} now "
-                          "(use --drop_source_layers 1 to train a new output layer)")  # fmt: skip
+        mismatches.append(
+            f"{saved_classes - 1} alphabet labels in the checkpoint, {n_classes - 1} now "
+            "(use --drop_source_layers 1 to train a new output layer)"
+        )
     if mismatches:
         raise ValueError(f"{where}: cannot load a checkpoint of another geometry: " + "; ".join(mismatches))
 
@@ -146,10 +161,23 @@ class Checkpoints:
     before the index (``checkpoint``) names it: the one moment a kill must not matter (the tests hold saves there).
     """
 
-    def __init__(self, run: RunDir, model: tf.keras.Model, optimizer, progress: Progress, max_to_keep: int = 5,
-                 on_written: Callable[[str, str], None] | None = None, ema: WeightAverage | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run: RunDir,
+        model: tf.keras.Model,
+        optimizer,
+        progress: Progress,
+        max_to_keep: int = 5,
+        on_written: Callable[[str, str], None] | None = None,
+        ema: WeightAverage | None = None,
+    ):
         self.run = run
-        self.parts = {MODEL: model, "optimizer": optimizer, **progress.trackables(), **(ema.trackables() if ema else {})}
+        self.parts = {
+            MODEL: model,
+            "optimizer": optimizer,
+            **progress.trackables(),
+            **(ema.trackables() if ema else {}),
+        }
         self.ckpt = tf.train.Checkpoint(**self.parts)
         self.latest = tf.train.CheckpointManager(self.ckpt, run.latest_dir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(self.ckpt, run.best_dir, max_to_keep=1)
@@ -212,8 +240,10 @@ def check_release_fine_tuning(cfg: CheckpointConfig, model: ModelConfig) -> None
     if not load or load == cfg.save_dir or cfg.load_train == "init" or not model.feature_normalization:
         return
     if is_deepspeech_release(load):
-        raise ValueError(f"--load_checkpoint_dir {load} is a DeepSpeech release checkpoint, trained on raw MFCCs: pass "
-                         "--nofeature_normalization to fine-tune it (dstrain normalises its inputs by default)")  # fmt: skip
+        raise ValueError(
+            f"--load_checkpoint_dir {load} is a DeepSpeech release checkpoint, trained on raw MFCCs: pass "
+            "--nofeature_normalization to fine-tune it (dstrain normalises its inputs by default)"
+        )
 
 
 def check_not_averaged(cfg: CheckpointConfig) -> None:
@@ -221,8 +251,10 @@ def check_not_averaged(cfg: CheckpointConfig) -> None:
     nor saves into it. Every rank checks, before anything is written there (the directory is on shared storage)."""
     save = cfg.save_dir
     if save and RunDir(save).exists() and RunDir(save).read().averaged:
-        raise ValueError(f"{save} holds averaged weights (dstrain average), not a training state: start a new run from "
-                         f"them with --load_checkpoint_dir {save} and another --checkpoint_dir")  # fmt: skip
+        raise ValueError(
+            f"{save} holds averaged weights (dstrain average), not a training state: start a new run from "
+            f"them with --load_checkpoint_dir {save} and another --checkpoint_dir"
+        )
 
 
 def load_weights_from(path: str, model: DeepSpeech, n_classes: int, drop_source_layers: int, which: str) -> str:
@@ -238,7 +270,9 @@ def load_weights_from(path: str, model: DeepSpeech, n_classes: int, drop_source_
     run = RunDir(path)
     saved = run.read()
     check_geometry(saved, model, n_classes, drop_source_layers, path)
-    source = (run.best_checkpoint() or run.latest_checkpoint()) if which in ("auto", "best") else run.latest_checkpoint()
+    source = (
+        (run.best_checkpoint() or run.latest_checkpoint()) if which in ("auto", "best") else run.latest_checkpoint()
+    )
     if not source:
         raise FileNotFoundError(f"{path}: no checkpoint to start from")
     keep = [v.numpy() for v in _top_layers(model, drop_source_layers)]

@@ -28,6 +28,7 @@ Frames past an utterance's length differ (DeepSpeech zeroes the LSTM output ther
 valid one); CTC never reads them. DeepSpeech 0.9.3 feeds un-normalised MFCCs (26 coefficients, 32 ms window,
 20 ms step, 16 kHz): imported weights only make sense on the same features.
 """
+
 from __future__ import annotations
 
 import logging
@@ -163,13 +164,19 @@ def load_deepspeech_checkpoint(path: str, model: DeepSpeech, drop_source_layers:
     layer_norm = bool(model.norms)
     normalised = sorted(n for n in shapes if re.match(r"layer_\d/LayerNorm/", n) and not _is_optimizer_state(n))
     if normalised and not layer_norm:
-        raise ValueError(f"{prefix}: checkpoint was trained with --layer_norm ({', '.join(normalised[:4])}"
-                         f"{' ...' if len(normalised) > 4 else ''}); pass --layer_norm to load it")  # fmt: skip
+        raise ValueError(
+            f"{prefix}: checkpoint was trained with --layer_norm ({', '.join(normalised[:4])}"
+            f"{' ...' if len(normalised) > 4 else ''}); pass --layer_norm to load it"
+        )
     if layer_norm and not normalised:
-        raise ValueError(f"{prefix}: checkpoint has no layer normalisation (layer_N/LayerNorm/gamma); it was trained "
-                         "without --layer_norm, so leave --layer_norm out to load it")  # fmt: skip
+        raise ValueError(
+            f"{prefix}: checkpoint has no layer normalisation (layer_N/LayerNorm/gamma); it was trained "
+            "without --layer_norm, so leave --layer_norm out to load it"
+        )
     expected = {n for layer in _LAYERS for n in _source_names(layer, layer_norm)}
-    missing = [n for layer in _LAYERS if layer not in dropped for n in _source_names(layer, layer_norm) if n not in shapes]
+    missing = [
+        n for layer in _LAYERS if layer not in dropped for n in _source_names(layer, layer_norm) if n not in shapes
+    ]
     if missing:
         found = sorted(n for n in shapes if not _is_optimizer_state(n))
         raise ValueError(
@@ -200,7 +207,9 @@ def load_deepspeech_checkpoint(path: str, model: DeepSpeech, drop_source_layers:
             arrays = list(convert_lstm_weights(*arrays))
         assignments += list(zip(vars_, arrays))
         report.append(
-            "loaded " + ", ".join(f"{n} {list(shapes[n])}" for n in names) + " -> "
+            "loaded "
+            + ", ".join(f"{n} {list(shapes[n])}" for n in names)
+            + " -> "
             + ", ".join(var.name for var in vars_)
             + (" (gates i,j,f,o -> i,f,c,o)" if layer == "lstm" else "")
         )

@@ -8,6 +8,7 @@ state reaches every rank (new ones included), and the training loop is called ag
 re-partitioned over the new ranks by the loader's position, and the learning rate and micro-batches per step follow
 ``--elastic_batch``. Collectives go through :class:`dstrain.distributed.Elastic`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,8 +66,10 @@ class ElasticTraining:
 
     def __init__(self, cfg: ElasticConfig, world: World, samples: Any):
         if world.controller() != "gloo":
-            raise ValueError("--elastic needs horovodrun's Gloo controller (horovodrun --min-np ... --host-discovery-script "
-                             "...; dstrain launch --elastic writes it): mpirun, srun and MPIJobs restart from checkpoints")  # fmt: skip
+            raise ValueError(
+                "--elastic needs horovodrun's Gloo controller (horovodrun --min-np ... --host-discovery-script "
+                "...; dstrain launch --elastic writes it): mpirun, srun and MPIJobs restart from checkpoints"
+            )
         self.cfg, self.samples = cfg, samples
         """samples: the --record_samples log (:class:`dstrain.train.fault.SampleLog`), flushed at each commit."""
         self.reference_world: int | None = None
@@ -97,7 +100,9 @@ class ElasticTraining:
         """:meth:`Trainer.fit` again after every reset, from the state committed last (a lost peer) or the current
         one (hosts added or removed), at the new world size."""
         self.trainer = trainer
-        self.elastic = Elastic(trainer.world, trainer.state.variables(), self._get_state, self._set_state, self._on_reset)
+        self.elastic = Elastic(
+            trainer.world, trainer.state.variables(), self._get_state, self._set_state, self._on_reset
+        )
 
         def body() -> None:
             # Every rank takes the same branch: ``started`` is rank 0's, from the synchronisation before this call (a
@@ -107,11 +112,21 @@ class ElasticTraining:
                 self.started = True
             else:
                 hosts = trainer.world.allgather_object(socket.gethostname())  # Horovod: who is left, or new
-                trainer.write("reset", world_size=trainer.world.size, hosts=hosts, reason=self.reset_reason,
-                              accumulation_steps=trainer.group)  # fmt: skip
-                log.warning("elastic reset (%s): %d rank(s) on %s, %d micro-batch(es) per step; going on from step %d",
-                            self.reset_reason, trainer.world.size, ",".join(hosts), trainer.group,
-                            int(trainer.state.progress.step))  # fmt: skip
+                trainer.write(
+                    "reset",
+                    world_size=trainer.world.size,
+                    hosts=hosts,
+                    reason=self.reset_reason,
+                    accumulation_steps=trainer.group,
+                )
+                log.warning(
+                    "elastic reset (%s): %d rank(s) on %s, %d micro-batch(es) per step; going on from step %d",
+                    self.reset_reason,
+                    trainer.world.size,
+                    ",".join(hosts),
+                    trainer.group,
+                    int(trainer.state.progress.step),
+                )
                 self._record_committed_samples()
                 trainer.save("reset")  # a checkpoint of the state the new world goes on from
             trainer.fit()
@@ -139,8 +154,13 @@ class ElasticTraining:
         self.elastic.commit(before_check=lambda: samples.write(gathered, self.commits))
 
     def _get_state(self) -> dict:
-        return {"train": self.trainer.state.state_dict(), "reference_world": self.reference_world,
-                "started": self.started, "commits": self.commits, "committed_samples": self.committed_samples}  # fmt: skip
+        return {
+            "train": self.trainer.state.state_dict(),
+            "reference_world": self.reference_world,
+            "started": self.started,
+            "commits": self.commits,
+            "committed_samples": self.committed_samples,
+        }
 
     def _set_state(self, state: dict, how: str) -> None:
         """The committed state back (``how`` = restore: rolled back after a lost peer) or rank 0's (sync)."""
@@ -162,7 +182,9 @@ class ElasticTraining:
         """The world changed (the new rank and size are set): what depends on them follows."""
         trainer = self.trainer
         trainer.data.close()
-        runtime.setup_logging(trainer.world.rank, trainer.save_run, trainer.cfg.process.log_level)  # rank 0 may be another now
+        runtime.setup_logging(
+            trainer.world.rank, trainer.save_run, trainer.cfg.process.log_level
+        )  # rank 0 may be another now
         trainer.take_roles()
         trainer.layout()
 
@@ -172,9 +194,12 @@ class ElasticTraining:
         record = self.trainer.record
         if not self.committed_samples or record.path is None or not os.path.exists(record.path):
             return
-        recorded = {r["number"] for r in read_record(record.path)
-                    if r["event"] == "samples" and r.get("commit") == self.commits}  # fmt: skip
-        missing = [{e: ids for e, ids in by_epoch.items() if e + 1 not in recorded} for by_epoch in self.committed_samples]
+        recorded = {
+            r["number"] for r in read_record(record.path) if r["event"] == "samples" and r.get("commit") == self.commits
+        }
+        missing = [
+            {e: ids for e, ids in by_epoch.items() if e + 1 not in recorded} for by_epoch in self.committed_samples
+        ]
         if any(missing):
             log.warning("recording the samples of commit %d, which the rank 0 that made it did not", self.commits)
             self.samples.write(missing, self.commits)

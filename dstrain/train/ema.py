@@ -11,6 +11,7 @@ The average lives in a second model of the same geometry, saved in checkpoints u
 (evaluate, export, fine-tuning) the way its raw weights do. Evaluation swaps it in and back (:meth:`swapped_in`):
 the raw weights keep training.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -8,6 +8,7 @@ loads the checkpoint itself (:attr:`loads_everywhere`), the micro-batches per op
 (:meth:`micro_batches`), and the calls :meth:`run` (the training, with its start record), :meth:`step_end` and
 :meth:`epoch_end`.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -107,6 +108,8 @@ def fault_tolerance(cfg: ElasticConfig, world: World, write: Callable[..., dict]
     if not cfg.elastic:
         return Requeue(samples)
     if not elastic_launch():
-        raise ValueError("--elastic needs horovodrun's elastic mode: horovodrun --min-np A --max-np B "
-                         "--host-discovery-script S dstrain train ... (dstrain launch --elastic writes it)")  # fmt: skip
+        raise ValueError(
+            "--elastic needs horovodrun's elastic mode: horovodrun --min-np A --max-np B "
+            "--host-discovery-script S dstrain train ... (dstrain launch --elastic writes it)"
+        )
     return ElasticTraining(cfg, world, samples)

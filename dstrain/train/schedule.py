@@ -1,5 +1,6 @@
 """The optimizer, the learning rate and stopping decisions; the last two as pure functions of the global (all-rank)
 figures, so every rank that computes them takes the same decision."""
+
 from __future__ import annotations
 
 import math

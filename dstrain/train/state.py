@@ -11,6 +11,7 @@ ways of keeping a state go through them and nothing else:
 - an elastic commit keeps a :class:`Snapshot` (copies of the variables and the state dict) that a lost peer rolls
   back to, and rank 0's state reaches new workers the same way (variables by broadcast, the dict as an object).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,14 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """The rest, as plain values (JSON-able)."""
         p = self.progress
-        return {"epoch": int(p.epoch), "step": int(p.step), "best_dev_loss": float(p.best_dev_loss),
-                "nonfinite": int(p.nonfinite), "history": self.history.to_dict(),
-                "position": self.loader.state_dict()["position"]}  # fmt: skip
+        return {
+            "epoch": int(p.epoch),
+            "step": int(p.step),
+            "best_dev_loss": float(p.best_dev_loss),
+            "nonfinite": int(p.nonfinite),
+            "history": self.history.to_dict(),
+            "position": self.loader.state_dict()["position"],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         p = self.progress
@@ -75,9 +81,16 @@ class TrainState:
         """Takes the state dict back from the variables a checkpoint (or a broadcast of them) has set."""
         strings = self.progress.strings()
         p = self.progress
-        self.load_state_dict({"epoch": int(p.epoch), "step": int(p.step), "best_dev_loss": float(p.best_dev_loss),
-                              "nonfinite": int(p.nonfinite), "history": json.loads(strings["history"] or "{}"),
-                              "position": json.loads(strings["position"]) if strings["position"] else None})  # fmt: skip
+        self.load_state_dict(
+            {
+                "epoch": int(p.epoch),
+                "step": int(p.step),
+                "best_dev_loss": float(p.best_dev_loss),
+                "nonfinite": int(p.nonfinite),
+                "history": json.loads(strings["history"] or "{}"),
+                "position": json.loads(strings["position"]) if strings["position"] else None,
+            }
+        )
 
     # --- an elastic commit's view
     def snapshot(self) -> Snapshot:

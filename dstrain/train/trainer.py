@@ -10,6 +10,7 @@ the checkpoints of a :class:`~dstrain.rundir.RunDir`, and the run record (:mod:`
 every epoch, evaluation, checkpoint and stop to; the log line and TensorBoard's scalars are written from the same
 records.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,11 +42,17 @@ from dstrain.preemption import EXIT_PREEMPTED, Preempted
 from dstrain.record import RunRecord, format_epoch
 from dstrain.rundir import LoadEvaluateConfig, RunDir, evaluation_weights, restore_evaluation_weights
 from dstrain.runtime import ProcessConfig
-from dstrain.train.checkpoint import (CheckpointConfig, Checkpoints, check_geometry, check_not_averaged,
-                                      check_release_fine_tuning, load_weights_from)  # fmt: skip
+from dstrain.train.checkpoint import (
+    CheckpointConfig,
+    Checkpoints,
+    check_geometry,
+    check_not_averaged,
+    check_release_fine_tuning,
+    load_weights_from,
+)
 from dstrain.train.elastic import ElasticConfig
-from dstrain.train.fault import fault_tolerance
 from dstrain.train.ema import WeightAverage
+from dstrain.train.fault import fault_tolerance
 from dstrain.train.schedule import OptimConfig, adam, learning_rate
 from dstrain.train.state import TrainState
 
@@ -134,9 +141,16 @@ def weights_digest(model: tf.keras.Model) -> str:
 
 
 # TensorBoard tags of the epoch record's fields.
-EPOCH_SCALARS = {"loss": "loss/train", "frames_per_s": "throughput/frames_per_s", "utterances_per_s": "throughput/utterances_per_s",
-                 "padding": "loader/padding_fraction", "loader_wait_max_s": "loader/wait_max_s", "dev_loss": "loss/dev",
-                 "dev_wer": "wer/dev", "dev_cer": "cer/dev"}  # fmt: skip
+EPOCH_SCALARS = {
+    "loss": "loss/train",
+    "frames_per_s": "throughput/frames_per_s",
+    "utterances_per_s": "throughput/utterances_per_s",
+    "padding": "loader/padding_fraction",
+    "loader_wait_max_s": "loader/wait_max_s",
+    "dev_loss": "loss/dev",
+    "dev_wer": "wer/dev",
+    "dev_cer": "cer/dev",
+}
 
 
 class Trainer:
@@ -145,12 +159,20 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, proc: runtime.Process):
         self.cfg, self.proc, self.world, self.stop = cfg, proc, proc.world, proc.stop
         world = self.world
-        log.info("Horovod: %d process(es), %s controller, %s, %s precision", world.size, world.controller(),
-                 f"{proc.n_gpus} GPU(s) visible" if proc.n_gpus else "CPU only", cfg.compute_precision)  # fmt: skip
+        log.info(
+            "Horovod: %d process(es), %s controller, %s, %s precision",
+            world.size,
+            world.controller(),
+            f"{proc.n_gpus} GPU(s) visible" if proc.n_gpus else "CPU only",
+            cfg.compute_precision,
+        )
         policy = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}[cfg.compute_precision]
         tf.keras.mixed_precision.set_global_policy(policy)
         if cfg.checkpoint.train_cudnn or cfg.checkpoint.load_cudnn:
-            log.info("--train_cudnn/--load_cudnn are not needed: Keras uses cuDNN's LSTM on GPUs and checkpoints are portable")
+            log.info(
+                "--train_cudnn/--load_cudnn are not needed: Keras uses cuDNN's LSTM on GPUs and checkpoints are "
+                "portable"
+            )
         # Python's, NumPy's and TensorFlow's generators: unseeded Keras initialisers draw from Python's.
         tf.keras.utils.set_random_seed(cfg.random_seed)
 
@@ -159,14 +181,24 @@ class Trainer:
         self.samples = self.fault.samples
         self.scan_world = self.fault.scan_world(world)
         self.alphabet = UTF8Alphabet() if cfg.bytes_output_mode else Alphabet.from_file(cfg.alphabet_config_path)
-        self.data = TrainInput.build(cfg.train_files, self.alphabet, cfg.loader, world, batch_size=cfg.train_batch_size,
-                                     seed=cfg.random_seed, epochs=cfg.epochs, shuffle=cfg.shuffle,
-                                     scan_world=self.scan_world)  # fmt: skip
+        self.data = TrainInput.build(
+            cfg.train_files,
+            self.alphabet,
+            cfg.loader,
+            world,
+            batch_size=cfg.train_batch_size,
+            seed=cfg.random_seed,
+            epochs=cfg.epochs,
+            shuffle=cfg.shuffle,
+            scan_world=self.scan_world,
+        )
         self.features = self.data.features
         cfg.feature_check.check(self.features, cfg.train_files[0])
         self.dev = self._eval_input(cfg.dev_files, cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
-        self.metrics = {url: self._eval_input((url,), cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
-                        for url in cfg.metrics_files}  # fmt: skip
+        self.metrics = {
+            url: self._eval_input((url,), cfg.dev_batch_size, cfg.loader.limit_dev, cfg.loader.reverse_dev)
+            for url in cfg.metrics_files
+        }
         self.weights_from = "final weights"
         self.n_classes = len(self.alphabet) + 1
 
@@ -180,8 +212,11 @@ class Trainer:
         self.optimizer.build(self.model.trainable_variables)
         self.ema = None
         if cfg.optim.ema_decay:
-            self.ema = WeightAverage(self.model, cfg.optim.ema_decay,
-                                     lambda: DeepSpeech.for_features(cfg.model, self.features, self.n_classes))  # fmt: skip
+            self.ema = WeightAverage(
+                self.model,
+                cfg.optim.ema_decay,
+                lambda: DeepSpeech.for_features(cfg.model, self.features, self.n_classes),
+            )
         # The weights dev evaluation uses, and (after use_evaluation_weights) test and export: "ema" or "raw".
         self.evaluated_weights = "ema" if self.ema else "raw"
         self.state = TrainState(self.model, self.optimizer, self.ema, self.data)
@@ -211,8 +246,9 @@ class Trainer:
         new rank 0 takes one afresh, so that it counts the checkpoints an earlier rank 0 saved."""
         cfg, world = self.cfg, self.world
         if self.save_run is not None and (world.is_root or self.fault.loads_everywhere):
-            self.checkpoints = Checkpoints(self.save_run, self.model, self.optimizer, self.progress, cfg.checkpoint.max_to_keep,
-                                           ema=self.ema)  # fmt: skip
+            self.checkpoints = Checkpoints(
+                self.save_run, self.model, self.optimizer, self.progress, cfg.checkpoint.max_to_keep, ema=self.ema
+            )
         self.record = RunRecord(self.save_run.metrics_path if world.is_root and self.save_run else None)
         summary_dir = cfg.summary_dir or (self.save_run.summaries_dir if self.save_run else "")
         if world.is_root and summary_dir and self.summaries is None:
@@ -231,33 +267,56 @@ class Trainer:
         for the world as it is now (traced again when the world changes: the collectives depend on its size)."""
         self.group, self.lr_world = self.fault.micro_batches(self.cfg.optim.accumulation_steps, self.world.size)
         dtype = tf.as_dtype(self.data.feature_dtype)
-        spec = (tf.TensorSpec([None, None, self.features.n_mel], dtype), tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None, 2], tf.int64))  # fmt: skip
+        spec = (
+            tf.TensorSpec([None, None, self.features.n_mel], dtype),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, 2], tf.int64),
+        )
         self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([3], tf.float32),))
         if self.group > 1:
             # Gradient sums of the micro-batches before the last of each group (float32 even under mixed precision:
             # the gradients are unscaled first).
             if not self.accumulated:
-                self.accumulated = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False)
-                                    for v in self.model.trainable_variables]  # fmt: skip
-                self.acc_stats = tf.Variable(tf.zeros([5]), trainable=False)  # loss sum, utterances, non-finite, frames, micro-batches
+                self.accumulated = [
+                    tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False) for v in self.model.trainable_variables
+                ]
+                self.acc_stats = tf.Variable(
+                    tf.zeros([5]), trainable=False
+                )  # loss sum, utterances, non-finite, frames, micro-batches
             self.accumulate_step = tf.function(self._accumulate, input_signature=spec)
 
     def _eval_input(self, urls: tuple[str, ...], batch_size: int, limit: int, reverse: bool) -> EvalInput | None:
         if not urls:
             return None
-        return EvalInput.build(urls, self.alphabet, self.cfg.loader, self.world, batch_size=batch_size, limit=limit,
-                               features=self.features, reference=f"the training stores ({self.cfg.train_files[0]})",
-                               reverse=reverse, scan_world=self.scan_world)  # fmt: skip
+        return EvalInput.build(
+            urls,
+            self.alphabet,
+            self.cfg.loader,
+            self.world,
+            batch_size=batch_size,
+            limit=limit,
+            features=self.features,
+            reference=f"the training stores ({self.cfg.train_files[0]})",
+            reverse=reverse,
+            scan_world=self.scan_world,
+        )
 
     def write(self, event: str, **fields) -> dict:
         return self.record.write(event, step=int(self.progress.step), epoch=int(self.progress.epoch), **fields)
 
     def write_start(self, loaded: str | None) -> None:
         hosts = self.world.allgather_object(socket.gethostname())  # Horovod: who is where, for the record
-        self.write("start", world_size=self.world.size, hosts=hosts, controller=self.world.controller(),
-                    gpus=self.proc.n_gpus, precision=self.cfg.compute_precision, dstrain_version=dstrain.__version__)  # fmt: skip
+        self.write(
+            "start",
+            world_size=self.world.size,
+            hosts=hosts,
+            controller=self.world.controller(),
+            gpus=self.proc.n_gpus,
+            precision=self.cfg.compute_precision,
+            dstrain_version=dstrain.__version__,
+        )
         if loaded:
             position = self.data.state_dict()["position"]
             self.write("resume", checkpoint=loaded, epoch_step=position["step"] if position else 0)
@@ -275,7 +334,10 @@ class Trainer:
             if self.ema is not None and not (loaded and evaluation_weights(loaded) == "ema"):
                 self.ema.reset()
                 if self.world.is_root:
-                    log.info("Moving average of the weights (--ema_decay %g) starts at the weights loaded", self.cfg.optim.ema_decay)
+                    log.info(
+                        "Moving average of the weights (--ema_decay %g) starts at the weights loaded",
+                        self.cfg.optim.ema_decay,
+                    )
         if self.world.is_root and self.save_run is not None:
             self.save_run.write_config(to_dict(self.cfg), self.features, self.alphabet, self.world.size)
         if not self.fault.loads_everywhere:
@@ -306,7 +368,10 @@ class Trainer:
                 # A run being continued: its own last checkpoint wins over the run it was started from.
                 path = self.checkpoints.latest.latest_checkpoint
                 self.checkpoints.restore(path)
-                return f"Resuming from checkpoint {path} (this run's own; --load_checkpoint_dir only seeds a new run)", path
+                return (
+                    f"Resuming from checkpoint {path} (this run's own; --load_checkpoint_dir only seeds a new run)",
+                    path,
+                )
         if load and load != save:
             source = load_weights_from(load, self.model, self.n_classes, cfg.drop_source_layers, cfg.load_train)
             return f"Starting from the weights of {source} (fine-tuning: new optimizer, counters at 0)", None
@@ -394,8 +459,16 @@ class Trainer:
             # Once per optimizer step (accumulated micro-batches never get here), after it, and not when it skipped.
             tf.cond(skipped, lambda: tf.no_op(), self.ema.update)
         # One tensor, so the loop reads everything with one copy from the device.
-        return tf.stack([summed[0] / tf.maximum(summed[1], 1.0), tf.cast(any_bad, tf.float32), tf.cast(summed[3] > 0, tf.float32),
-                         summed[1], summed[5], summed[4] / world.size])  # fmt: skip
+        return tf.stack(
+            [
+                summed[0] / tf.maximum(summed[1], 1.0),
+                tf.cast(any_bad, tf.float32),
+                tf.cast(summed[3] > 0, tf.float32),
+                summed[1],
+                summed[5],
+                summed[4] / world.size,
+            ]
+        )
 
     # --- the loop
     def _to_device(self, batch):
@@ -476,24 +549,37 @@ class Trainer:
         progress.epoch.assign(epoch + 1)
         data.end_epoch()
         figures = {
-            "number": epoch + 1, "epochs": cfg.epochs, "loss": loss_sum / (steps - skipped_steps) if steps > skipped_steps else math.nan,
-            "steps": steps, "micro_batches": plan.steps, "resumed_at_step": plan.start_step,
-            "exact": plan.exact, "seconds": round(seconds, 3),
-            "utterances_per_s": utterances / max(seconds, 1e-9), "frames_per_s": frames / max(seconds, 1e-9),
-            "padding": plan.padding_fraction, "loader_wait_max_s": wait_max, "learning_rate": rate,
+            "number": epoch + 1,
+            "epochs": cfg.epochs,
+            "loss": loss_sum / (steps - skipped_steps) if steps > skipped_steps else math.nan,
+            "steps": steps,
+            "micro_batches": plan.steps,
+            "resumed_at_step": plan.start_step,
+            "exact": plan.exact,
+            "seconds": round(seconds, 3),
+            "utterances_per_s": utterances / max(seconds, 1e-9),
+            "frames_per_s": frames / max(seconds, 1e-9),
+            "padding": plan.padding_fraction,
+            "loader_wait_max_s": wait_max,
+            "learning_rate": rate,
             "nonfinite_steps": skipped_steps,
-        }  # fmt: skip
+        }
         return self._end_epoch(figures)
 
     def _nonfinite(self, samples: list[int], loss: float) -> None:
         self.progress.nonfinite.assign_add(1)
-        log.warning("step %d skipped on all ranks: non-finite loss or gradient (loss %s); this rank's samples %s",
-                    int(self.progress.step), loss, samples)  # fmt: skip
+        log.warning(
+            "step %d skipped on all ranks: non-finite loss or gradient (loss %s); this rank's samples %s",
+            int(self.progress.step),
+            loss,
+            samples,
+        )
         self.write("nonfinite", loss=loss, consecutive=int(self.progress.nonfinite), samples=samples)
         limit = self.cfg.max_nonfinite_steps
         if limit and int(self.progress.nonfinite) >= limit:
-            self._save_and_stop(int(self.progress.epoch), f"{limit} non-finite steps in a row (--max_nonfinite_steps)",
-                                exit_code=1)  # fmt: skip
+            self._save_and_stop(
+                int(self.progress.epoch), f"{limit} non-finite steps in a row (--max_nonfinite_steps)", exit_code=1
+            )
 
     def _end_epoch(self, figures: dict) -> bool:
         cfg, progress = self.cfg, self.progress
@@ -509,7 +595,9 @@ class Trainer:
             if self.history.update_plateau(cfg.optim):
                 figures["plateau"] = cfg.optim.plateau_reduction
             if self.history.should_stop(cfg.optim):
-                figures["early_stop"] = f"no dev improvement of {cfg.optim.es_min_delta} in {cfg.optim.es_epochs} epochs"
+                figures["early_stop"] = (
+                    f"no dev improvement of {cfg.optim.es_min_delta} in {cfg.optim.es_epochs} epochs"
+                )
                 keep_going = False
             progress.history.assign(json.dumps(self.history.to_dict()))
         if self.metrics:
@@ -547,8 +635,17 @@ class Trainer:
             post = posteriors(data, self.logits, self.alphabet)
             loss, n = global_loss(post, self.world)
             we, w, ce, c = self.world.allreduce(greedy_error_counts(post, self.alphabet))  # Horovod: corpus figures
-            self.write("eval", split="metrics", store=url, decoder="greedy", loss=loss, samples=n, wer=we / max(w, 1.0),
-                        cer=ce / max(c, 1.0), weights=self.evaluated_weights)  # fmt: skip
+            self.write(
+                "eval",
+                split="metrics",
+                store=url,
+                decoder="greedy",
+                loss=loss,
+                samples=n,
+                wer=we / max(w, 1.0),
+                cer=ce / max(c, 1.0),
+                weights=self.evaluated_weights,
+            )
             if self.summaries is not None:
                 with self.summaries.as_default(step=int(self.progress.step)):
                     tf.summary.scalar(f"loss/metrics_{i}", loss)
@@ -575,12 +672,30 @@ class Trainer:
         # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit);
         # the gather is that barrier, and tells rank 0's record which ranks were asked to stop, by which signal.
         signals = self.world.allgather_object(self.stop.signal_name)
-        saved = (f"checkpoint {path}" if path else "no checkpoint (no --checkpoint_dir)") if self.world.is_root else "rank 0's checkpoint"
-        self.write("stop", reason=why, signal=next((s for s in signals if s), ""), exit_code=exit_code, checkpoint=path,
-                    requested_by=[r for r, s in enumerate(signals) if s])  # fmt: skip
-        log.warning("%s (%s): %s saved at epoch %d, step %d; exiting with %d%s at %.3f", why,
-                    self.stop.signal_name or "on another rank", saved, epoch + 1,
-                    int(self.progress.step), exit_code, " to be resumed" if exit_code == EXIT_PREEMPTED else "", time.time())  # fmt: skip
+        saved = (
+            (f"checkpoint {path}" if path else "no checkpoint (no --checkpoint_dir)")
+            if self.world.is_root
+            else "rank 0's checkpoint"
+        )
+        self.write(
+            "stop",
+            reason=why,
+            signal=next((s for s in signals if s), ""),
+            exit_code=exit_code,
+            checkpoint=path,
+            requested_by=[r for r, s in enumerate(signals) if s],
+        )
+        log.warning(
+            "%s (%s): %s saved at epoch %d, step %d; exiting with %d%s at %.3f",
+            why,
+            self.stop.signal_name or "on another rank",
+            saved,
+            epoch + 1,
+            int(self.progress.step),
+            exit_code,
+            " to be resumed" if exit_code == EXIT_PREEMPTED else "",
+            time.time(),
+        )
         e = Preempted()
         e.exit_code = exit_code
         raise e
@@ -618,7 +733,9 @@ class Trainer:
             if path:
                 weights = restore_evaluation_weights(self.model, path)  # the counters stay as they are
             elif which == "best":
-                error = f"{self.cfg.checkpoint.save_dir}: no best-dev checkpoint to test and export (--load_evaluate best)"
+                error = (
+                    f"{self.cfg.checkpoint.save_dir}: no best-dev checkpoint to test and export (--load_evaluate best)"
+                )
         # Horovod: every rank evaluates rank 0's choice.
         path, error, weights = self.world.broadcast_object((path, error, weights))
         if error:
@@ -631,8 +748,12 @@ class Trainer:
         self.evaluated_weights = weights
 
     def test(self) -> dict | None:
-        data = self._eval_input(self.cfg.test.test_files, self.cfg.test.test_batch_size, self.cfg.loader.limit_test,
-                                self.cfg.test.reverse_test)  # fmt: skip
+        data = self._eval_input(
+            self.cfg.test.test_files,
+            self.cfg.test.test_batch_size,
+            self.cfg.loader.limit_test,
+            self.cfg.test.reverse_test,
+        )
         if data is None:
             return None
         post = posteriors(data, self.logits, self.alphabet)
@@ -651,8 +772,16 @@ class Trainer:
             return
         source = self.weights_from
         info = {"epochs": int(self.progress.epoch), "weights_from": source, "weights": self.evaluated_weights}
-        export_model(self.cfg.export_dir, self.model, self.alphabet, self.features, info, options=self.cfg.export,
-                     scorer_path=self.cfg.decoder.scorer_path, config=to_dict(self.cfg))  # fmt: skip
+        export_model(
+            self.cfg.export_dir,
+            self.model,
+            self.alphabet,
+            self.features,
+            info,
+            options=self.cfg.export,
+            scorer_path=self.cfg.decoder.scorer_path,
+            config=to_dict(self.cfg),
+        )
         log.info("Exported %s to %s", source, self.cfg.export_dir)
 
 
@@ -666,11 +795,16 @@ def train(cfg: TrainConfig) -> dict:
     try:
         trainer.fault.run(trainer, loaded)
     except tf.errors.ResourceExhaustedError as e:
-        batch = (f"--batch_frames {cfg.loader.batch_frames}" if cfg.loader.batch_frames
-                 else f"--train_batch_size {cfg.train_batch_size}")  # fmt: skip
-        raise MemoryError(f"out of memory at {batch} (n_hidden {cfg.model.n_hidden}): "
-                          f"try a smaller batch, --precision fp16/bf16, or fewer --length_buckets' long samples "
-                          f"(--max_duration at preprocessing). {str(e).splitlines()[0]}") from None  # fmt: skip
+        batch = (
+            f"--batch_frames {cfg.loader.batch_frames}"
+            if cfg.loader.batch_frames
+            else f"--train_batch_size {cfg.train_batch_size}"
+        )
+        raise MemoryError(
+            f"out of memory at {batch} (n_hidden {cfg.model.n_hidden}): "
+            f"try a smaller batch, --precision fp16/bf16, or fewer --length_buckets' long samples "
+            f"(--max_duration at preprocessing). {str(e).splitlines()[0]}"
+        ) from None
     digest = weights_digest(trainer.model)
     print(f"rank {proc.world.rank}/{proc.world.size}: final weights sha256 {digest}", flush=True)
     averaged = {}
@@ -681,8 +815,15 @@ def train(cfg: TrainConfig) -> dict:
     results = {"epochs_done": int(trainer.progress.epoch), "weights_sha256": digest, "test": trainer.test()}
     # Horovod: every rank's digest, in the record (they must all be the same).
     digests = proc.world.allgather_object(digest)
-    trainer.write("final", epochs_done=results["epochs_done"], weights_sha256=digests, test=results["test"],
-                   evaluated=trainer.weights_from, weights=trainer.evaluated_weights, **averaged)  # fmt: skip
+    trainer.write(
+        "final",
+        epochs_done=results["epochs_done"],
+        weights_sha256=digests,
+        test=results["test"],
+        evaluated=trainer.weights_from,
+        weights=trainer.evaluated_weights,
+        **averaged,
+    )
     trainer.export()
     proc.world.join()  # Horovod: nobody leaves while rank 0 still exports
     return results

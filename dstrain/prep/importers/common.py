@@ -1,4 +1,5 @@
 """Writing importer output: DeepSpeech CSVs plus a reject list of what an importer refused."""
+
 from __future__ import annotations
 
 import csv

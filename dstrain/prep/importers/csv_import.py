@@ -1,5 +1,6 @@
 """Existing DeepSpeech CSVs: paths made absolute (relative ones against the CSV's folder; URLs kept for fsspec),
 missing ``wav_filesize`` filled in, transcripts optionally normalised and checked against an alphabet."""
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ def run_csv(cfg: CsvImportConfig) -> int:
     return 0
 
 
-def import_csv(csv_files: tuple[str, ...], output_dir: str, filter_alphabet: str | None = None, normalise: bool = False) -> ImportReport:
+def import_csv(
+    csv_files: tuple[str, ...], output_dir: str, filter_alphabet: str | None = None, normalise: bool = False
+) -> ImportReport:
     alphabet = Alphabet.from_file(filter_alphabet) if filter_alphabet else None
     label_filter = LabelFilter(alphabet) if normalise else None
     report = ImportReport()

@@ -4,6 +4,7 @@ Clips are referenced as they are (MP3, read directly by soundfile at preprocessi
 16 kHz mono WAV beside the MP3s for tools that need WAV. CSVs go into ``clips/`` with paths relative to it, as
 DeepSpeech writes them. Sentences the label filter refuses are listed in ``clips/import_rejects.csv``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,9 +43,12 @@ def run_cv2(cfg: Cv2ImportConfig) -> int:
 
 
 def import_cv2(
-    language_dir: str, filter_alphabet: str | None = None, wav: bool = False, ascii_only: bool = False,
+    language_dir: str,
+    filter_alphabet: str | None = None,
+    wav: bool = False,
+    ascii_only: bool = False,
     splits: tuple[str, ...] = SPLITS,
-) -> ImportReport:  # fmt: skip
+) -> ImportReport:
     clips = os.path.join(language_dir, "clips")
     if not os.path.isdir(clips):
         raise FileNotFoundError(f"{language_dir}: no clips/ folder; give the extracted Common Voice language folder")
@@ -54,7 +58,9 @@ def import_cv2(
     for split in splits:
         tsv = os.path.join(language_dir, f"{split}.tsv")
         if not os.path.exists(tsv):
-            raise FileNotFoundError(f"{tsv} is missing: a Common Voice release has {', '.join(s + '.tsv' for s in splits)}")
+            raise FileNotFoundError(
+                f"{tsv} is missing: a Common Voice release has {', '.join(s + '.tsv' for s in splits)}"
+            )
         rows = []
         with open(tsv, encoding="utf-8", newline="") as f:
             for rec in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):

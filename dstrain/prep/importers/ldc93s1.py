@@ -1,4 +1,5 @@
 """LDC93S1, the one-utterance TIMIT sample DeepSpeech trains on first (bin/import_ldc93s1.py)."""
+
 from __future__ import annotations
 
 import csv

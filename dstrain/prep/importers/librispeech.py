@@ -3,6 +3,7 @@
 One CSV per subset folder found (``train-clean-100.csv`` …) in the output folder, with absolute FLAC paths:
 soundfile reads FLAC directly, so nothing is converted. Transcripts are lower-cased.
 """
+
 from __future__ import annotations
 
 import glob
@@ -10,7 +11,6 @@ import os
 from dataclasses import dataclass
 
 from dstrain.config import option
-
 from dstrain.prep.csvfile import write_csv
 from dstrain.prep.importers.common import ImportReport, write_rejects
 

@@ -1,4 +1,5 @@
 """Transcript normalisation shared by the importers, following DeepSpeech's English importers."""
+
 from __future__ import annotations
 
 import re
@@ -7,7 +8,7 @@ import unicodedata
 from dstrain.alphabet import Alphabet
 
 _UNSPEAKABLE = re.compile(r"[0-9]|[(<\[\]&*{]")  # digits and markup: no single right spelling
-_DROP = str.maketrans("", "", ".,;?!:\"")
+_DROP = str.maketrans("", "", '.,;?!:"')
 
 
 def normalise_english(label: str, ascii_only: bool = False) -> str | None:
