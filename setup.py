@@ -7,14 +7,27 @@ Horovod 0.28.1 must be built from source against that TensorFlow
 compiled search).
 """
 import os
+import shlex
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import find_packages, setup
 
-TF = {
-    "cpu": "tensorflow-cpu==2.15.*",
-    "gpu": "tensorflow[and-cuda]==2.15.*",
-}
+
+def versions() -> dict[str, str]:
+    """tools/versions.sh's KEY=VALUE lines: the one place the installer, the image build and this file take versions
+    from."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {}
+    with open(os.path.join(here, "tools", "versions.sh")) as f:
+        for line in f:
+            key, sep, value = line.strip().partition("=")
+            if sep and not key.startswith("#"):
+                out[key] = shlex.split(value)[0] if value else ""
+    return out
+
+
+V = versions()
+TF = {"cpu": V["TF_REQ_cpu"], "gpu": V["TF_REQ_gpu"]}
 flavour = os.environ.get("DSTRAIN_TF", "cpu")
 if flavour not in TF:
     raise SystemExit(f"DSTRAIN_TF={flavour!r}: expected one of {sorted(TF)}")
@@ -28,14 +41,14 @@ setup(
     package_data={"dstrain": ["data/*.wav", "data/*.txt", "launch/discover/*.sh"]},
     install_requires=[
         TF[flavour],
-        "numpy>=1.23,<2",
-        "horovod==0.28.1",
+        V["NUMPY_REQ"].replace("numpy", "numpy>=1.23,", 1),
+        f"horovod=={V['HOROVOD_VERSION']}",
         "mpi4py>=3.1",
         "soundfile>=0.12",
         "soxr>=0.3",
         "pyarrow>=17,<22",  # 22+ needs NumPy 2; TensorFlow 2.15 needs NumPy 1
         "fsspec>=2023.6",
-        "kenlm==0.3.0",  # tools/install.sh builds lmplz/build_binary from the same source
+        f"kenlm=={V['KENLM_VERSION']}",  # tools/install.sh builds lmplz/build_binary from the same source
         "tqdm>=4.60",
         "optuna>=3",
         "rapidfuzz>=3,<4",

@@ -1,6 +1,6 @@
 # The versions and requirement specifiers that tools/install.sh installs and tools/build_image.sh fetches for the
 # image's offline build: read (sourced) by both, so that the image's wheelhouse cannot drift from the installer.
-# (setup.py states dstrain's own requirements; its TensorFlow and Horovod pins match these.)
+# setup.py reads its TensorFlow, NumPy, Horovod and KenLM pins from here too (KEY=VALUE lines, quoted values).
 HOROVOD_VERSION=0.28.1
 KENLM_VERSION=0.3.0
 TF_REQ_cpu='tensorflow-cpu==2.15.*'
