@@ -5,9 +5,9 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
+from cluster import wait_for
 from conftest import REPO, final_digests, records, tool
 from test_preprocess_scale import many_rows_csv, store_digest
 
@@ -39,16 +39,6 @@ def job_env(slurm: dict, **params) -> dict:
 def scontrol_job(slurm: dict, job: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", job], env=slurm, capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 SBATCH_2_RANKS = ["--nodes=1", "--ntasks-per-node=2", "--gres=gpu:2", "--cpus-per-task=1", "--time=15"]
