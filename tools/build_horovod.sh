@@ -4,7 +4,7 @@
 #   VENV=.venv DSTRAIN_TF=cpu|gpu DSTRAIN_CACHE=DIR tools/build_horovod.sh     (tools/install.sh runs it)
 #
 # The wheel is cached under DSTRAIN_CACHE/wheels, keyed by everything the build depends on: this script and
-# tools/versions.sh (so any change to how it builds rebuilds it), Python's ABI, TensorFlow's version and, for the gpu
+# tools/versions.sh's settings (so any change to how it builds rebuilds it), Python's ABI, TensorFlow's version and, for the gpu
 # flavour, NCCL's. The build is from the sdist alone (--no-binary): a Horovod wheel found on the index or in a
 # wheelhouse is never taken, since one built without TensorFlow installs but lacks its TensorFlow ops.
 set -euo pipefail
@@ -30,7 +30,7 @@ if [ "$DSTRAIN_TF" = gpu ]; then
   ncclver=$("$PY" -c 'from importlib.metadata import version; print(version("nvidia-nccl-cu12"))')
   key_inputs="$key_inputs nccl$ncclver cuda$CUDA_BUILD_VERSION"
 fi
-key=$({ cat tools/build_horovod.sh tools/versions.sh; echo "$key_inputs"; } | sha256sum | cut -c1-12)
+key=$({ cat tools/build_horovod.sh; grep -v '^#' tools/versions.sh; echo "$key_inputs"; } | sha256sum | cut -c1-12)
 HVD_CACHE="$CACHE/wheels/horovod-$HOROVOD_VERSION-$pyver-tf$tfver-$DSTRAIN_TF-$key"
 if ls "$HVD_CACHE"/horovod-*.whl >/dev/null 2>&1; then
   ls "$HVD_CACHE"/horovod-*.whl
