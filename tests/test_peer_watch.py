@@ -1,17 +1,23 @@
 """PeerWatch (dstrain/distributed/peer_watch.py) between two processes on this machine, with Horovod's broadcast
 stood in for by a file: a stopped peer is named and welcomed back, a silent or killed one ends the watcher with status
-76, a clean exit does not. The cluster in a box runs it under real launchers (test_multinode.py)."""
+76, a clean exit does not; connections that are not the job's ranks (a port scan, a silent connection, random bytes,
+a HELLO without the job's secret) are closed and never end the job. The cluster in a box runs it under real launchers
+(test_multinode.py)."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from cluster import Output
 
 pytestmark = pytest.mark.timeout(120)
+PEER_HELLO_S = 5.0  # PeerWatch.HELLO_S
 
 RANK = textwrap.dedent("""
     import json, logging, os, sys, time
@@ -101,3 +107,44 @@ def test_a_clean_exit_says_goodbye(pair):
     assert rank1.finish(30) == 0
     assert rank0.finish(30) == 0 and "done" in rank0.text
     assert "lost" not in rank0.text and "silent" not in rank0.text
+
+
+def test_connections_that_are_not_ranks_of_the_job_are_closed_and_never_end_it(pair, tmp_path):
+    """What a port scanner, a curious neighbour or another job's rank does to rank 0's port: the job goes on."""
+    rank0, rank1 = pair(seconds0=12, seconds1=12)
+    host, port, secret = json.load(open(tmp_path / "address"))
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, port), timeout=5)
+
+    connect().close()  # connect and close, as a scanner does
+    silent = connect()  # connect and stay silent
+    noise = connect()
+    noise.sendall(os.urandom(4096))  # random bytes (no line in the first 512)
+    stranger = connect()
+    stranger.sendall(f"HELLO 1 elsewhere:1 {'0' * len(secret)}\n".encode())  # a rank of another job
+    # The watch closes every one of them (the silent one after its HELLO deadline) and answers none with its HELLO.
+    for sock in (silent, noise, stranger):
+        sock.settimeout(PEER_HELLO_S + 5)
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    started = time.monotonic()
+    assert rank1.finish(30) == 0 and rank0.finish(30) == 0, rank0.text + rank1.text
+    assert time.monotonic() - started > 1  # they ran their time out, not ended early
+    assert "is lost" not in rank0.text and "done" in rank0.text  # (a 1 s silence warning may come on a busy machine)
+    assert secret not in rank0.text + rank1.text  # never logged
+
+
+def test_rank_0_listens_on_the_address_it_advertises_only(tmp_path, pair):
+    pair(seconds0=3, seconds1=3)
+    host, port, _ = json.load(open(tmp_path / "address"))
+    listening = [c for c in psutil_connections() if c.status == "LISTEN" and c.laddr.port == port]
+    assert [c.laddr.ip for c in listening] == [host]
+
+
+def psutil_connections():
+    import psutil
+
+    return psutil.net_connections(kind="tcp")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import hmac
 import logging
 import os
+import secrets
 import select
 import socket
 import sys
@@ -47,17 +49,29 @@ class PeerWatch:
     and pid (a stopped process, an overloaded or unreachable node), its end too; after :data:`PEER_TIMEOUT_S`, or
     when the connection closes without a goodbye (a killed process), the rank that noticed logs an error naming the
     lost one and exits with :data:`EXIT_PEER_LOST`, and its launcher stops every other rank. Collectives cannot do
-    this: a rank blocked in one waits on the network for as long as TCP does (two hours, without Gloo's timeout)."""
+    this: a rank blocked in one waits on the network for as long as TCP does (two hours, without Gloo's timeout).
+
+    Only the job's ranks can take part: rank 0 listens on the address it advertises (the job's interface), not on
+    every interface, and a connection counts as a rank only once its first line is ``HELLO rank host:pid SECRET`` with
+    the job's secret (random, made by rank 0 and broadcast over Horovod; never logged). Anything else (a port scan,
+    a connection that stays silent, random bytes, another job's rank) is closed within :data:`HELLO_S` and never
+    judged, so nothing outside the job can end it."""
 
     HEARTBEAT_S = 1.0
     BEAT = b"\0"  # between the text lines (HELLO rank host:pid, BYE), which never hold it
     GRACE_S = 5.0  # a connection closed without a goodbye: the peer may be exiting with us (preemption, os._exit)
+    HELLO_S = 5.0  # a connection to rank 0 that has not said the job's HELLO by then is closed
+    MAX_PENDING = 64  # connections waiting for their HELLO at once; the oldest is dropped beyond
+    MAX_HELLO = 512  # bytes a HELLO line may take
 
     def __init__(self, rank: int, warn_s: float, timeout_s: float):
         self.rank, self.warn_s, self.timeout_s = rank, warn_s, timeout_s
         self.me = f"{socket.gethostname()}:{os.getpid()}"
         self.server: socket.socket | None = None
         self.peers: dict[socket.socket, _Peer] = {}
+        self.pending: dict[socket.socket, tuple[float, bytes]] = {}
+        """Rank 0: connections that have not proved they belong to the job yet (their deadline, what they sent)."""
+        self.secret = ""
         self._closing = False
 
     @classmethod
@@ -67,12 +81,14 @@ class PeerWatch:
             return None
         warn_s = min(float(os.environ.get("DSTRAIN_PEER_WARN_SECONDS", PEER_WARN_S)), timeout_s)
         watch = cls(hvd.rank(), warn_s, timeout_s)
-        address = None
+        job = None
         if watch.rank == 0:
-            watch.server = socket.create_server(("0.0.0.0", 0), backlog=max(16, hvd.size()))
-            address = (_advertised_address(), watch.server.getsockname()[1])
-        # Horovod: every rank learns where rank 0 listens.
-        address = hvd.broadcast_object(address, root_rank=0)
+            advertised = _advertised_address()
+            watch.server = socket.create_server((advertised, 0), backlog=max(16, hvd.size()))
+            job = (advertised, watch.server.getsockname()[1], secrets.token_hex(16))
+        # Horovod: every rank learns where rank 0 listens, and the job's secret.
+        host, port, watch.secret = hvd.broadcast_object(job, root_rank=0)
+        address = (host, port)
         if watch.rank != 0:
             try:
                 sock = socket.create_connection(address, timeout=10)
@@ -85,7 +101,7 @@ class PeerWatch:
                     e,
                 )
                 return None
-            sock.sendall(f"HELLO {watch.rank} {watch.me}\n".encode())
+            sock.sendall(f"HELLO {watch.rank} {watch.me} {watch.secret}\n".encode())
             watch._add(sock, "rank 0", address[0])
         threading.Thread(target=watch._loop, name="dstrain-peer-watch", daemon=True).start()
         atexit.register(watch.close)
@@ -120,16 +136,18 @@ class PeerWatch:
     def _loop(self) -> None:
         sent = 0.0
         while not self._closing:
-            watched = [s for s, p in self.peers.items() if p.closed is None]
+            watched = [s for s, p in self.peers.items() if p.closed is None] + list(self.pending)
             ready, _, _ = select.select(watched + ([self.server] if self.server else []), [], [], self.HEARTBEAT_S / 4)
             for sock in ready:
                 if sock is self.server:
-                    conn, (host, _) = self.server.accept()
-                    conn.sendall(f"HELLO 0 {self.me}\n".encode())
-                    self._add(conn, "a rank", host)
+                    self._accept()
+                elif sock in self.pending:
+                    self._hello(sock)
                 else:
                     self._receive(sock)
             now = time.monotonic()
+            for sock in [s for s, (deadline, _) in self.pending.items() if now >= deadline]:
+                self._refuse(sock, "it did not say the job's HELLO in time")
             if now - sent >= self.HEARTBEAT_S:
                 sent = now
                 for sock, p in self.peers.items():
@@ -142,6 +160,61 @@ class PeerWatch:
                             p.closed = now
             for p in self.peers.values():
                 self._judge(p, now)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        if len(self.pending) >= self.MAX_PENDING:
+            self._refuse(next(iter(self.pending)), "too many connections waiting to say HELLO")
+        self.pending[conn] = (time.monotonic() + self.HELLO_S, b"")
+
+    def _hello(self, sock: socket.socket) -> None:
+        """A connection's first line: the job's HELLO makes it a rank, anything else closes it."""
+        deadline, buf = self.pending[sock]
+        try:
+            data = sock.recv(self.MAX_HELLO)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._refuse(sock, "it closed before saying HELLO")
+            return
+        buf += data
+        if b"\n" not in buf:
+            if len(buf) > self.MAX_HELLO:
+                self._refuse(sock, "it sent no HELLO line")
+            else:
+                self.pending[sock] = (deadline, buf)
+            return
+        line, rest = buf.split(b"\n", 1)
+        words = line.decode(errors="replace").split()
+        ok = len(words) == 4 and words[0] == "HELLO" and words[1].isdigit()
+        if not ok or not hmac.compare_digest(words[3].encode(), self.secret.encode()):
+            self._refuse(sock, "its first line is not the job's HELLO")
+            return
+        del self.pending[sock]
+        try:
+            sock.sendall(f"HELLO 0 {self.me}\n".encode())
+        except OSError:
+            sock.close()
+            return
+        self._add(sock, f"rank {words[1]}", words[2])
+        self.peers[sock].buf = rest.replace(self.BEAT, b"")
+        self._lines(self.peers[sock])  # a BYE may have come with the HELLO (a rank that exits at once)
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        """Closes a connection that is not one of the job's ranks; it is never judged."""
+        self.pending.pop(sock, None)
+        try:
+            peer = "%s:%d" % sock.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        log.debug("peer watch: closed a connection from %s: %s", peer, why)
+        sock.close()
 
     def _receive(self, sock: socket.socket) -> None:
         p = self.peers[sock]
@@ -156,6 +229,12 @@ class PeerWatch:
             return
         p.last = time.monotonic()
         p.buf += data.replace(self.BEAT, b"")
+        self._lines(p)
+        if p.warned:
+            p.warned = False
+            log.warning("%s is heard from again", p)
+
+    def _lines(self, p: _Peer) -> None:
         while b"\n" in p.buf:
             line, p.buf = p.buf.split(b"\n", 1)
             words = line.decode(errors="replace").split()
@@ -163,9 +242,6 @@ class PeerWatch:
                 p.name, p.where = f"rank {words[1]}", words[2]
             elif words[:1] == ["BYE"]:
                 p.bye = True
-        if p.warned:
-            p.warned = False
-            log.warning("%s is heard from again", p)
 
     def suspects(self) -> str:
         """The peers that are silent or gone, described; empty when all are well."""
