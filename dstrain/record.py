@@ -58,10 +58,13 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from typing import Any
+
+log = logging.getLogger("dstrain.record")
 
 SCHEMA_VERSION = 1
 
@@ -128,15 +131,25 @@ class RunRecord:
         check(record)
         if self.path is not None:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            # One write of one line in append mode: a kill leaves whole lines (at worst without the last one).
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(_json_safe(record), ensure_ascii=False) + "\n")
+            line = (json.dumps(_json_safe(record), ensure_ascii=False) + "\n").encode()
+            # One write of one line in append mode. Every append starts on a new line: after a kill or a full disk
+            # cut the last one short, the next record must not be joined to it (readers skip the damaged line).
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line
+                os.write(fd, line)
+            finally:
+                os.close(fd)
         return record
 
 
 def read_record(path: str) -> list[dict]:
-    """Every record of ``path``, in order; a last line cut by a kill is left out, any other bad line is an error."""
-    with open(path, encoding="utf-8") as f:
+    """Every record of ``path``, in order. A damaged line (a write cut short by a kill or a full disk, whatever came
+    after it) is skipped with a warning naming its number; a last line without its newline may still be being
+    written, and is left out silently."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().split("\n")
     out = []
     for i, line in enumerate(lines):
@@ -144,10 +157,12 @@ def read_record(path: str) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # no newline after it: the write was cut short
-                break
-            raise ValueError(f"{path}:{i + 1}: not a JSON record") from None
+            if not isinstance(record, dict) or "event" not in record:
+                raise ValueError("not a record")
+        except ValueError:
+            if i < len(lines) - 1:  # (the last piece has no newline after it: a write in progress or cut short)
+                log.warning("%s:%d: a damaged line of the run record, skipped", path, i + 1)
+            continue
         out.append(record)
     return out
 

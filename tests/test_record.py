@@ -62,9 +62,26 @@ def test_non_finite_figures_stay_valid_json_and_a_cut_last_line_is_dropped(tmp_p
     got = read_record(str(path))
     assert [r["event"] for r in got] == ["epoch", "nonfinite"] and got[0]["loss"] == "nan"
     assert events(got, "nonfinite")[0]["samples"] == [3, 4]
-    path.write_text('not json\n{"event": "stop"}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON record"):
-        read_record(str(path))
+
+
+def test_a_torn_line_is_skipped_with_its_number_and_the_next_append_starts_a_new_line(tmp_path, caplog):
+    """A kill or a full disk cut a write short; the run goes on appending: nothing after the damage is lost."""
+    path = tmp_path / "metrics.jsonl"
+    record = RunRecord(str(path))
+    record.write("epoch", step=1, epoch=1, **EPOCH)
+    with open(path, "a") as f:
+        f.write('{"event": "epoch", "ti')  # cut short, no newline
+    record.write("nonfinite", step=2, epoch=1, loss=1.0, consecutive=1, samples=[3])
+    with open(path, "a") as f:
+        f.write("\x00\x00garbage\n[1, 2]\n")  # a full disk's zeros, a line that is JSON but no record
+    record.write("nonfinite", step=3, epoch=1, loss=2.0, consecutive=2, samples=[4])
+    lines = path.read_text().split("\n")
+    assert lines[1] == '{"event": "epoch", "ti' and json.loads(lines[2])["step"] == 2  # a new line, not joined
+    with caplog.at_level("WARNING", logger="dstrain.record"):
+        got = read_record(str(path))
+    assert [r["step"] for r in got] == [1, 2, 3]
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"{path}:{n}: a damaged line of the run record, skipped" for n in (2, 4, 5)], warned
 
 
 def test_without_a_path_records_are_only_built():
