@@ -46,6 +46,24 @@ def records(run_dir, event: str) -> list[dict]:
     return [r for r in run_record(run_dir) if r["event"] == event]
 
 
+def wait_record(run_dir, event: str, match=lambda r: True, timeout: float = 300, proc=None) -> dict:
+    """The first ``event`` record of the run that ``match`` accepts, as soon as the run record holds it; fails after
+    ``timeout`` seconds, or at once when ``proc`` (the run) has exited without writing it."""
+    from cluster import wait_for
+
+    from dstrain.rundir import RunDir
+
+    path = Path(RunDir(str(run_dir)).metrics_path)
+
+    def found():
+        hits = [r for r in records(run_dir, event) if match(r)] if path.exists() else []
+        if not hits and proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) without a matching {event} record")
+        return hits[0] if hits else None
+
+    return wait_for(found, timeout, f"a matching {event} record in {path}")
+
+
 def final_digests(run_dir) -> list[str]:
     """Every rank's final weights sha256 (rank order) from the last ``final`` record of the run."""
     finals = records(run_dir, "final")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cluster import Output, box, rank_env, stop_group, train_argv, wait_for
-from conftest import final_digests, records, run_record, synthetic_store
+from conftest import final_digests, records, run_record, synthetic_store, wait_record
 
 pytestmark = pytest.mark.slow
 HOLD = Path(__file__).parent / "elastic_hold.py"
@@ -108,7 +108,7 @@ def test_a_lost_node_leaves_the_others_training_and_it_rejoins_when_back(store, 
         write_hosts(hosts, "node1", "node2", "node3")
         out = elastic_job(c, store, run_dir, hosts, epochs=LONG_EPOCHS)
         try:
-            out.wait_for(r"epoch 1/\d+ train loss", 400)
+            wait_record(run_dir, "epoch", timeout=400, proc=out.proc)
             victim = lost_node(run_dir)
             survivors = sorted({"node1", "node2", "node3"} - {victim})
             pids = {n: c.ranks(n) for n in survivors}
@@ -222,7 +222,7 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
         write_hosts(hosts, "node1", "node2", "node3")
         out = elastic_job(c, store, run_dir, hosts, min_np=3, timeout=20, epochs=LONG_EPOCHS)
         try:
-            out.wait_for(r"epoch 1/\d+ train loss", 400)
+            wait_record(run_dir, "epoch", timeout=400, proc=out.proc)
             # After the epoch's checkpoint (a kill of rank 0 during it leaves the one before: none yet here).
             wait_for(
                 lambda: (run_dir / "metrics.jsonl").exists() and records(run_dir, "checkpoint"), 120, "a checkpoint"
@@ -252,7 +252,7 @@ def test_a_stop_request_checkpoints_exits_75_and_the_rerun_resumes(store, tmp_pa
         write_hosts(hosts, "node1", "node2", "node3")
         out = elastic_job(c, store, run_dir, hosts)
         try:
-            out.wait_for(r"epoch 1/\d+ train loss", 400)
+            wait_record(run_dir, "epoch", timeout=400, proc=out.proc)
             (rank,) = c.ranks("node2")
             os.kill(rank, signal.SIGUSR1)  # one rank is told (a spot notice on its node): the whole job stops
             code = out.finish(300)

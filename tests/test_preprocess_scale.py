@@ -142,6 +142,36 @@ def test_sigterm_leaves_a_resumable_store_and_exits_75(tmp_path, chunked, worker
     assert store_digest(store) == reference
 
 
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_run_naming_its_chunk_and_the_rerun_completes_the_store(tmp_path, chunked):
+    """The OOM killer takes one preprocessing worker: the run ends at once (it used to wait for ever on the chunk),
+    naming the chunk and the signal, exit 1; running the same command again completes the very same store."""
+    import psutil
+
+    args, reference = chunked
+    store = tmp_path / "store"
+    cmd = args + ["--output", str(store), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = 0
+    for line in proc.stderr:  # after a chunk is done, both workers are busy with the next ones
+        done += " done (" in line and "chunk " in line
+        if done == 2:
+            break
+    workers = [c for c in psutil.Process(proc.pid).children() if "multiprocessing" in " ".join(c.cmdline())]
+    workers = [w for w in workers if "resource_tracker" not in " ".join(w.cmdline())]
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    victim = workers[0].pid
+    os.kill(victim, signal.SIGKILL)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1, rest[-3000:]
+    last = rest.strip().splitlines()[-1]
+    assert f"worker {victim} killed by SIGKILL while preprocessing chunk " in last and "run the same command" in last
+    assert not (store / "_manifest.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert store_digest(store) == reference
+
+
 def test_float16_store_halves_features(tmp_path, alphabet_path, ldc93s1_csv):
     full = preprocess(
         PreprocessConfig(csv_files=(ldc93s1_csv,), alphabet_path=alphabet_path, output=str(tmp_path / "f32")),

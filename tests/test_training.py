@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import DATA, SHARED, final_digests, records, synthetic_store, tool
+from conftest import DATA, SHARED, final_digests, records, synthetic_store, tool, wait_record
 
 pytestmark = pytest.mark.slow
 
@@ -111,23 +111,21 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(store, tmp_pa
     assert [r["number"] for r in epochs] == [1, 2, 3] and [r["steps"] for r in epochs] == [21, 21, 21]
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(
-        horovodrun() + train_cmd(store, work, *args, batch=1),
-        env=deterministic,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    seen = ""
-    for line in proc.stdout:
-        seen += line
-        # Epoch 2's first mid-epoch checkpoint (its step 1..3 of 21): kill everything at once, mid-epoch.
-        if re.search(r"saved \S+ at step \d+ \(epoch 2, step [1-3] of it\)", line):
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            horovodrun() + train_cmd(store, work, *args, batch=1),
+            env=deterministic,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            # Epoch 2's first mid-epoch checkpoint (its step 1..3 of 21): kill everything at once, mid-epoch.
+            wait_record(work, "checkpoint", lambda r: r["epoch"] == 1 and 1 <= r["epoch_step"] <= 3, 400, proc)
+        finally:
             os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, seen[-3000:]
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     resumed = run(horovodrun() + train_cmd(store, work, *args, batch=1), env=deterministic)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     (resume,) = records(work, "resume")
@@ -228,21 +226,24 @@ def rank_pid(launcher: int, rank: int) -> int:
 
 def _stop_mid_epoch(store: str, work) -> None:
     """Run 2 ranks until a mid-epoch checkpoint of the next epoch is saved, then SIGUSR1 (stop, checkpoint, exit 75)."""
-    proc = subprocess.Popen(
-        horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=9),
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    for line in proc.stdout:
-        if re.search(r"saved \S+ at step \d+ \(epoch \d+, step [2-8] of it\)", line):
+    with open(f"{work}.log", "w") as log:
+        proc = subprocess.Popen(
+            horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=9),
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_record(
+                work, "checkpoint", lambda r: r["reason"] == "periodic" and 2 <= r["epoch_step"] <= 8, 400, proc
+            )
             for rank in (0, 1):
                 os.kill(rank_pid(proc.pid, rank), signal.SIGUSR1)
-            break
-    proc.stdout.read()
-    proc.wait(timeout=120)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 KILL_WHILE_SAVING = textwrap.dedent("""

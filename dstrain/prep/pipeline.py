@@ -26,11 +26,14 @@ import hashlib
 import io
 import json
 import logging
+import os
 import signal
 import sys
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from multiprocessing import TimeoutError, get_context
+from multiprocessing import get_context
 
 import numpy as np
 from tqdm import tqdm
@@ -146,13 +149,18 @@ def featurize(row: Row, samples: np.ndarray, labels: list[int], cfg: FeatureConf
 
 
 _ABANDON = None  # in pool workers: the parent's Event, set when a stop request came (see preprocess)
+_STARTED = None  # in pool workers: where each says which chunk it starts, so the parent can name a lost one
 
 
-def _worker_init(abandon) -> None:
+class WorkerLost(RuntimeError):
+    """A preprocessing worker died (the OOM killer, a signal): the run stops instead of waiting for its chunk."""
+
+
+def _worker_init(abandon, started) -> None:
     """Pool workers leave stop requests to the parent (a signal to the whole process group reaches them too), which
     tells them through ``abandon``."""
-    global _ABANDON
-    _ABANDON = abandon
+    global _ABANDON, _STARTED
+    _ABANDON, _STARTED = abandon, started
     for sig in preemption.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -176,6 +184,8 @@ class ChunkJob:
         self.cfg, self.alphabet, self.rows, self.augmenter = cfg, alphabet, rows, augmenter
 
     def __call__(self, chunk: int) -> tuple[int, int, int] | None:
+        if _STARTED is not None:
+            _STARTED.put((os.getpid(), chunk))
         try:
             return self._run(chunk)
         except _Abandoned:
@@ -333,21 +343,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
             )
 
     if cfg.workers > 1 and len(todo) > 1:
-        ctx = get_context("spawn")
-        abandon = ctx.Event()
-        with ctx.Pool(min(cfg.workers, len(todo)), initializer=_worker_init, initargs=(abandon,)) as pool:
-            results = pool.imap_unordered(job, todo)
-            for _ in todo:
-                while True:
-                    if preemption.requested():
-                        abandon.set()  # workers give up their chunks; the chunks still queued return at once
-                    try:
-                        finished(results.next(timeout=0.25))
-                        break
-                    except TimeoutError:  # no chunk finished meanwhile: look at the stop request again
-                        continue
-            pool.close()
-            pool.join()
+        _run_pool(job, todo, min(cfg.workers, len(todo)), finished)
     else:
         for chunk in todo:
             finished(job(chunk))
@@ -366,6 +362,59 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True, world: World | None
     if world.rank != 0:
         return None
     return _finish(layout, cfg, alphabet, n_chunks, augmenter)
+
+
+def _run_pool(job: ChunkJob, todo: list[int], workers: int, finished) -> None:
+    """The chunks on a pool of worker processes. A stop request makes the workers abandon their chunks. A worker that
+    dies (the OOM killer, a signal) breaks the pool at once (concurrent.futures notices the process's end, where
+    multiprocessing.Pool would replace it and wait for ever on its chunk): :class:`WorkerLost` names its chunk and
+    signal, and the rerun redoes the chunks left without a marker."""
+    ctx = get_context("spawn")
+    abandon, started = ctx.Event(), ctx.SimpleQueue()
+    working: dict[int, int] = {}  # worker pid -> the chunk it last started
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(abandon, started))
+    try:
+        pending = {pool.submit(job, c) for c in todo}
+        while pending:
+            if preemption.requested():
+                abandon.set()  # workers give up their chunks; the chunks still queued return at once
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            while not started.empty():
+                pid, chunk = started.get()
+                working[pid] = chunk
+            for future in done:
+                try:
+                    finished(future.result())
+                except BrokenProcessPool:
+                    lost = _lost_worker(pool, working)
+                    # The others ignore SIGTERM (stop requests are the parent's), which the executor sends them: they
+                    # would finish their chunks first. Their chunks are redone by the rerun anyway.
+                    abandon.set()
+                    for process in list((getattr(pool, "_processes", None) or {}).values()):
+                        process.kill()
+                    raise WorkerLost(lost) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _lost_worker(pool: ProcessPoolExecutor, working: dict[int, int]) -> str:
+    """What to tell of a broken pool: which worker died, by which signal, on which chunk."""
+    # The executor keeps its processes by pid (a private attribute; without it the message names no pid).
+    processes = getattr(pool, "_processes", None) or {}
+    dead = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0)]
+    parts = []
+    for pid, code in dead or [(None, None)]:
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with {code}"
+        chunk = working.get(pid)
+        parts.append(
+            f"worker {pid} {how}" + (f" while preprocessing chunk {chunk}" if chunk is not None else "")
+            if pid is not None
+            else "a worker died"
+        )
+    return (
+        f"dstrain preprocess: {'; '.join(parts)} (out of memory? try fewer --workers); the chunks finished so far "
+        "are kept: run the same command again to resume"
+    )
 
 
 def _prepare(layout: StoreLayout, cfg: PreprocessConfig, fingerprint: str, n_rows: int) -> None:
@@ -439,6 +488,9 @@ def run(cfg: PreprocessConfig) -> int:
     except Preempted as e:
         print(f"dstrain preprocess: {e}", file=sys.stderr)
         return e.exit_code
+    except WorkerLost as e:
+        print(e, file=sys.stderr)
+        return 1
     if m is None:  # an MPI rank other than 0: rank 0 reports
         return 0
     print(f"{m.utterances} utterances ({m.hours * 3600:.1f} s) in {len(m.shards)} shard(s) at {cfg.output}")
