@@ -46,9 +46,17 @@ def records(run_dir, event: str) -> list[dict]:
     return [r for r in run_record(run_dir) if r["event"] == event]
 
 
-def wait_record(run_dir, event: str, match=lambda r: True, timeout: float = 300, proc=None) -> dict:
-    """The first ``event`` record of the run that ``match`` accepts, as soon as the run record holds it; fails after
-    ``timeout`` seconds, or at once when ``proc`` (the run) has exited without writing it."""
+def count_records(run_dir, event: str) -> int:
+    """How many ``event`` records the run directory holds so far (0 without a run record)."""
+    from dstrain.rundir import RunDir
+
+    return len(records(run_dir, event)) if os.path.exists(RunDir(str(run_dir)).metrics_path) else 0
+
+
+def wait_record(run_dir, event: str, match=lambda r: True, timeout: float = 300, proc=None, since: int = 0) -> dict:
+    """The first ``event`` record that ``match`` accepts, past the first ``since`` of them (those of an earlier run
+    in the same directory: :func:`count_records` before starting the run), as soon as the run record holds it; fails
+    after ``timeout`` seconds, or at once when ``proc`` (the run) has exited without writing it."""
     from cluster import wait_for
 
     from dstrain.rundir import RunDir
@@ -56,7 +64,7 @@ def wait_record(run_dir, event: str, match=lambda r: True, timeout: float = 300,
     path = Path(RunDir(str(run_dir)).metrics_path)
 
     def found():
-        hits = [r for r in records(run_dir, event) if match(r)] if path.exists() else []
+        hits = [r for r in records(run_dir, event)[since:] if match(r)] if path.exists() else []
         if not hits and proc is not None and proc.poll() is not None:
             pytest.fail(f"the run exited ({proc.returncode}) without a matching {event} record")
         return hits[0] if hits else None

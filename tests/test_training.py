@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import DATA, SHARED, final_digests, records, synthetic_store, tool, wait_record
+from conftest import DATA, SHARED, count_records, final_digests, records, synthetic_store, tool, wait_record
 
 pytestmark = pytest.mark.slow
 
@@ -226,6 +226,7 @@ def rank_pid(launcher: int, rank: int) -> int:
 
 def _stop_mid_epoch(store: str, work) -> None:
     """Run 2 ranks until a mid-epoch checkpoint of the next epoch is saved, then SIGUSR1 (stop, checkpoint, exit 75)."""
+    earlier = count_records(work, "checkpoint")  # the run directory may hold an earlier run's
     with open(f"{work}.log", "w") as log:
         proc = subprocess.Popen(
             horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=9),
@@ -235,9 +236,8 @@ def _stop_mid_epoch(store: str, work) -> None:
             start_new_session=True,
         )
         try:
-            wait_record(
-                work, "checkpoint", lambda r: r["reason"] == "periodic" and 2 <= r["epoch_step"] <= 8, 400, proc
-            )
+            mid_epoch = lambda r: r["reason"] == "periodic" and 2 <= r["epoch_step"] <= 8  # noqa: E731
+            wait_record(work, "checkpoint", mid_epoch, 400, proc, since=earlier)
             for rank in (0, 1):
                 os.kill(rank_pid(proc.pid, rank), signal.SIGUSR1)
             proc.wait(timeout=120)
