@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -399,9 +400,15 @@ def _run_pool(job: ChunkJob, todo: list[int], workers: int, finished) -> None:
 
 def _lost_worker(pool: ProcessPoolExecutor, working: dict[int, int]) -> str:
     """What to tell of a broken pool: which worker died, by which signal, on which chunk."""
-    # The executor keeps its processes by pid (a private attribute; without it the message names no pid).
-    processes = getattr(pool, "_processes", None) or {}
-    dead = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0)]
+    # The executor keeps its processes by pid (a private attribute; without it the message names no pid). Its own
+    # thread may be reaping the dead one right now: its exit code can take a moment to show.
+    processes = dict(getattr(pool, "_processes", None) or {})
+    deadline = time.monotonic() + 2.0
+    while True:
+        dead = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     parts = []
     for pid, code in dead or [(None, None)]:
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with {code}"
