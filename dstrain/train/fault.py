@@ -30,8 +30,8 @@ class SampleLog:
         self.consumed: dict[int, list[int]] = {}
 
     def add(self, epoch: int, ids: list[int]) -> None:
-        if self.enabled:
-            self.consumed.setdefault(epoch, []).extend(ids)
+        """The ids of a step just trained on (the loop calls it only when :attr:`enabled`)."""
+        self.consumed.setdefault(epoch, []).extend(ids)
 
     def forget(self) -> None:
         """The steps since the last flush are not done (a rollback)."""

@@ -51,14 +51,15 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         """The rest, as plain values (JSON-able)."""
+        return {**self._counters(), "history": self.history.to_dict(), "position": self.loader.state_dict()["position"]}
+
+    def _counters(self) -> dict[str, Any]:
         p = self.progress
         return {
             "epoch": int(p.epoch),
             "step": int(p.step),
             "best_dev_loss": float(p.best_dev_loss),
             "nonfinite": int(p.nonfinite),
-            "history": self.history.to_dict(),
-            "position": self.loader.state_dict()["position"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -71,26 +72,19 @@ class TrainState:
         self.loader.load_state_dict({"position": state["position"]})
 
     # --- a checkpoint's view: the state dict's strings in the checkpoint's variables
-    def before_save(self) -> None:
-        """Puts the state dict's history and position into the string variables a checkpoint saves."""
+    def before_save(self) -> dict[str, Any]:
+        """Puts the state dict's history and position into the string variables a checkpoint saves; returns it."""
         state = self.state_dict()
         self.progress.position.assign(json.dumps(state["position"]) if state["position"] else "")
         self.progress.history.assign(json.dumps(state["history"]))
+        return state
 
     def after_restore(self) -> None:
         """Takes the state dict back from the variables a checkpoint (or a broadcast of them) has set."""
         strings = self.progress.strings()
-        p = self.progress
-        self.load_state_dict(
-            {
-                "epoch": int(p.epoch),
-                "step": int(p.step),
-                "best_dev_loss": float(p.best_dev_loss),
-                "nonfinite": int(p.nonfinite),
-                "history": json.loads(strings["history"] or "{}"),
-                "position": json.loads(strings["position"]) if strings["position"] else None,
-            }
-        )
+        history = json.loads(strings["history"] or "{}")
+        position = json.loads(strings["position"]) if strings["position"] else None
+        self.load_state_dict({**self._counters(), "history": history, "position": position})
 
     # --- an elastic commit's view
     def snapshot(self) -> Snapshot:

@@ -45,6 +45,7 @@ from dstrain.runtime import ProcessConfig
 from dstrain.train.checkpoint import (
     CheckpointConfig,
     Checkpoints,
+    Progress,
     check_geometry,
     check_not_averaged,
     check_release_fine_tuning,
@@ -53,7 +54,7 @@ from dstrain.train.checkpoint import (
 from dstrain.train.elastic import ElasticConfig
 from dstrain.train.ema import WeightAverage
 from dstrain.train.fault import fault_tolerance
-from dstrain.train.schedule import OptimConfig, adam, learning_rate
+from dstrain.train.schedule import DevHistory, OptimConfig, adam, learning_rate
 from dstrain.train.state import TrainState
 
 log = logging.getLogger("dstrain.train")
@@ -233,11 +234,11 @@ class Trainer:
         self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
 
     @property
-    def progress(self):
+    def progress(self) -> Progress:
         return self.state.progress
 
     @property
-    def history(self):
+    def history(self) -> DevHistory:
         return self.state.history
 
     def take_roles(self) -> None:
@@ -282,9 +283,8 @@ class Trainer:
                 self.accumulated = [
                     tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False) for v in self.model.trainable_variables
                 ]
-                self.acc_stats = tf.Variable(
-                    tf.zeros([5]), trainable=False
-                )  # loss sum, utterances, non-finite, frames, micro-batches
+                # loss sum, utterances, non-finite, frames, micro-batches
+                self.acc_stats = tf.Variable(tf.zeros([5]), trainable=False)
             self.accumulate_step = tf.function(self._accumulate, input_signature=spec)
 
     def _eval_input(self, urls: tuple[str, ...], batch_size: int, limit: int, reverse: bool) -> EvalInput | None:
@@ -383,8 +383,7 @@ class Trainer:
         """Rank 0 saves model, optimizer, counters and the loader's position; returns the path (None elsewhere)."""
         if self.saver is None:
             return None
-        position = self.data.state_dict()["position"]
-        self.state.before_save()
+        position = self.state.before_save()["position"]
         path = self.saver.save(best=best)
         self.write("checkpoint", path=path, best=best, reason=reason, epoch_step=position["step"] if position else 0)
         return path
@@ -511,7 +510,8 @@ class Trainer:
                 wait_before = reader.wait_s
                 batch = self._to_device(next(batches, None))
                 wait_now += reader.wait_s - wait_before
-                self.samples.add(epoch, data.step_samples())
+                if self.samples.enabled:  # (not on the hot path otherwise)
+                    self.samples.add(epoch, data.step_samples())
                 data.step_done()
                 if bar is not None:
                     bar.update(1)
