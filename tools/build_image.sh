@@ -48,11 +48,9 @@ EOF
 # What podman needs here: tools/packages.txt's image group (netavark's iptables included, which Debian's netavark
 # only recommends: without it `podman run --network NAME` fails with "netavark: No such file or directory").
 need_tools() {
-  local missing="" p
-  for p in $(tools/install.sh --apt-packages image); do
-    dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing="$missing $p"
-  done
-  [ -z "$missing" ] && return 0
+  local missing
+  missing=$(tools/install.sh --apt-missing image)
+  [ -z "${missing// /}" ] && return 0
   [ "$(id -u)" = 0 ] || die "missing:$missing (apt-get install them, as root)"
   log "apt-get install$missing"
   apt-get update -qq

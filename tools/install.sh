@@ -8,6 +8,7 @@
 #   VENV=build/venv-gpu DSTRAIN_TF=gpu tools/install.sh   # a GPU venv beside the CPU .venv the tests use
 #   DSTRAIN_IMAGE=1 ...               # what the image build runs: dstrain installed (not editable), no test extras
 #   tools/install.sh --apt-packages [GROUP...]   # print the Debian packages of tools/packages.txt's groups, and exit
+#   tools/install.sh --apt-missing GROUP...      # print those of them that are not installed, and exit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,17 +30,23 @@ GROUPS_WANTED="base build"
 py_path=$(command -v "$PYTHON" || true)
 case "$py_path" in ""|/usr/bin/*|/bin/*) GROUPS_WANTED="$GROUPS_WANTED python" ;; esac
 
+# The packages of those that are not installed.
+missing_of() {
+  local p missing=""
+  for p in $(packages_of "$@"); do
+    dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing="$missing $p"
+  done
+  echo "$missing"
+}
+
 if [ "${1:-}" = --apt-packages ]; then shift; packages_of "${@:-base build}"; echo; exit 0; fi
+if [ "${1:-}" = --apt-missing ]; then shift; missing_of "$@"; exit 0; fi
 if [ "${1:-}" = --test ]; then GROUPS_WANTED="$GROUPS_WANTED test"; fi
-APT_PACKAGES=$(packages_of $GROUPS_WANTED)
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
 # --- apt: only when something is missing, so a second run costs nothing.
-missing=""
-for p in $APT_PACKAGES; do
-  dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing="$missing $p"
-done
+missing=$(missing_of $GROUPS_WANTED)
 if [ -n "${missing// /}" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   log "apt-get install:$missing"
