@@ -8,7 +8,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
 
 ``start``
     ``world_size``, ``hosts`` (each rank's host name, in rank order), ``controller`` (gloo or mpi), ``gpus`` (per
-    rank), ``precision``, ``dstrain_version``.
+    rank), ``precision``, ``dstrain_version``; a run fine-tuned from another's weights (--load_checkpoint_dir)
+    also ``init_from`` (the checkpoint its weights came from, as the log names it).
 ``resume``
     ``checkpoint`` (what was loaded), ``epoch_step`` (steps already done in the current epoch; 0 at a boundary).
 ``epoch``
@@ -30,7 +31,9 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     ``path``, ``best`` (also saved as the best-dev checkpoint), ``reason`` (epoch, periodic, stop, or reset: the
     state an elastic world goes on from), ``epoch_step``.
 ``nonfinite``
-    ``loss``, ``consecutive`` (skipped steps in a row), ``samples`` (rank 0's sample ids of the step).
+    ``loss``, ``consecutive`` (skipped steps in a row), ``samples`` (rank 0's sample ids of the step),
+    ``rank_samples`` (every rank's sample ids of the step, in rank order: every rank skipped it; absent in records
+    written before it existed).
 ``stop``
     ``reason``, ``signal`` (the name of the signal a rank received, or "" when a limit stopped the run),
     ``requested_by`` (the ranks that received one), ``exit_code``, ``checkpoint`` (saved before stopping, or null).

@@ -311,8 +311,10 @@ class Output:
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """The first match of ``pattern`` in the output; fails if the process ends or ``timeout`` passes first."""
+    def wait_says(self, pattern: str, timeout: float) -> re.Match:
+        """The first match of ``pattern`` in the output; fails if the process ends or ``timeout`` passes first. For
+        what a program says to a person (a warning naming a silent rank); a run's progress is waited on in its run
+        record (conftest.wait_record)."""
         regex = re.compile(pattern)
 
         def found():

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -77,6 +78,42 @@ def final_digests(run_dir) -> list[str]:
     finals = records(run_dir, "final")
     assert finals, f"{run_dir}: the run recorded no final event"
     return finals[-1]["weights_sha256"]
+
+
+def assert_says(
+    output: str,
+    *phrases: str,
+    lacks: tuple[str, ...] = (),
+    patterns: tuple[str, ...] = (),
+    last_line: str | None = None,
+    exactly: str | None = None,
+    one_error_line: str | None = None,
+) -> None:
+    """What a program says to a person (an error line, a usage message, a summary, a warning that names a lost rank)
+    or prints as its product (a transcript, a host list): the only place tests check text. Facts about a run (its
+    epochs, checkpoints, digests, losses, resets, what a rank did) are read from the run record (:func:`records`)
+    and the store/checkpoint APIs instead; ``python tests/log_text_count.py`` counts checks of text made elsewhere.
+
+    ``output`` holds each of ``phrases``, none of ``lacks``, a match of each regex in ``patterns`` (multi-line), ends
+    with the line ``last_line`` (trailing blank space aside), is ``exactly`` that, and has exactly one line that
+    mentions "error" (any case: one error message, not a traceback), which holds ``one_error_line``; the failure
+    shows the output's tail."""
+    tail = output[-4000:]
+    for phrase in phrases:
+        assert phrase in output, f"no {phrase!r} in:\n{tail}"
+    for phrase in lacks:
+        assert phrase not in output, f"{phrase!r} in:\n{tail}"
+    for pattern in patterns:
+        assert re.search(pattern, output, re.M), f"no /{pattern}/ in:\n{tail}"
+    if last_line is not None:
+        lines = output.strip().splitlines()
+        assert lines and lines[-1] == last_line, f"the last line is not {last_line!r}:\n{tail}"
+    if exactly is not None:
+        assert output == exactly, f"not {exactly!r}:\n{tail}"
+    if one_error_line is not None:
+        errors = [line for line in output.splitlines() if "error" in line.lower()]
+        wanted = f"one error line, with {one_error_line!r}"
+        assert len(errors) == 1 and one_error_line in errors[0], f"not {wanted}:\n{tail}"
 
 
 def tool(name: str) -> str:

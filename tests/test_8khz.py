@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DATA, SHARED, final_digests, records, tool
+from conftest import DATA, SHARED, assert_says, final_digests, records, tool
 from test_training import horovodrun, run
 
 SYNTH = SHARED / "tools" / "synth_cv_corpus.py"
@@ -135,11 +135,8 @@ def test_8khz_corpus_trains_and_transcribes_at_8khz(tmp_path):
         "1",
     ]
     wrong = run([tool("dstrain"), "train", *common, "--epochs", "1", "--audio_sample_rate", "16000"])
-    assert (
-        wrong.returncode == 2
-        and "--audio_sample_rate 16000: " in wrong.stdout
-        and "preprocessed with --audio_sample_rate 8000" in wrong.stdout
-    ), wrong.stdout[-2000:]
+    assert wrong.returncode == 2, wrong.stdout[-2000:]
+    assert_says(wrong.stdout, "--audio_sample_rate 16000: ", "preprocessed with --audio_sample_rate 8000")
 
     work, export = tmp_path / "run", tmp_path / "export"
     out = run(

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DATA, final_digests, records, synthetic_store, tool
+from conftest import DATA, assert_says, final_digests, records, synthetic_store, tool
 
 from dstrain.alphabet import Alphabet
 from dstrain.average import AverageConfig, average
@@ -365,10 +365,8 @@ def test_averaged_checkpoint_is_evaluated_exported_and_fine_tuned(store, ema_run
     assert out.returncode == 0, out.stdout[-3000:]
     assert records(tuned, "epoch") and not records(tuned, "resume")
     out = run(train_cmd(store, avg, epochs=1))  # resuming it as if it were a training state
-    lines = [line for line in out.stdout.splitlines() if "error" in line]
-    assert (
-        out.returncode == 2 and len(lines) == 1 and "holds averaged weights (dstrain average)" in lines[0]
-    ), out.stdout[-2000:]
+    assert out.returncode == 2, out.stdout[-2000:]
+    assert_says(out.stdout, one_error_line="holds averaged weights (dstrain average)")
     out = run([tool("dstrain"), "average", work, "--last", "9", "--output", str(tmp_path / "nine")])
-    lines = [line for line in out.stdout.splitlines() if "error" in line]
-    assert out.returncode == 2 and len(lines) == 1 and "fewer than --last 9" in lines[0], out.stdout[-2000:]
+    assert out.returncode == 2, out.stdout[-2000:]
+    assert_says(out.stdout, one_error_line="fewer than --last 9")

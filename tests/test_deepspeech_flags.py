@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DATA, synthetic_store
+from conftest import DATA, assert_says, synthetic_store
 
 from dstrain.alphabet import Alphabet
 from dstrain.cli import build_parser
@@ -37,10 +37,9 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dstrain.cli", *argv], capture_output=True, text=True, timeout=300)
 
 
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    return lines[0]
+def _one_error_line(proc: subprocess.CompletedProcess, phrase: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert_says(proc.stderr, lacks=("Traceback",), one_error_line=phrase)
 
 
 # --- optimizer
@@ -364,10 +363,10 @@ def test_log_placement_logs_each_ops_device():
     )
     assert on.returncode == off.returncode == 0, on.stderr[-2000:]
     # oneDNN builds name it _MklMatMul
-    assert re.search(
-        r"Executing op \w*MatMul in device /job:localhost/replica:0/task:0/device:CPU:0", on.stderr + on.stdout
-    )
-    assert "MatMul in device" not in off.stderr + off.stdout
+    # TensorFlow's own log of each op's placement is what --log_placement turns on (the flag's product).
+    placed = r"Executing op \w*MatMul in device /job:localhost/replica:0/task:0/device:CPU:0"
+    assert_says(on.stderr + on.stdout, patterns=(placed,))
+    assert_says(off.stderr + off.stdout, lacks=("MatMul in device",))
 
 
 # --- features
@@ -555,7 +554,7 @@ def test_release_fine_tuning_with_normalisation_on_is_an_error(tmp_path):
     )
     check_release_fine_tuning(fresh.checkpoint, fresh.model)  # nothing is loaded from it
     # Through the command line: one line, before any data is read (the store does not even exist).
-    line = _one_error_line(
+    _one_error_line(
         _cli(
             "train",
             "--train_files",
@@ -566,9 +565,9 @@ def test_release_fine_tuning_with_normalisation_on_is_an_error(tmp_path):
             str(release),
             "--save_checkpoint_dir",
             str(tmp_path / "run"),
-        )
+        ),
+        "pass --nofeature_normalization to fine-tune it",
     )
-    assert "pass --nofeature_normalization to fine-tune it" in line
 
 
 # --- one 2-rank run: what the flags change in training itself

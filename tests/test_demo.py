@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, assert_says
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_ldc93s1_demo_prints_exact_transcript(tmp_path):
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert proc.stdout.strip().splitlines()[-1] == "she had your dark suit in greasy wash water all year"
+    assert_says(proc.stdout, last_line="she had your dark suit in greasy wash water all year")
     # Idempotent: the second run resumes a finished job and prints the same.
     again = subprocess.run(
         [str(REPO / "launch" / "run_ldc93s1.sh"), str(tmp_path / "demo")],
@@ -34,5 +34,5 @@ def test_ldc93s1_demo_prints_exact_transcript(tmp_path):
         timeout=600,
     )
     assert again.returncode == 0, again.stderr[-5000:]
-    assert "Training already complete" in again.stderr
-    assert again.stdout.strip().splitlines()[-1] == "she had your dark suit in greasy wash water all year"
+    assert_says(again.stderr, "Training already complete")
+    assert_says(again.stdout, last_line="she had your dark suit in greasy wash water all year")

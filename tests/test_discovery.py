@@ -7,6 +7,7 @@ import shlex
 import subprocess
 
 import pytest
+from conftest import assert_says
 
 from dstrain.launch.launcher import DISCOVERY, LaunchConfig, build_command
 
@@ -37,13 +38,14 @@ def test_hostfile_discovery_reads_mpi_and_horovod_lines_as_edited(tmp_path):
     hosts.write_text("# the job's nodes\nnode1 slots=4\nnode2:2\nnode3   # back after repair\n\n")
     out = discover("hostfile.sh", str(hosts))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["node1:4", "node2:2", "node3:1"]
+    assert_says(out.stdout, exactly="node1:4\nnode2:2\nnode3:1\n")
     hosts.write_text("node1 slots=4\n")  # an operator takes two nodes out
-    assert discover("hostfile.sh", str(hosts)).stdout.split() == ["node1:4"]
-    assert discover("hostfile.sh", str(hosts), env={"DSTRAIN_SLOTS": "8"}).stdout.split() == ["node1:4"]
+    assert_says(discover("hostfile.sh", str(hosts)).stdout, exactly="node1:4\n")
+    assert_says(discover("hostfile.sh", str(hosts), env={"DSTRAIN_SLOTS": "8"}).stdout, exactly="node1:4\n")
     # Missing (being replaced): a failure Horovod retries, not an empty world.
     gone = discover("hostfile.sh", str(tmp_path / "nope"))
-    assert gone.returncode != 0 and "cannot read" in gone.stderr
+    assert gone.returncode != 0
+    assert_says(gone.stderr, "cannot read")
 
 
 def test_slurm_discovery_leaves_out_nodes_slurm_reports_down(tmp_path):
@@ -51,23 +53,22 @@ def test_slurm_discovery_leaves_out_nodes_slurm_reports_down(tmp_path):
     env.update(SLURM_JOB_NODELIST="gpu[01-03]", SLURM_NTASKS_PER_NODE="8")
     out = discover("slurm.sh", env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["gpu01:8", "gpu03:8"]
-    assert "-t down,drain" in (tmp_path / "sinfo.args").read_text()
+    assert_says(out.stdout, exactly="gpu01:8\ngpu03:8\n")
+    assert_says((tmp_path / "sinfo.args").read_text(), "-t down,drain")  # what it asked sinfo
     env = fake_tools(tmp_path, scontrol="gpu01\ngpu02\n", sinfo="")
-    assert discover("slurm.sh", env={**env, "SLURM_JOB_NODELIST": "gpu[01-02]"}).stdout.split() == [
-        "gpu01:1",
-        "gpu02:1",
-    ]
+    whole = discover("slurm.sh", env={**env, "SLURM_JOB_NODELIST": "gpu[01-02]"})
+    assert_says(whole.stdout, exactly="gpu01:1\ngpu02:1\n")
     outside = discover("slurm.sh", env={"SLURM_JOB_NODELIST": ""})
-    assert outside.returncode != 0 and "not inside a SLURM allocation" in outside.stderr
+    assert outside.returncode != 0
+    assert_says(outside.stderr, "not inside a SLURM allocation")
 
 
 def test_kubernetes_discovery_lists_ready_pods_of_the_label(tmp_path):
     env = fake_tools(tmp_path, kubectl="10.0.0.5 True\n10.0.0.6 False\n10.0.0.7 True\n")
     out = discover("kubernetes.sh", "job-name=ds,role=worker", env={**env, "DSTRAIN_SLOTS": "2"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["10.0.0.5:2", "10.0.0.7:2"]
-    assert "-l job-name=ds,role=worker" in (tmp_path / "kubectl.args").read_text()
+    assert_says(out.stdout, exactly="10.0.0.5:2\n10.0.0.7:2\n")
+    assert_says((tmp_path / "kubectl.args").read_text(), "-l job-name=ds,role=worker")  # what it asked kubectl
 
 
 def test_elastic_launch_writes_horovodrun_elastic_with_discovery(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cluster import Output, box, rank_env, stop_group, train_argv, wait_for
-from conftest import final_digests, records, run_record, synthetic_store, wait_record
+from conftest import assert_says, final_digests, records, run_record, synthetic_store, wait_record
 
 pytestmark = pytest.mark.slow
 HOLD = Path(__file__).parent / "elastic_hold.py"
@@ -235,7 +235,7 @@ def test_below_min_np_the_job_fails_after_the_timeout_with_a_checkpoint(store, t
             stop_group(out.proc)
             (tmp_path / "job.log").write_text(out.text)
     assert code != 0
-    assert "error: fewer than --min_np 3 ranks' hosts for --elastic_timeout 20 s" in out.text, out.text[-4000:]
+    assert_says(out.text, "error: fewer than --min_np 3 ranks' hosts for --elastic_timeout 20 s")
     # The last checkpoint loads: a plain rerun would resume from it.
     from dstrain.rundir import RunDir
 

@@ -4,7 +4,7 @@ import sys
 import uuid
 
 import pytest
-from conftest import tool
+from conftest import assert_says, tool
 
 from dstrain.launch.launcher import (
     Host,
@@ -91,11 +91,11 @@ def test_failing_rank_stops_the_job(launcher, tmp_path):
     )
     assert proc.returncode != 0
     # The launcher waits for the ranks it stops: when it has returned, none may be left.
-    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-    assert left == "", f"processes left behind: {left}"
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert left.returncode == 1, f"processes left behind: {left.stdout}"  # pgrep: 1 when nothing matched
     per_rank = sorted(str(p.relative_to(logs)) for p in logs.rglob("stdout"))
     assert len(per_rank) == 2, per_rank
-    assert any("rank 0 up" in p.read_text() for p in logs.rglob("stdout"))
+    assert_says("".join(p.read_text() for p in logs.rglob("stdout")), "rank 0 up")  # --output-filename's files
 
 
 def test_cpu_ranks_get_their_share_of_the_cores_and_one_inter_op_thread_on_one_core():
@@ -136,4 +136,4 @@ def test_cpu_ranks_default_to_a_5ms_horovod_cycle_unless_set(given, expected):
         timeout=110,
         check=True,
     )
-    assert out.stdout.strip().splitlines()[-1] == expected
+    assert_says(out.stdout, last_line=expected)

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import SHARED, tool
+from conftest import SHARED, assert_says, tool
 from test_decoder import SCORER, VOCAB, needs_scorer, spell
 
 from dstrain.alphabet import Alphabet
@@ -81,7 +81,7 @@ def test_text_to_scorer_with_dstrain_alone(tmp_path, alphabet_path):
         text=True,
         check=True,
     )
-    assert "2 word(s) skipped" in proc.stdout and "café" in proc.stdout
+    assert_says(proc.stdout, "2 word(s) skipped", "café")
     alphabet = Alphabet.from_file(alphabet_path)
     scorer = Scorer(None, None, str(tmp_path / "own.scorer"), alphabet)
     assert (scorer.alpha, scorer.beta) == (0.9, 1.2)  # the package's defaults

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from cluster import wait_for
-from conftest import REPO, final_digests, records, tool
+from conftest import REPO, assert_says, final_digests, records, tool
 from test_preprocess_scale import many_rows_csv, store_digest
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,8 @@ def test_training_job(slurm, ldc93s1_store, alphabet_path, tmp_path):
     assert start["world_size"] == 2 and start["controller"] == "mpi"
     digests = final_digests(ckpt)
     assert len(digests) == 2 and len(set(digests)) == 1
-    assert [r["number"] for r in records(ckpt, "epoch")] == [1, 2, 3] and "finished with status 0" in text
+    assert [r["number"] for r in records(ckpt, "epoch")] == [1, 2, 3]
+    assert_says(text, "finished with status 0")  # the sbatch script's own line
     # One writer's files, nothing else: rank 1 would have left a second log or clashing checkpoint names.
     assert sorted(os.listdir(ckpt)) == ["best_dev", "config.json", "metrics.jsonl", "summaries", "train", "train.log"]
     # Three epoch checkpoints, numbered by the saved counter (best-dev saves count too), each complete.
@@ -139,7 +140,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, ldc93s1_store, alphabet_pa
     assert scontrol_job(slurm, job)["JobState"] == "COMPLETED"
     (log,) = tmp_path.glob("dstrain-train-*.out")
     text = log.read_text()
-    assert "requeueing job" in text and "restart 1" in text  # the sbatch script's own lines
+    assert_says(text, "requeueing job", "restart 1")  # the sbatch script's own lines
     (stop,) = records(ckpt, "stop")
     assert stop["signal"] == "SIGUSR1" and stop["exit_code"] == 75
     assert stop["requested_by"] and set(stop["requested_by"]) <= {0, 1}
@@ -191,5 +192,5 @@ def test_preprocessing_job_over_mpi_ranks(slurm, alphabet_path, tmp_path):
     )
     (log,) = tmp_path.glob("dstrain-preprocess-*.out")
     assert proc.returncode == 0, log.read_text()[-3000:]
-    assert "2 rank(s)" in log.read_text()
+    assert_says(log.read_text(), "2 rank(s)")
     assert store_digest(tmp_path / "slurm_store") == store_digest(local)

@@ -11,7 +11,18 @@ import sys
 import textwrap
 
 import pytest
-from conftest import DATA, SHARED, count_records, final_digests, records, synthetic_store, tool, wait_record
+from cluster import Output
+from conftest import (
+    DATA,
+    SHARED,
+    assert_says,
+    count_records,
+    final_digests,
+    records,
+    synthetic_store,
+    tool,
+    wait_record,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -145,23 +156,25 @@ def test_sigusr1_on_one_rank_stops_all_after_rank0s_checkpoint(store, tmp_path, 
     proc = subprocess.Popen(
         cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    out = ""
-    for line in proc.stdout:
-        out += line
-        if "epoch 3/400" in line:
-            break
-    os.kill(rank_pid(proc.pid, 1), signal.SIGUSR1)  # rank 1 only
-    out += proc.stdout.read()
-    proc.wait(timeout=120)
+    output = Output(proc)
+    try:
+        wait_record(work, "epoch", lambda r: r["number"] == 3, 400, proc)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGUSR1)  # rank 1 only
+        output.finish(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = output.text
     if launcher == "mpirun":
         assert proc.returncode == 75, out[-4000:]  # mpirun passes the ranks' status on
     else:  # horovodrun exits 1 whenever a rank failed; it reports each rank's status
-        assert "Process 0 exit with status code 75" in out and "Process 1 exit with status code 75" in out, out[-4000:]
+        assert_says(out, "Process 0 exit with status code 75", "Process 1 exit with status code 75")
+    # Every rank says when it left: no rank's own exit is in any record (rank 0 writes it, before the others leave).
     exits = [float(t) for t in re.findall(r"exiting with 75 to be resumed at ([\d.]+)", out)]
-    assert len(exits) == 2, out[-4000:]  # every rank says when it left
+    assert len(exits) == 2, out[-4000:]
     (stop,) = records(work, "stop")
     assert stop["signal"] == "SIGUSR1" and stop["requested_by"] == [1] and stop["exit_code"] == 75, stop
-    assert "Stop requested (on another rank)" in out  # rank 1 asked; rank 0 was told by the step's allreduce
+    assert_says(out, "Stop requested (on another rank)")  # rank 1 asked; rank 0 was told by the step's allreduce
     index = work / "train" / "checkpoint"
     assert index.exists() and os.stat(index).st_mtime <= min(
         exits
@@ -176,11 +189,11 @@ def test_sigusr1_on_one_rank_stops_all_after_rank0s_checkpoint(store, tmp_path, 
     assert resume["checkpoint"] == stop["checkpoint"] and resume["step"] == stop["step"]
     if launcher == "horovodrun":
         # Stopped mid-epoch again, then resumed on one rank: the rest of the epoch is re-partitioned, and it says so.
-        out = run(
+        longer = run(
             horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=7),
             timeout=300,
         )
-        assert out.returncode == 0
+        assert longer.returncode == 0, longer.stdout[-3000:]
         partial = work / "partial"
         import shutil
 
@@ -188,7 +201,7 @@ def test_sigusr1_on_one_rank_stops_all_after_rank0s_checkpoint(store, tmp_path, 
         _stop_mid_epoch(store, partial)
         one = run(horovodrun(1) + train_cmd(store, partial, "--dropout_rate", "0", epochs=9))
         assert one.returncode == 0, one.stdout[-3000:]
-        assert "re-partitioned over 1 ranks" in one.stdout, one.stdout[-3000:]
+        assert_says(one.stdout, "re-partitioned over 1 ranks")
         resumed_epoch = [r for r in records(partial, "epoch") if r["resumed_at_step"]][-1]
         assert not resumed_epoch["exact"] and records(partial, "start")[-1]["world_size"] == 1
 
@@ -247,7 +260,7 @@ def _stop_mid_epoch(store: str, work) -> None:
 
 
 KILL_WHILE_SAVING = textwrap.dedent("""
-    import sys, threading, tensorflow as tf
+    import json, sys, threading, tensorflow as tf
     from dstrain.features import FeatureConfig
     from dstrain.model import DeepSpeech, ModelConfig
     from dstrain.train.checkpoint import Checkpoints, Progress
@@ -261,12 +274,12 @@ KILL_WHILE_SAVING = textwrap.dedent("""
     def on_written(kind, path):
         # Held inside the save (files written, index not yet updated) until the test kills this process.
         if kind == stage and saves[0] > saves_before:
-            print("inside", int(progress.step), kind, path, flush=True)
+            print(json.dumps({"inside": int(progress.step), "kind": kind, "path": path}), flush=True)
             threading.Event().wait()
     ckpt = Checkpoints(RunDir(run), model, opt, progress, max_to_keep=2, on_written=on_written)
     if ckpt.latest.latest_checkpoint:
         ckpt.restore(ckpt.latest.latest_checkpoint)
-    print("ready", int(progress.step), flush=True)
+    print(json.dumps({"ready": int(progress.step)}), flush=True)
     while True:
         progress.step.assign_add(1)
         saves[0] += 1
@@ -274,7 +287,7 @@ KILL_WHILE_SAVING = textwrap.dedent("""
 """)
 
 RESTORE = textwrap.dedent("""
-    import sys, tensorflow as tf
+    import json, sys, tensorflow as tf
     from dstrain.rundir import RunDir
     from dstrain.features import FeatureConfig
     from dstrain.model import DeepSpeech, ModelConfig
@@ -286,7 +299,7 @@ RESTORE = textwrap.dedent("""
         opt.build(model.trainable_variables)
         progress = Progress.new()
         Checkpoints(RunDir(sys.argv[1] + "-scratch"), model, opt, progress).restore(path)
-        print("loaded", path, int(progress.step))
+        print(json.dumps({"loaded": path, "step": int(progress.step)}))
 """)
 
 
@@ -305,13 +318,14 @@ def test_sigkill_inside_any_save_leaves_a_loadable_checkpoint(tmp_path):
             text=True,
             env=env(),
         )
-        ready = saver.stdout.readline().split()
-        assert ready[:1] == ["ready"] and int(ready[1]) == expected, (kill, ready)
-        inside = saver.stdout.readline().split()
-        assert inside[:1] == ["inside"] and inside[2] == stage, (kill, inside)
+        # The saver's reports, one JSON object a line: where it started, and the save it is held inside.
+        ready = json.loads(saver.stdout.readline())
+        assert ready == {"ready": expected}, (kill, ready)
+        inside = json.loads(saver.stdout.readline())
+        assert inside["kind"] == stage, (kill, inside)
         saver.send_signal(signal.SIGKILL)
         saver.wait()
-        step, path = int(inside[1]), inside[3]
+        step, path = inside["inside"], inside["path"]
         # A latest checkpoint killed before its index update is not the resume point; its predecessor is.
         expected = step - 1 if stage == "latest" else step
         assert os.path.exists(path + ".index") and index_names(work, stage) != os.path.basename(path), (kill, path)
@@ -321,8 +335,8 @@ def test_sigkill_inside_any_save_leaves_a_loadable_checkpoint(tmp_path):
         [sys.executable, "-c", RESTORE, work], capture_output=True, text=True, env=env(), timeout=120
     )
     assert check.returncode == 0, check.stderr[-3000:]
-    loaded = [line.split() for line in check.stdout.splitlines() if line.startswith("loaded")]
-    assert len(loaded) == 2 and int(loaded[0][2]) == expected and int(loaded[1][2]) % 3 == 0, check.stdout
+    loaded = [json.loads(line) for line in check.stdout.splitlines() if line.startswith("{")]
+    assert len(loaded) == 2 and loaded[0]["step"] == expected and loaded[1]["step"] % 3 == 0, check.stdout
 
 
 def index_names(run: str, kind: str) -> str:
@@ -372,13 +386,13 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_both(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-4000:]
     work = tmp_path / "w"
-    # One step per epoch is skipped on every rank: the batch holding sample 5, which only one rank reads (rank 0's
-    # samples are in the record; rank 1 logs its own).
+    # One step per epoch is skipped on every rank: the batch holding sample 5, which only one rank reads. Every rank
+    # gathers its samples into the record as it skips the step (rank_samples, in rank order).
     assert [r["nonfinite_steps"] for r in records(work, "epoch")] == [1, 1]
-    skipped = re.findall(r"rank (\d) WARNING step (\d+) skipped on all ranks.*samples \[([\d, ]+)\]", out.stdout)
-    by_rank = {r: sorted(int(step) for rr, step, _ in skipped if rr == r) for r in ("0", "1")}
-    assert by_rank["0"] == by_rank["1"] == [r["step"] for r in records(work, "nonfinite")], out.stdout[-3000:]
-    assert sum("5" in ids.split(", ") for _, _, ids in skipped) == 2
+    skipped = records(work, "nonfinite")
+    assert [r["epoch"] for r in skipped] == [0, 1] and all(len(r["rank_samples"]) == 2 for r in skipped), skipped
+    assert all(r["rank_samples"][0] == r["samples"] for r in skipped), skipped
+    assert sum(5 in ids for r in skipped for ids in r["rank_samples"]) == 2, skipped
     d = final_digests(work)
     assert d[0] == d[1]
     assert all(isinstance(r["loss"], float) for r in records(work, "epoch")), "a skipped step's loss entered the mean"
@@ -437,8 +451,9 @@ def test_early_stop_from_global_dev_loss_stops_both_ranks_together(store, tmp_pa
 def test_checkpoint_of_another_geometry_names_the_mismatch(store, tmp_path):
     assert run(train_cmd(store, tmp_path / "w", epochs=1)).returncode == 0
     out = run(train_cmd(store, tmp_path / "w", epochs=2) + ["--n_hidden", "32"])
-    assert out.returncode == 2 and "n_hidden 16 in the checkpoint, --n_hidden 32 now" in out.stdout, out.stdout[-2000:]
-    assert len(out.stdout.strip().splitlines()[-1]) < 400 and "Traceback" not in out.stdout
+    assert out.returncode == 2, out.stdout[-2000:]
+    assert_says(out.stdout, "n_hidden 16 in the checkpoint, --n_hidden 32 now", lacks=("Traceback",))
+    assert_says(out.stdout, patterns=(r"^.{1,399}\s*\Z",))  # its last line is short: a message, not a dump
 
 
 @pytest.mark.timeout(300)
@@ -457,7 +472,9 @@ def test_fine_tuning_from_another_run_with_a_new_output_layer(store, tmp_path):
         + ["--learning_rate", "0.0005"]
     )
     assert out.returncode == 0, out.stdout[-3000:]
-    assert "Starting from the weights of" in out.stdout and "fine-tuning" in out.stdout
+    # Started from the base run's weights (its checkpoint, named in the start record), not resumed from it.
+    (start,) = records(tmp_path / "tuned", "start")
+    assert start["init_from"].startswith(str(tmp_path / "base")) and not records(tmp_path / "tuned", "resume"), start
 
 
 @pytest.mark.timeout(400)

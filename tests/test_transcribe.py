@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import soundfile
-from conftest import DATA, SHARED
+from conftest import DATA, SHARED, assert_says
 from test_export import TEXT, VAD_FRAME, ldc93s1_model
 
 from dstrain.decoder.config import DecoderConfig
@@ -47,14 +47,14 @@ def test_every_model_form_prints_the_exact_transcript(ldc, capsys):
 
     # As launch/run_ldc93s1.sh runs it: default beam width, the transcript alone on stdout.
     assert cli_run(build_parser().parse_args(["transcribe", "--model", ldc.export_dir, "--audio", WAV])) == 0
-    assert capsys.readouterr().out == TEXT + "\n"
+    assert_says(capsys.readouterr().out, exactly=TEXT + "\n")
     for model in (
         os.path.join(ldc.export_dir, TFLITE_NAME),
         os.path.join(ldc.export_dir, STREAMING_TFLITE_NAME),
         ldc.run_dir,
         ldc.quantized_tflite,
     ):
-        assert _stdout(capsys, TranscribeConfig(model=model, audio=(WAV,), decoder=FAST)) == TEXT + "\n", model
+        assert_says(_stdout(capsys, TranscribeConfig(model=model, audio=(WAV,), decoder=FAST)), exactly=TEXT + "\n")
 
 
 def test_json_has_candidates_with_word_timings_inside_the_audio(ldc, capsys):
@@ -140,7 +140,7 @@ def test_folders_csvs_rates_channels_and_formats(ldc, tmp_path, capsys):
     ]
     out_csv, out_json = str(tmp_path / "out.csv"), str(tmp_path / "out.json")
     printed = _stdout(capsys, TranscribeConfig(model=ldc.export_dir, audio=inputs, output=out_csv, decoder=FAST))
-    assert printed.splitlines() == [f"{f}: {TEXT}" for f in files]
+    assert_says(printed, exactly="".join(f"{f}: {TEXT}\n" for f in files))
     with open(out_csv, newline="") as f:
         assert list(csv.reader(f)) == [["wav_filename", "transcript"]] + [[p, TEXT] for p in files]
     missing = str(tmp_path / "missing.wav")

@@ -159,6 +159,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, proc: runtime.Process):
         self.cfg, self.proc, self.world, self.stop = cfg, proc, proc.world, proc.stop
+        self.init_from: str | None = None  # fine-tuning: the weights the run started from (the start record's)
         world = self.world
         log.info(
             "Horovod: %d process(es), %s controller, %s, %s precision",
@@ -308,6 +309,7 @@ class Trainer:
 
     def write_start(self, loaded: str | None) -> None:
         hosts = self.world.allgather_object(socket.gethostname())  # Horovod: who is where, for the record
+        fine_tuned = {"init_from": self.init_from} if self.init_from else {}
         self.write(
             "start",
             world_size=self.world.size,
@@ -316,6 +318,7 @@ class Trainer:
             gpus=self.proc.n_gpus,
             precision=self.cfg.compute_precision,
             dstrain_version=dstrain.__version__,
+            **fine_tuned,
         )
         if loaded:
             position = self.data.state_dict()["position"]
@@ -374,6 +377,7 @@ class Trainer:
                 )
         if load and load != save:
             source = load_weights_from(load, self.model, self.n_classes, cfg.drop_source_layers, cfg.load_train)
+            self.init_from = source
             return f"Starting from the weights of {source} (fine-tuning: new optimizer, counters at 0)", None
         if load and cfg.load_train in ("last", "best"):
             raise FileNotFoundError(f"{load}: no checkpoint to load (--load_train {cfg.load_train})")
@@ -574,7 +578,16 @@ class Trainer:
             loss,
             samples,
         )
-        self.write("nonfinite", loss=loss, consecutive=int(self.progress.nonfinite), samples=samples)
+        # Horovod: every rank skips this step (the skip is agreed by the step's allreduce), so every rank gathers here:
+        # the record names each rank's samples, not only rank 0's.
+        rank_samples = self.world.allgather_object(list(samples))
+        self.write(
+            "nonfinite",
+            loss=loss,
+            consecutive=int(self.progress.nonfinite),
+            samples=samples,
+            rank_samples=rank_samples,
+        )
         limit = self.cfg.max_nonfinite_steps
         if limit and int(self.progress.nonfinite) >= limit:
             self._save_and_stop(
