@@ -8,6 +8,8 @@ import subprocess
 import pytest
 from conftest import REPO, SHARED, records
 
+from dstrain.decoder.scorer_package import read_scorer_package, vocabulary
+from dstrain.evaluate import out_of_vocabulary
 from dstrain.metrics import error_rates
 from dstrain.store import FeatureStore
 
@@ -52,6 +54,12 @@ def test_synthetic_common_voice_recipe_end_to_end(tmp_path):
     originals = FeatureStore.open(str(work / "stores" / "train")).manifest.utterances
     assert aug.utterances - aug.augmented_utterances == originals and 0 < aug.augmented_utterances <= 2 * originals
     assert {e["weights"] for e in records(run, "eval")} == {"ema"}
-    # The scorer's text holds no sentence the test voice speaks.
-    lm_text = set((work / "lm.txt").read_text().splitlines())
-    assert lm_text and not lm_text & set((work / "test_sentences.txt").read_text().splitlines())
+    # The scorer's n-grams hold no sentence that dev or the test voice reads (the corpus tool reads a pool line's
+    # first 12 words), and its vocabulary covers both sets' words.
+    held = set((work / "eval_sentences.txt").read_text().splitlines())
+    lm_lines = (work / "lm.txt").read_text().splitlines()
+    assert held and lm_lines and not {" ".join(line.split()[:12]) for line in lm_lines} & held
+    vocab = vocabulary(read_scorer_package(str(work / "lm" / "synth.scorer")))
+    for split in ("dev", "test"):
+        references = [s["src"] for s in json.load(open(run / f"scorer_{split}.json", encoding="utf-8"))]
+        assert out_of_vocabulary(references, vocab)["oov_rate"] <= 0.02, split
