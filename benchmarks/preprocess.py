@@ -113,7 +113,7 @@ AUGMENT_OPS = (
 def augment_costs(budget: float) -> None:
     import numpy as np
 
-    from dstrain.prep.augment import WaveAugmenter, parse_ops
+    from dstrain.augment.waveform import WaveAugmenter, parse_ops
 
     cfg = FeatureConfig()
     samples = read_audio(LDC93S1)

@@ -2,15 +2,12 @@ import math
 
 import numpy as np
 import pytest
+from augment_reference import Augmenter
 
+from dstrain.augment.filterbank import DEFAULT_AUGMENT, parse_augmentations
+from dstrain.augment.loader import sample_rng
+from dstrain.augment.spec import parse_range
 from dstrain.features import FeatureConfig, log_mel
-from dstrain.loader.augment import (
-    DEFAULT_AUGMENT,
-    Augmenter,
-    parse_augmentations,
-    parse_range,
-    sample_rng,
-)
 
 CFG = FeatureConfig()
 N_MEL = CFG.n_mel
@@ -400,3 +397,66 @@ def test_rejects_bad_input():
         aug.apply(np.zeros((0, N_MEL), np.float32), sample_rng(0, 0, 0), 0.0)
     with pytest.raises(ValueError, match="float"):
         aug.apply(np.zeros((5, N_MEL), np.int16), sample_rng(0, 0, 0), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------- the registry
+
+# Every --augment op: where it runs and its parameters as "kind default". A new op, parameter or place is declared
+# once, on its class in dstrain/augment/, and then here.
+REGISTRY = {
+    "train": {
+        "add": (("device",), {"stddev": "float 5", "domain": "domain features"}),
+        "dropout": (("device",), {"rate": "float 0.05", "domain": "domain spectrogram"}),
+        "frequency_mask": (("device",), {"n": "int 3", "size": "int 2", "fill": "fill zero"}),
+        "multiply": (("device",), {"stddev": "float 5", "domain": "domain features"}),
+        "overlay": (("loader",), {"source": "str None", "snr": "float 3.0", "layers": "int 1"}),
+        "pitch": (("device",), {"pitch": "float 1.075~0.125"}),
+        "tempo": (("device",), {"factor": "float 1.1", "max_time": "number -1.0"}),
+        "time_mask": (
+            ("device",),
+            {"n": "int 3", "size": "float 10.0", "domain": "domain spectrogram", "fill": "fill zero"},
+        ),
+        "volume": (("device", "loader"), {"gain": "float 0~6"}),
+        "warp": (("device",), {"nt": "int 1", "nf": "int 1", "wt": "float 0.1", "wf": "float 0.0"}),
+    },
+    "preprocess": {
+        "codec": (("preprocessing",), {"bitrate": "int 3200", "format": "format opus"}),
+        "overlay": (("preprocessing",), {"source": "str None", "snr": "float 3.0", "layers": "int 1"}),
+        "resample": (("preprocessing",), {"rate": "int 8000"}),
+        "reverb": (("preprocessing",), {"delay": "float 20.0", "decay": "float 10.0"}),
+        "speed": (("preprocessing",), {"factor": "float 1~0.1"}),
+        "volume": (("preprocessing",), {"dbfs": "float 3.0103"}),
+    },
+}
+
+
+def test_the_registry_lists_every_op_where_it_runs_and_its_parameters():
+    from dstrain.augment import registry
+
+    got = {
+        command: {
+            name: (cls.RUNS, {key: f"{kind} {default}" for key, (kind, default) in cls.PARAMS.items()})
+            for name, cls in ops.items()
+        }
+        for command, ops in registry().items()
+    }
+    assert got == REGISTRY
+
+
+def test_the_loader_implements_exactly_the_ops_declared_to_run_there():
+    # The product holds a numpy implementation only for what runs on the loader; the reference has them all.
+    from dstrain.augment.filterbank import OPS
+    from dstrain.augment.loader import LoaderAugmenter
+
+    assert {cls.name for cls in LoaderAugmenter.OPS} == {n for n, cls in OPS.items() if "loader" in cls.RUNS}
+    assert set(Augmenter.OPS) == set(OPS.values())
+    with pytest.raises(ValueError, match="time_mask.*cannot run on the loader"):
+        LoaderAugmenter.from_specs(["time_mask"])
+
+
+def test_draws_and_stretch_are_declared_on_the_op():
+    fm, warp, tempo, slow, volume = parse_augmentations(
+        ["frequency_mask[n=1:3~1]", "warp[nt=2,nf=1~1]", "tempo[factor=0.8~0.3]", "tempo[factor=1.5]", "volume"]
+    )
+    assert (fm.draws(), warp.draws(), tempo.draws(), volume.draws()) == (2 + 2 * 4, 5 + 4 * 2 * 2, 2, 2)
+    assert tempo.stretch() == pytest.approx(2.0) and slow.stretch() == 1.0 and volume.stretch() == 1.0

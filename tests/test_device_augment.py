@@ -1,30 +1,31 @@
-"""Augmentation on the device (dstrain/loader/device_augment.py): the loader's numpy ops are the reference. Where an
-op draws nothing the two agree value for value; where it draws, the device's numbers are its own, so the tests check
-what the spec says (widths, rates, bounds, probabilities) and that a sample's result depends on (seed, epoch, sample
-id) alone: not on its batch-mates, its padding or the number of ranks."""
+"""Augmentation on the device (dstrain/augment/device.py): the numpy ops of augment_reference.py are the reference.
+Where an op draws nothing the two agree value for value; where it draws, the device's numbers are its own, so the
+tests check what the spec says (widths, rates, bounds, probabilities) and that a sample's result depends on (seed,
+epoch, sample id) alone: not on its batch-mates, its padding or the number of ranks."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from augment_reference import Augmenter
+from augment_reference import bilinear as _bilinear
+from augment_reference import cubic_weights as _cubic_weights
 
-from dstrain.features import FeatureConfig
-from dstrain.loader.augment import (
-    _FLOOR_LOG,
+from dstrain.augment.device import DeviceAugmenter, _cubic_taps, ctc_min_frames
+from dstrain.augment.device import _bilinear as device_bilinear
+from dstrain.augment.filterbank import (
     DEFAULT_AUGMENT,
+    DEVICE_OPS,
     FILTERBANK_OPS,
+    FLOOR_LOG,
     LOADER_ONLY,
-    Augmenter,
-    _bilinear,
-    _cubic_weights,
     parse_augmentations,
-    sample_rng,
     split_ops,
 )
-from dstrain.loader.device_augment import DEVICE_OPS, DeviceAugmenter, _cubic_taps, ctc_min_frames
-from dstrain.loader.device_augment import _bilinear as device_bilinear
+from dstrain.augment.loader import sample_rng
+from dstrain.features import FeatureConfig
 
 N_MEL = FeatureConfig().n_mel
-SILENCE = _FLOOR_LOG
+SILENCE = FLOOR_LOG
 # Every op that runs on the device, none with fill=mean (the one whose float sum may round differently with padding).
 ALL_OPS = [
     "volume[gain=0~6]",
@@ -84,7 +85,7 @@ def augment(specs, xs, ids=None, *, seed=0, epoch=0, epochs=2, labels=None, pad_
         "warp[nt=3,wt=0,wf=0]",
     ],
 )
-def test_ops_that_draw_nothing_match_the_loader(spec):
+def test_ops_that_draw_nothing_match_the_reference(spec):
     xs = [speech(300, 1), speech(200, 2), speech(3, 3), speech(1, 4)]
     xs[0][:7] = SILENCE  # silence stays silent under a gain
     got = augment([spec, "frequency_mask[n=0]"], xs)
@@ -94,8 +95,8 @@ def test_ops_that_draw_nothing_match_the_loader(spec):
         np.testing.assert_allclose(got[i], want, atol=2e-5)
 
 
-def test_a_chain_matches_the_loader_in_float16():
-    # Power and log conversions between ops, float16 in: as the loader does it, up to float rounding.
+def test_a_chain_matches_the_reference_in_float16():
+    # Power and log conversions between ops, float16 in: as the reference does it, up to float rounding.
     specs = ["volume[gain=3]", "pitch[pitch=1.1]", "tempo[factor=0.9]", "time_mask[n=1,size=100000,domain=features]"]
     xs = [speech(120, 5, np.float16), speech(80, 6, np.float16)]
     got = augment(specs, xs)
@@ -105,7 +106,7 @@ def test_a_chain_matches_the_loader_in_float16():
 
 
 @pytest.mark.parametrize("n_in, n_out", [(3, 1), (3, 2), (3, 50), (6, 7), (10, 400), (4, 4)])
-def test_cubic_taps_are_the_loaders_upsampling_matrix(n_in, n_out):
+def test_cubic_taps_are_the_references_upsampling_matrix(n_in, n_out):
     # Two samples, the second with more output positions than it has: its taps are computed anyway, unused.
     taps = _cubic_taps(
         tf.constant([n_in, n_in], tf.float64),
@@ -118,7 +119,7 @@ def test_cubic_taps_are_the_loaders_upsampling_matrix(n_in, n_out):
     np.testing.assert_allclose(dense, _cubic_weights(n_in, n_out), atol=1e-6)
 
 
-def test_bilinear_sampling_matches_the_loader_per_sample_and_ignores_padding():
+def test_bilinear_sampling_matches_the_reference_per_sample_and_ignores_padding():
     rng = np.random.default_rng(0)
     a, b = np.exp(speech(30, 1)), np.exp(speech(17, 2))
     batch = np.zeros((2, 30, N_MEL), np.float32)
@@ -304,7 +305,7 @@ def test_warp_keeps_edges_and_moves_the_inside():
     assert 0 < mild < strong
 
 
-def test_pitch_moves_a_peak_where_the_loader_does():
+def test_pitch_moves_a_peak_where_the_reference_does():
     peak = np.full((10, N_MEL), -6.0, np.float32)
     peak[:, 12] = 2.0
     for factor in (0.8, 1.5):
@@ -342,6 +343,14 @@ def test_the_loader_keeps_overlay_and_whatever_runs_before_it():
     assert sorted(DEVICE_OPS + LOADER_ONLY) == sorted(FILTERBANK_OPS) and not set(DEVICE_OPS) & set(LOADER_ONLY)
     with pytest.raises(ValueError, match="overlay.*cannot run on the device"):
         DeviceAugmenter(ops, seed=0, epochs=1)
+
+
+def test_the_device_implements_exactly_the_ops_declared_to_run_there():
+    from dstrain.augment import device
+    from dstrain.augment.filterbank import OPS
+
+    assert {cls.name for cls in device._OPS} == {n for n, cls in OPS.items() if "device" in cls.RUNS}
+    assert set(DEVICE_OPS) == {cls.name for cls in device._OPS}
 
 
 def test_an_empty_batch_and_a_traced_step():

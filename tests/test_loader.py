@@ -78,7 +78,9 @@ def test_eval_plan_reads_each_sample_once(uneven_store):
 
 
 def test_transform_is_applied_per_sample_deterministically(tmp_path):
-    from dstrain.loader.augment import Augmenter, sample_rng
+    from augment_reference import Augmenter
+
+    from dstrain.augment.loader import sample_rng
 
     url = synthetic_store(tmp_path / "s", 12, row_group_rows=4, seed=3)
     cat = Catalog.build([FeatureStore.open(url)], World())

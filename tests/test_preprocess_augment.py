@@ -1,4 +1,4 @@
-"""Waveform augmentation at preprocessing (dstrain.prep.augment): each op on generated signals, then stores with
+"""Waveform augmentation at preprocessing (dstrain.augment.waveform): each op on generated signals, then stores with
 augmented copies: 3x the rows for --augment_copies 2, byte-identical across reruns, workers, MPI ranks and a stop,
 rejects of copies counted, and the loader weighting or leaving the copies out, through `dstrain train` too."""
 
@@ -14,8 +14,8 @@ import soundfile
 from conftest import DATA, records, tool
 from test_preprocess_scale import interrupt_after_chunks, store_digest
 
-from dstrain.loader.augment import parse_augmentations
-from dstrain.prep.augment import AugmentConfig, WaveAugmenter, parse_ops
+from dstrain.augment.filterbank import parse_augmentations
+from dstrain.augment.waveform import AugmentConfig, WaveAugmenter, parse_ops
 from dstrain.prep.pipeline import PreprocessConfig, preprocess
 from dstrain.store import FeatureStore, ShardReader
 

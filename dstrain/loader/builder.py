@@ -20,8 +20,9 @@ Example::
     for ids, batch in dev.batches(): ...
 
 What each rank reads, and in which order, is :mod:`dstrain.loader.sampler`'s; how it is read,
-:mod:`dstrain.loader.reader`'s; what augmentation does, :mod:`dstrain.loader.augment`'s (on the loader, and the
-reference) and :mod:`dstrain.loader.device_augment`'s (in the training step).
+:mod:`dstrain.loader.reader`'s; what augmentation does, :mod:`dstrain.augment.filterbank`'s (the ops),
+:mod:`dstrain.augment.device`'s (in the training step) and :mod:`dstrain.augment.loader`'s (``overlay``, on the
+loader).
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from dstrain.alphabet import Alphabet, UTF8Alphabet, ctc_min_frames
-from dstrain.distributed import World
-from dstrain.features import FeatureConfig
-from dstrain.loader.augment import (
+from dstrain.augment.filterbank import (
     Augmentation,
-    Augmenter,
     expand_specs,
+    in_order,
     overlay_sources,
     parse_augmentations,
-    sample_rng,
     split_ops,
 )
+from dstrain.augment.loader import LoaderAugmenter, sample_rng
+from dstrain.distributed import World
+from dstrain.features import FeatureConfig
 from dstrain.loader.config import LoaderConfig
 from dstrain.loader.reader import Batch, Catalog, PlanReader, Transform, read_row_group
 from dstrain.loader.sampler import (
@@ -60,7 +61,7 @@ from dstrain.store import FeatureStore, StoreError
 from dstrain.store.stats import FeatureStats
 
 if TYPE_CHECKING:
-    from dstrain.loader.device_augment import DeviceAugmenter
+    from dstrain.augment.device import DeviceAugmenter
 
 log = logging.getLogger("dstrain.loader")
 
@@ -171,12 +172,9 @@ def mixing_weights(
 
 def planned_frames(batch_frames: int, augmentations: Sequence[Augmentation]) -> tuple[int, float]:
     """(frame budget the plans use, the most augmentation lengthens an utterance): ``--batch_frames`` shrunk by
-    tempo's largest stretch, so that batches stay within ``--batch_frames`` once augmented (on the loader or on the
-    device: the padded batch the model sees is at most the plan's utterances x its longest, stretched)."""
-    stretch = 1.0
-    for aug in augmentations:
-        if aug.name == "tempo":  # T / factor frames
-            stretch *= max(1.0, 1.0 / aug.factor.bounds()[0])
+    the ops' largest stretch (tempo's), so that batches stay within ``--batch_frames`` once augmented (on the loader
+    or on the device: the padded batch the model sees is at most the plan's utterances x its longest, stretched)."""
+    stretch = math.prod((aug.stretch() for aug in augmentations), start=1.0)
     return int(batch_frames / stretch), stretch
 
 
@@ -215,7 +213,7 @@ class TrainInput:
     or the batch size changed since). While an epoch's last batches are read, the next epoch's reader starts
     filling its first window, so an epoch never begins by waiting for its data.
 
-    Augmentation (``--augment``) is split (:func:`~dstrain.loader.augment.split_ops`): :attr:`augmenter` applies
+    Augmentation (``--augment``) is split (:func:`~dstrain.augment.filterbank.split_ops`): :attr:`augmenter` applies
     what must stay on the loader (``overlay``, and any op before it) as batches are assembled, and
     :meth:`device_augmenter` the rest in the training step; batches carry each sample's (epoch, sample id) for it.
     """
@@ -237,10 +235,10 @@ class TrainInput:
         self.scan_world = scan_world or world
         self.seed, self.epochs = seed, epochs
         self.features: FeatureConfig = stores[0].features
-        self.augmentations = tuple(sorted(augmentations, key=lambda a: a.stage))
+        self.augmentations = tuple(in_order(augmentations))
         """Every op of ``--augment`` (and DeepSpeech 0.6's flags), in the order they run."""
         on_loader, self.device_ops = split_ops(self.augmentations)
-        self.augmenter = Augmenter(on_loader, features=self.features) if on_loader else None
+        self.augmenter = LoaderAugmenter(on_loader, features=self.features) if on_loader else None
         """The ops the loader applies (numpy, on its threads), or None."""
         self.plan: EpochPlan | None = None
         self.done = 0
@@ -337,10 +335,10 @@ class TrainInput:
 
     def device_augmenter(self) -> DeviceAugmenter | None:
         """The augmentation the training step applies to each batch before the model
-        (:class:`~dstrain.loader.device_augment.DeviceAugmenter`), or None when there is none to apply there."""
+        (:class:`~dstrain.augment.device.DeviceAugmenter`), or None when there is none to apply there."""
         if not self.device_ops:
             return None
-        from dstrain.loader.device_augment import DeviceAugmenter  # TensorFlow: only for those who train with it
+        from dstrain.augment.device import DeviceAugmenter  # TensorFlow: only for those who train with it
 
         return DeviceAugmenter(self.device_ops, self.seed, self.epochs, features=self.features)
 

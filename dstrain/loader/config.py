@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dstrain.augment.legacy import LegacyAugmentConfig
 from dstrain.config import option
-from dstrain.loader.legacy_augment import LegacyAugmentConfig
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 KeyedBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """A :data:`Batch` and its samples' keys [B, 2] int64 (epoch, sample id): what augmentation on the device draws its
-random numbers from (:mod:`dstrain.loader.device_augment`)."""
+random numbers from (:mod:`dstrain.augment.device`)."""
 
 Transform = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 """(log mel of one sample, its sample id, its labels) -> log mel (augmentation); must be deterministic in the id.

@@ -13,7 +13,7 @@ A stop request (SIGTERM, SIGUSR1: ``scancel``, a pod deletion) makes every proce
 partial shards get no marker), keep the chunks already complete, and exit 75; the same command then finishes the
 store, identical to one made without interruption.
 
-With ``--augment ... --augment_copies K`` (:mod:`dstrain.prep.augment`) each utterance is followed by K augmented
+With ``--augment ... --augment_copies K`` (:mod:`dstrain.augment.waveform`) each utterance is followed by K augmented
 copies, made from its waveform in the same chunk and written to the chunk's own ``shard-CCCCCC-aug-PPP.parquet``
 shards (flagged ``augmented`` in the manifest, ids ``ID-augK``), so the loader can weight or leave them out by row
 group.
@@ -42,11 +42,18 @@ from tqdm import tqdm
 from dstrain import preemption
 from dstrain.alphabet import Alphabet, UTF8Alphabet, ctc_min_frames
 from dstrain.audio import AudioError, read_audio
+from dstrain.augment.waveform import (
+    REJECT_PREFIX,
+    AugmentConfig,
+    AugmentTally,
+    WaveAugmenter,
+    copy_id,
+    manifest_section,
+)
 from dstrain.config import option, parse_list
 from dstrain.distributed import World, mpi_world
 from dstrain.features import FeatureConfig, log_mel, power_spectrogram
 from dstrain.preemption import Preempted
-from dstrain.prep.augment import REJECT_PREFIX, AugmentConfig, AugmentTally, WaveAugmenter, copy_id, manifest_section
 from dstrain.prep.csvfile import Row, read_csv_rows
 from dstrain.store import Manifest, ShardInfo, ShardWriter, StoreError, StoreLayout
 from dstrain.store.layout import MANIFEST, PROGRESS, REJECTS

@@ -56,7 +56,7 @@ class ShardInfo:
     frames: int
     seconds: float
     augmented: bool = False
-    """Holds augmented copies made at preprocessing (:mod:`dstrain.prep.augment`), not original utterances."""
+    """Holds augmented copies made at preprocessing (:mod:`dstrain.augment.waveform`), not original utterances."""
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Manifest:
     """Labels are UTF-8 bytes (DeepSpeech's --bytes_output_mode), not alphabet indices."""
     augmentation: dict | None = None
     """How preprocessing made augmented copies and what came of them (specs, copies per utterance, seed, ops
-    applied, rejects: :func:`dstrain.prep.augment.manifest_section`); None: the store has none."""
+    applied, rejects: :func:`dstrain.augment.waveform.manifest_section`); None: the store has none."""
 
     @property
     def utterances(self) -> int:

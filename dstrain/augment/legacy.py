@@ -1,4 +1,4 @@
-"""DeepSpeech 0.6's augmentation flags, translated to ``--augment`` specs (:mod:`dstrain.loader.augment`'s syntax).
+"""DeepSpeech 0.6's augmentation flags, translated to ``--augment`` specs (:mod:`dstrain.augment.filterbank`'s ops).
 
 DeepSpeech 0.7 replaced these flags by ``--augment`` and 0.9.3 refused them; old training commands still carry them.
 Each flag set away from its default becomes the spec that does the same thing, and training logs one line per flag

@@ -1,12 +1,12 @@
-"""Training-time augmentation on the device: the filterbank ops of :mod:`dstrain.loader.augment` as TensorFlow ops over
-a padded batch, run inside the training step just before the model (never for evaluation or export).
+"""Training-time augmentation on the device: the filterbank ops of :mod:`dstrain.augment.filterbank` as TensorFlow ops
+over a padded batch, run inside the training step just before the model (never for evaluation or export).
 
 Why on the device: in numpy on the loader threads the ops held the GIL for most of their time, so a process delivered
 about a third of its unaugmented frames per second whatever its thread count; on a GPU the same work is a few hundred
 small kernels per step (on a CPU-only run, ~15-20 ms of one core per batch of 32 utterances for ``--augment
 default``: ``benchmarks/loader.py`` times it). The loader keeps what needs other data: ``overlay`` reads noise
 utterances from another store, so the ops up to the last overlay (in the order ops run) stay on the loader and the
-device runs the rest, the order kept (:func:`dstrain.loader.augment.split_ops`).
+device runs the rest, the order kept (:func:`dstrain.augment.filterbank.split_ops`, :mod:`dstrain.augment.loader`).
 
 Randomness: every number an op draws is a function of (``--random_seed``, epoch, sample id, op, draw) alone; each
 batch carries its samples' (epoch, sample id) as ``keys`` ``[B, 2]`` int64. A sample is therefore augmented alike
@@ -14,12 +14,12 @@ whatever its batch-mates, its padding, the number of ranks or a resume in betwee
 utterance's frames, a reduction whose float rounding may differ with the padded length: at most a few ulps.)
 TensorFlow's stateless random ops take one seed per call, and vectorising them over per-sample seeds falls back to a
 loop over the batch (``pfor``), so the numbers come from a counter-based integer hash instead (an xorshift-multiply
-mixer on 32-bit words held in int64), vectorised over samples, draws and elements. They are not the loader's numpy
-draws: a spec gives statistically the same augmentation on either side, not the same numbers.
+mixer on 32-bit words held in int64), vectorised over samples, draws and elements. They are not numpy's draws (the
+loader's, or the numpy reference the tests hold these ops to): a spec gives statistically the same augmentation either
+way, not the same numbers.
 
-Each op draws a fixed number of values per sample, sized by its parameters' largest values (``n`` masks: ``n``'s
-upper bound of them; a warp grid: ``nt`` x ``nf`` points at their upper bounds), and a sample its ``p`` draw leaves
-out keeps its values.
+Each op draws a fixed number of values per sample (:meth:`~dstrain.augment.filterbank.Augmentation.draws`, sized by its
+parameters' largest values), and a sample its ``p`` draw leaves out keeps its values.
 
 Example::
 
@@ -37,17 +37,28 @@ from typing import Callable, Optional, Sequence, Union
 
 import tensorflow as tf
 
-from dstrain.features import FeatureConfig
-from dstrain.loader.augment import (
-    _FLOOR_LOG,
-    _FLOOR_POW,
-    _SILENT_LOG,
-    _SILENT_POW,
+from dstrain.augment.filterbank import (
+    DEVICE_OPS,
+    FLOOR_LOG,
+    FLOOR_POW,
+    SILENT_LOG,
+    SILENT_POW,
+    Add,
     Augmentation,
-    ValueRange,
-    _mel_geometry,
+    Dropout,
+    FrequencyMask,
+    Multiply,
+    Pitch,
+    Tempo,
+    TimeMask,
+    Volume,
+    Warp,
+    in_order,
+    mel_geometry,
     zero_value,
 )
+from dstrain.augment.spec import ValueRange
+from dstrain.features import FeatureConfig
 
 _MASK32 = 0xFFFFFFFF
 _SEED_DOMAIN = 0x64657661  # apart from any other stream drawn from the same seed
@@ -110,15 +121,6 @@ def _uniform(bits: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     return tf.cast(tf.bitwise.right_shift(bits, _c(8)), tf.float32) * (1.0 / 2**24)
 
 
-def _draw_count(op: Augmentation) -> int:
-    """The per-sample draws of an op, its ``p`` draw included (each op checks that it takes exactly these)."""
-    if op.name in ("frequency_mask", "time_mask"):  # p, n, then a size and a start per mask
-        return 2 + 2 * max(0, op.n.bounds()[1])
-    if op.name == "warp":  # p, nt, nf, wt, wf, then two uniforms per normal of the 2 x nt x nf grid
-        return 5 + 4 * max(0, op.nt.bounds()[1]) * max(0, op.nf.bounds()[1])
-    return 2  # p and the op's parameter
-
-
 class _Draws:
     """The random numbers of a batch: all ops' per-sample draws hashed in one pass (few, large kernels rather than
     many small ones), each op reading its own consecutive ones with :meth:`take`; :meth:`elements` draws one or
@@ -172,7 +174,7 @@ class _Work:
 
     def log(self) -> tf.Tensor:
         if self.power:
-            self.x = 0.5 * tf.math.log(tf.maximum(self.x, _FLOOR_POW))
+            self.x = 0.5 * tf.math.log(tf.maximum(self.x, FLOOR_POW))
             self.power = False
         return self.x
 
@@ -220,7 +222,7 @@ def _fill(w: _Work, domain: str, fill: str) -> Union[float, tf.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Operations: each (op, batch, draws, context, applied [B] bool) -> None; the loader's ops' semantics, per sample
+# Operations: each (op, batch, draws, context, applied [B] bool) -> None; the numpy reference's semantics, per sample
 
 
 def _mask_draws(op, d: _Draws, c: _Ctx) -> tuple[int, tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -272,7 +274,7 @@ def _gaussian(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     stddev = tf.cast(_pick(op.stddev, c.clock, d.take(1)), tf.float32)[:, :, None]
     x = w.pow() if op.domain == "spectrogram" else w.log()
     g = _normal(*d.elements(tf.shape(x), 2)) * stddev
-    new = x + g if op.name == "add" else x * (1.0 + g)
+    new = x + g if isinstance(op, Add) else x * (1.0 + g)
     if w.power:  # negative power is silence (TensorFlow's Mfcc would take sqrt of it: NaN)
         new = tf.maximum(new, 0.0)
     w.update(applied, new)
@@ -280,7 +282,7 @@ def _gaussian(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
 
 def _pitch(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     factor = _pick(op.pitch, c.clock, d.take(1))  # [B, 1]
-    centres, mel_low, spacing = _mel_geometry(c.features)
+    centres, mel_low, spacing = mel_geometry(c.features)
     n_mel = c.features.n_mel
     pos = (1127.0 * tf.math.log1p(tf.constant(centres)[None, :] / factor / 700.0) - mel_low) / spacing - 1.0
     pos = tf.clip_by_value(pos, 0.0, float(n_mel))  # below channel 0: hold it; index n_mel is the silent top edge
@@ -320,7 +322,7 @@ def _tempo(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     t_in, n_mel = tf.shape(x)[1], c.features.n_mel
     kept = tf.pad(x[:, :n_out], [[0, 0], [0, tf.maximum(n_out - t_in, 0)], [0, 0]])  # unchanged samples, to T'
     rows, where_rows = _rows(changed)
-    # Source frame of each output frame, as the loader's (float64): dst * T / T'.
+    # Source frame of each output frame, as the reference's (float64): dst * T / T'.
     old, new = tf.gather(frames, rows), tf.gather(new, rows)
     src = tf.range(n_out, dtype=tf.float64)[None, :] * (old / new)[:, None]
     last = tf.maximum(tf.cast(old, tf.int32) - 1, 0)[:, None]
@@ -337,7 +339,7 @@ def _tempo(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
 def _cubic_taps(n_in: tf.Tensor, n_out: tf.Tensor, positions: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor]]:
     """For output ``positions`` ``[P]`` of each sample, the 4 (index ``[B, P]`` int32, weight float32) taps of
     cubic-convolution upsampling from ``n_in`` to ``n_out`` points (``[B]`` float64), corners aligned: what
-    :func:`dstrain.loader.augment._cubic_weights` holds as a matrix (Keys, a = -0.75, as TensorFlow's bicubic)."""
+    the tests' numpy reference holds as a matrix (Keys, a = -0.75, as TensorFlow's bicubic)."""
     ratio = tf.where(n_out > 1, (n_in - 1.0) / tf.maximum(n_out - 1.0, 1.0), 0.0)
     src = positions[None, :] * ratio[:, None]
     base = tf.floor(src)
@@ -410,7 +412,7 @@ def _warp(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
 
 def _bilinear(x: tf.Tensor, qt: Optional[tf.Tensor], qf: Optional[tf.Tensor], lengths: tf.Tensor) -> tf.Tensor:
     """Each sample of ``x`` ``[B, T, F]`` at fractional ``(qt, qf)`` (None: the frame's or channel's own position),
-    clamped to its own frames and the channels (as tfa's dense_image_warp and the loader's ``_bilinear``)."""
+    clamped to its own frames and the channels (as tfa's dense_image_warp)."""
     n_mel = x.shape[2]
     t_pad = tf.shape(x)[1]
 
@@ -445,25 +447,24 @@ def _volume(op, w: _Work, d: _Draws, c: _Ctx, applied: tf.Tensor) -> None:
     gain_db = tf.cast(_pick(op.gain, c.clock, d.take(1)), tf.float32)[:, :, None]
     x = w.x
     if w.power:
-        new = tf.where(x > _SILENT_POW, x * tf.pow(10.0, gain_db / 10.0), x)
+        new = tf.where(x > SILENT_POW, x * tf.pow(10.0, gain_db / 10.0), x)
     else:  # log(E) + log(10**(gain/20)): silent (floored) values stay silent
-        new = tf.maximum(tf.where(x > _SILENT_LOG, x + gain_db * (math.log(10.0) / 20.0), x), _FLOOR_LOG)
+        new = tf.maximum(tf.where(x > SILENT_LOG, x + gain_db * (math.log(10.0) / 20.0), x), FLOOR_LOG)
     w.update(applied, new)
 
 
-_DEVICE_OPS: dict[str, Callable[..., None]] = {
-    "frequency_mask": _frequency_mask,
-    "time_mask": _time_mask,
-    "dropout": _dropout,
-    "add": _gaussian,
-    "multiply": _gaussian,
-    "pitch": _pitch,
-    "tempo": _tempo,
-    "warp": _warp,
-    "volume": _volume,
+_OPS: dict[type[Augmentation], Callable[..., None]] = {
+    FrequencyMask: _frequency_mask,
+    TimeMask: _time_mask,
+    Dropout: _dropout,
+    Add: _gaussian,
+    Multiply: _gaussian,
+    Pitch: _pitch,
+    Tempo: _tempo,
+    Warp: _warp,
+    Volume: _volume,
 }
-DEVICE_OPS: tuple[str, ...] = tuple(sorted(_DEVICE_OPS))
-"""The ``--augment`` ops that run on the device; the others (``overlay``) stay on the loader."""
+"""The implementation of each op class whose ``RUNS`` names the device (a test checks that they are the same)."""
 
 
 class DeviceAugmenter:
@@ -481,19 +482,18 @@ class DeviceAugmenter:
         features: Optional[FeatureConfig] = None,
         step_ms: Optional[float] = None,
     ):
-        refused = [a.spec for a in augmentations if a.name not in _DEVICE_OPS]
+        refused = [a.spec for a in augmentations if type(a) not in _OPS]
         if refused:
             raise ValueError(
                 f"augmentation {refused[0]!r} cannot run on the device (only {', '.join(DEVICE_OPS)} "
-                "can); let the loader apply it (dstrain.loader.augment.split_ops)"
+                "can); let the loader apply it (dstrain.augment.filterbank.split_ops)"
             )
         self.features = features if features is not None else FeatureConfig()
         self.step_ms = float(step_ms if step_ms is not None else self.features.step_ms)
         if self.step_ms <= 0:
             raise ValueError(f"step_ms={self.step_ms} must be > 0")
         self.seed, self.epochs = int(seed), int(epochs)
-        # DeepSpeech's order: sample-domain ops, then spectrogram, then features; stable within a domain.
-        self.augmentations = tuple(sorted(augmentations, key=lambda a: a.stage))
+        self.augmentations = tuple(in_order(augmentations))
 
     def __len__(self) -> int:
         return len(self.augmentations)
@@ -513,14 +513,12 @@ class DeviceAugmenter:
         clock = tf.clip_by_value(tf.cast(keys[:, 0], tf.float64) / max(1, self.epochs - 1), 0.0, 1.0)
         ctx = _Ctx(clock, ctc_min_frames(labels, label_lengths), 1.0 / self.step_ms, self.features)
         w = _Work(tf.ensure_shape(tf.cast(x, tf.float32), [None, None, n_mel]), tf.cast(lengths, tf.int32))
-        draws = _Draws(k1, k2, sum(_draw_count(aug) for aug in self.augmentations))
+        draws = _Draws(k1, k2, sum(aug.draws() for aug in self.augmentations))
         for stream, aug in enumerate(self.augmentations):
             before = draws.start(stream).used
             applied = draws.take(1)[:, 0] < aug.p  # p=0 never (draws >= 0), p=1 always (draws < 1)
-            _DEVICE_OPS[aug.name](aug, w, draws, ctx, applied)
-            if draws.used - before != _draw_count(aug):  # an op's draws would shift every later op's
-                raise AssertionError(
-                    f"{aug.name} took {draws.used - before} draws, _draw_count says {_draw_count(aug)}"
-                )
+            _OPS[type(aug)](aug, w, draws, ctx, applied)
+            if draws.used - before != aug.draws():  # an op's draws would shift every later op's
+                raise AssertionError(f"{aug.name} took {draws.used - before} draws, its draws() says {aug.draws()}")
         out = w.log()
         return tf.where(w.valid()[:, :, None], out, 0.0), w.lengths

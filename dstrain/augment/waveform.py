@@ -1,9 +1,9 @@
 """Waveform augmentation at preprocessing: extra, labelled copies of every utterance, made where the audio is.
 
-The feature store keeps filterbanks, so the training loader (:mod:`dstrain.loader.augment`) cannot do what needs the
-waveform. ``dstrain preprocess --augment SPEC ... --augment_copies K`` stores, next to each utterance, K copies made
+The feature store keeps filterbanks, so training's augmentation (:mod:`dstrain.augment.filterbank`) cannot do what needs
+the waveform. ``dstrain preprocess --augment SPEC ... --augment_copies K`` stores, next to each utterance, K copies made
 by these ops, in DeepSpeech 0.9's syntax (``NAME[p=...,key=value,...]``, values ``v``, ``a:b``, ``v~r``,
-``a:b~r`` parsed by :func:`dstrain.loader.augment.parse_spec`):
+``a:b~r`` parsed by :func:`dstrain.augment.spec.parse_spec`):
 
 * ``reverb[delay=20.0,decay=10.0]``: DeepSpeech's simplified Schroeder reverb: five feedback comb filters with
   delays ``delay`` ms x 17/17 ... 31/17 (primes, against comb interference), ``decay`` dB lost per reflection,
@@ -50,8 +50,9 @@ import soundfile
 import soxr
 
 from dstrain.audio import AudioError, read_audio
+from dstrain.augment.filterbank import FILTERBANK_OPS
+from dstrain.augment.spec import PREPROCESSING, ParsedOp, ValueRange, parse_spec
 from dstrain.config import option
-from dstrain.loader.augment import FILTERBANK_OPS, ParsedOp, ValueRange, parse_spec
 from dstrain.prep.csvfile import read_csv_rows
 
 NOISE_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
@@ -96,6 +97,8 @@ class _Ctx:
 
 class WaveOp(ParsedOp):
     """One parsed waveform op; ``apply`` returns a new float32 signal (the input is not modified)."""
+
+    RUNS = (PREPROCESSING,)
 
     def check_rate(self, sample_rate: int) -> None:
         """Rejects a sample rate this op cannot handle, before any work."""
@@ -293,6 +296,7 @@ class Volume(WaveOp):
 
 
 OPS: dict[str, type[WaveOp]] = {cls.name: cls for cls in (Reverb, Resample, Codec, Speed, Overlay, Volume)}
+"""Preprocessing's ``--augment`` ops by name (``overlay`` and ``volume`` are other ops than training's)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
