@@ -4,7 +4,6 @@ the flag, and DeepSpeech 0.6's augmentation flags become --augment specs."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -449,7 +448,7 @@ def test_training_checks_the_stores_feature_parameters():
 
 
 def test_deepspeech_06_augmentation_flags_become_augment_specs(store):
-    from dstrain.loader.augment import parse_augmentations
+    from dstrain.augment.filterbank import parse_augmentations
     from dstrain.loader.builder import TrainInput
 
     assert parse(*TRAIN).loader.deepspeech06.translate(20.0) == []
