@@ -291,7 +291,12 @@ def config_file_argv(path: str, cls: type, given: list[str]) -> list[str]:
         if f.name in on_command_line or key in on_command_line:
             continue
         base, _ = _unwrap_optional(tp)
+        # Typed as on the command line: YAML's own types, never coerced (bool("false") is True, str(None) "None").
+        if value is None:
+            raise ValueError(f"--config {path}: {key} has no value (null): give one, or leave the key out")
         if base is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: {key} must be true or false (a YAML bool), not {value!r}")
             words.append(f"{name}={'true' if value else 'false'}")
         elif meta.get("append"):
             for v in value if isinstance(value, list) else [value]:

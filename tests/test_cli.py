@@ -327,3 +327,20 @@ def test_a_stop_request_that_lands_inside_a_log_line_still_interrupts(monkeypatc
         assert stopped.value.status == 128 + signal.SIGTERM
     finally:
         stop.restore()
+
+
+def test_config_file_values_are_typed_as_on_the_command_line(tmp_path):
+    from dstrain.config import config_file_argv
+    from dstrain.train.trainer import TrainConfig
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("shuffle: false\nepochs: 3\n")
+    assert config_file_argv(str(cfg), TrainConfig, []) == ["--shuffle=false", "--epochs", "3"]
+    # A quoted "false" would be truthy, an empty value the string "None" (a run in ./None): both refused, by key.
+    for text, message in (
+        ('shuffle: "false"\n', "shuffle must be true or false (a YAML bool), not 'false'"),
+        ("checkpoint_dir:\n", "checkpoint_dir has no value (null)"),
+    ):
+        cfg.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_file_argv(str(cfg), TrainConfig, [])
