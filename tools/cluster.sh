@@ -24,6 +24,8 @@ set -euo pipefail
 
 DIR=${DSTRAIN_CLUSTER_DIR:-/tmp/dstrain-cluster}
 if [ "${1:-}" = --dir ]; then DIR=${2:?--dir DIR}; shift 2; fi
+# A link is refused before anything follows it (state_dir): /tmp/dstrain-cluster could be anyone's link.
+[ -L "$DIR" ] && { echo "cluster.sh: $DIR is a symbolic link: refusing to keep the cluster's state there; choose another with --dir" >&2; exit 1; }
 DIR=$(realpath -m "$DIR")
 HERE=$(cd "$(dirname "$0")" && pwd)
 SUBNET=10.213.0
@@ -311,6 +313,19 @@ cmd_slurm() {
   SLURM_HEAD=head SLURM_HEAD_ADDR=$(addr head) SLURM_NODES="$(for n in $workers; do printf '%s=%s ' "$n" "$(addr "$n")"; done)" \
     SLURM_ON="$0 --dir $DIR exec" SLURMD_TIMEOUT=${SLURMD_TIMEOUT:-10} "$HERE/local_slurm.sh" start "$DIR/slurm"
 }
+
+# The state holds the cluster's keys and is written by root: keep it where no other user can have placed a file or a
+# link (/tmp is everyone's): one it makes 0700, or one of ours no one else may write to; anything else is refused.
+state_dir() {
+  mkdir -p "$(dirname "$DIR")"
+  mkdir -m 700 "$DIR" 2>/dev/null || true
+  { [ ! -L "$DIR" ] && [ -d "$DIR" ] && [ -O "$DIR" ]; } \
+    || die "$DIR is not a directory of $(id -un) (a link, a file or another user's): refusing to keep the cluster's state there; choose another with --dir"
+  case $(stat -c %a "$DIR") in
+    *[2367][0-7] | *[2367]) die "$DIR is writable by other users: refusing to keep the cluster's state there; choose another with --dir" ;;
+  esac
+}
+case ${1:-} in status | down) [ ! -e "$DIR" ] || state_dir ;; up | exec | kill | revive | cut | heal | shape | slurm) state_dir ;; esac
 
 case ${1:-} in
   up) shift; need_root; cmd_up "$@" ;;
