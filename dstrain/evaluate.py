@@ -67,6 +67,9 @@ class EvalConfig:
     test: EvaluationSetConfig = field(default_factory=EvaluationSetConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     evaluate: LoadEvaluateConfig = field(default_factory=LoadEvaluateConfig)
+    summary_file: str = ""
+    """What the run printed last, as JSON (rank 0 writes): dstrain evaluate's summary (wer, cer, loss, samples, the
+    best/median/worst samples, oov with a scorer); lm-optimize's best lm_alpha, lm_beta and their wer."""
 
     def __post_init__(self) -> None:
         if not self.test.test_files:
@@ -287,12 +290,21 @@ def run_evaluate(cfg: EvalConfig) -> int:
     """``dstrain evaluate``: every rank of a launch (or one process) takes part."""
     from dstrain.distributed import start_horovod
 
-    evaluate(cfg, start_horovod())
+    write_summary(cfg.summary_file, evaluate(cfg, start_horovod()))
     return 0
+
+
+def write_summary(path: str, summary: dict | None) -> None:
+    """``--summary_file``: the summary rank 0 printed, as JSON (other ranks have none to write)."""
+    if path and summary is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, ensure_ascii=False)
+            f.write("\n")
 
 
 def run_lm_optimize(cfg: LmOptimizeConfig) -> int:
     """``dstrain lm-optimize`` (one process: the trials re-decode the same posteriors)."""
     alpha, beta, wer = optimize_lm(cfg, World())
     print(f"Best params: lm_alpha={alpha:.6f} and lm_beta={beta:.6f} with WER={wer:.6f}")
+    write_summary(cfg.summary_file, {"lm_alpha": alpha, "lm_beta": beta, "wer": wer})
     return 0

@@ -1,6 +1,5 @@
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -113,26 +112,27 @@ def test_evaluate_checkpoint_export_and_two_ranks_agree(tmp_path, ldc93s1_csv, a
     common = ["--test_files", store, "--beam_width", "20", "--scorer_path", str(SCORER), "--report_count", "1"]
 
     def run(prefix: list[str], source: list[str], out: str) -> tuple[dict, list[dict]]:
+        """The summary (--summary_file) and the per-sample results (--test_output_file) of one evaluation."""
+        summary, per_sample = tmp_path / f"{out}.summary.json", tmp_path / f"{out}.json"
         proc = subprocess.run(
-            prefix + [tool("dstrain"), "evaluate", *source, *common, "--test_output_file", str(tmp_path / out)],
+            prefix
+            + [tool("dstrain"), "evaluate", *source, *common]
+            + ["--test_output_file", str(per_sample), "--summary_file", str(summary)],
             capture_output=True,
             text=True,
             env=env,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        m = re.search(r"WER: ([\d.]+), CER: ([\d.]+), loss: ([\d.]+), (\d+) samples", proc.stdout)
-        return {"wer": float(m[1]), "cer": float(m[2]), "loss": float(m[3]), "n": int(m[4])}, json.load(
-            open(tmp_path / out)
-        )
+        return json.loads(summary.read_text()), json.loads(per_sample.read_text())
 
-    ckpt, per_sample = run([], ["--checkpoint_dir", str(tmp_path / "ckpt")], "a.json")
-    export, _ = run([], ["--model", str(tmp_path / "export")], "b.json")
+    ckpt, per_sample = run([], ["--checkpoint_dir", str(tmp_path / "ckpt")], "a")
+    export, _ = run([], ["--model", str(tmp_path / "export")], "b")
     ranks, per_sample2 = run(
         [tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"],
         ["--checkpoint_dir", str(tmp_path / "ckpt")],
-        "c.json",
+        "c",
     )
-    assert ckpt["n"] == export["n"] == ranks["n"] == 3 and len(per_sample) == len(per_sample2) == 3
+    assert ckpt["samples"] == export["samples"] == ranks["samples"] == 3 and len(per_sample) == len(per_sample2) == 3
     assert ckpt["loss"] == pytest.approx(export["loss"], rel=1e-4) == pytest.approx(ranks["loss"], rel=1e-4)
     assert ckpt["wer"] == ranks["wer"] and ckpt["cer"] == ranks["cer"]
     # The corpus figures are the per-sample edit counts pooled, not the mean of per-sample rates.
@@ -182,12 +182,15 @@ def test_sigterm_stops_evaluate_within_seconds(tmp_path, alphabet_path):
             store,
             "--beam_width",
             "2000",
+            "--summary_file",
+            str(tmp_path / "summary.json"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
+    # Evaluation writes no record or file before its end: its log line is the only sign that decoding has begun.
     for line in proc.stderr:
         if "decoding 64 samples" in line:
             break
@@ -199,6 +202,7 @@ def test_sigterm_stops_evaluate_within_seconds(tmp_path, alphabet_path):
     assert status == 128 + signal.SIGTERM and took < 10, (status, took, err[-2000:])
     assert_says(err, lacks=("Traceback",), last_line="dstrain evaluate: stopped by SIGTERM")
     assert_says(proc.stdout.read(), lacks=("WER",))
+    assert not (tmp_path / "summary.json").exists(), "a stopped evaluation wrote a summary"
 
 
 def test_out_of_vocabulary_counts_running_and_distinct_words():
