@@ -189,16 +189,17 @@ def leftovers() -> list[str]:
     if not _made:
         return []
     found = []
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    names = netns_names()
     named = {}
     for name in names:
         with contextlib.suppress(OSError):
             named[os.stat(f"/run/netns/{name}").st_ino] = name
     ours = {cluster_id(Path(d)) for d in _made}
     found += [f"namespace {n}" for n in names if n.split("-")[0] in ours]
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found += [
-        f"interface {m} in this machine's namespace" for m in re.findall(r"^\d+: (v(?:node\d+|head))[@:]", links, re.M)
+        f"interface {name} in this machine's namespace"
+        for name in sorted(os.listdir("/sys/class/net"))
+        if re.fullmatch(r"v(?:node\d+|head)", name)
     ]
     inodes = set().union(*_made.values()) if _made else set()
     for pid, ino in _net_namespaces().items():
@@ -212,6 +213,11 @@ def leftovers() -> list[str]:
         ):
             found.append(f"process {pid} ({cmdline})")
     return found
+
+
+def netns_names() -> list[str]:
+    """The named network namespaces (what ``ip netns list`` lists: the files of /run/netns)."""
+    return sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
 
 
 def clean_up() -> None:
@@ -298,13 +304,15 @@ def rank_env(**extra: str) -> dict:
 class Output:
     """A process's merged output, read by a thread as it comes: tests wait on its lines, not on the clock."""
 
-    def __init__(self, proc: subprocess.Popen):
+    def __init__(self, proc: subprocess.Popen, stream=None):
+        """Reads ``stream`` (default: the process's stdout, with stderr merged into it by the caller)."""
         self.proc, self.lines = proc, []
+        self._stream = stream if stream is not None else proc.stdout
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
+        for line in self._stream:
             self.lines.append(line)
 
     @property

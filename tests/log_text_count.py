@@ -39,6 +39,9 @@ BUILTINS = {"int", "float", "str", "len", "sorted", "list", "set", "tuple", "min
 
 # Functions of the tests (in the file counted, conftest.py, cluster.py) that return log text: a call is a source.
 RETURNERS: set[str] = set()
+# Of those that return a tuple, the positions that hold log text (``return proc.wait(), rest``: only 1): unpacking
+# such a call (``status, rest = f()``) taints those names only.
+TUPLE_TEXT: dict[str, set[int]] = {}
 
 
 def _is_source(node: ast.AST) -> bool:
@@ -85,6 +88,17 @@ def _targets(node: ast.AST) -> list[str]:
     return []
 
 
+def _unpacked(target: ast.AST, value: ast.AST) -> list[str] | None:
+    """The names that ``target = value`` fills with log text when ``value`` calls a function returning a tuple of
+    which only some positions are log text (:data:`TUPLE_TEXT`); None when that does not apply."""
+    if not (isinstance(target, (ast.Tuple, ast.List)) and isinstance(value, ast.Call)):
+        return None
+    positions = TUPLE_TEXT.get(getattr(value.func, "id", ""))
+    if positions is None or any(isinstance(e, ast.Starred) for e in target.elts):
+        return None
+    return [n for i, e in enumerate(target.elts) if i in positions for n in _targets(e)]
+
+
 def _taint(scope: ast.AST) -> set[str]:
     names: set[str] = set()
     while True:
@@ -92,7 +106,8 @@ def _taint(scope: ast.AST) -> set[str]:
         for node in ast.walk(scope):
             if isinstance(node, ast.Assign) and _tainted(node.value, names):
                 for t in node.targets:
-                    names.update(_targets(t))
+                    unpacked = _unpacked(t, node.value)
+                    names.update(_targets(t) if unpacked is None else unpacked)
             elif isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)) and node.value is not None:
                 if _tainted(node.value, names):
                     names.update(_targets(node.target))
@@ -149,6 +164,9 @@ def _returners(tree: ast.Module) -> set[str]:
                 returns = [n.value for n in ast.walk(scope) if isinstance(n, ast.Return) and n.value is not None]
                 if any(_tainted(r, names) for r in returns):
                     found.add(scope.name)
+                    tuples = [r for r in returns if isinstance(r, ast.Tuple)]
+                    if tuples and len(tuples) == len(returns) and len({len(r.elts) for r in tuples}) == 1:
+                        TUPLE_TEXT[scope.name] = {i for r in tuples for i, e in enumerate(r.elts) if _tainted(e, names)}
         if len(found) == before:
             return found
 
@@ -156,6 +174,7 @@ def _returners(tree: ast.Module) -> set[str]:
 def count(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), str(path))
     RETURNERS.clear()
+    TUPLE_TEXT.clear()
     for shared in ("conftest.py", "cluster.py"):
         RETURNERS.update(_returners(ast.parse((Path(__file__).parent / shared).read_text())))
     RETURNERS.update(_returners(tree))

@@ -1,42 +1,44 @@
 """tools/cluster.sh, the cluster in a box the multi-node tests run on: nodes with their own names, addresses and sshd
 on a private bridge; kill/revive, cut/heal, shaping; `down` that finds everything, twice or after a crash."""
 
+import json
 import signal
 import subprocess
 
 import pytest
-from cluster import CLUSTER_SH, box, cluster_id, leftovers, track, unavailable, wait_for
+from cluster import CLUSTER_SH, box, cluster_id, leftovers, netns_names, track, unavailable, wait_for
+from conftest import assert_says
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def host_network() -> tuple[str, str]:
-    """This machine's own interfaces/addresses and routes (the cluster must not add to them)."""
+def host_network() -> str:
+    """This machine's own interfaces/addresses and routes, as ip lists them (the cluster must not add to them)."""
     addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
     routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
-    return "\n".join(sorted(line.split("\\")[0] for line in addrs.splitlines())), routes
+    return "\n".join(sorted(line.split("\\")[0] for line in addrs.splitlines())) + "\n" + routes
 
 
 def test_nodes_have_their_own_names_addresses_and_sshd(tmp_path):
     before = host_network()
     with box(tmp_path / "c", 3) as c:
-        assert host_network() == before, "the cluster changed this machine's interfaces or routes"
+        # (What the commands below print is their product: a name, an address, a route.)
+        assert_says(host_network(), exactly=before)  # the cluster changed none of this machine's interfaces or routes
         for node in c.nodes:
-            assert c.run(node, "hostname").stdout.strip() == node
+            assert_says(c.run(node, "hostname").stdout, exactly=f"{node}\n")
             # Its own name resolves to its address on the bridge (not loopback), and so do the others'.
             resolved = c.run(node, "getent", "ahostsv4", *c.nodes).stdout
-            for other in c.nodes:
-                assert f"{c.address(other)} " in resolved and other in resolved, resolved
+            assert_says(resolved, *(f"{c.address(other)} " for other in c.nodes), *c.nodes)
             own = c.run(node, "python3", "-c", "import socket; print(socket.gethostbyname(socket.gethostname()))")
-            assert own.stdout.strip() == c.address(node)
+            assert_says(own.stdout, exactly=f"{c.address(node)}\n")
             routes = c.run(node, "ip", "route").stdout
-            assert "default" not in routes and routes.strip().startswith("10.213.0.0/24 dev eth0"), routes
+            assert_says(routes, lacks=("default",), patterns=(r"\A10\.213\.0\.0/24 dev eth0",))
         # ssh between nodes with the cluster's own keys (no password, host keys known).
         out = c.run("node1", "ssh", "node3", "hostname; ip -o -4 addr show eth0")
         assert out.returncode == 0, out.stdout
-        assert out.stdout.startswith("node3\n") and c.address("node3") in out.stdout
-        status = c.sh("status").stdout
-        assert all(f"{n} " in status for n in c.nodes) and status.count(", sshd") == 3, status
+        assert_says(out.stdout, c.address("node3"), patterns=(r"\Anode3\n",))
+        # What cluster.sh status tells a person: every node up, with its sshd.
+        assert_says(c.sh("status").stdout, patterns=tuple(rf"^{n} +\S+ +up, .*, sshd$" for n in c.nodes))
 
 
 def test_kill_then_revive(tmp_path):
@@ -47,43 +49,52 @@ def test_kill_then_revive(tmp_path):
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
         assert c.pids("node2") == [], "a process of the killed node survived"
         refused = c.run("node1", "ssh", "node2", "true")
-        assert refused.returncode == 255 and "refused" in refused.stdout
-        assert "node2 is down" in c.run("node2", "true").stdout
+        assert refused.returncode == 255
+        assert_says(refused.stdout, "refused")  # ssh's message
+        on_dead = c.run("node2", "true")
+        assert on_dead.returncode != 0
+        assert_says(on_dead.stdout, "node2 is down")  # cluster.sh's message
         assert c.pids("node1"), "killing node2 touched node1"
         c.revive("node2")
         back = c.run("node1", "ssh", "node2", "hostname")
-        assert back.returncode == 0 and back.stdout.strip() == "node2"
+        assert back.returncode == 0
+        assert_says(back.stdout, exactly="node2\n")
 
 
 def test_cut_then_heal(tmp_path):
     with box(tmp_path / "c", 2) as c:
         c.cut("node2")
-        assert "link cut" in c.sh("status").stdout
+        assert_says(c.sh("status").stdout, patterns=(r"^node2 .*, link cut,",))
         out = c.run("node1", "ssh", "-o", "ConnectTimeout=2", "node2", "true")
-        assert out.returncode == 255 and "timed out" in out.stdout, out.stdout
+        assert out.returncode == 255
+        assert_says(out.stdout, "timed out")  # ssh's message
         assert c.pids("node2"), "a cut node keeps running"
         c.heal("node2")
-        assert c.run("node1", "ssh", "node2", "hostname").stdout.strip() == "node2"
+        assert_says(c.run("node1", "ssh", "node2", "hostname").stdout, exactly="node2\n")
 
 
+# The receiver writes its file (the host's file systems are every node's) once it listens, and both print JSON.
 RECEIVE = (
-    "import socket; s = socket.create_server(('0.0.0.0', 5999)); c, _ = s.accept(); n = 0\n"
-    "while (b := c.recv(1 << 20)): n += len(b)\nc.sendall(b'k'); print(n)"
+    "import json, socket, sys; s = socket.create_server(('0.0.0.0', 5999)); open(sys.argv[1], 'w').close()\n"
+    "c, _ = s.accept(); n = 0\n"
+    "while (b := c.recv(1 << 20)): n += len(b)\nc.sendall(b'k'); print(json.dumps({'received': n}))"
 )
 SEND = (
-    "import socket, sys, time; s = socket.create_connection(('node2', 5999)); t = time.monotonic()\n"
+    "import json, socket, sys, time; s = socket.create_connection(('node2', 5999)); t = time.monotonic()\n"
     "s.sendall(b'x' * int(sys.argv[1])); s.shutdown(socket.SHUT_WR); s.recv(1)\n"
-    "print(int(sys.argv[1]) * 8 / (time.monotonic() - t) / 1e6)"
+    "print(json.dumps({'mbit_per_s': int(sys.argv[1]) * 8 / (time.monotonic() - t) / 1e6}))"
 )
 
 
 def send_mbit_per_s(c, nbytes: int) -> float:
     """One bounded transfer node1 -> node2, in Mbit/s."""
-    receiver = c.popen("node2", "timeout", "60", "python3", "-c", RECEIVE)
-    wait_for(lambda: "0.0.0.0:5999" in c.run("node2", "ss", "-ltn").stdout, 20, "the receiver")
+    listening = c.dir / "receiver.listening"
+    listening.unlink(missing_ok=True)
+    receiver = c.popen("node2", "timeout", "60", "python3", "-c", RECEIVE, str(listening))
+    wait_for(lambda: listening.exists() or receiver.poll() is not None, 20, "the receiver")
     sent = c.run("node1", "timeout", "60", "python3", "-c", SEND, str(nbytes))
-    assert receiver.wait(timeout=60) == 0 and int(receiver.stdout.read()) == nbytes
-    return float(sent.stdout)
+    assert receiver.wait(timeout=60) == 0 and json.loads(receiver.stdout.read()) == {"received": nbytes}
+    return json.loads(sent.stdout)["mbit_per_s"]
 
 
 def test_shape_limits_the_links_and_can_be_lifted(tmp_path):
@@ -91,11 +102,12 @@ def test_shape_limits_the_links_and_can_be_lifted(tmp_path):
         # 2.5 MB at 20 Mbit/s: about a second; the limit holds whatever the machine's load.
         assert send_mbit_per_s(c, 2_500_000) < 20 * 1.15
         c.sh("shape")
-        assert "rate unlimited" in c.sh("status").stdout
+        assert_says(c.sh("status").stdout, "rate unlimited")
         assert send_mbit_per_s(c, 2_500_000) > 20 * 1.5
         delayed = c.sh("shape", "--delay", "1ms", check=False)
         if delayed.returncode:  # kernels without netem say so, and keep the links as they were
-            assert "netem" in delayed.stderr and "rate unlimited, delay none" in c.sh("status").stdout
+            assert_says(delayed.stderr, "netem")
+            assert_says(c.sh("status").stdout, "rate unlimited, delay none")
 
 
 def test_down_is_safe_twice_and_after_a_crash(tmp_path):
@@ -110,7 +122,7 @@ def test_down_is_safe_twice_and_after_a_crash(tmp_path):
     )
     try:
         wait_for(
-            lambda: prefix + "node2" in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout,
+            lambda: prefix + "node2" in netns_names(),
             30,
             "up to make node2's namespace",
             poll=0.005,
@@ -125,7 +137,7 @@ def test_down_is_safe_twice_and_after_a_crash(tmp_path):
             [str(CLUSTER_SH), "--dir", str(state), "down"], capture_output=True, text=True, timeout=120
         )
         assert out.returncode == 0, out.stderr
-    assert prefix not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+    assert not [n for n in netns_names() if n.startswith(prefix)]
     assert not state.exists()
 
 

@@ -14,7 +14,8 @@ import textwrap
 import time
 
 import pytest
-from cluster import Output
+from cluster import Output, wait_for
+from conftest import assert_says
 
 pytestmark = pytest.mark.timeout(120)
 PEER_HELLO_S = 5.0  # PeerWatch.HELLO_S
@@ -41,9 +42,9 @@ RANK = textwrap.dedent("""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     PeerWatch.GRACE_S = 1.0
     PeerWatch.start(FileBroadcast())
-    print("watching", flush=True)
+    open(f"{where}.watching.{rank}", "w").close()
     time.sleep(seconds)
-    print("done", flush=True)
+    open(f"{where}.done.{rank}", "w").close()
 """)
 
 
@@ -57,8 +58,15 @@ def start(rank: int, tmp_path, seconds: float) -> Output:
         text=True,
     )
     out = Output(proc)
-    out.wait_for("watching", 60)
+    watching = tmp_path / f"address.watching.{rank}"
+    wait_for(lambda: watching.exists() or proc.poll() is not None, 60, f"rank {rank}'s watch to start")
+    assert watching.exists(), f"rank {rank} exited with {proc.returncode}:\n{out.text[-3000:]}"
     return out
+
+
+def done(tmp_path, rank: int) -> bool:
+    """Whether the rank ran its time out (it writes the file as it leaves)."""
+    return (tmp_path / f"address.done.{rank}").exists()
 
 
 @pytest.fixture
@@ -80,33 +88,34 @@ def test_a_stopped_peer_is_named_welcomed_back_and_lost_if_it_stays_silent(pair)
     rank0, rank1 = pair()
     pid = rank1.proc.pid
     rank1.proc.send_signal(signal.SIGSTOP)
-    rank0.wait_for(
+    rank0.wait_says(
         rf"WARNING rank 1 \(\S+:{pid}\) has been silent for 1 s \(stopped, overloaded, or its node unreachable\); "
         r"waiting for it, for at most 4 s",
         20,
     )
     rank1.proc.send_signal(signal.SIGCONT)
-    rank0.wait_for(rf"WARNING rank 1 \(\S+:{pid}\) is heard from again", 20)
+    rank0.wait_says(rf"WARNING rank 1 \(\S+:{pid}\) is heard from again", 20)
     rank1.proc.send_signal(signal.SIGSTOP)
     assert rank0.finish(30) == 76
-    assert "rank 1 (" in rank0.text and f":{pid}) is lost: nothing heard from it for 4 s" in rank0.text
+    assert_says(rank0.text, "rank 1 (", f":{pid}) is lost: nothing heard from it for 4 s")
     rank1.proc.send_signal(signal.SIGCONT)
     # The stopped rank, once running, finds rank 0 gone and leaves too.
-    assert rank1.finish(30) == 76 and "rank 0 (" in rank1.text and "is lost" in rank1.text
+    assert rank1.finish(30) == 76
+    assert_says(rank1.text, "rank 0 (", "is lost")
 
 
 def test_a_killed_peer_is_lost_at_once(pair):
     rank0, rank1 = pair()
     rank1.proc.kill()
     assert rank0.finish(30) == 76
-    assert "is lost: its connection closed without a goodbye" in rank0.text
+    assert_says(rank0.text, "is lost: its connection closed without a goodbye")
 
 
-def test_a_clean_exit_says_goodbye(pair):
+def test_a_clean_exit_says_goodbye(pair, tmp_path):
     rank0, rank1 = pair(seconds0=4, seconds1=0)
     assert rank1.finish(30) == 0
-    assert rank0.finish(30) == 0 and "done" in rank0.text
-    assert "lost" not in rank0.text and "silent" not in rank0.text
+    assert rank0.finish(30) == 0 and done(tmp_path, 0)
+    assert_says(rank0.text, lacks=("lost", "silent"))
 
 
 def test_connections_that_are_not_ranks_of_the_job_are_closed_and_never_end_it(pair, tmp_path):
@@ -133,8 +142,9 @@ def test_connections_that_are_not_ranks_of_the_job_are_closed_and_never_end_it(p
     started = time.monotonic()
     assert rank1.finish(30) == 0 and rank0.finish(30) == 0, rank0.text + rank1.text
     assert time.monotonic() - started > 1  # they ran their time out, not ended early
-    assert "is lost" not in rank0.text and "done" in rank0.text  # (a 1 s silence warning may come on a busy machine)
-    assert secret not in rank0.text + rank1.text  # never logged
+    assert done(tmp_path, 0) and done(tmp_path, 1)
+    assert_says(rank0.text, lacks=("is lost",))  # (a 1 s silence warning may come on a busy machine)
+    assert_says(rank0.text + rank1.text, lacks=(secret,))  # never logged
 
 
 def test_rank_0_listens_on_the_address_it_advertises_only(tmp_path, pair):

@@ -2,19 +2,23 @@
 
 import csv
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+from cluster import Output, wait_for
 from conftest import DATA, assert_says, tool
 
 from dstrain.audio import read_audio
 from dstrain.prep.pipeline import PreprocessConfig, preprocess
 from dstrain.store import FeatureStore
+from dstrain.store.layout import PROGRESS
 
 
 def store_digest(store) -> dict[str, str]:
@@ -92,17 +96,45 @@ def chunked(tmp_path_factory, alphabet_path):
     return args, store_digest(tmp / "reference")
 
 
+def finished_chunks(store) -> set[str]:
+    """The chunks a preprocessing run has finished so far: its valid markers ``_progress/chunk-CCCCCC.json`` (a marker
+    being written does not parse yet; the folder goes once the store is complete)."""
+    done = set()
+    for marker in Path(store).glob(f"{PROGRESS}/chunk-*.json"):
+        try:
+            json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        done.add(marker.name)
+    return done
+
+
+def wait_chunks(proc: subprocess.Popen, store, chunks: int, before: set[str] = frozenset()) -> None:
+    """Until the run ``proc`` writing ``store`` has finished ``chunks`` chunks beyond ``before``, or has exited."""
+    wait_for(
+        lambda: len(finished_chunks(store) - before) >= chunks or proc.poll() is not None,
+        600,
+        f"{chunks} finished chunk(s) in {store}",
+        poll=0.01,
+    )
+
+
 def interrupt_after_chunks(cmd: list[str], chunks: int, sig: int) -> tuple[int, str]:
-    """Runs ``cmd``, sends ``sig`` once its log says ``chunks`` chunks are done; (exit status, the rest of its log)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = 0
-    for line in proc.stderr:
-        done += " done (" in line and "chunk " in line
-        if done == chunks:
+    """Runs ``cmd`` (with ``--output STORE``), sends ``sig`` once it has finished ``chunks`` more chunks (their
+    markers in the store); (exit status, its log)."""
+    store = cmd[max(i for i, arg in enumerate(cmd) if arg == "--output") + 1]
+    before = finished_chunks(store)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Output(proc)  # (read as it comes: a full pipe would stall the run)
+    try:
+        wait_chunks(proc, store, chunks, before)
+        if proc.poll() is None:
             proc.send_signal(sig)
-            break
-    rest = proc.stderr.read()
-    return proc.wait(timeout=120), rest
+        return output.finish(120), output.text
+    finally:
+        if proc.poll() is None:  # (a test that failed half-way)
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
@@ -149,19 +181,16 @@ def test_a_killed_worker_ends_the_run_naming_its_chunk_and_the_rerun_completes_t
     store = tmp_path / "store"
     cmd = args + ["--output", str(store), "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = 0
-    for line in proc.stderr:  # after a chunk is done, both workers are busy with the next ones
-        done += " done (" in line and "chunk " in line
-        if done == 2:
-            break
+    output = Output(proc, stream=proc.stderr)
+    wait_chunks(proc, store, 2)  # after a chunk is done, both workers are busy with the next ones
     workers = [c for c in psutil.Process(proc.pid).children() if "multiprocessing" in " ".join(c.cmdline())]
     workers = [w for w in workers if "resource_tracker" not in " ".join(w.cmdline())]
     assert len(workers) == 2, [w.cmdline() for w in workers]
     victim = workers[0].pid
     os.kill(victim, signal.SIGKILL)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 1, rest[-3000:]
-    last = rest.strip().splitlines()[-1]  # the last thing it says, to a person
+    status = output.finish(60)
+    assert status == 1, output.text[-3000:]
+    last = output.text.strip().splitlines()[-1]  # the last thing it says, to a person
     assert_says(last, f"worker {victim} killed by SIGKILL while preprocessing chunk ", "run the same command")
     assert not (store / "_manifest.json").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
