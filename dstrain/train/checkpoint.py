@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import tensorflow as tf
+from tensorflow.python.checkpoint import checkpoint_management
 
 from dstrain.config import option
 from dstrain.model import DeepSpeech, ModelConfig
@@ -208,9 +209,30 @@ class Checkpoints:
     def save(self, best: bool = False) -> str:
         path = self.latest.save(options=self._options("latest"))  # numbered by the saved save counter: never overwrites
         if best:
-            self.best.save(options=self._options("best"))
+            self._keep_as_best(path)
         self.last_save = time.monotonic()
         return path
+
+    def _keep_as_best(self, path: str) -> None:
+        """best_dev/ gets a copy of the checkpoint just saved, under the same name: the same state, without a second
+        serialisation (half the cost of an epoch's saves on small models). As a save: files first, then the index
+        (written atomically), then the previous best's files; a kill leaves the old best or the new one."""
+        dest = os.path.join(self.run.best_dir, os.path.basename(path))
+        tf.io.gfile.makedirs(self.run.best_dir)
+        for f in tf.io.gfile.glob(path + ".*"):
+            tf.io.gfile.copy(f, dest + f[len(path) :], overwrite=True)
+        if self.on_written is not None:
+            self.on_written("best", dest)
+        previous = self.best.checkpoints
+        # What CheckpointManager itself writes the index with (names relative to the folder, written atomically).
+        checkpoint_management.update_checkpoint_state_internal(
+            self.run.best_dir, dest, all_model_checkpoint_paths=[dest], save_relative_paths=True
+        )
+        for old in previous:
+            if old != dest:
+                for f in tf.io.gfile.glob(old + ".*"):
+                    tf.io.gfile.remove(f)
+        self.best = tf.train.CheckpointManager(self.ckpt, self.run.best_dir, max_to_keep=1)
 
     def due(self, cfg: CheckpointConfig, step: int) -> bool:
         if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
