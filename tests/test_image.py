@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DATA, REPO
+from conftest import DATA, REPO, assert_says, records
 
 from dstrain.launch.k8s import HOSTFILE, USER_HOME, K8sConfig, render
 
@@ -115,16 +115,19 @@ class Containers:
             args += ["--entrypoint", entrypoint]
         return self.podman(*args, image, *argv, timeout=timeout, check=detach)
 
-    def wait_for_log(self, role: str, text: str, timeout: float = 60) -> None:
-        """Until the container's log shows ``text`` (it is running, or it has exited and the log is final)."""
+    def running(self, role: str) -> bool:
+        (info,) = json.loads(self.podman("inspect", self.name(role)).stdout)
+        return info["State"]["Running"]
+
+    def wait_listening(self, role: str, port: int, timeout: float = 60) -> None:
+        """Until the container accepts connections on ``port`` (bash's /dev/tcp inside it, by exit status); fails
+        with its log if it exits first."""
         deadline = time.monotonic() + timeout
-        while True:
-            logs = self.podman("logs", self.name(role), check=False)
-            if text in logs.stdout + logs.stderr:
-                return
-            state = self.podman("inspect", "--format", "{{.State.Running}}", self.name(role), check=False).stdout
-            assert state.strip() == "true", f"{role} exited before {text!r}:\n{logs.stdout}{logs.stderr}"
-            assert time.monotonic() < deadline, f"{role}: no {text!r} after {timeout} s:\n{logs.stdout}{logs.stderr}"
+        probe = ["exec", self.name(role), "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"]
+        while self.podman(*probe, check=False).returncode != 0:
+            if not self.running(role) or time.monotonic() > deadline:
+                logs = self.podman("logs", self.name(role), check=False)
+                pytest.fail(f"{role}: nothing listening on port {port}:\n{logs.stdout}{logs.stderr}")
             time.sleep(0.2)
 
     def remove_all(self) -> None:
@@ -132,8 +135,8 @@ class Containers:
             self.podman("rm", "--force", "--time", "0", name, check=False)
         for name in self.networks:
             self.podman("network", "rm", "--force", name, check=False)
-        left = self.podman("ps", "--all", "--filter", f"name={self.prefix}", "--format", "{{.Names}}", check=False)
-        assert not left.stdout.strip(), f"containers left behind: {left.stdout}"
+        left = json.loads(self.podman("ps", "--all", "--filter", f"name={self.prefix}", "--format", "json").stdout)
+        assert not left, f"containers left behind: {[c['Names'] for c in left]}"
 
 
 @pytest.fixture
@@ -192,7 +195,7 @@ def _trains_ldc93s1_as_the_unprivileged_user(image: str, containers: "Containers
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert proc.stdout.strip().splitlines()[-1] == TRANSCRIPT
+    assert_says(proc.stdout, last_line=TRANSCRIPT)  # the job's product: the transcript
     run = tmp_path / "data" / "demo"
     assert (run / "shards" / "_manifest.json").exists() and (run / "checkpoints" / "train.log").exists()
     assert {"saved_model.pb", "dstrain_export.json"} <= set(os.listdir(run / "export"))
@@ -200,7 +203,7 @@ def _trains_ldc93s1_as_the_unprivileged_user(image: str, containers: "Containers
     owners = {p.stat().st_uid for p in run.rglob("*")}
     assert owners == {UID}, f"files owned by {owners}"
     ident = containers.run("id", image, ["-u"], entrypoint="id")
-    assert ident.stdout.strip() == str(UID)
+    assert_says(ident.stdout, exactly=f"{UID}\n")
 
 
 def _mpijob_config(data: str) -> K8sConfig:
@@ -279,7 +282,7 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
             detach=True,
         )
     for i in range(cfg.workers):  # the operator's launcherCreationPolicy: WaitForWorkersReady
-        containers.wait_for_log(f"worker-{i}", "Server listening on")
+        containers.wait_listening(f"worker-{i}", 2222)
 
     env = {e["name"]: e["value"] for e in launcher["env"]}
     proc = containers.run(
@@ -294,17 +297,19 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert "Horovod: 2 process(es)" in out and "mpi controller" in out, out[-3000:]
-    assert f"-H {workers[0]}:1,{workers[1]}:1" in out  # mpirun placed one rank on each worker
-    # Rank 0 (on worker-0) wrote the checkpoint and the export to the shared volume.
+    # Rank 0 (on worker-0) wrote the run record, the checkpoint and the export to the shared volume.
     ckpt = tmp_path / "data" / "checkpoints" / cfg.name
-    assert (ckpt / "train.log").exists() and "epoch 2/2" in (ckpt / "train.log").read_text()
+    (start,) = records(ckpt, "start")
+    assert start["world_size"] == 2 and start["controller"] == "mpi", start
+    assert start["hosts"] == workers, start  # mpirun placed one rank on each worker, rank 0 on worker-0
+    assert [(r["number"], r["epochs"]) for r in records(ckpt, "epoch")] == [(1, 2), (2, 2)]
+    assert (ckpt / "train.log").exists()
     assert json.loads((ckpt / "config.json").read_text())
     assert "saved_model.pb" in os.listdir(tmp_path / "data" / "exports" / cfg.name)
     # The workers ran the ranks: each one's sshd served a session that started orted.
     for i in range(cfg.workers):
         top = containers.podman("logs", containers.name(f"worker-{i}"), check=False)
-        assert "Accepted publickey for mpiuser" in top.stdout + top.stderr
+        assert_says(top.stdout + top.stderr, "Accepted publickey for mpiuser")  # sshd's log, to an administrator
 
 
 @pytest.mark.slow
@@ -313,4 +318,5 @@ def test_gpu_image_imports_tensorflow_and_horovod_with_nccl(gpu_image, podman_en
     # `make image` ran this check when it built the image; rerun on the image of this checkout.
     proc = subprocess.run([str(BUILD), "check", "gpu"], capture_output=True, text=True, env=podman_env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[X] NCCL" in proc.stderr and "horovod with NCCL, MPI, Gloo" in proc.stdout
+    assert_says(proc.stderr, "[X] NCCL")  # horovodrun --check-build's table
+    assert_says(proc.stdout, "horovod with NCCL, MPI, Gloo")  # build_image.sh's verdict
