@@ -113,12 +113,11 @@ wheelhouse() {
     # dstrain's other requirements, sdists built into wheels here (same Debian 12, same cp311 ABI as the image).
     # Horovod is not among them: built here it would be built without TensorFlow (no ops), and a wheel of it in
     # the wheelhouse is what the offline build would then install.
-    local meta
-    meta=$(mktemp -d)
-    DSTRAIN_TF=$flavour "$py" setup.py -q egg_info --egg-base "$meta" >/dev/null
-    sed '/^\[/,$d' "$meta"/dstrain.egg-info/requires.txt | grep -iv '^horovod' > "$meta/requirements.txt"
-    "$py" -m pip wheel -q -w "$dir" -r "$meta/requirements.txt"
-    rm -rf "$meta"
+    local reqfile
+    reqfile=$(mktemp)
+    DSTRAIN_TF=$flavour PYTHON=$py tools/install.sh --requirements | grep -iv '^horovod' > "$reqfile"
+    "$py" -m pip wheel -q -w "$dir" -r "$reqfile"
+    rm -f "$reqfile"
     ! ls "$dir"/horovod-*.whl >/dev/null 2>&1 || die "a Horovod wheel got into $dir"
     echo "$key" > "$dir/.key"
     log "wheelhouse: $(du -sh "$dir" | cut -f1) ($((SECONDS - t0)) s)"

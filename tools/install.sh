@@ -6,9 +6,10 @@
 #   DSTRAIN_TF=gpu tools/install.sh   # tensorflow[and-cuda] and Horovod with NCCL allreduce (no GPU needed to build)
 #   tools/install.sh --test           # also what the test suite drives: SLURM, munge, strace, TTS for corpora
 #   VENV=build/venv-gpu DSTRAIN_TF=gpu tools/install.sh   # a GPU venv beside the CPU .venv the tests use
-#   DSTRAIN_IMAGE=1 ...               # what the image build runs: dstrain installed (not editable), no test extras
+#   DSTRAIN_IMAGE=1 ...               # what the image build runs: dstrain's requirements only (its wheel comes later)
 #   tools/install.sh --apt-packages [GROUP...]   # print the Debian packages of tools/packages.txt's groups, and exit
 #   tools/install.sh --apt-missing GROUP...      # print those of them that are not installed, and exit
+#   PYTHON=... tools/install.sh --requirements   # print setup.py's requirements for DSTRAIN_TF, and exit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,17 @@ missing_of() {
   echo "$missing"
 }
 
+# setup.py's install requirements for DSTRAIN_TF, one per line, read with the interpreter $1 (it needs setuptools and
+# pybind11): what the image's venv and its wheelhouse hold besides dstrain.
+requirements_of() {
+  local meta
+  meta=$(mktemp -d)
+  DSTRAIN_TF=$DSTRAIN_TF "$1" setup.py -q egg_info --egg-base "$meta" >/dev/null
+  sed '/^\[/,$d' "$meta"/dstrain.egg-info/requires.txt
+  rm -rf "$meta"
+}
+
+if [ "${1:-}" = --requirements ]; then requirements_of "$PYTHON"; exit 0; fi
 if [ "${1:-}" = --apt-packages ]; then shift; packages_of "${@:-base build}"; echo; exit 0; fi
 if [ "${1:-}" = --apt-missing ]; then shift; missing_of "$@"; exit 0; fi
 if [ "${1:-}" = --test ]; then GROUPS_WANTED="$GROUPS_WANTED test"; fi
@@ -56,8 +68,11 @@ fi
 
 # --- up to date? The stamp records the inputs that decide what the venv holds (the decoder's C++ included:
 # the editable install compiles it in place).
-want="$(sha256sum setup.py pyproject.toml tools/install.sh tools/build_horovod.sh tools/versions.sh dstrain/decoder/*.cpp | sha256sum | cut -c1-16)-$DSTRAIN_TF-${DSTRAIN_IMAGE:-0}"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c 'import horovod.tensorflow, dstrain' 2>/dev/null; then
+inputs=(setup.py pyproject.toml tools/install.sh tools/build_horovod.sh tools/versions.sh)
+ready='import horovod.tensorflow, dstrain'
+if [ -n "${DSTRAIN_IMAGE:-}" ]; then ready='import horovod.tensorflow'; else inputs+=(dstrain/decoder/*.cpp); fi
+want="$(sha256sum "${inputs[@]}" | sha256sum | cut -c1-16)-$DSTRAIN_TF-${DSTRAIN_IMAGE:-0}"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "$ready" 2>/dev/null; then
   exit 0
 fi
 
@@ -97,8 +112,12 @@ fi
 cp "$KENLM_BIN/lmplz" "$KENLM_BIN/build_binary" "$VENV/bin/"
 
 if [ -n "${DSTRAIN_IMAGE:-}" ]; then
-  log "installing dstrain into $VENV"
-  DSTRAIN_TF=$DSTRAIN_TF $PIP install -q --no-build-isolation .
+  # setup.py's requirements without dstrain: the image installs dstrain's own wheel in a later layer of its own.
+  log "installing dstrain's requirements into $VENV"
+  reqs=$(mktemp)
+  requirements_of "$VENV/bin/python" > "$reqs"
+  $PIP install -q -r "$reqs"
+  rm -f "$reqs"
 else
   log "installing dstrain (editable) and test tools"
   DSTRAIN_TF=$DSTRAIN_TF $PIP install -q --no-build-isolation -e '.[test]'
