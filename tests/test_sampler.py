@@ -1,5 +1,6 @@
 """The epoch planner: pure numpy, no TensorFlow or Horovod; every rank's plan is computed here in one process."""
 
+import hashlib
 import json
 from collections import Counter
 
@@ -678,3 +679,62 @@ def test_a_pad_in_the_steps_done_does_not_consume_the_sample_it_repeats(seed):
             rest = [resume_plan(first[0].position_after(cut), rgs, spec, rank=r, world=2) for r in range(2)]
             ahead = np.concatenate([p.sample_ids[~p.is_pad] for p in rest])
             assert sorted(done.tolist() + ahead.tolist()) == list(range(pool)), (epoch, cut)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Regression: the exact plans
+
+
+def plans_digest(sampler) -> str:
+    """Every rank's batches (ids, repeats, draws, order, windows, counts) over both batch rules, both remainders, the
+    epoch orders, store weights, and resumes at the same and at another layout, hashed."""
+    h = hashlib.sha256()
+
+    def add(plans):
+        for p in plans:
+            for a in (p.sample_ids, p.entries, p.offsets, p.is_pad.astype(np.int64)):
+                h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+            h.update(
+                repr(
+                    (
+                        p.assigned,
+                        p.dropped,
+                        p.window_steps,
+                        p.start_step,
+                        [(w.start, w.stop, w.keys) for w in p.windows],
+                    )
+                ).encode()
+            )
+
+    rng = np.random.default_rng(5)
+    sizes = LAYOUTS["uneven"]
+    rgs = sampler.make_row_groups([rng.integers(20, 2000, size=s) for s in sizes], stores=[i % 2 for i in sizes])
+    rules = ({"batch_size": 3}, {"batch_size": 0, "batch_frames": 4000})
+    for rule, other in zip(rules, ({"batch_size": 0, "batch_frames": 5000}, {"batch_size": 5})):
+        for remainder in ("drop", "pad"):
+            for order in (
+                {},
+                {"sortagrad": True},
+                {"reverse": True, "buckets": 4},
+                {"shuffle": False},
+                {"weights": (1, 3)},
+            ):
+                spec = sampler.PlanSpec(remainder=remainder, window_row_groups=2, **rule, **order)
+                for world in (1, 2, 3):
+                    plans = sampler.plan_all(rgs, spec, world=world, epoch=0, seed=world)
+                    add(plans)
+                    position = plans[0].position_after(plans[0].steps // 2)
+                    h.update(json.dumps(position.to_dict(), sort_keys=True).encode())
+                    add([sampler.resume_plan(position, rgs, spec, rank=r, world=world) for r in range(world)])
+                    spec2 = sampler.PlanSpec(remainder=remainder, window_row_groups=3, **other, **order)
+                    add([sampler.resume_plan(position, rgs, spec2, rank=r, world=world + 1) for r in range(world + 1)])
+    return h.hexdigest()
+
+
+def test_plans_are_those_checkpoints_were_made_with():
+    """The plans of every layout are pinned: a checkpoint resumes on the batches it was planned with, and a training
+    run's samples do not change with a refactoring (recorded with the sampler before fixed and duration batches ran
+    through one engine). A deliberate change of plans must change this digest, and say so."""
+    import dstrain.loader.sampler as sampler
+
+    assert plans_digest(sampler) == "04bd70378f371d2fcac06801e9d5d14112cd2dec77d487e9ee90171a4323a705"

@@ -54,6 +54,12 @@ Training plan (:func:`plan_epoch`)
    length quantile. One shared permutation orders each window's steps, as in 5. A sample longer than ``N`` is an
    error (it could never fit). Planning costs one sort of the whole pool whatever the world size.
 
+Steps 2-7 are one engine for both kinds of batch; a :class:`BatchRule` (:class:`FixedBatchSize` for ``batch_size``,
+:class:`FrameBudget` for ``batch_frames``, as Lhotse's sampling constraints) says only how many samples every rank
+keeps (``S * B``, or ``n``), how many a window holds (``Sw * B``, or ``K * mean_rows_per_row_group``) and where a
+window's batches end (every ``B``, or greedily along the budget). With fixed batches the cuts need no other rank's
+samples, so a rank plans its own share only.
+
 Evaluation plan (:func:`plan_eval`): contiguous runs of the data in its natural order, every sample exactly once over
 all ranks, no padding or dropping; ranks may differ by one step (or have none at all).
 
@@ -65,7 +71,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -216,6 +222,103 @@ class PlanSpec:
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
 
+    @property
+    def batch_rule(self) -> "BatchRule":
+        return _batch_rule(self.batch_size, self.batch_frames)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batch rules
+
+
+class BatchRule:
+    """What ends a batch: a fixed count (:class:`FixedBatchSize`) or a frame budget (:class:`FrameBudget`), as Lhotse's
+    sampling constraints are passed to one sampler. The rank split, the remainder rule, windows, buckets and the shared
+    step order are one engine for both; a rule says how many entries every rank keeps, how long a window is and where
+    a window's batches end."""
+
+    shares_cuts: bool = False
+    """Batch ends depend on every rank's samples, so all ranks are planned together (and draw their random tie-breaks
+    from one stream: see :func:`_tie_keys`)."""
+    drops_earliest_tie: bool = False
+    """Which of equal tie-breaks the drop remainder leaves out: the earliest sample, or the latest (as each rule did
+    when existing checkpoints were planned)."""
+
+    @property
+    def pad_from_latest(self) -> int:
+        """A rank whose last window is empty repeats (some of) its latest this many samples."""
+        return 1
+
+    def kept(self, dealt: int, remainder: Remainder) -> int:
+        """Entries every rank keeps, from ``dealt``: the fewest samples a rank was dealt (drop), or the most (pad)."""
+        raise NotImplementedError
+
+    def window(self, kept: int, span: Optional[int]) -> int:
+        """Entries per window, for windows of about ``span`` samples (None: the rank's whole run)."""
+        raise NotImplementedError
+
+    def cuts(self, lengths: np.ndarray, window: int) -> np.ndarray:
+        """Batch boundaries ``0..kept`` over every planned rank's window-sorted lengths (ranks x kept), never across a
+        window."""
+        raise NotImplementedError
+
+    def check_lengths(self, lengths: np.ndarray) -> None:
+        """Raise if a sample can never be batched."""
+
+
+@dataclass(frozen=True)
+class FixedBatchSize(BatchRule):
+    """``batch_size`` samples per batch; windows are whole numbers of steps."""
+
+    batch_size: int
+
+    @property
+    def pad_from_latest(self) -> int:
+        return self.batch_size
+
+    def kept(self, dealt: int, remainder: Remainder) -> int:
+        steps = dealt // self.batch_size if remainder == "drop" else -(-dealt // self.batch_size)
+        return steps * self.batch_size
+
+    def window(self, kept: int, span: Optional[int]) -> int:
+        steps = kept // self.batch_size
+        return self.batch_size * (max(1, steps) if span is None else max(1, min(steps, span // self.batch_size)))
+
+    def cuts(self, lengths: np.ndarray, window: int) -> np.ndarray:
+        return np.arange(0, lengths.shape[1] + 1, self.batch_size, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class FrameBudget(BatchRule):
+    """As many samples per batch as fit ``batch_frames`` frames of padded batch (samples x longest), cut along the
+    longest sample any rank has at each position, so every rank's batch fits and all ranks run the same steps."""
+
+    batch_frames: int
+    shares_cuts = True
+    drops_earliest_tie = True
+
+    def kept(self, dealt: int, remainder: Remainder) -> int:
+        return dealt
+
+    def window(self, kept: int, span: Optional[int]) -> int:
+        return kept if span is None else max(1, min(kept, span))
+
+    def cuts(self, lengths: np.ndarray, window: int) -> np.ndarray:
+        return _greedy_cuts(lengths.max(axis=0), self.batch_frames, window)
+
+    def check_lengths(self, lengths: np.ndarray) -> None:
+        over = lengths > self.batch_frames
+        if over.any():
+            raise ValueError(
+                f"batch_frames {self.batch_frames}: {int(over.sum())} sample(s) are longer, the longest "
+                f"{int(lengths.max())} frames; raise batch_frames to at least {int(lengths.max())}, or leave long "
+                f"samples out when preprocessing"
+            )
+
+
+def _batch_rule(batch_size: int, batch_frames: int) -> BatchRule:
+    return FrameBudget(batch_frames) if batch_frames else FixedBatchSize(batch_size)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Plans and positions
@@ -244,6 +347,10 @@ class Segment:
     @property
     def layout(self) -> tuple[int, int, int, int]:
         return (self.world, self.batch_size, self.window_row_groups, self.batch_frames)
+
+    @property
+    def batch_rule(self) -> BatchRule:
+        return _batch_rule(self.batch_size, self.batch_frames)
 
     def __str__(self) -> str:
         batches = f"batches of {self.batch_frames} frames" if self.batch_frames else f"batch {self.batch_size}"
@@ -551,8 +658,18 @@ class _RankRun:
     """First step of each window."""
 
 
-def _fixed_layout(steps: int, batch_size: int, window_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.arange(steps + 1, dtype=np.int64) * batch_size, np.arange(0, steps, window_steps, dtype=np.int64)
+def _split(pool_size: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rank split, for training and evaluation alike: rank ``r`` is dealt the ``r``-th of ``world`` contiguous
+    runs of the pool, ``ceil(pool_size/world)`` samples for the first ``pool_size % world`` ranks, ``floor`` for the
+    rest. Returns every rank's (first position, count)."""
+    base, extra = divmod(pool_size, world)
+    ranks = np.arange(world, dtype=np.int64)
+    return ranks * base + np.minimum(ranks, extra), base + (ranks < extra)
+
+
+def _mean_rows(table: RowGroupTable, avail: np.ndarray) -> float:
+    """Mean rows per row group of the samples used: what ``window_row_groups`` converts to samples with."""
+    return avail.size / max(1, np.unique(table.rg_index[avail]).size)
 
 
 class _Epoch:
@@ -561,31 +678,23 @@ class _Epoch:
     def __init__(self, table: RowGroupTable, spec: PlanSpec, *, epoch: int, seed: int):
         if epoch < 0 or seed < 0:
             raise ValueError("epoch and seed must be non-negative")
-        self.table, self.epoch, self.seed, self.shuffle, self.reverse, self.remainder = (
-            table,
-            epoch,
-            seed,
-            spec.shuffle,
-            spec.reverse,
-            spec.remainder,
-        )
+        self.table, self.epoch, self.seed = table, epoch, seed
+        self.shuffle, self.reverse, self.remainder = spec.shuffle, spec.reverse, spec.remainder
         self.avail = _limited(table, spec.limit)
-        if spec.batch_frames:
-            _check_budget(table.n_frames[self.avail], spec.batch_frames)
+        spec.batch_rule.check_lengths(table.n_frames[self.avail])
         self.bounds = _bucket_bounds(table.n_frames[self.avail], spec.buckets)
-        used_groups = np.unique(table.rg_index[self.avail]).size
-        self.mean_rows = self.avail.size / max(1, used_groups)
+        self.mean_rows = _mean_rows(table, self.avail)
         self.length_ordered = bool((spec.sortagrad or spec.reverse) and (epoch == 0 or not spec.shuffle))
         self.pool = self._pool(spec.weights)
         self.fingerprint = _fingerprint(table, spec)
 
     def _pool(self, weights: Optional[Sequence[float]]) -> np.ndarray:
-        t, avail = self.table, self.avail
-        rg = t.rg_index[avail]
+        table, avail = self.table, self.avail
+        row_group = table.rg_index[avail]
         if weights is None:
-            sids, unit = avail, rg
+            sids, unit = avail, row_group
         else:
-            sids, unit = self._weighted(np.asarray(weights, dtype=np.float64), rg)
+            sids, unit = self._weighted(np.asarray(weights, dtype=np.float64), row_group)
         if sids.size == 0:
             return sids
         if self.shuffle:
@@ -597,23 +706,24 @@ class _Epoch:
             order = np.argsort(unit, kind="stable")
         return sids[order]
 
-    def _weighted(self, w: np.ndarray, rg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t, avail = self.table, self.avail
-        if w.ndim != 1 or not np.all(np.isfinite(w)) or np.any(w < 0):
+    def _weighted(self, weights: np.ndarray, row_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        avail = self.avail
+        if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
             raise ValueError("weights must be finite and non-negative, one per store")
-        st = t.stores[rg]
-        if st.size and st.max() >= w.size:
-            raise ValueError(f"{w.size} weights for stores 0..{st.max()}")
-        present = np.unique(st)
-        wp = w[present]
-        if not np.any(wp > 0):
+        stores = self.table.stores[row_group]
+        if stores.size and stores.max() >= weights.size:
+            raise ValueError(f"{weights.size} weights for stores 0..{stores.max()}")
+        present = np.unique(stores)
+        present_weights = weights[present]
+        if not np.any(present_weights > 0):
             raise ValueError("no store with a positive weight has samples")
         targets = np.zeros(present.size, np.int64)
-        targets[wp > 0] = _largest_remainder(avail.size, wp[wp > 0])
+        positive = present_weights > 0
+        targets[positive] = _largest_remainder(avail.size, present_weights[positive])
         parts_sid, parts_unit, next_unit = [], [], 0
-        for s, target in zip(present.tolist(), targets.tolist()):
-            mask = st == s
-            idx, groups = avail[mask], rg[mask]
+        for store, target in zip(present.tolist(), targets.tolist()):
+            mask = stores == store
+            idx, groups = avail[mask], row_group[mask]
             _, local = np.unique(groups, return_inverse=True)
             n_local = int(local.max()) + 1
             copies, rest = divmod(int(target), idx.size)
@@ -622,114 +732,20 @@ class _Epoch:
                 parts_unit.append(next_unit + local)
                 next_unit += n_local
             if rest:
-                rng = np.random.default_rng([self.seed, self.epoch, 1, s])
+                rng = np.random.default_rng([self.seed, self.epoch, 1, store])
                 order = rng.permutation(n_local)
                 cum = np.cumsum(np.bincount(local, minlength=n_local)[order])
-                k = int(np.searchsorted(cum, rest))
-                need = rest - (int(cum[k - 1]) if k else 0)
-                partial = np.flatnonzero(local == order[k])
+                whole = int(np.searchsorted(cum, rest))  # row groups taken whole, then part of the next
+                need = rest - (int(cum[whole - 1]) if whole else 0)
+                partial = np.flatnonzero(local == order[whole])
                 pick = np.sort(rng.choice(partial, size=need, replace=False))
-                sel = np.sort(np.concatenate([np.flatnonzero(np.isin(local, order[:k])), pick]))
+                sel = np.sort(np.concatenate([np.flatnonzero(np.isin(local, order[:whole])), pick]))
                 parts_sid.append(idx[sel])
                 parts_unit.append(next_unit + local[sel])
                 next_unit += n_local
         if not parts_sid:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(parts_sid), np.concatenate(parts_unit)
-
-    def steps_for(self, pool_size: int, world: int, batch_size: int) -> int:
-        base, extra = divmod(pool_size, world)
-        if self.remainder == "drop":
-            return base // batch_size
-        return -(-(base + (1 if extra else 0)) // batch_size)
-
-    def window_steps(self, steps: int, batch_size: int, window_row_groups: int) -> int:
-        if self.length_ordered or window_row_groups <= 0:
-            return max(1, steps)
-        return max(1, min(steps, int(window_row_groups * self.mean_rows) // batch_size))
-
-    def run(
-        self,
-        sids: np.ndarray,
-        pidx: np.ndarray,
-        *,
-        rank: int,
-        world: int,
-        batch_size: int,
-        window_row_groups: int,
-        salt: int,
-    ) -> _RankRun:
-        """Rank ``rank``'s full run over the (remaining) pool ``sids`` (epoch order; ``pidx`` their pool indices)."""
-        B, P = batch_size, int(sids.size)
-        base, extra = divmod(P, world)
-        lo, n = rank * base + min(rank, extra), base + (1 if rank < extra else 0)
-        S = self.steps_for(P, world, B)
-        Sw = self.window_steps(S, B, window_row_groups)
-        seq_sid, seq_pidx = sids[lo : lo + n], pidx[lo : lo + n]
-        if S == 0:
-            empty = np.zeros(0, np.int64)
-            return _RankRun(empty, empty, np.zeros(0, bool), 0, Sw, n, n, *_fixed_layout(0, B, Sw))
-        W = -(-S // Sw)
-        rng = np.random.default_rng([self.seed, self.epoch, salt, 2, world, rank])
-        rand = rng.random(n) if self.shuffle else np.arange(n, dtype=np.float64)
-        win = np.minimum(np.arange(n) // (Sw * B), W - 1)
-        last_lo, slots_last = (W - 1) * Sw * B, (S - (W - 1) * Sw) * B
-        n_last = n - last_lo
-        if n_last >= slots_last:  # drop (or exact fit): keep a random subset of the last window
-            tail = last_lo + np.argsort(rand[last_lo:], kind="stable")
-            pos = np.concatenate([np.arange(last_lo), tail[:slots_last]])
-            e_sid, e_pidx, e_rand, e_win = seq_sid[pos], seq_pidx[pos], rand[pos], win[pos]
-            e_pad = np.zeros(pos.size, bool)
-            dropped = n_last - slots_last
-        else:  # pad: repeat own samples of the last window (the latest ones if it is empty)
-            need = slots_last - n_last
-            if n:
-                c_lo = last_lo if n_last else max(0, n - B)
-                cand = c_lo + np.argsort(rand[c_lo:], kind="stable")
-                rep = cand[np.arange(need) % cand.size]
-                r_sid, r_pidx = seq_sid[rep], seq_pidx[rep]
-            else:  # fewer samples than ranks: borrow
-                rep = (rank + np.arange(need)) % P
-                r_sid, r_pidx = sids[rep], pidx[rep]
-            r_rand = rng.random(need) if self.shuffle else n + np.arange(need, dtype=np.float64)
-            e_sid, e_pidx = np.concatenate([seq_sid, r_sid]), np.concatenate([seq_pidx, r_pidx])
-            e_rand = np.concatenate([rand, r_rand])
-            e_win = np.concatenate([win, np.full(need, W - 1)])
-            e_pad = np.concatenate([np.zeros(n, bool), np.ones(need, bool)])
-            dropped = 0
-        lengths = self.table.n_frames[e_sid]
-        if self.length_ordered:
-            sort_key = -lengths if self.reverse else lengths
-        elif self.shuffle and self.bounds.size:
-            sort_key = np.searchsorted(self.bounds, lengths, side="right")
-        else:
-            sort_key = np.zeros(e_sid.size, np.int64)
-        batches = np.lexsort((e_rand, sort_key, e_win)).reshape(S, B)
-        if self.shuffle and not self.length_ordered:  # one permutation of steps within each window, shared by all ranks
-            shared = np.random.default_rng([self.seed, self.epoch, salt, 3, world]).random(S)
-            batches = batches[np.lexsort((shared, np.arange(S) // Sw))]
-        flat = batches.ravel()
-        return _RankRun(e_sid[flat], e_pidx[flat], e_pad[flat], S, Sw, n, int(dropped), *_fixed_layout(S, B, Sw))
-
-    def runner(
-        self,
-        sids: np.ndarray,
-        pidx: np.ndarray,
-        *,
-        world: int,
-        batch_size: int,
-        batch_frames: int,
-        window_row_groups: int,
-        salt: int,
-    ) -> Callable[[int], _RankRun]:
-        """``rank -> _RankRun`` over the (remaining) pool for one layout; what all ranks share is computed once."""
-        if batch_frames:
-            return _DurationRuns(
-                self, sids, pidx, world=world, batch_frames=batch_frames, window_row_groups=window_row_groups, salt=salt
-            ).run
-        return lambda rank: self.run(
-            sids, pidx, rank=rank, world=world, batch_size=batch_size, window_row_groups=window_row_groups, salt=salt
-        )
 
     def sort_key(self, lengths: np.ndarray) -> np.ndarray:
         """What batches are cut along within a window (ties broken at random): exact length in length-ordered epochs,
@@ -739,15 +755,6 @@ class _Epoch:
         if self.shuffle and self.bounds.size:
             return np.searchsorted(self.bounds, lengths, side="right")
         return np.zeros(lengths.size, np.int64)
-
-
-def _check_budget(lengths: np.ndarray, batch_frames: int) -> None:
-    over = lengths > batch_frames
-    if over.any():
-        raise ValueError(
-            f"batch_frames {batch_frames}: {int(over.sum())} sample(s) are longer, the longest {int(lengths.max())} "
-            f"frames; raise batch_frames to at least {int(lengths.max())}, or leave long samples out when preprocessing"
-        )
 
 
 def _greedy_cuts(longest: np.ndarray, budget: int, window: int) -> np.ndarray:
@@ -768,13 +775,55 @@ def _greedy_cuts(longest: np.ndarray, budget: int, window: int) -> np.ndarray:
     return np.asarray(cuts, dtype=np.int64)
 
 
-class _DurationRuns:
-    """Every rank's run of duration batches for one layout, computed alike on every rank (see :func:`plan_epoch`).
+def _tie_keys(
+    ep: _Epoch,
+    salt: int,
+    world: int,
+    ranks: Sequence[int],
+    first: np.ndarray,
+    dealt: np.ndarray,
+    need: np.ndarray,
+    *,
+    together: bool,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random tie-breaks of each rank of ``ranks``: one per sample dealt to it and one per repeat it pads with.
 
-    All ranks hold the same number of samples (the remainder rule evens out the one-row difference) and the same
-    window size, so position ``i`` of a window sorted by (bucket, random) is the same length quantile on every rank;
-    batches are cut at the same positions on every rank, along the longest sample any rank has at each position, so
-    every rank's batch fits the budget, and one shared permutation orders a window's steps.
+    Ranks planned one by one draw from a stream of their own, so a rank never draws for the others; ranks planned
+    together draw 32-bit ties for the whole pool from one stream (and the engine sorts them on one int64 key, faster
+    than a lexsort). Without shuffle the ties are the input order, repeats after a rank's own samples."""
+    pool_size = int(first[-1] + dealt[-1])
+    if not ep.shuffle:
+        return [(first[rank] + np.arange(dealt[rank]), pool_size + np.arange(need[rank])) for rank in ranks]
+    if not together:
+        out = []
+        for rank in ranks:
+            rng = np.random.default_rng([ep.seed, ep.epoch, salt, 2, world, rank])
+            out.append((rng.random(int(dealt[rank])), rng.random(int(need[rank]))))
+        return out
+    rng = np.random.default_rng([ep.seed, ep.epoch, salt, 4, world])
+    own = rng.integers(0, 1 << 32, size=pool_size, dtype=np.int64)
+    pad = rng.integers(0, 1 << 32, size=world, dtype=np.int64)
+    return [(own[first[rank] : first[rank] + dealt[rank]], np.repeat(pad[rank], need[rank])) for rank in ranks]
+
+
+def _order_in_windows(row_window: np.ndarray, key: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """Stable order of flat entries by (row window, key, tie); ``row_window`` and ``key`` are non-negative."""
+    group = row_window * (int(key.max()) + 1) + key
+    if ties.dtype.kind == "i" and group.max() < 1 << 31:  # 32-bit ties: one int64 sort, faster than a lexsort
+        return np.argsort((group << 32) | ties, kind="stable")
+    return np.lexsort((ties, group))
+
+
+class _Deal:
+    """Every rank's run over the (remaining) pool ``sids`` (epoch order; ``pidx`` their pool indices) under one layout,
+    for either batch rule (see :func:`plan_epoch`).
+
+    The pool is split over ``world`` ranks (:func:`_split`); the remainder rule evens every rank out to the same
+    ``kept`` entries (dropping from, or repeating its own samples of, its last window); windows are runs of the same
+    number of entries on every rank, each sorted by (length key, random tie), so position ``i`` of a window is the
+    same length quantile on every rank. The rule cuts the windows into batches (at the same positions on every rank),
+    and one permutation shared by all ranks orders each window's steps. A rule whose cuts depend on every rank's
+    samples has all ranks planned at once (and once); otherwise a rank plans only its own share.
     """
 
     def __init__(
@@ -784,86 +833,86 @@ class _DurationRuns:
         pidx: np.ndarray,
         *,
         world: int,
-        batch_frames: int,
+        rule: BatchRule,
         window_row_groups: int,
         salt: int,
     ):
-        P = int(sids.size)
-        base, extra = divmod(P, world)
-        ranks = np.arange(world)
-        self.assigned = base + (ranks < extra)
-        lo = ranks * base + np.minimum(ranks, extra)
-        n = base if ep.remainder == "drop" else base + (1 if extra else 0)
-        self.dropped = np.maximum(self.assigned - n, 0)
-        if n == 0:
-            self.pos, self.pad = np.zeros((world, 0), np.int64), np.zeros((world, 0), bool)
-            self.offsets, self.starts, self.window_steps = np.zeros(1, np.int64), np.zeros(0, np.int64), 1
-            self.sids, self.pidx = sids, pidx
-            return
-        wn = n if ep.length_ordered or window_row_groups <= 0 else max(1, min(n, int(window_row_groups * ep.mean_rows)))
-        last_lo = (-(-n // wn) - 1) * wn
-        rng = np.random.default_rng([ep.seed, ep.epoch, salt, 4, world])
-        # 32-bit random ties: one integer sort key below (a float one would need a slower lexsort)
-        rand = rng.integers(0, 1 << 32, size=P, dtype=np.int64) if ep.shuffle else np.arange(P, dtype=np.int64)
-        pad_rand = rng.integers(0, 1 << 32, size=world, dtype=np.int64) if ep.shuffle else P + ranks
-        # pos: each rank's entries as positions in ``sids``, in its run order; one sample more or less than n is
-        # evened out in the rank's last window (drop: a random one; pad: a random one repeated, the latest if none).
-        pos = np.minimum(lo[:, None] + np.arange(n), max(P - 1, 0))
-        pad = np.zeros((world, n), bool)
-        e_rand = rand[pos]
-        for r in np.flatnonzero(self.assigned != n).tolist():
-            own = np.arange(lo[r], lo[r] + self.assigned[r])
-            if self.assigned[r] > n:
-                tail = own[last_lo:]
-                own = own[own != tail[np.argmax(rand[tail])]]
-                pos[r], e_rand[r] = own, rand[own]
-                continue
-            if own.size:
-                cand = own[last_lo:] if own.size > last_lo else own[-1:]
-                repeat = cand[np.argmin(rand[cand])]
-            else:  # fewer samples than ranks: borrow
-                repeat = r % P
-            pos[r] = np.append(own, repeat)
-            e_rand[r] = np.append(rand[own], pad_rand[r])
-            pad[r, -1] = True
-        win = np.arange(n) // wn
-        lengths = ep.table.n_frames[sids[pos]]
-        key = ep.sort_key(lengths.ravel())
-        key = key - key.min()
-        # sorted within each window of each rank: by (rank, window, key, random), as one int64 where it fits
-        group = ((ranks[:, None] * (int(win[-1]) + 1) + win).ravel()) * (int(key.max()) + 1) + key
-        if group.max() < 1 << 31:
-            order = np.argsort((group << 32) | e_rand.ravel(), kind="stable")
-        else:
-            order = np.lexsort((e_rand.ravel(), group))
-        pos, pad, lengths = (a.ravel()[order].reshape(world, n) for a in (pos, pad, lengths))
-        cuts = _greedy_cuts(lengths.max(axis=0), batch_frames, wn)
-        S = cuts.size - 1
-        step_win = win[cuts[:-1]]
-        perm = np.arange(S)
-        if ep.shuffle and not ep.length_ordered:  # one permutation of steps within each window, shared by all ranks
-            perm = np.lexsort((np.random.default_rng([ep.seed, ep.epoch, salt, 3, world]).random(S), step_win))
-        sizes = np.diff(cuts)[perm]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        columns = np.repeat(cuts[:-1][perm] - self.offsets[:-1], sizes) + np.arange(n)
-        self.pos, self.pad = pos[:, columns], pad[:, columns]
-        self.starts = np.flatnonzero(np.diff(step_win[perm], prepend=-1)).astype(np.int64)
-        self.window_steps = int(np.diff(np.append(self.starts, S)).max())
-        self.sids, self.pidx = sids, pidx
+        self.ep, self.sids, self.pidx, self.world, self.rule, self.salt = ep, sids, pidx, world, rule, salt
+        self.first, self.dealt = _split(int(sids.size), world)
+        self.kept = rule.kept(int(self.dealt.min() if ep.remainder == "drop" else self.dealt.max()), ep.remainder)
+        self.dropped = np.maximum(self.dealt - self.kept, 0)
+        span = None if ep.length_ordered or window_row_groups <= 0 else int(window_row_groups * ep.mean_rows)
+        self.window = rule.window(self.kept, span) if self.kept else 1
+        self.all_ranks = self._batches(range(world)) if rule.shares_cuts else None
 
     def run(self, rank: int) -> _RankRun:
-        pos = self.pos[rank]
+        if self.all_ranks is None:
+            row, (positions, is_pad, offsets, window_starts, window_steps) = 0, self._batches((rank,))
+        else:
+            row, (positions, is_pad, offsets, window_starts, window_steps) = rank, self.all_ranks
         return _RankRun(
-            self.sids[pos],
-            self.pidx[pos],
-            self.pad[rank],
-            int(self.offsets.size - 1),
-            self.window_steps,
-            int(self.assigned[rank]),
+            self.sids[positions[row]],
+            self.pidx[positions[row]],
+            is_pad[row],
+            int(offsets.size - 1),
+            window_steps,
+            int(self.dealt[rank]),
             int(self.dropped[rank]),
-            self.offsets,
-            self.starts,
+            offsets,
+            window_starts,
         )
+
+    def _batches(self, ranks: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """``ranks``' entries (positions in ``sids``, pad flags: ranks x kept) in step order, the batch offsets, the
+        first step of each window and the longest window's steps."""
+        ep, rule, kept, window, first, dealt = self.ep, self.rule, self.kept, self.window, self.first, self.dealt
+        if kept == 0:
+            empty = np.zeros((len(ranks), 0), np.int64)
+            return empty, empty.astype(bool), np.zeros(1, np.int64), np.zeros(0, np.int64), 1
+        pool_size, last_window = int(self.sids.size), (kept - 1) // window * window
+        need = np.maximum(kept - dealt, 0)
+        ties = _tie_keys(ep, self.salt, self.world, ranks, first, dealt, need, together=rule.shares_cuts)
+        # positions: each rank's entries as positions in ``sids``, evened out to ``kept`` in its last window
+        positions = np.empty((len(ranks), kept), np.int64)
+        tie = np.empty((len(ranks), kept), ties[0][0].dtype)
+        is_pad = np.zeros((len(ranks), kept), bool)
+        for row, rank in enumerate(ranks):
+            own, (own_tie, pad_tie) = first[rank] + np.arange(dealt[rank]), ties[row]
+            if dealt[rank] > kept:  # drop the highest ties of the last window
+                tail = np.arange(last_window, dealt[rank])
+                order = np.lexsort((-tail if rule.drops_earliest_tie else tail, own_tie[tail]))
+                keep = np.ones(dealt[rank], bool)
+                keep[tail[order[order.size - (dealt[rank] - kept) :]]] = False
+                own, own_tie = own[keep], own_tie[keep]
+            elif dealt[rank] < kept:  # repeat the lowest ties of the last window (the latest samples if it is empty)
+                if dealt[rank]:
+                    lo = last_window if dealt[rank] > last_window else max(0, dealt[rank] - rule.pad_from_latest)
+                    candidates = own[lo + np.argsort(own_tie[lo:], kind="stable")]
+                    repeats = candidates[np.arange(need[rank]) % candidates.size]
+                else:  # fewer samples than ranks: borrow
+                    repeats = (rank + np.arange(need[rank])) % pool_size
+                own, own_tie = np.concatenate([own, repeats]), np.concatenate([own_tie, pad_tie])
+                is_pad[row, dealt[rank] :] = True
+            positions[row], tie[row] = own, own_tie
+        entry_window = np.arange(kept) // window
+        lengths = ep.table.n_frames[self.sids[positions]]
+        key = ep.sort_key(lengths.ravel())
+        row_window = (np.arange(len(ranks))[:, None] * (int(entry_window[-1]) + 1) + entry_window).ravel()
+        order = _order_in_windows(row_window, key - key.min(), tie.ravel())
+        positions, is_pad, lengths = (a.ravel()[order].reshape(len(ranks), kept) for a in (positions, is_pad, lengths))
+        cuts = rule.cuts(lengths, window)
+        steps = cuts.size - 1
+        step_window = entry_window[cuts[:-1]]
+        perm = np.arange(steps)
+        if ep.shuffle and not ep.length_ordered:  # one permutation of steps within each window, shared by all ranks
+            rng = np.random.default_rng([ep.seed, ep.epoch, self.salt, 3, self.world])
+            perm = np.lexsort((rng.random(steps), step_window))
+        sizes = np.diff(cuts)[perm]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        columns = np.repeat(cuts[:-1][perm] - offsets[:-1], sizes) + np.arange(kept)
+        window_starts = np.flatnonzero(np.diff(step_window[perm], prepend=-1)).astype(np.int64)
+        window_steps = int(np.diff(np.append(window_starts, steps)).max())
+        return positions[:, columns], is_pad[:, columns], offsets, window_starts, window_steps
 
 
 def _fingerprint(table: RowGroupTable, spec: PlanSpec) -> str:
@@ -898,9 +947,9 @@ def _windows(
     wins, rgs = codes // n_rg, codes % n_rg
     cuts = np.flatnonzero(np.diff(wins)) + 1
     out = []
-    for w_rgs, w in zip(np.split(rgs, cuts), wins[np.concatenate([[0], cuts])]):
-        start = max(int(starts[w]), first_step) - first_step
-        stop = (int(starts[w + 1]) if w + 1 < starts.size else total_steps) - first_step
+    for w_rgs, win in zip(np.split(rgs, cuts), wins[np.concatenate([[0], cuts])]):
+        start = max(int(starts[win]), first_step) - first_step
+        stop = (int(starts[win + 1]) if win + 1 < starts.size else total_steps) - first_step
         out.append(Window(start, stop, tuple(table.keys[w_rgs].tolist())))
     return tuple(out)
 
@@ -925,10 +974,10 @@ def _train_plan(
 ) -> EpochPlan:
     if offset > run.steps:
         raise ValueError(f"position is at step {offset} of a segment plan that has only {run.steps} steps")
-    t, first = ep.table, int(run.offsets[offset])
+    table, first = ep.table, int(run.offsets[offset])
     sids, pidx, pad = run.sids[first:], run.pidx[first:], run.pad[first:]
     offsets = run.offsets[offset:] - first
-    keys, rows = t.locate(sids)
+    keys, rows = table.locate(sids)
     return EpochPlan(
         rank=rank,
         world=world,
@@ -941,11 +990,11 @@ def _train_plan(
         sample_ids=sids,
         keys=keys,
         rows=rows,
-        n_frames=t.n_frames[sids],
+        n_frames=table.n_frames[sids],
         is_pad=pad,
         entries=pidx,
         offsets=offsets,
-        windows=_windows(t, sids, offsets, offset, run.window_starts, run.steps),
+        windows=_windows(table, sids, offsets, offset, run.window_starts, run.steps),
         bucket_bounds=ep.bounds,
         assigned=run.assigned,
         dropped=run.dropped,
@@ -1014,15 +1063,8 @@ def plan_epoch(row_groups: RowGroups, spec: PlanSpec, *, rank: int, world: int, 
     _check_world(rank, world)
     table = _as_table(row_groups)
     ep = _Epoch(table, spec, epoch=epoch, seed=seed)
-    run = ep.runner(
-        ep.pool,
-        np.arange(ep.pool.size),
-        world=world,
-        batch_size=spec.batch_size,
-        batch_frames=spec.batch_frames,
-        window_row_groups=spec.window_row_groups,
-        salt=0,
-    )(rank)
+    layout = dict(world=world, rule=spec.batch_rule, window_row_groups=spec.window_row_groups, salt=0)
+    run = _Deal(ep, ep.pool, np.arange(ep.pool.size), **layout).run(rank)
     return _train_plan(
         ep, run, spec, rank=rank, world=world, offset=0, prior=(), pool_size=int(ep.pool.size), exact=True, note=""
     )
@@ -1070,17 +1112,11 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
     sids, pidx = ep.pool, np.arange(ep.pool.size)
     for i, seg in enumerate(prior):
         consumed = np.zeros(ep.pool.size, bool)
-        runner = ep.runner(
-            sids,
-            pidx,
-            world=seg.world,
-            batch_size=seg.batch_size,
-            batch_frames=seg.batch_frames,
-            window_row_groups=seg.window_row_groups,
-            salt=i,
+        deal = _Deal(
+            ep, sids, pidx, world=seg.world, rule=seg.batch_rule, window_row_groups=seg.window_row_groups, salt=i
         )
         for r in range(seg.world):
-            old = runner(r)
+            old = deal.run(r)
             if seg.steps > old.steps:
                 raise ValueError(f"segment {i} ran {seg.steps} steps but its plan has only {old.steps}")
             done = slice(0, old.offsets[seg.steps])
@@ -1088,15 +1124,9 @@ def resume_plan(position: LoaderPosition, row_groups: RowGroups, spec: PlanSpec,
             consumed[old.pidx[done][~old.pad[done]]] = True
         keep = ~consumed[pidx]
         sids, pidx = sids[keep], pidx[keep]
-    run = ep.runner(
-        sids,
-        pidx,
-        world=world,
-        batch_size=spec.batch_size,
-        batch_frames=spec.batch_frames,
-        window_row_groups=spec.window_row_groups,
-        salt=len(prior),
-    )(rank)
+    run = _Deal(
+        ep, sids, pidx, world=world, rule=spec.batch_rule, window_row_groups=spec.window_row_groups, salt=len(prior)
+    ).run(rank)
     exact = not prior
     step = position.step
     if exact:
@@ -1156,41 +1186,42 @@ def plan_eval(
     _check_world(rank, world)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, not {batch_size}")
-    t = _as_table(row_groups)
-    avail = _limited(t, limit)
-    B, P = batch_size, int(avail.size)
-    base, extra = divmod(P, world)
-    lo, n = rank * base + min(rank, extra), base + (1 if rank < extra else 0)
-    seq = avail[lo : lo + n]
-    S = -(-n // B)
-    mean_rows = P / max(1, np.unique(t.rg_index[avail]).size)
-    Sw = max(1, S) if window_row_groups <= 0 else max(1, int(window_row_groups * mean_rows) // B)
-    if sort_by_length and n:
-        win = np.arange(n) // (Sw * B)
-        seq = seq[np.lexsort((np.arange(n), -t.n_frames[seq] if reverse else t.n_frames[seq], win))]
-    offsets = np.minimum(np.arange(S + 1, dtype=np.int64) * B, n)
-    keys, rows = t.locate(seq)
+    table = _as_table(row_groups)
+    avail = _limited(table, limit)
+    first, dealt = (int(a[rank]) for a in _split(int(avail.size), world))
+    sids = avail[first : first + dealt]
+    steps = -(-dealt // batch_size)
+    if window_row_groups <= 0:
+        window_steps = max(1, steps)
+    else:
+        window_steps = max(1, int(window_row_groups * _mean_rows(table, avail)) // batch_size)
+    if sort_by_length and dealt:
+        lengths = table.n_frames[sids]
+        entry_window = np.arange(dealt) // (window_steps * batch_size)
+        sids = sids[np.lexsort((np.arange(dealt), -lengths if reverse else lengths, entry_window))]
+    offsets = np.minimum(np.arange(steps + 1, dtype=np.int64) * batch_size, dealt)
+    keys, rows = table.locate(sids)
     return EpochPlan(
         rank=rank,
         world=world,
         epoch=0,
         seed=0,
-        batch_size=B,
+        batch_size=batch_size,
         window_row_groups=window_row_groups,
         start_step=0,
-        window_steps=Sw,
-        sample_ids=seq,
+        window_steps=window_steps,
+        sample_ids=sids,
         keys=keys,
         rows=rows,
-        n_frames=t.n_frames[seq],
-        is_pad=np.zeros(n, bool),
-        entries=seq.copy(),
+        n_frames=table.n_frames[sids],
+        is_pad=np.zeros(dealt, bool),
+        entries=sids.copy(),
         offsets=offsets,
-        windows=_windows(t, seq, offsets, 0, np.arange(0, S, Sw), S),
+        windows=_windows(table, sids, offsets, 0, np.arange(0, steps, window_steps), steps),
         bucket_bounds=np.zeros(0),
-        assigned=n,
+        assigned=dealt,
         dropped=0,
-        pool_size=P,
+        pool_size=int(avail.size),
         mode="eval",
         length_ordered=sort_by_length,
         exact=True,
@@ -1200,7 +1231,10 @@ def plan_eval(
 
 __all__ = [
     "Buckets",
+    "BatchRule",
     "EpochPlan",
+    "FixedBatchSize",
+    "FrameBudget",
     "LoaderPosition",
     "PlanSpec",
     "Remainder",
