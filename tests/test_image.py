@@ -160,7 +160,7 @@ def test_containerfile_is_the_installer_offline_with_the_pods_user_and_sshd():
     assert (REPO / "k8s" / "Dockerfile").resolve() == (REPO / "k8s" / "Containerfile")  # the old name still works
     assert "tools/install.sh" in text and "DSTRAIN_IMAGE=1" in text and "FROM $BASE" in text
     assert 'ENTRYPOINT ["dstrain"]' in text and f"USER {UID}" in text and "Port 2222" in text
-    assert "CUDA_CACHE_PATH=" in text and "COPY --from=build /opt/venv /opt/venv" in text
+    assert "CUDA_CACHE_PATH=" in text and "COPY --from=deps /opt/venv /opt/venv" in text
     # The worker pods start this sshd config, as the image's user, with the operator's keys in ~/.ssh.
     worker = render(K8sConfig())[-1]["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert f"-f {USER_HOME}/.sshd_config" in worker["command"][-1] and f"{USER_HOME}/.sshd_config" in text

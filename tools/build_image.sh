@@ -190,9 +190,15 @@ build() {
     # failure (the build stage's, 0.8 GB and more) is removed, images that were there before are not touched.
     local before
     before=$(podman images -qa --no-trunc | sort -u)
-    if ! podman build --network none --force-rm -f k8s/Containerfile \
-        --build-arg BASE="$RUNTIME_BASE" --build-arg BUILD_BASE="$BUILD_BASE" --build-arg DSTRAIN_TF="$flavour" \
-        --build-arg WHEELHOUSE=/wheels -v "$wh:/wheels:ro" -v "$CACHE:/cache" -t "$ref" . > "$CACHE/build-$flavour.log" 2>&1; then
+    local args=(--network none --force-rm -f k8s/Containerfile --build-arg BASE="$RUNTIME_BASE"
+      --build-arg BUILD_BASE="$BUILD_BASE" --build-arg DSTRAIN_TF="$flavour" --build-arg WHEELHOUSE=/wheels
+      -v "$wh:/wheels:ro" -v "$CACHE:/cache")
+    # The stages without dstrain's sources (its requirements' venv, the runtime stage that holds it) are tagged
+    # first, so that the prune below keeps their layers as the next build's cache: a change to dstrain's sources
+    # then costs its wheel, not a new 1.9 GB venv.
+    if ! { podman build "${args[@]}" --target deps -t "$IMAGE-deps:build-$flavour" . \
+          && podman build "${args[@]}" --target runtime -t "$IMAGE-deps:runtime-$flavour" . \
+          && podman build "${args[@]}" -t "$ref" .; } > "$CACHE/build-$flavour.log" 2>&1; then
       tail -n 60 "$CACHE/build-$flavour.log" >&2
       comm -13 <(echo "$before") <(podman images -qa --no-trunc | sort -u) | xargs -r podman rmi -f >/dev/null 2>&1 || true
       die "podman build of the $flavour image failed: the last lines of its log are above ($CACHE/build-$flavour.log)"
