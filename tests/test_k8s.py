@@ -1,17 +1,31 @@
 """Manifests from `dstrain k8s render` (and the examples in k8s/) against the MPIJob CRD and Kubernetes' schemas."""
 
+import os
 import shlex
+import shutil
 import subprocess
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, assert_says
 
 from dstrain.cli import build_parser
 from dstrain.config import from_args
-from dstrain.launch.k8s import HOSTFILE, K8sConfig, render, train_command
+from dstrain.launch.k8s import (
+    CUDA_CACHE,
+    HOSTFILE,
+    JOB_LABEL,
+    JOB_SSH,
+    KNOWN_HOSTS,
+    LAUNCHER_SCRIPT,
+    SSH_PORT,
+    K8sConfig,
+    render,
+    to_yaml,
+    train_command,
+)
 from dstrain.launch.launcher import LaunchConfig, launch_argv
 
 CRD = SHARED / "k8s" / "kubeflow.org_mpijobs.yaml"
@@ -49,6 +63,7 @@ def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
 def validate_all(docs: list[dict], mpijob_schema: dict) -> None:
     kinds = [d["kind"] for d in docs]
     assert kinds.count("MPIJob") == 1 and "PersistentVolumeClaim" in kinds
+    assert kinds.count("NetworkPolicy") == kinds.count("MPIJob") + kinds.count("Job")
     for doc in docs:
         if doc["kind"] == "MPIJob":
             jsonschema.Draft7Validator(mpijob_schema).validate(doc)
@@ -82,9 +97,137 @@ def test_renderings_validate(workers, gpus, preprocess, mpijob_schema):
     assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in worker["volumes"]
     assert worker["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["mountPath"]: m["name"] for m in worker["containers"][0]["volumeMounts"]}
+    assert (mounts.get(CUDA_CACHE) == "cuda-cache") == bool(gpus)  # the driver's JIT cache, on GPUs only
     pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert ("Job" in [d["kind"] for d in docs]) == preprocess
+
+
+def pod_templates(docs: list[dict]) -> dict[str, dict]:
+    """Every pod template of a rendering, by role: launcher, worker, preprocess."""
+    pods = {}
+    for doc in docs:
+        if doc["kind"] == "MPIJob":
+            pods.update({r.lower(): s["template"] for r, s in doc["spec"]["mpiReplicaSpecs"].items()})
+        elif doc["kind"] == "Job":
+            pods["preprocess"] = doc["spec"]["template"]
+    return pods
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) == {"matchLabels"}  # what this test knows how to read
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+@pytest.mark.parametrize("gpus", [0, 8])
+def test_pods_are_locked_down(gpus):
+    docs = render(K8sConfig(workers=2, gpus=gpus, preprocess_csv="/data/a.csv"))
+    pods = pod_templates(docs)
+    assert set(pods) == {"launcher", "worker", "preprocess"}
+    for role, pod in pods.items():
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False, role  # nothing in the pods talks to the API server
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, role
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+        (container,) = spec["containers"]
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False, role
+        assert security["capabilities"] == {"drop": ["ALL"]}, role
+        # Every place the container writes to is a volume: /tmp everywhere, the job's ssh files on the launcher and
+        # the workers (in memory: a worker's private host key), the shared volume.
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        assert mounts["/tmp"]["emptyDir"] == {}, role
+        assert "persistentVolumeClaim" in mounts["/data"], role
+        if role != "preprocess":
+            assert mounts[JOB_SSH]["emptyDir"]["medium"] == "Memory", role
+        assert {m["name"] for m in container["volumeMounts"]} <= set(volumes), role
+
+
+def test_network_policies_admit_only_the_jobs_own_pods():
+    docs = render(K8sConfig(workers=3, gpus=8, preprocess_csv="/data/a.csv"))
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = pod_templates(docs)
+    labels = {role: pod["metadata"]["labels"] for role, pod in pods.items()}
+    assert labels["launcher"] == labels["worker"] == {JOB_LABEL: "dstrain-train"}
+    assert labels["preprocess"] == {JOB_LABEL: "dstrain-preprocess"}
+    for role, pod_labels in labels.items():
+        # Exactly one policy covers each pod, it restricts ingress, and its one rule admits the pods of the same job
+        # and no others, on every port (the ranks' ports are random: rank 0's peer watch, Open MPI, NCCL, Gloo).
+        (policy,) = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], pod_labels)]
+        assert policy["policyTypes"] == ["Ingress"], role
+        (rule,) = policy["ingress"]
+        assert "ports" not in rule, role
+        (peer,) = rule["from"]
+        assert set(peer) == {"podSelector"}, role  # no namespaceSelector or ipBlock: this namespace's pods only
+        admitted = {other for other, other_labels in labels.items() if selects(peer["podSelector"], other_labels)}
+        assert admitted == ({"launcher", "worker"} if role != "preprocess" else {"preprocess"}), role
+    # Another job rendered beside it admits none of this one's pods, nor this one any of its.
+    other = pod_templates(render(K8sConfig(name="other")))["worker"]["metadata"]["labels"]
+    for policy in policies:
+        assert not selects(policy["spec"]["podSelector"], other)
+        assert not selects(policy["spec"]["ingress"][0]["from"][0]["podSelector"], other)
+
+
+def test_the_launcher_checks_the_workers_host_keys_strictly():
+    launcher = pod_templates(render(K8sConfig()))["launcher"]["spec"]["containers"][0]
+    script = launcher["command"][2]
+    assert launcher["command"][:2] == ["/bin/sh", "-c"] and script == LAUNCHER_SCRIPT
+    assert "StrictHostKeyChecking=yes" in script and f"UserKnownHostsFile={KNOWN_HOSTS}" in script
+    assert "StrictHostKeyChecking=no" not in script and "/dev/null -o ConnectionAttempts" in script
+    # The operator appends its own OMPI_MCA_plm_rsh_args to the container's env, and the last one wins: the script
+    # sets it, the env does not.
+    env = {e["name"]: e["value"] for e in launcher["env"]}
+    assert "OMPI_MCA_plm_rsh_args" not in env and env["OMPI_MCA_plm_rsh_no_tree_spawn"] == "1"
+    # The script reads as itself in the YAML (a literal block), and survives the round trip.
+    text = to_yaml(render(K8sConfig()))
+    assert "- |\n" in text and '  exec "$@"\n' in text
+    assert pod_templates(list(yaml.safe_load_all(text)))["launcher"]["spec"]["containers"][0] == launcher
+
+
+@pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="no ssh-keygen here")
+def test_launcher_script_collects_each_workers_key_then_runs_the_command(tmp_path):
+    # The script as the launcher pod runs it, on this machine: ssh-keyscan answers with keys made here (one worker's
+    # sshd is not up at the first try), and the command it then runs prints the ssh arguments mpirun will use.
+    keys, stubs = tmp_path / "keys", tmp_path / "bin"
+    keys.mkdir()
+    stubs.mkdir()
+    for host in ("w-0.svc", "w-1.svc"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / host)], check=True)
+    (stubs / "ssh-keyscan").write_text(
+        "#!/bin/sh\n"
+        "for host; do :; done\n"
+        f'if [ "$host" = w-1.svc ] && [ ! -e {tmp_path}/tried ]; then touch {tmp_path}/tried; exit 1; fi\n'
+        f'read -r type key _ < {keys}/"$host".pub && echo "[$host]:{SSH_PORT} $type $key"\n'
+    )
+    os.chmod(stubs / "ssh-keyscan", 0o755)
+    (tmp_path / "hostfile").write_text("# the operator's\nw-0.svc slots=8\n\nw-1.svc slots=8\n")
+    script = LAUNCHER_SCRIPT.replace(KNOWN_HOSTS, str(tmp_path / "known_hosts")).replace(
+        HOSTFILE, str(tmp_path / "hostfile")
+    )
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    proc = subprocess.run(
+        ["/bin/sh", "-c", script, "launcher", "sh", "-c", 'echo "ssh $OMPI_MCA_plm_rsh_args"'],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    known = (tmp_path / "known_hosts").read_text().splitlines()
+    assert [line.split()[0] for line in known] == [f"[w-0.svc]:{SSH_PORT}", f"[w-1.svc]:{SSH_PORT}"]
+    for host in ("w-0.svc", "w-1.svc"):
+        fingerprint = subprocess.run(
+            ["ssh-keygen", "-lf", str(keys / f"{host}.pub")], capture_output=True, text=True, check=True
+        ).stdout.split()[1]
+        assert_says(proc.stdout, f"dstrain launcher: host key of {host}: {fingerprint}\n")
+    assert_says(
+        proc.stdout,
+        f"ssh -p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={tmp_path / 'known_hosts'} ",
+        last_line=f"ssh -p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={tmp_path / 'known_hosts'} "
+        "-o GlobalKnownHostsFile=/dev/null -o ConnectionAttempts=10",
+    )
 
 
 def test_a_typo_is_caught(mpijob_schema):
@@ -102,6 +245,9 @@ def test_a_typo_is_caught(mpijob_schema):
 def test_launcher_runs_the_tested_command():
     cfg = K8sConfig(workers=2, gpus=8)
     launcher = render(cfg)[-1]["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
+    # /bin/sh -c SCRIPT $0 COMMAND...: the script learns the workers' host keys, then runs COMMAND ("$@").
+    assert launcher[:2] == ["/bin/sh", "-c"] and launcher[2].endswith('exec "$@"\n')
+    launcher = launcher[4:]
     rank_command = launcher[launcher.index("--") + 1 :]
     # The same builder as test_distributed's mpirun run, which trains 2 ranks with it.
     assert launcher == launch_argv("mpirun", rank_command, hostfile=HOSTFILE) == train_command(cfg)
@@ -135,3 +281,10 @@ def test_pods_get_a_grace_period_and_forward_sigterm_to_the_ranks():
         assert job["spec"]["mpiReplicaSpecs"][role]["template"]["spec"]["terminationGracePeriodSeconds"] == 1200
     worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert 'trap \'pkill -USR1 -f "bin/dstrain train"' in worker["command"][-1] and "sshd -De" in worker["command"][-1]
+
+
+def test_each_worker_makes_its_host_key_before_starting_sshd():
+    worker = render(K8sConfig())[-1]["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    script = worker["command"][-1]
+    remove, keygen, sshd = (script.index(s) for s in (f"rm -f {JOB_SSH}/", "ssh-keygen -q -t ed25519", "sshd -De"))
+    assert remove < keygen < sshd and f"-f {JOB_SSH}/host_ed25519_key || exit 1" in script

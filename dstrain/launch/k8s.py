@@ -5,8 +5,12 @@ preprocessing, and the ReadWriteMany volume both share.
 
 The launcher pod runs exactly ``dstrain launch --launcher mpirun --hostfile /etc/mpi/hostfile -- dstrain train
 ...`` (:func:`dstrain.launch.launcher.launch_argv`), the command the test suite runs under mpirun; the MPI operator
-writes the hostfile (one line per worker with ``slots=GPUS``) and the SSH keys. Pods run as the image's unprivileged
-``mpiuser`` (uid 1000): the workers' sshd listens on port 2222 with its own config.
+writes the hostfile (one line per worker with ``slots=GPUS``) and the job's SSH client key. Pods run as the image's
+unprivileged ``mpiuser`` (uid 1000) with a read-only root filesystem: the workers' sshd listens on port 2222 with its
+own config and a host key each worker makes when it starts; the launcher trusts exactly the keys its job's workers
+present (``ssh-keyscan`` of the hostfile's hosts, then strict host key checking). A NetworkPolicy admits traffic to
+the job's pods from the job's pods only. docs/clusters.md, "Trust between the pods", says what that does and does not
+protect against.
 """
 
 from __future__ import annotations
@@ -23,6 +27,57 @@ from dstrain.launch.launcher import launch_argv
 HOSTFILE = "/etc/mpi/hostfile"
 USER_HOME = "/home/mpiuser"
 UID = 1000
+SSH_PORT = 2222
+JOB_SSH = f"{USER_HOME}/.ssh-job"
+"""This pod's own SSH files, made for its job on a memory volume (never in the image): a worker's host key, the
+launcher's known_hosts. ~/.ssh is the operator's read-only Secret (the job's client key pair)."""
+HOST_KEY = f"{JOB_SSH}/host_ed25519_key"
+"""The workers' sshd's host key (k8s/Containerfile's sshd config names it)."""
+KNOWN_HOSTS = f"{JOB_SSH}/known_hosts"
+JOB_LABEL = "dstrain/job"
+"""Pod label naming the job a pod belongs to; the NetworkPolicy selects on it."""
+CUDA_CACHE = "/var/cache/cuda"
+"""CUDA_CACHE_PATH in the image: the kernels the driver JIT-compiles on Hopper."""
+
+# The worker's command. sshd is the container's main process and gets the pod's SIGTERM; the ranks are its sessions'
+# children and would only see the SIGKILL after the grace period. Forward the request to them as SIGUSR1 (dstrain's
+# stop signal): they checkpoint and exit 75 within the grace period. The host key is made here, at each start of the
+# container: an image that carried one would give every pod of every job, and everyone who pulls it, the same key.
+WORKER_SCRIPT = "; ".join(
+    [
+        "trap 'pkill -USR1 -f \"bin/dstrain train\"; wait' TERM",
+        f"rm -f {HOST_KEY} {HOST_KEY}.pub",
+        f"ssh-keygen -q -t ed25519 -N '' -f {HOST_KEY} || exit 1",
+        f"/usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait",
+    ]
+)
+
+# The launcher's command runs this, then the tested `dstrain launch` command ("$@"). It learns the host key of each
+# worker in the operator's hostfile, inside the job's own pod network, once the workers are up (the operator's
+# WaitForWorkersReady; sshd may still be starting, hence the retries), and logs its fingerprint; mpirun's and the
+# pre-flight check's ssh then accept those keys and no others (StrictHostKeyChecking=yes: a changed or unknown key is
+# refused, not learned). OMPI_MCA_plm_rsh_args is set here, not in the pod's env: the operator appends its own
+# OMPI_MCA_plm_rsh_args (-o ConnectionAttempts=10) after the container's env, and the last one wins.
+LAUNCHER_SCRIPT = f"""set -eu
+: > {KNOWN_HOSTS}
+while read -r host _ || [ -n "$host" ]; do
+  case $host in ''|'#'*) continue ;; esac
+  tries=0
+  until key=$(ssh-keyscan -T 5 -p {SSH_PORT} -t ed25519 "$host" 2>/dev/null) && [ -n "$key" ]; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 60 ]; then
+      echo "dstrain launcher: error: no ssh host key from $host port {SSH_PORT} within 2 minutes" >&2
+      exit 1
+    fi
+    sleep 2
+  done
+  printf '%s\\n' "$key" >> {KNOWN_HOSTS}
+  echo "dstrain launcher: host key of $host: $(printf '%s\\n' "$key" | ssh-keygen -lf - | cut -d' ' -f2)"
+done < {HOSTFILE}
+export OMPI_MCA_plm_rsh_args="-p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={KNOWN_HOSTS} \
+-o GlobalKnownHostsFile=/dev/null -o ConnectionAttempts=10"
+exec "$@"
+"""
 
 
 @dataclass(frozen=True)
@@ -90,12 +145,50 @@ def train_command(cfg: K8sConfig) -> list[str]:
     return launch_argv("mpirun", rank_command, hostfile=HOSTFILE)
 
 
-def _security(run_as_non_root: bool = True) -> dict:
-    return {"runAsUser": UID, "runAsGroup": UID, "fsGroup": UID, "runAsNonRoot": run_as_non_root}
+def launcher_command(cfg: K8sConfig) -> list[str]:
+    """The launcher container's command: :data:`LAUNCHER_SCRIPT`, then :func:`train_command` as its arguments."""
+    return ["/bin/sh", "-c", LAUNCHER_SCRIPT, "dstrain-launcher", *train_command(cfg)]
+
+
+def worker_command() -> list[str]:
+    return ["/bin/sh", "-c", WORKER_SCRIPT]
+
+
+def _security() -> dict:
+    # RuntimeDefault: the container runtime's syscall filter (Kubernetes runs pods unconfined unless told).
+    return {
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _container_security() -> dict:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # Nothing writes to the image: what the containers write goes to the volumes of _pod (and the shared volume).
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
+
+
+def _pod(job: str, containers: list[dict], volumes: list[dict], **spec) -> dict:
+    """A pod template: the job's label, no service account token (nothing in the pods talks to the API server), the
+    security context, and /tmp as a volume of its own (Open MPI's session directory, Python's temporary files)."""
+    containers[0]["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
+    return {
+        "metadata": {"labels": {JOB_LABEL: job}},
+        "spec": {
+            **spec,
+            "automountServiceAccountToken": False,
+            "securityContext": _security(),
+            "containers": containers,
+            "volumes": volumes + [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
+
+
+def _job_ssh_volume() -> dict:
+    # In memory: the worker's private host key never reaches the node's disk.
+    return {"name": "ssh-job", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
 
 
 def _data_volume(cfg: K8sConfig) -> dict:
@@ -110,14 +203,21 @@ def volume_claim(cfg: K8sConfig) -> dict:
 
 
 def mpijob(cfg: K8sConfig) -> dict:
-    mounts = [{"name": "data", "mountPath": cfg.data}]
+    job = f"{cfg.name}-train"
     launcher = {
         "name": "launcher",
         "image": cfg.image,
-        "command": train_command(cfg),
-        "env": [{"name": "OMPI_MCA_plm_rsh_args", "value": "-p 2222"}],  # the workers' unprivileged sshd port
+        "command": launcher_command(cfg),
+        "env": [
+            # The workers hold no known_hosts: mpirun starts every worker's daemon itself rather than through a tree
+            # of workers (which Open MPI does beyond 64 workers).
+            {"name": "OMPI_MCA_plm_rsh_no_tree_spawn", "value": "1"},
+            # RuntimeDefault's syscall filter refuses process_vm_readv without CAP_SYS_PTRACE: Open MPI's shared
+            # memory transport between the ranks of a worker copies through its buffers instead.
+            {"name": "OMPI_MCA_btl_vader_single_copy_mechanism", "value": "none"},
+        ],
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-        "volumeMounts": mounts,
+        "volumeMounts": [{"name": "data", "mountPath": cfg.data}, {"name": "ssh-job", "mountPath": JOB_SSH}],
         "securityContext": _container_security(),
     }
     limits = {"cpu": str(cfg.cpus), "memory": cfg.memory}
@@ -126,24 +226,29 @@ def mpijob(cfg: K8sConfig) -> dict:
     worker = {
         "name": "worker",
         "image": cfg.image,
-        # sshd is the container's main process and gets the pod's SIGTERM; the ranks are its sessions' children and
-        # would only see the SIGKILL after the grace period. Forward the request to them as SIGUSR1 (dstrain's stop
-        # signal): they checkpoint and exit 75 within the grace period.
-        "command": [
-            "/bin/sh",
-            "-c",
-            f"trap 'pkill -USR1 -f \"bin/dstrain train\"; wait' TERM; "
-            f"/usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait",
-        ],
-        "ports": [{"containerPort": 2222, "name": "ssh"}],
+        "command": worker_command(),
+        "ports": [{"containerPort": SSH_PORT, "name": "ssh"}],
         "resources": {"requests": dict(limits), "limits": limits},
-        "volumeMounts": mounts + [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": "data", "mountPath": cfg.data},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "ssh-job", "mountPath": JOB_SSH},
+        ],
         "securityContext": _container_security(),
     }
+    worker_volumes = [
+        _data_volume(cfg),
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
+        _job_ssh_volume(),
+    ]
+    if cfg.gpus:
+        # The driver's JIT cache, for the pod's life (a hostPath instead keeps it for the node's next pods).
+        worker["volumeMounts"].append({"name": "cuda-cache", "mountPath": CUDA_CACHE})
+        worker_volumes.append({"name": "cuda-cache", "emptyDir": {}})
     return {
         "apiVersion": "kubeflow.org/v2beta1",
         "kind": "MPIJob",
-        "metadata": {"name": f"{cfg.name}-train"},
+        "metadata": {"name": job},
         "spec": {
             "slotsPerWorker": cfg.gpus or 1,
             "mpiImplementation": "OpenMPI",
@@ -158,30 +263,35 @@ def mpijob(cfg: K8sConfig) -> dict:
                 "Launcher": {
                     "replicas": 1,
                     "restartPolicy": "OnFailure",
-                    "template": {
-                        "spec": {
-                            "securityContext": _security(),
-                            "containers": [launcher],
-                            "volumes": [_data_volume(cfg)],
-                            "terminationGracePeriodSeconds": cfg.grace_period_s,
-                        }
-                    },
+                    "template": _pod(
+                        job,
+                        [launcher],
+                        [_data_volume(cfg), _job_ssh_volume()],
+                        terminationGracePeriodSeconds=cfg.grace_period_s,
+                    ),
                 },
                 "Worker": {
                     "replicas": cfg.workers,
-                    "template": {
-                        "spec": {
-                            "securityContext": _security(),
-                            "terminationGracePeriodSeconds": cfg.grace_period_s,
-                            "containers": [worker],
-                            "volumes": [
-                                _data_volume(cfg),
-                                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
-                            ],
-                        }
-                    },
+                    "template": _pod(job, [worker], worker_volumes, terminationGracePeriodSeconds=cfg.grace_period_s),
                 },
             },
+        },
+    }
+
+
+def network_policy(cfg: K8sConfig, job: str) -> dict:
+    """Ingress to the job's pods from the job's pods only, on every port: besides the workers' sshd (port 2222) the
+    ranks listen on ports picked at random when they start (rank 0's peer watch, Open MPI's daemons and transports,
+    NCCL's and Gloo's sockets), and the workers' daemons connect back to mpirun in the launcher. Egress is left open
+    (DNS, the shared volume's servers, a registry). It needs a network plugin that enforces NetworkPolicy."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": job},
+        "spec": {
+            "podSelector": {"matchLabels": {JOB_LABEL: job}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {JOB_LABEL: job}}}]}],
         },
     }
 
@@ -199,6 +309,17 @@ def preprocess_job(cfg: K8sConfig) -> dict:
         "--workers",
         str(cfg.cpus),
     ]
+    container = {
+        "name": "preprocess",
+        "image": cfg.image,
+        "command": command,
+        "resources": {
+            "requests": {"cpu": str(cfg.cpus), "memory": cfg.memory},
+            "limits": {"cpu": str(cfg.cpus), "memory": cfg.memory},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": cfg.data}],
+        "securityContext": _container_security(),
+    }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -206,26 +327,7 @@ def preprocess_job(cfg: K8sConfig) -> dict:
         "spec": {
             # A failed pod is retried; finished chunks are kept, so a retry only does what is left.
             "backoffLimit": cfg.backoff_limit,
-            "template": {
-                "spec": {
-                    "restartPolicy": "OnFailure",
-                    "securityContext": _security(),
-                    "containers": [
-                        {
-                            "name": "preprocess",
-                            "image": cfg.image,
-                            "command": command,
-                            "resources": {
-                                "requests": {"cpu": str(cfg.cpus), "memory": cfg.memory},
-                                "limits": {"cpu": str(cfg.cpus), "memory": cfg.memory},
-                            },
-                            "volumeMounts": [{"name": "data", "mountPath": cfg.data}],
-                            "securityContext": _container_security(),
-                        }
-                    ],
-                    "volumes": [_data_volume(cfg)],
-                }
-            },
+            "template": _pod(f"{cfg.name}-preprocess", [container], [_data_volume(cfg)], restartPolicy="OnFailure"),
         },
     }
 
@@ -233,13 +335,23 @@ def preprocess_job(cfg: K8sConfig) -> dict:
 def render(cfg: K8sConfig) -> list[dict]:
     docs = [volume_claim(cfg)]
     if cfg.preprocess_csv:
-        docs.append(preprocess_job(cfg))
-    docs.append(mpijob(cfg))
+        docs += [network_policy(cfg, f"{cfg.name}-preprocess"), preprocess_job(cfg)]
+    docs += [network_policy(cfg, f"{cfg.name}-train"), mpijob(cfg)]
     return docs
 
 
+class _Dumper(yaml.SafeDumper):
+    """Scripts (strings of several lines) as literal blocks, which read as the script itself."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_Dumper.add_representer(str, _Dumper.represent_str)
+
+
 def to_yaml(docs: list[dict]) -> str:
-    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=120)
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
 
 
 def run_render(cfg: K8sConfig) -> int:
