@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import DATA, REPO, assert_says, records
 
-from dstrain.launch.k8s import HOSTFILE, USER_HOME, K8sConfig, render
+from dstrain.launch.k8s import HOST_KEY, HOSTFILE, JOB_SSH, USER_HOME, K8sConfig, render
 
 BUILD = REPO / "tools" / "build_image.sh"
 TRANSCRIPT = "she had your dark suit in greasy wash water all year"
@@ -100,12 +100,13 @@ class Containers:
         network: str = "none",
         volumes: dict[str, str] = {},
         env: dict[str, str] = {},
+        options: list[str] = [],
         detach: bool = False,
         timeout: float = 600,
     ):
         name = self.name(role)
         self.containers.append(name)
-        args = ["run", "--name", name, "--hostname", name, "--network", network]
+        args = ["run", "--name", name, "--hostname", name, "--network", network, *options]
         args += ["--detach"] if detach else []
         for host, inside in volumes.items():
             args += ["-v", f"{host}:{inside}"]
@@ -148,6 +149,22 @@ def containers(podman_env):
         c.remove_all()
 
 
+def as_in_the_pod(pod: dict) -> list[str]:
+    """podman's options for the pod spec's container: its securityContext (read-only root filesystem, no
+    capabilities, no privilege escalation; podman's default seccomp profile stands for RuntimeDefault) and its emptyDir
+    volumes as tmpfs (writable, executable like an emptyDir; /dev/shm is podman's own)."""
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    options = ["--read-only", "--read-only-tmpfs=false"] if security.get("readOnlyRootFilesystem") else []
+    options += [f"--cap-drop={c.lower()}" for c in security.get("capabilities", {}).get("drop", [])]
+    options += ["--security-opt=no-new-privileges"] if security.get("allowPrivilegeEscalation") is False else []
+    empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    for mount in container["volumeMounts"]:
+        if mount["name"] in empty and mount["mountPath"] != "/dev/shm":
+            options.append(f"--tmpfs={mount['mountPath']}:rw,exec,mode=1777")
+    return options
+
+
 def volume(path: Path) -> str:
     """A host folder for the containers' unprivileged user (Kubernetes does this with fsGroup)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -165,6 +182,12 @@ def test_containerfile_is_the_installer_offline_with_the_pods_user_and_sshd():
     worker = render(K8sConfig())[-1]["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert f"-f {USER_HOME}/.sshd_config" in worker["command"][-1] and f"{USER_HOME}/.sshd_config" in text
     assert f"AuthorizedKeysFile {USER_HOME}/.ssh/authorized_keys" in text
+    # Trust per job: no host key made at build (each worker makes its own, into the pod's volume), the ssh client's
+    # host key checking left on, no user environment through sshd.
+    assert f"HostKey {HOST_KEY}" in text and HOST_KEY.startswith(JOB_SSH + "/") and "rm -f /etc/ssh/ssh_host_*" in text
+    assert "ssh-keygen" not in text and "/etc/ssh/ssh_config" not in text
+    assert "StrictHostKeyChecking" not in text and "UserKnownHostsFile" not in text
+    assert "PermitUserEnvironment" not in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "build"} <= set(ignored)
 
@@ -234,9 +257,9 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
     cfg = _mpijob_config("/data")
     docs = {d["kind"]: d for d in yaml.safe_load_all(yaml.safe_dump_all(render(cfg)))}
     specs = docs["MPIJob"]["spec"]["mpiReplicaSpecs"]
-    (launcher,) = specs["Launcher"]["template"]["spec"]["containers"]
-    (worker,) = specs["Worker"]["template"]["spec"]["containers"]
-    (preprocess,) = docs["Job"]["spec"]["template"]["spec"]["containers"]
+    launcher_pod, worker_pod = specs["Launcher"]["template"]["spec"], specs["Worker"]["template"]["spec"]
+    preprocess_pod = docs["Job"]["spec"]["template"]["spec"]
+    (launcher,), (worker,), (preprocess,) = (p["containers"] for p in (launcher_pod, worker_pod, preprocess_pod))
     assert worker["ports"] == [{"containerPort": 2222, "name": "ssh"}]
     data = volume(tmp_path / "data")
 
@@ -247,7 +270,12 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
         == 0
     )
     proc = containers.run(
-        "preprocess", cpu_image, preprocess["command"][1:], entrypoint=preprocess["command"][0], volumes={data: "/data"}
+        "preprocess",
+        cpu_image,
+        preprocess["command"][1:],
+        entrypoint=preprocess["command"][0],
+        volumes={data: "/data"},
+        options=as_in_the_pod(preprocess_pod),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     stores = tmp_path / "data" / "stores"
@@ -269,6 +297,7 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{w} slots={docs['MPIJob']['spec']['slotsPerWorker']}\n" for w in workers))
 
+    # The pods as the manifest makes them: read-only images, the emptyDir volumes, no capabilities.
     net = containers.network("net")
     mounts = {data: cfg.data, ssh: f"{USER_HOME}/.ssh:ro"}
     for i in range(cfg.workers):
@@ -279,10 +308,16 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
             entrypoint=worker["command"][0],
             network=net,
             volumes=mounts,
+            options=as_in_the_pod(worker_pod),
             detach=True,
         )
     for i in range(cfg.workers):  # the operator's launcherCreationPolicy: WaitForWorkersReady
         containers.wait_listening(f"worker-{i}", 2222)
+    # Each worker made a host key of its own when it started.
+    fingerprints = [
+        containers.podman("exec", w, "ssh-keygen", "-lf", f"{HOST_KEY}.pub").stdout.split()[1] for w in workers
+    ]
+    assert len(set(fingerprints)) == cfg.workers and all(f.startswith("SHA256:") for f in fingerprints), fingerprints
 
     env = {e["name"]: e["value"] for e in launcher["env"]}
     proc = containers.run(
@@ -293,10 +328,14 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
         network=net,
         volumes={**mounts, str(hostfile): f"{HOSTFILE}:ro"},
         env=env,
+        options=as_in_the_pod(launcher_pod),
         timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
+    # The launcher trusted exactly the keys its workers made (and mpirun's ssh, checking strictly, accepted them).
+    for name, fingerprint in zip(workers, fingerprints):
+        assert_says(proc.stdout, f"dstrain launcher: host key of {name}: {fingerprint}\n")
     # Rank 0 (on worker-0) wrote the run record, the checkpoint and the export to the shared volume.
     ckpt = tmp_path / "data" / "checkpoints" / cfg.name
     (start,) = records(ckpt, "start")
@@ -310,6 +349,40 @@ def test_mpijob_launcher_trains_across_two_worker_containers(cpu_image, containe
     for i in range(cfg.workers):
         top = containers.podman("logs", containers.name(f"worker-{i}"), check=False)
         assert_says(top.stdout + top.stderr, "Accepted publickey for mpiuser")  # sshd's log, to an administrator
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT + 300)
+def test_cpu_image_holds_no_host_key_and_checks_host_keys(cpu_image, containers):
+    # Anything that looks like an ssh host key, anywhere in the image's filesystem (as root, to see every folder).
+    proc = containers.run(
+        "find",
+        cpu_image,
+        [
+            "/",
+            "-xdev",
+            "(",
+            "-name",
+            "ssh_host_*",
+            "-o",
+            "-name",
+            "host_*_key",
+            "-o",
+            "-name",
+            "host_*_key.pub",
+            ")",
+            "-print",
+        ],
+        entrypoint="find",
+        options=["--user", "0"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_says(proc.stdout, exactly="")
+    listing = containers.run("ls", cpu_image, ["-A", JOB_SSH], entrypoint="ls")
+    assert_says(listing.stdout, exactly="")  # the folder the workers' keys are made in, empty in the image
+    # The ssh client's settings for any host, as the image ships them: host keys are checked (Debian's default).
+    config = containers.run("ssh", cpu_image, ["-G", "dstrain-train-worker-0"], entrypoint="ssh")
+    assert_says(config.stdout, "stricthostkeychecking ask\n", lacks=("userknownhostsfile /dev/null", "port 2222"))
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """Kubernetes manifests for dstrain: a Kubeflow MPIJob (kubeflow.org/v2beta1) for training, a Job for
-preprocessing, and the ReadWriteMany volume both share.
+preprocessing, the ReadWriteMany volume both share, and a NetworkPolicy per job.
 
     dstrain k8s render --workers 4 --gpus 8 --image registry/dstrain:0.1 --data /data > job.yaml
 
 The launcher pod runs exactly ``dstrain launch --launcher mpirun --hostfile /etc/mpi/hostfile -- dstrain train
-...`` (:func:`dstrain.launch.launcher.launch_argv`), the command the test suite runs under mpirun; the MPI operator
+...`` (:func:`dstrain.launch.launcher.launch_argv`), the command the test suite runs under mpirun, once a short
+script (:data:`LAUNCHER_SCRIPT`) has collected the workers' host keys; the MPI operator
 writes the hostfile (one line per worker with ``slots=GPUS``) and the job's SSH client key. Pods run as the image's
 unprivileged ``mpiuser`` (uid 1000) with a read-only root filesystem: the workers' sshd listens on port 2222 with its
 own config and a host key each worker makes when it starts; the launcher trusts exactly the keys its job's workers
