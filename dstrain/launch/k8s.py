@@ -44,14 +44,11 @@ CUDA_CACHE = "/var/cache/cuda"
 # children and would only see the SIGKILL after the grace period. Forward the request to them as SIGUSR1 (dstrain's
 # stop signal): they checkpoint and exit 75 within the grace period. The host key is made here, at each start of the
 # container: an image that carried one would give every pod of every job, and everyone who pulls it, the same key.
-WORKER_SCRIPT = "; ".join(
-    [
-        "trap 'pkill -USR1 -f \"bin/dstrain train\"; wait' TERM",
-        f"rm -f {HOST_KEY} {HOST_KEY}.pub",
-        f"ssh-keygen -q -t ed25519 -N '' -f {HOST_KEY} || exit 1",
-        f"/usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait",
-    ]
-)
+WORKER_SCRIPT = f"""trap 'pkill -USR1 -f "bin/dstrain train"; wait' TERM
+rm -f {HOST_KEY} {HOST_KEY}.pub
+ssh-keygen -q -t ed25519 -N '' -f {HOST_KEY} || exit 1
+/usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait
+"""
 
 # The launcher's command runs this, then the tested `dstrain launch` command ("$@"). It learns the host key of each
 # worker in the operator's hostfile, inside the job's own pod network, once the workers are up (the operator's
