@@ -152,7 +152,8 @@ def containers(podman_env):
 def as_in_the_pod(pod: dict) -> list[str]:
     """podman's options for the pod spec's container: its securityContext (read-only root filesystem, no
     capabilities, no privilege escalation; podman's default seccomp profile stands for RuntimeDefault) and its emptyDir
-    volumes as tmpfs (writable, executable like an emptyDir; /dev/shm is podman's own)."""
+    volumes as tmpfs, executable and the container user's (U: podman gives a tmpfs the mode of the image's folder
+    there, and root as owner; Kubernetes gives an emptyDir to the pod's fsGroup); /dev/shm is podman's own."""
     (container,) = pod["containers"]
     security = container["securityContext"]
     options = ["--read-only", "--read-only-tmpfs=false"] if security.get("readOnlyRootFilesystem") else []
@@ -161,7 +162,7 @@ def as_in_the_pod(pod: dict) -> list[str]:
     empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
     for mount in container["volumeMounts"]:
         if mount["name"] in empty and mount["mountPath"] != "/dev/shm":
-            options.append(f"--tmpfs={mount['mountPath']}:rw,exec,mode=1777")
+            options.append(f"--tmpfs={mount['mountPath']}:rw,exec,U")
     return options
 
 
