@@ -4,7 +4,7 @@
 # dev. RESULTS.md's WER table comes from this script with its defaults.
 #
 #   recipes/synth_cv.sh [WORKDIR]                   (default build/synth_cv)
-#   CLIPS=160 TRAIN_SECONDS=60 TRIALS=4 recipes/synth_cv.sh DIR     (the reduced size the test suite runs)
+#   CLIPS=80 TRAIN_SECONDS=60 TRIALS=4 recipes/synth_cv.sh DIR      (the reduced size the test suite runs)
 #   SEED=2 recipes/synth_cv.sh DIR                  (the training seed, default 4568: the run is DIR/run-seed2)
 #   BASELINE=1 recipes/synth_cv.sh DIR              (the earlier recipe: no augmentation, fixed batches of 8, no EMA)
 #   RUN=DIR/run-try recipes/synth_cv.sh DIR         (the run directory; default DIR/run-seedSEED, DIR/run-baseline-seedSEED)

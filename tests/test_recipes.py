@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from conftest import REPO, SHARED, records
 
+from dstrain.alphabet import Alphabet
 from dstrain.decoder.scorer_package import read_scorer_package, vocabulary
 from dstrain.evaluate import out_of_vocabulary
 from dstrain.metrics import error_rates
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 )
 def test_synthetic_common_voice_recipe_end_to_end(tmp_path):
     work = tmp_path / "cv"
-    env = dict(os.environ, CLIPS="160", TRAIN_SECONDS="50", TRIALS="4", SHARED=str(SHARED))
+    env = dict(os.environ, CLIPS="80", TRAIN_SECONDS="60", TRIALS="4", SHARED=str(SHARED))
     proc = subprocess.run(
         [str(REPO / "recipes" / "synth_cv.sh"), str(work)],
         cwd=REPO,
@@ -59,7 +60,8 @@ def test_synthetic_common_voice_recipe_end_to_end(tmp_path):
     held = set((work / "eval_sentences.txt").read_text().splitlines())
     lm_lines = (work / "lm.txt").read_text().splitlines()
     assert held and lm_lines and not {" ".join(line.split()[:12]) for line in lm_lines} & held
-    vocab = vocabulary(read_scorer_package(str(work / "lm" / "synth.scorer")))
+    labels = Alphabet.from_file(str(REPO / "dstrain" / "data" / "alphabet.txt")).labels
+    vocab = vocabulary(read_scorer_package(str(work / "lm" / "synth.scorer")), labels)
     for split in ("dev", "test"):
         references = [s["src"] for s in json.load(open(run / f"scorer_{split}.json", encoding="utf-8"))]
         assert out_of_vocabulary(references, vocab)["oov_rate"] <= 0.02, split
