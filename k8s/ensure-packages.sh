@@ -10,4 +10,5 @@ done
 echo "apt-get install:$missing" >&2
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-rm -rf /var/lib/apt/lists/*
+# openssh-server's install makes host keys: none may stay in a layer (workers make theirs when they start).
+rm -rf /var/lib/apt/lists/* /etc/ssh/ssh_host_*

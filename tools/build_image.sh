@@ -68,17 +68,20 @@ apt_sources() {
 # Base image from Debian's packages: NAME and packages -> localhost/dstrain-base:NAME-HASH.
 base_image() {
   local name=$1; shift
-  local ref="$IMAGE-base:$name-$(printf '%s\n' "$SUITE" "$@" | hash_of)"
+  # The hooks' text is part of the hash: a base made by other hooks is another base.
+  local hooks=('rm -rf "$1"/var/lib/apt/lists/*' 'rm -f "$1"/etc/ssh/ssh_host_*')
+  local ref="$IMAGE-base:$name-$(printf '%s\n' "$SUITE" "$@" "${hooks[@]}" | hash_of)"
   if ! podman image exists "$ref"; then
     local t0=$SECONDS sources
     mapfile -t sources < <(apt_sources)
     [ ${#sources[@]} -gt 0 ] || die "no apt sources found in /etc/apt"
     log "making the $name base from Debian $SUITE's packages (mmdebstrap): $*"
-    # minbase: no docs, manuals or translations; apt lists removed (the image never runs apt offline).
+    # minbase: no docs, manuals or translations; apt lists removed (the image never runs apt offline); no ssh host
+    # keys (openssh-server's install makes them: a key in a layer is every pod's and everyone's who pulls the image).
     mmdebstrap --quiet --variant=minbase --include="$(IFS=,; echo "$*")" \
       --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
       --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
-      --dpkgopt='path-exclude=/usr/share/info/*' --customize-hook='rm -rf "$1"/var/lib/apt/lists/*' \
+      --dpkgopt='path-exclude=/usr/share/info/*' --customize-hook="${hooks[0]}" --customize-hook="${hooks[1]}" \
       "$SUITE" - "${sources[@]}" | podman import --quiet - "$ref" >/dev/null
     log "$name base: $ref ($((SECONDS - t0)) s)"
   fi
