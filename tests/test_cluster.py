@@ -146,3 +146,31 @@ def test_leftovers_are_found(tmp_path):
         found = leftovers()
         assert any(cluster_id(c.dir) in f for f in found) and any("sshd" in f for f in found), found
     assert not [f for f in leftovers() if cluster_id(c.dir) in f]
+
+
+def test_state_only_where_no_other_user_can_place_files(tmp_path):
+    # The state holds the cluster's keys and root writes it: a link (someone's, in /tmp) is refused before anything
+    # follows it, and so is a directory others may write to or another user's; one it makes is 0700.
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    (tmp_path / "link").symlink_to(target)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    subprocess.run(["chown", "65534", str(theirs)], check=True)
+    for state, says in (
+        (tmp_path / "link", "is a symbolic link"),
+        (open_dir, "is writable by other users"),
+        (theirs, "is not a directory of"),
+    ):
+        proc = subprocess.run(
+            [str(CLUSTER_SH), "--dir", str(state), "exec", "node1", "true"], capture_output=True, text=True
+        )
+        assert proc.returncode == 1
+        assert_says(proc.stderr, str(state), says, "choose another with --dir")
+    assert (target.stat().st_mode & 0o777) == 0o755 and not any(target.iterdir())
+    made = tmp_path / "made"
+    subprocess.run([str(CLUSTER_SH), "--dir", str(made), "exec", "node1", "true"], capture_output=True, text=True)
+    assert made.is_dir() and (made.stat().st_mode & 0o777) == 0o700
