@@ -232,3 +232,24 @@ def test_truncated_shard_is_named_with_the_fix(ldc93s1_csv, alphabet_path, tmp_p
     assert shard.name in problem and "truncated" in problem
     with pytest.raises(StoreError, match=f"{shard.name}.*dstrain shards info"):
         list(store.reader(0).utterances())
+
+
+def test_metadata_is_replaced_whole_and_a_damaged_manifest_says_what_to_do(ldc93s1_store, tmp_path, monkeypatch):
+    import shutil
+
+    store = str(tmp_path / "s")
+    shutil.copytree(ldc93s1_store, store)
+    layout = StoreLayout(store)
+    before = open(join(store, "_manifest.json"), "rb").read()
+    # A failure inside the write (a full disk, a kill) leaves the old manifest whole, and no temporary file.
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        layout.write_atomic("_manifest.json", "{}")
+    monkeypatch.undo()
+    assert open(join(store, "_manifest.json"), "rb").read() == before
+    assert sorted(n for n in os.listdir(store) if ".tmp-" in n) == []
+    # One written by something else, or cut by a disk: a StoreError naming the file and the fix, not a JSONDecodeError.
+    open(join(store, "_manifest.json"), "wb").write(before[: len(before) // 2])
+    with pytest.raises(StoreError) as e:
+        FeatureStore.open(store)
+    assert_says(str(e.value), "_manifest.json: damaged manifest", "dstrain preprocess --overwrite")

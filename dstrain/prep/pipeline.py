@@ -247,8 +247,7 @@ class ChunkJob:
         marker = {"chunk": chunk, "shards": [asdict(s) for s in shards], "rejects": rejects, "stats": stats.to_dict()}
         if self.augmenter is not None:
             marker["augmentation"] = tally.to_dict()
-        with layout.open(layout.chunk_marker_name(chunk), "wt", encoding="utf-8") as f:
-            json.dump(marker, f)
+        layout.write_atomic(layout.chunk_marker_name(chunk), json.dumps(marker))
         return chunk, sum(s.rows for s in shards), len(rejects)
 
     def _add_copies(
@@ -449,8 +448,9 @@ def _prepare(layout: StoreLayout, cfg: PreprocessConfig, fingerprint: str, n_row
                 )
             layout.remove()
             layout.makedirs(PROGRESS)
-    with layout.open(layout.plan_name(), "wt") as f:
-        json.dump({"fingerprint": fingerprint, "rows": n_rows, "chunk_rows": cfg.chunk_rows}, f)
+    layout.write_atomic(
+        layout.plan_name(), json.dumps({"fingerprint": fingerprint, "rows": n_rows, "chunk_rows": cfg.chunk_rows})
+    )
 
 
 def _finish(
@@ -474,8 +474,7 @@ def _finish(
         for r in marker["rejects"]:
             reasons[r[2]] += 1
             writer.writerow(r)
-    with layout.open(REJECTS, "wt", encoding="utf-8", newline="") as f:
-        f.write(rejects.getvalue())
+    layout.write_atomic(REJECTS, rejects.getvalue())
     manifest = Manifest(
         features=cfg.features.to_dict(),
         feature_dtype=cfg.feature_dtype,
@@ -489,8 +488,7 @@ def _finish(
         if augmenter is None
         else manifest_section(cfg.augmentation, augmenter, tally, sum(s.rows for s in shards if s.augmented)),
     )
-    with layout.open(MANIFEST, "wt", encoding="utf-8") as f:
-        f.write(manifest.to_json())
+    layout.write_atomic(MANIFEST, manifest.to_json())  # last: a store without it is never read as finished
     layout.remove(PROGRESS)
     return manifest
 

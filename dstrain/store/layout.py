@@ -8,10 +8,12 @@ store folder as one dataset skip them, as they skip Hive/Spark's ``_SUCCESS``. S
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 from typing import IO, Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST = "_manifest.json"
 REJECTS = "_rejects.csv"
@@ -48,6 +50,31 @@ class StoreLayout:
 
     def open(self, name: str, mode: str = "rb", **kwargs: Any) -> IO:
         return self.fs.open(self.path(name), mode, **kwargs)
+
+    def write_atomic(self, name: str, text: str) -> None:
+        """``name`` replaced whole or not at all, whatever a kill or a full disk interrupts. On a local or network
+        file system: written beside it, fsynced, renamed over it, then the folder fsynced (so the rename outlives a
+        crash). On an object store one PUT is already all or nothing."""
+        path, data = self.path(name), text.encode("utf-8")
+        if not isinstance(self.fs, LocalFileSystem):
+            self.fs.pipe_file(path, data)
+            return
+        tmp = f"{path}.tmp-{os.getpid()}"  # starts with the name's "_": Parquet readers skip it too
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def exists(self, name: str) -> bool:
         return self.fs.exists(self.path(name))

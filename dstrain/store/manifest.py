@@ -113,8 +113,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
-        d = json.loads(text)
-        version = d.get("schema_version")
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            # Manifests are replaced atomically: a damaged one was written by something else, or the disk lost it.
+            raise StoreError(
+                f"{where}: damaged manifest (not JSON: {e.msg} at line {e.lineno}); rebuild the store with "
+                "dstrain preprocess --overwrite, or restore it from a copy"
+            ) from None
+        version = d.get("schema_version") if isinstance(d, dict) else None
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"{where}: schema_version {version}, this dstrain reads {SCHEMA_VERSION}; re-run dstrain preprocess"
