@@ -37,6 +37,7 @@ import logging
 import mmap
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -289,7 +290,12 @@ def read_export_metadata(export_dir: str) -> dict:
             f"{export_dir}: no {META_NAME}; not a dstrain export (dstrain export, or train --export_dir)"
         )
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        meta = json.load(f)
+    # Names read from the metadata are opened inside the export: a path (or "..") there is an error, never followed.
+    for name in meta.get("tflite_files", []):
+        if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
+            raise ValueError(f"{path}: tflite_files holds {name!r}, not a file name inside the export")
+    return meta
 
 
 # --- writing an export
@@ -326,11 +332,9 @@ def export_metadata(
 
 
 def _write_json(path: str, record: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def export_model(
@@ -345,33 +349,84 @@ def export_model(
     config: dict | None = None,
 ) -> dict:
     """Write the export (see the module docstring); ``info`` (training progress, weights source) joins the metadata,
-    ``config`` (the resolved flags) is saved as flags.json. Returns the metadata record."""
+    ``config`` (the resolved flags) is saved as flags.json. Returns the metadata record.
+
+    The export is written whole into a folder beside ``export_dir`` and then swapped in: a kill or a failed
+    conversion at any point leaves the earlier export as it was (or the new one, complete), never a mix."""
     model = inference_model(model)
     if options.remove_export and os.path.isdir(export_dir):
         _remove_export(export_dir)
-    os.makedirs(export_dir, exist_ok=True)
-    stale = {TFLITE_NAME, STREAMING_TFLITE_NAME, *options.tflite_names, FLAGS_NAME}
-    if os.path.exists(os.path.join(export_dir, META_NAME)):  # an earlier export's TFLite files, whatever their names
-        stale.update(read_export_metadata(export_dir).get("tflite_files", []))
-    for name in stale:
-        if os.path.exists(os.path.join(export_dir, name)):
-            os.remove(os.path.join(export_dir, name))
-    meta = export_metadata(model, alphabet, features, info, options)
-    module = _Exported(model, features, json.dumps(meta, ensure_ascii=False), options.n_steps)
-    tf.saved_model.save(module, export_dir, signatures=module.signatures())
-    if not isinstance(alphabet, UTF8Alphabet):
-        with open(os.path.join(export_dir, ALPHABET_NAME), "w", encoding="utf-8") as f:
-            f.write(alphabet.serialize())
-    if options.export_tflite:
-        for name, steps in zip(options.tflite_names, (0, options.n_steps)):
-            with open(os.path.join(export_dir, name), "wb") as f:
-                f.write(tflite_model(model, meta, options.export_quantize, steps, options.export_batch_size))
-    if config is not None:
-        _write_json(os.path.join(export_dir, FLAGS_NAME), config)
-    _write_json(os.path.join(export_dir, META_NAME), meta)
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(export_dir))}.new-", dir=parent)
+    try:
+        meta = export_metadata(model, alphabet, features, info, options)
+        module = _Exported(model, features, json.dumps(meta, ensure_ascii=False), options.n_steps)
+        tf.saved_model.save(module, staging, signatures=module.signatures())
+        if not isinstance(alphabet, UTF8Alphabet):
+            with open(os.path.join(staging, ALPHABET_NAME), "w", encoding="utf-8") as f:
+                f.write(alphabet.serialize())
+        if options.export_tflite:
+            for name, steps in zip(options.tflite_names, (0, options.n_steps)):
+                with open(os.path.join(staging, name), "wb") as f:
+                    f.write(tflite_model(model, meta, options.export_quantize, steps, options.export_batch_size))
+        if config is not None:
+            _write_json(os.path.join(staging, FLAGS_NAME), config)
+        _write_json(os.path.join(staging, META_NAME), meta)
+        if os.path.isdir(export_dir):
+            _carry_over(export_dir, staging, options)
+        _swap_in(staging, export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the new export on failure, the earlier one after a swap
     if options.export_zip:
         log.info("Packaged %s", package_zip(export_dir, scorer_path))
     return meta
+
+
+def _carry_over(export_dir: str, staging: str, options: ExportOptions) -> None:
+    """Files a person put beside an earlier export stay (as DeepSpeech's export leaves them without --remove_export);
+    the earlier export's own files (its TFLite files whatever their names, its flags) do not."""
+    earlier = {TFLITE_NAME, STREAMING_TFLITE_NAME, *options.tflite_names, FLAGS_NAME}
+    if os.path.exists(os.path.join(export_dir, META_NAME)):
+        earlier.update(read_export_metadata(export_dir).get("tflite_files", []))
+    for name in sorted(set(os.listdir(export_dir)) - earlier - set(os.listdir(staging))):
+        src, dst = os.path.join(export_dir, name), os.path.join(staging, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _swap_in(staging: str, export_dir: str) -> None:
+    """``staging`` becomes ``export_dir`` in one step where Linux can (renameat2's RENAME_EXCHANGE, after which
+    ``staging`` holds the earlier export); elsewhere the earlier export is moved aside first, and a kill between the
+    two renames leaves both complete folders, the earlier one named ``.NAME.new-*``'s sibling ``*.old``."""
+    os.sync()  # the files reach the disk before any name points at them
+    if not os.path.lexists(export_dir):
+        os.rename(staging, export_dir)
+    elif not _exchange(staging, export_dir):
+        old = staging + ".old"
+        os.rename(export_dir, old)
+        os.rename(staging, export_dir)
+        shutil.rmtree(old)
+    folder = os.open(os.path.dirname(os.path.abspath(export_dir)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False where the system or file system
+    cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _remove_export(export_dir: str) -> None:

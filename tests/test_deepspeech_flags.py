@@ -292,6 +292,36 @@ def test_remove_export_deletes_only_an_earlier_export(tiny, tmp_path):
     assert (other / "thesis.tex").exists()
 
 
+def test_a_failed_export_leaves_the_earlier_one_whole_and_metadata_names_stay_inside(tiny, tmp_path, monkeypatch):
+    import json
+
+    import dstrain.export as export
+    from dstrain.export import export_model, read_export_metadata
+
+    model, alphabet = tiny
+    out = tmp_path / "export"
+    options = parse("export", "--export_dir", "e", "--checkpoint_dir", "r", "--export_tflite").options
+    export_model(str(out), model, alphabet, FeatureConfig(), {"run": "first"}, options=options)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    # The TFLite conversion fails after the new SavedModel is written: the earlier export is as it was, all of it.
+    def broken(*args, **kwargs):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(export, "tflite_model", broken)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        export_model(str(out), model, alphabet, FeatureConfig(), {"run": "second"}, options=options)
+    monkeypatch.undo()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no half-made folder beside it
+    # A name in the metadata is a file inside the export, never a path the next export would remove or open.
+    meta = json.loads((out / "dstrain_export.json").read_text())
+    meta["tflite_files"] = ["../precious.txt"]
+    (out / "dstrain_export.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="tflite_files holds '../precious.txt', not a file name inside the export"):
+        read_export_metadata(str(out))
+
+
 # --- decoding
 
 
