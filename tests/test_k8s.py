@@ -208,7 +208,7 @@ def test_launcher_script_collects_each_workers_key_then_runs_the_command(tmp_pat
     )
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
     proc = subprocess.run(
-        ["/bin/sh", "-c", script, "launcher", "sh", "-c", 'echo "ssh $OMPI_MCA_plm_rsh_args"'],
+        ["sh", "-c", script, "launcher", "sh", "-c", 'echo "ssh $OMPI_MCA_plm_rsh_args"'],
         capture_output=True,
         text=True,
         env=env,
