@@ -38,7 +38,6 @@ from typing import Callable, Optional, Sequence, Union
 import tensorflow as tf
 
 from dstrain.augment.filterbank import (
-    DEVICE_OPS,
     FLOOR_LOG,
     FLOOR_POW,
     SILENT_LOG,
@@ -53,8 +52,8 @@ from dstrain.augment.filterbank import (
     TimeMask,
     Volume,
     Warp,
-    in_order,
     mel_geometry,
+    placed,
     zero_value,
 )
 from dstrain.augment.spec import ValueRange
@@ -482,18 +481,10 @@ class DeviceAugmenter:
         features: Optional[FeatureConfig] = None,
         step_ms: Optional[float] = None,
     ):
-        refused = [a.spec for a in augmentations if type(a) not in _OPS]
-        if refused:
-            raise ValueError(
-                f"augmentation {refused[0]!r} cannot run on the device (only {', '.join(DEVICE_OPS)} "
-                "can); let the loader apply it (dstrain.augment.filterbank.split_ops)"
-            )
-        self.features = features if features is not None else FeatureConfig()
-        self.step_ms = float(step_ms if step_ms is not None else self.features.step_ms)
-        if self.step_ms <= 0:
-            raise ValueError(f"step_ms={self.step_ms} must be > 0")
+        self.augmentations, self.features, self.step_ms = placed(
+            augmentations, _OPS, "device", "loader", features, step_ms
+        )
         self.seed, self.epochs = int(seed), int(epochs)
-        self.augmentations = tuple(in_order(augmentations))
 
     def __len__(self) -> int:
         return len(self.augmentations)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Collection, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -329,6 +329,30 @@ def parse_augmentations(
 def in_order(augmentations: Sequence[Augmentation]) -> list[Augmentation]:
     """DeepSpeech's order: sample-domain ops, then spectrogram, then features; the command line's within a domain."""
     return sorted(augmentations, key=lambda a: a.stage)
+
+
+def placed(
+    augmentations: Sequence[Augmentation],
+    implemented: Collection[type],
+    where: str,
+    other: str,
+    features: Optional[FeatureConfig],
+    step_ms: Optional[float],
+) -> tuple[tuple[Augmentation, ...], FeatureConfig, float]:
+    """What the loader's and the device's augmenters both start with: ``augmentations`` in the order they run, each
+    one ``where`` implements (else one error naming the other side), the feature settings and the frame step."""
+    refused = [a.spec for a in augmentations if type(a) not in implemented]
+    if refused:
+        raise ValueError(
+            f"augmentation {refused[0]!r} cannot run on the {where} (only "
+            f"{', '.join(sorted(c.name for c in implemented))} can); let the {other} apply it "
+            "(dstrain.augment.filterbank.split_ops)"
+        )
+    features = features if features is not None else FeatureConfig()
+    step = float(step_ms if step_ms is not None else features.step_ms)
+    if step <= 0:
+        raise ValueError(f"step_ms={step} must be > 0")
+    return tuple(in_order(augmentations)), features, step
 
 
 def split_ops(augmentations: Sequence[Augmentation]) -> tuple[list[Augmentation], list[Augmentation]]:

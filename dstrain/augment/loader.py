@@ -23,8 +23,8 @@ from dstrain.augment.filterbank import (
     NoiseSource,
     Overlay,
     Volume,
-    in_order,
     parse_augmentations,
+    placed,
     zero_value,
 )
 from dstrain.features import FeatureConfig
@@ -132,17 +132,9 @@ class LoaderAugmenter:
         features: Optional[FeatureConfig] = None,
         step_ms: Optional[float] = None,
     ) -> None:
-        refused = [a.spec for a in augmentations if type(a) not in self.OPS]
-        if refused:
-            raise ValueError(
-                f"augmentation {refused[0]!r} cannot run on the loader (only {', '.join(c.name for c in self.OPS)} "
-                "can); let the device apply it (dstrain.augment.filterbank.split_ops)"
-            )
-        self.features = features if features is not None else FeatureConfig()
-        self.step_ms = float(step_ms if step_ms is not None else self.features.step_ms)
-        if self.step_ms <= 0:
-            raise ValueError(f"step_ms={self.step_ms} must be > 0")
-        self.augmentations = tuple(in_order(augmentations))
+        self.augmentations, self.features, self.step_ms = placed(
+            augmentations, self.OPS, "loader", "device", features, step_ms
+        )
 
     @classmethod
     def from_specs(
