@@ -59,6 +59,34 @@ from dstrain.train.state import TrainState
 
 log = logging.getLogger("dstrain.train")
 
+
+class Figures:
+    """Named float32 scalars carried as one vector inside the step: one allreduce and one copy from the device for
+    all of them, and names instead of positions on both sides."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def pack(self, **values) -> tf.Tensor:
+        return tf.stack([tf.cast(values[n], tf.float32) for n in self.names])
+
+    def unpack(self, vector: tf.Tensor) -> dict:
+        return dict(zip(self.names, tf.unstack(vector, len(self.names))))
+
+    def read(self, vector: tf.Tensor) -> dict[str, float]:
+        """Outside the step: the figures as Python floats."""
+        return dict(zip(self.names, vector.numpy().tolist()))
+
+
+# A rank's micro-batch: loss x utterances, utterances, 1 if its gradients were not finite, frames after augmentation.
+MICRO_BATCH = Figures("loss_sum", "utterances", "nonfinite", "frames", "micro_batches")
+# What the step sums over ranks: the above, plus whether the rank was asked to stop and its loader wait.
+RANK_STEP = Figures(*MICRO_BATCH.names, "stop", "wait")
+# What the loop hands the step: whether this rank was asked to stop, its loader wait (seconds), the learning rate.
+STEP_INPUT = Figures("stop", "wait", "learning_rate")
+# What the step returns, the same on every rank.
+STEP = Figures("loss", "skipped", "stop", "utterances", "frames", "wait")
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -232,7 +260,9 @@ class Trainer:
         self.augment = self.data.device_augmenter()
         self.layout()
         # Dev and test stores may keep another dtype than the training ones: one trace per dtype and rank.
-        self.logits = tf.function(lambda x, n: self.model((x, n), training=False), reduce_retracing=True)
+        self.logits = tf.function(
+            lambda x, n: self.model((x, n), training=False), reduce_retracing=True, autograph=False
+        )
 
     @property
     def progress(self) -> Progress:
@@ -276,7 +306,13 @@ class Trainer:
             tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None, 2], tf.int64),
         )
-        self.train_step = tf.function(self._train_step, input_signature=spec + (tf.TensorSpec([3], tf.float32),))
+        # Without AutoGraph: the step has no Python control flow on tensors (tf.cond where it branches), and
+        # converting it and the model's layers took a third of each rank's start-up.
+        self.train_step = tf.function(
+            self._train_step,
+            input_signature=spec + (tf.TensorSpec([len(STEP_INPUT.names)], tf.float32),),
+            autograph=False,
+        )
         if self.group > 1:
             # Gradient sums of the micro-batches before the last of each group (float32 even under mixed precision:
             # the gradients are unscaled first).
@@ -284,9 +320,8 @@ class Trainer:
                 self.accumulated = [
                     tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False) for v in self.model.trainable_variables
                 ]
-                # loss sum, utterances, non-finite, frames, micro-batches
-                self.acc_stats = tf.Variable(tf.zeros([5]), trainable=False)
-            self.accumulate_step = tf.function(self._accumulate, input_signature=spec)
+                self.acc_stats = tf.Variable(tf.zeros([len(MICRO_BATCH.names)]), trainable=False)
+            self.accumulate_step = tf.function(self._accumulate, input_signature=spec, autograph=False)
 
     def _eval_input(self, urls: tuple[str, ...], batch_size: int, limit: int, reverse: bool) -> EvalInput | None:
         if not urls:
@@ -412,39 +447,51 @@ class Trainer:
         grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
         return tf.where(finite, loss, 0.0), grads, finite, count, tf.cast(tf.reduce_sum(x_len), tf.float32)
 
+    @staticmethod
+    def _micro_batch_figures(loss, finite, count, frames) -> tf.Tensor:
+        nonfinite = 1.0 - tf.cast(finite, tf.float32)
+        return MICRO_BATCH.pack(
+            loss_sum=loss * count, utterances=count, nonfinite=nonfinite, frames=frames, micro_batches=1
+        )
+
     def _accumulate(self, x, x_len, y, y_len, keys):
         """A micro-batch that is not the last of its group: its gradients and figures are added up here, locally;
         no collective runs."""
         loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len, keys)
         for acc, g in zip(self.accumulated, grads):
             acc.assign_add(g * count)  # utterance-weighted: duration batches hold unequal counts
-        self.acc_stats.assign_add(tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0]))
+        self.acc_stats.assign_add(self._micro_batch_figures(loss, finite, count, frames))
         return loss
 
     def _train_step(self, x, x_len, y, y_len, keys, flags):
-        """The (last) micro-batch of an optimizer step. flags = (stop requested here, loader wait seconds, learning
-        rate). Returns [mean loss, skipped, stop, utterances, frames, mean wait] over all ranks and micro-batches."""
+        """The (last) micro-batch of an optimizer step, with the :data:`STEP_INPUT` figures. Returns the :data:`STEP`
+        figures, over all ranks and micro-batches."""
         optimizer, world, variables = self.optimizer, self.world, self.model.trainable_variables
         # The optimizer keeps its own copy of the rate (a variable it made from ours): set that one.
-        optimizer.learning_rate.assign(flags[2])
+        flags = STEP_INPUT.unpack(flags)
+        optimizer.learning_rate.assign(flags["learning_rate"])
         loss, grads, finite, count, frames = self._gradients(x, x_len, y, y_len, keys)
-        stats = tf.stack([loss * count, count, 1.0 - tf.cast(finite, tf.float32), frames, 1.0])
+        figures = self._micro_batch_figures(loss, finite, count, frames)
         accumulating = self.group > 1  # at trace time: every rank of a world traces the same graph
         if accumulating:
-            stats += self.acc_stats
+            figures += self.acc_stats
             grads = [acc + g * count for acc, g in zip(self.accumulated, grads)]  # sum over utterances of the group
             for acc in self.accumulated:
                 acc.assign(tf.zeros_like(acc))
             self.acc_stats.assign(tf.zeros_like(self.acc_stats))
         # Horovod: one allreduce carries the loss sum, the count, whether any rank is non-finite or was asked to
         # stop, the frames and the loader wait (for the log).
-        summed = world.allreduce_tensor(tf.stack([stats[0], stats[1], stats[2], flags[0], flags[1], stats[3]]))
-        any_bad = summed[2] > 0
+        mine = MICRO_BATCH.unpack(figures)
+        summed = RANK_STEP.unpack(
+            world.allreduce_tensor(RANK_STEP.pack(**mine, stop=flags["stop"], wait=flags["wait"]))
+        )
+        any_bad = summed["nonfinite"] > 0
+        utterances = tf.maximum(summed["utterances"], 1.0)
         # The step's loss is the mean over all its utterances on all ranks and micro-batches, so each rank's gradient
         # counts by its share of them (the average below divides by the world size). Without accumulation, grads is
         # the rank's mean gradient and the factor is exactly 1 with equal counts (fixed batches); with it, grads is
         # the utterance-weighted sum of the group's mean gradients.
-        share = (1.0 if accumulating else count) * world.size / tf.maximum(summed[1], 1.0)
+        share = (1.0 if accumulating else count) * world.size / utterances
         # Horovod: average the gradients over ranks (a rank's non-finite ones are zeros; the step is skipped anyway).
         grads = world.average_gradients([g * share for g in grads], compression=self.cfg.optim.gradient_compression)
         if self.cfg.optim.max_grad_norm > 0:
@@ -462,15 +509,13 @@ class Trainer:
             # Once per optimizer step (accumulated micro-batches never get here), after it, and not when it skipped.
             tf.cond(skipped, lambda: tf.no_op(), self.ema.update)
         # One tensor, so the loop reads everything with one copy from the device.
-        return tf.stack(
-            [
-                summed[0] / tf.maximum(summed[1], 1.0),
-                tf.cast(any_bad, tf.float32),
-                tf.cast(summed[3] > 0, tf.float32),
-                summed[1],
-                summed[5],
-                summed[4] / world.size,
-            ]
+        return STEP.pack(
+            loss=summed["loss_sum"] / utterances,
+            skipped=any_bad,
+            stop=summed["stop"] > 0,
+            utterances=summed["utterances"],
+            frames=summed["frames"],
+            wait=summed["wait"] / world.size,
         )
 
     # --- the loop
@@ -505,7 +550,7 @@ class Trainer:
                 closes_group = (data.epoch_step + 1) % group == 0 or data.last_step
                 if closes_group:
                     rate = learning_rate(cfg.optim, self.lr_world, step, self.history.plateau_factor)
-                    flags = tf.constant([1.0 if self.stop.requested else 0.0, wait_now, rate], tf.float32)
+                    flags = STEP_INPUT.pack(stop=self.stop.requested, wait=wait_now, learning_rate=rate)
                     out = self.train_step(*batch, flags)
                     wait_now = 0.0
                 else:
@@ -521,13 +566,14 @@ class Trainer:
                     bar.update(1)
                 if not closes_group:
                     continue
-                loss, skipped, stop, count, n_frames, wait = out.numpy().tolist()
+                figures = STEP.read(out)
+                loss, wait = figures["loss"], figures["wait"]
                 progress.step.assign_add(1)
                 step, steps = step + 1, steps + 1
-                utterances += count
-                frames += int(n_frames)
+                utterances += figures["utterances"]
+                frames += int(figures["frames"])
                 wait_total += wait
-                if skipped:
+                if figures["skipped"]:
                     skipped_steps += 1
                     self._nonfinite(data.step_samples(back=1), loss)
                 else:
@@ -537,7 +583,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if self.summaries is not None and (step - 1) % cfg.summary_steps == 0:
                     self._step_summaries(step - 1, loss, wait)
-                if stop:
+                if figures["stop"]:
                     self._save_and_stop(epoch, "Stop requested")
                 if self.saver is not None and self.saver.due(cfg.checkpoint, step):
                     path = self.save("periodic")
