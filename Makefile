@@ -4,6 +4,8 @@
 #   make image  the OCI images, CPU and GPU (tools/build_image.sh: podman, no registry, no daemon)
 .PHONY: demo test image
 SHELL := /bin/bash
+# pytest-xdist workers for `make test` (tests that share something, such as the image build, stay on one worker).
+TEST_WORKERS ?= 2
 
 demo:
 	@tools/install.sh
@@ -12,7 +14,7 @@ demo:
 test:
 	@tools/install.sh --test
 	@.venv/bin/ruff check dstrain tests benchmarks && .venv/bin/ruff format --check dstrain tests benchmarks
-	@.venv/bin/python -m pytest $(PYTEST_ARGS)
+	@.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 image:
 	@tools/build_image.sh all

@@ -58,7 +58,7 @@ setup(
     ],
     extras_require={
         "bench": ["pyctcdecode"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.8,<0.9", "pandas>=2,<2.3", "jsonschema>=4", "kubernetes-validate>=1.28", "pyyaml>=6"],  # pandas 2.3+ wheels want NumPy 2
+        "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3.5", "ruff>=0.8,<0.9", "pandas>=2,<2.3", "jsonschema>=4", "kubernetes-validate>=1.28", "pyyaml>=6"],  # pandas 2.3+ wheels want NumPy 2
     },
     ext_modules=[
         Pybind11Extension(

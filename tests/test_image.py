@@ -29,6 +29,8 @@ TRANSCRIPT = "she had your dark suit in greasy wash water all year"
 UID = 1000
 # A first build on a fresh machine makes the Debian bases, fetches the wheels and installs the venv (~15 min on 2
 # cores); later runs find the image by its content hash.
+# One worker of `make test` runs this file: the image is built once, by one podman at a time.
+pytestmark = pytest.mark.xdist_group("image")
 BUILD_TIMEOUT = 2400
 
 
