@@ -36,7 +36,8 @@ done). The events and their other fields (:data:`EVENTS` lists the required ones
     written before it existed).
 ``stop``
     ``reason``, ``signal`` (the name of the signal a rank received, or "" when a limit stopped the run),
-    ``requested_by`` (the ranks that received one), ``exit_code``, ``checkpoint`` (saved before stopping, or null).
+    ``requested_by`` (the ranks that received one), ``exit_code``, ``checkpoint`` (saved before stopping, or null),
+    ``weights_sha256`` (every rank's, in rank order, as in ``final``).
 ``final``
     ``epochs_done``, ``weights_sha256`` (every rank's, in rank order: identical in a healthy run), ``test`` (loss,
     wer, cer, samples of the test set, or null), ``evaluated`` (the checkpoint --load_evaluate chose for the test set
@@ -93,7 +94,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "eval": ("split", "loss", "wer", "cer", "samples", "decoder"),
     "checkpoint": ("path", "best", "reason", "epoch_step"),
     "nonfinite": ("loss", "consecutive", "samples"),
-    "stop": ("reason", "signal", "requested_by", "exit_code", "checkpoint"),
+    "stop": ("reason", "signal", "requested_by", "exit_code", "checkpoint", "weights_sha256"),
     "final": ("epochs_done", "weights_sha256", "test"),
     "reset": ("world_size", "hosts", "reason", "accumulation_steps"),
     "samples": ("ids", "ranks"),

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-build/ldc93s1}
 NP=${NP:-2}
-EPOCHS=${EPOCHS:-450}
+EPOCHS=${EPOCHS:-300}
 export PATH="$PWD/.venv/bin:$PATH"
 export TF_CPP_MIN_LOG_LEVEL=2
 ALPHABET=dstrain/data/alphabet.txt
@@ -22,7 +22,7 @@ horovodrun -np "$NP" -H "localhost:$NP" --gloo \
   dstrain train \
     --train_files "$WORK/shards" --dev_files "$WORK/shards" --test_files "$WORK/shards" \
     --alphabet_config_path "$ALPHABET" \
-    --n_hidden 100 --epochs "$EPOCHS" --learning_rate 0.001 --train_batch_size 1 \
+    --n_hidden 100 --epochs "$EPOCHS" --learning_rate 0.002 --train_batch_size 1 \
     --checkpoint_dir "$WORK/checkpoints" --export_dir "$WORK/export" \
     --inter_op_parallelism_threads 1 --intra_op_parallelism_threads 1
 dstrain transcribe --model "$WORK/export" --audio dstrain/data/LDC93S1.wav

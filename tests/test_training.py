@@ -189,11 +189,6 @@ def test_sigusr1_on_one_rank_stops_all_after_rank0s_checkpoint(store, tmp_path, 
     assert resume["checkpoint"] == stop["checkpoint"] and resume["step"] == stop["step"]
     if launcher == "horovodrun":
         # Stopped mid-epoch again, then resumed on one rank: the rest of the epoch is re-partitioned, and it says so.
-        longer = run(
-            horovodrun() + train_cmd(store, work, "--dropout_rate", "0", "--checkpoint_steps", "2", epochs=7),
-            timeout=300,
-        )
-        assert longer.returncode == 0, longer.stdout[-3000:]
         partial = work / "partial"
         import shutil
 
@@ -504,8 +499,6 @@ def test_bytes_output_mode_on_a_russian_sample(tmp_path):
             tool("dstrain"),
             "train",
             "--train_files",
-            store,
-            "--dev_files",
             store,
             "--test_files",
             store,

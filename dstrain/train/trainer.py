@@ -729,8 +729,10 @@ class Trainer:
         self.samples.flush()  # the checkpoint holds these steps: they are done
         path = self.save("stop")
         # Horovod: nobody exits before rank 0's checkpoint is complete (launchers kill the others on the first exit);
-        # the gather is that barrier, and tells rank 0's record which ranks were asked to stop, by which signal.
-        signals = self.world.allgather_object(self.stop.signal_name)
+        # the gather is that barrier, and tells rank 0's record which ranks were asked to stop, by which signal, and
+        # every rank's weights (the same everywhere, as at the end of a run).
+        gathered = self.world.allgather_object((self.stop.signal_name, weights_digest(self.model)))
+        signals = [s for s, _ in gathered]
         saved = (
             (f"checkpoint {path}" if path else "no checkpoint (no --checkpoint_dir)")
             if self.world.is_root
@@ -743,6 +745,7 @@ class Trainer:
             exit_code=exit_code,
             checkpoint=path,
             requested_by=[r for r, s in enumerate(signals) if s],
+            weights_sha256=[d for _, d in gathered],
         )
         log.warning(
             "%s (%s): %s saved at epoch %d, step %d; exiting with %d%s at %.3f",
