@@ -3,12 +3,14 @@
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from cluster import wait_for
 from conftest import REPO, SHARED, assert_says
 
 from dstrain.cli import build_parser
@@ -20,7 +22,9 @@ from dstrain.launch.k8s import (
     JOB_SSH,
     KNOWN_HOSTS,
     LAUNCHER_SCRIPT,
+    RANKS,
     SSH_PORT,
+    WORKER_SCRIPT,
     K8sConfig,
     render,
     to_yaml,
@@ -182,52 +186,144 @@ def test_the_launcher_checks_the_workers_host_keys_strictly():
     assert "OMPI_MCA_plm_rsh_args" not in env and env["OMPI_MCA_plm_rsh_no_tree_spawn"] == "1"
     # The script reads as itself in the YAML (a literal block), and survives the round trip.
     text = to_yaml(render(K8sConfig()))
-    assert "- |\n" in text and '  exec "$@"\n' in text
+    assert "- |\n" in text and '    "$@" &\n' in text
     assert pod_templates(list(yaml.safe_load_all(text)))["launcher"]["spec"]["containers"][0] == launcher
+
+
+class LauncherHere:
+    """The launcher's script as its pod runs it, on this machine: ssh-keyscan answers with keys made here for two
+    workers (w-1's sshd is not up at the first try), the hostfile and known_hosts are files of the test."""
+
+    def __init__(self, tmp_path):
+        self.tmp, self.keys, stubs = tmp_path, tmp_path / "keys", tmp_path / "bin"
+        self.keys.mkdir()
+        stubs.mkdir()
+        for host in ("w-0.svc", "w-1.svc"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.keys / host)], check=True)
+        (stubs / "ssh-keyscan").write_text(
+            "#!/bin/sh\n"
+            "for host; do :; done\n"
+            f'if [ "$host" = w-1.svc ] && [ ! -e {tmp_path}/tried ]; then touch {tmp_path}/tried; exit 1; fi\n'
+            f'read -r type key _ < {self.keys}/"$host".pub && echo "[$host]:{SSH_PORT} $type $key"\n'
+        )
+        os.chmod(stubs / "ssh-keyscan", 0o755)
+        (tmp_path / "hostfile").write_text("# the operator's\nw-0.svc slots=8\n\nw-1.svc slots=8\n")
+        self.known_hosts = tmp_path / "known_hosts"
+        self.script = LAUNCHER_SCRIPT.replace(KNOWN_HOSTS, str(self.known_hosts)).replace(
+            HOSTFILE, str(tmp_path / "hostfile")
+        )
+        self.env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+
+    def popen(self, *command: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["sh", "-c", self.script, "launcher", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
+
+    def run(self, *command: str) -> subprocess.CompletedProcess:
+        proc = self.popen(*command)
+        out, err = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="no ssh-keygen here")
 def test_launcher_script_collects_each_workers_key_then_runs_the_command(tmp_path):
-    # The script as the launcher pod runs it, on this machine: ssh-keyscan answers with keys made here (one worker's
-    # sshd is not up at the first try), and the command it then runs prints the ssh arguments mpirun will use.
-    keys, stubs = tmp_path / "keys", tmp_path / "bin"
-    keys.mkdir()
-    stubs.mkdir()
-    for host in ("w-0.svc", "w-1.svc"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / host)], check=True)
-    (stubs / "ssh-keyscan").write_text(
-        "#!/bin/sh\n"
-        "for host; do :; done\n"
-        f'if [ "$host" = w-1.svc ] && [ ! -e {tmp_path}/tried ]; then touch {tmp_path}/tried; exit 1; fi\n'
-        f'read -r type key _ < {keys}/"$host".pub && echo "[$host]:{SSH_PORT} $type $key"\n'
-    )
-    os.chmod(stubs / "ssh-keyscan", 0o755)
-    (tmp_path / "hostfile").write_text("# the operator's\nw-0.svc slots=8\n\nw-1.svc slots=8\n")
-    script = LAUNCHER_SCRIPT.replace(KNOWN_HOSTS, str(tmp_path / "known_hosts")).replace(
-        HOSTFILE, str(tmp_path / "hostfile")
-    )
-    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
-    proc = subprocess.run(
-        ["sh", "-c", script, "launcher", "sh", "-c", 'echo "ssh $OMPI_MCA_plm_rsh_args"'],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    # The command it runs prints the ssh arguments mpirun will use.
+    here = LauncherHere(tmp_path)
+    proc = here.run("sh", "-c", 'echo "ssh $OMPI_MCA_plm_rsh_args"')
     assert proc.returncode == 0, proc.stderr
-    known = (tmp_path / "known_hosts").read_text().splitlines()
+    known = here.known_hosts.read_text().splitlines()
     assert [line.split()[0] for line in known] == [f"[w-0.svc]:{SSH_PORT}", f"[w-1.svc]:{SSH_PORT}"]
     for host in ("w-0.svc", "w-1.svc"):
         fingerprint = subprocess.run(
-            ["ssh-keygen", "-lf", str(keys / f"{host}.pub")], capture_output=True, text=True, check=True
+            ["ssh-keygen", "-lf", str(here.keys / f"{host}.pub")], capture_output=True, text=True, check=True
         ).stdout.split()[1]
         assert_says(proc.stdout, f"dstrain launcher: host key of {host}: {fingerprint}\n")
     assert_says(
         proc.stdout,
-        f"ssh -p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={tmp_path / 'known_hosts'} ",
-        last_line=f"ssh -p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={tmp_path / 'known_hosts'} "
+        f"ssh -p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={here.known_hosts} ",
+        last_line=f"ssh -p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={here.known_hosts} "
         "-o GlobalKnownHostsFile=/dev/null -o ConnectionAttempts=10",
     )
+
+
+@pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="no ssh-keygen here")
+def test_launcher_runs_a_stopped_or_broken_job_again_and_passes_other_failures_on(tmp_path):
+    # As SLURM requeues: 75 (stopped to be resumed: a worker pod deleted) and 76 (a rank lost) run the job again,
+    # after the workers' keys are collected afresh (a replaced worker has a new one); anything else ends the launcher.
+    here = LauncherHere(tmp_path)
+    runs = tmp_path / "runs"
+    job = f'echo run >> {runs}; n=$(wc -l < {runs}); [ "$n" = 1 ] && exit 75; [ "$n" = 2 ] && exit 76; exit 0'
+    proc = here.run("sh", "-c", job)
+    assert proc.returncode == 0, proc.stderr
+    assert runs.read_text() == "run\n" * 3
+    assert proc.stdout.count("dstrain launcher: host key of w-0.svc") == 3
+    assert_says(
+        proc.stderr,
+        "dstrain launcher: the job exited 75 (stopped to be resumed, or a rank lost), run 1: running it again",
+        "dstrain launcher: the job exited 76 (stopped to be resumed, or a rank lost), run 2: running it again",
+    )
+    runs.unlink()
+    failed = here.run("sh", "-c", f"echo run >> {runs}; exit 3")
+    assert failed.returncode == 3 and runs.read_text() == "run\n", failed.stderr
+
+
+@pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="no ssh-keygen here")
+def test_the_launcher_pods_sigterm_stops_the_job_which_is_not_run_again(tmp_path):
+    # mpirun turns the SIGTERM into the ranks' stop request; here the job checkpoints by writing a file and exits 75.
+    here = LauncherHere(tmp_path)
+    started, saved = tmp_path / "started", tmp_path / "saved"
+    job = f"trap 'touch {saved}; exit 75' TERM; touch {started}; while :; do sleep 0.1; done"
+    proc = here.popen("sh", "-c", job)
+    try:
+        wait_for(lambda: started.exists() or proc.poll() is not None, 60, "the job to start")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75 and saved.exists(), err
+    assert "running it again" not in err
+
+
+def test_a_deleted_worker_pod_stops_its_ranks_and_ends_once_they_have_exited(tmp_path):
+    # The worker's script as its pod runs it, with stand-ins: ssh-keygen and sshd stubs, and a "rank" that takes a
+    # second to checkpoint after its SIGUSR1, then exits 75. (The rank's pattern is made unique to this test: the
+    # real one would signal the suite's own training ranks.)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "ssh-keygen").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "sshd").write_text(
+        f"#!/bin/sh\ntrap 'touch {tmp_path}/sshd-stopped; exit 0' TERM\nwhile :; do sleep 0.1; done\n"
+    )
+    (stubs / "dstrain").write_text(
+        f"#!/bin/sh\ntrap 'sleep 1; touch {tmp_path}/checkpointed; exit 75' USR1\nwhile :; do sleep 0.1; done\n"
+    )
+    for stub in stubs.iterdir():
+        os.chmod(stub, 0o755)
+    script = (
+        WORKER_SCRIPT.replace(RANKS, f"[{str(tmp_path)[0]}]{str(tmp_path)[1:]}/bin/dstrain train")
+        .replace("/usr/sbin/sshd", str(stubs / "sshd"))
+        .replace(JOB_SSH, str(tmp_path))
+    )
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    worker = subprocess.Popen(["sh", "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    rank = subprocess.Popen(["sh", str(stubs / "dstrain"), "train"], env=env)  # a session's child, not the script's
+    try:
+        wait_for(lambda: worker.poll() is None and _has_child(worker.pid), 30, "the worker's sshd")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, worker.stderr.read()
+        assert rank.wait(timeout=5) == 75
+        assert (tmp_path / "checkpointed").exists() and (tmp_path / "sshd-stopped").exists()
+    finally:
+        worker.kill()
+        rank.kill()
+
+
+def _has_child(pid: int) -> bool:
+    return bool(subprocess.run(["pgrep", "-P", str(pid)], capture_output=True).stdout.strip())
 
 
 def test_a_typo_is_caught(mpijob_schema):
@@ -246,7 +342,7 @@ def test_launcher_runs_the_tested_command():
     cfg = K8sConfig(workers=2, gpus=8)
     launcher = render(cfg)[-1]["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
     # /bin/sh -c SCRIPT $0 COMMAND...: the script learns the workers' host keys, then runs COMMAND ("$@").
-    assert launcher[:2] == ["/bin/sh", "-c"] and launcher[2].endswith('exec "$@"\n')
+    assert launcher[:2] == ["/bin/sh", "-c"] and launcher[2] == LAUNCHER_SCRIPT
     launcher = launcher[4:]
     rank_command = launcher[launcher.index("--") + 1 :]
     # The same builder as test_distributed's mpirun run, which trains 2 ranks with it.
@@ -280,7 +376,7 @@ def test_pods_get_a_grace_period_and_forward_sigterm_to_the_ranks():
     for role in ("Launcher", "Worker"):
         assert job["spec"]["mpiReplicaSpecs"][role]["template"]["spec"]["terminationGracePeriodSeconds"] == 1200
     worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    assert 'trap \'pkill -USR1 -f "bin/dstrain train"' in worker["command"][-1] and "sshd -De" in worker["command"][-1]
+    assert worker["command"][-1] == WORKER_SCRIPT and 'pkill -USR1 -f "[b]in/dstrain train"' in WORKER_SCRIPT
 
 
 def test_each_worker_makes_its_host_key_before_starting_sshd():

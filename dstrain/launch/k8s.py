@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import yaml
 
 from dstrain.config import option
+from dstrain.distributed.peer_watch import EXIT_PEER_LOST
 from dstrain.launch.launcher import launch_argv
+from dstrain.preemption import EXIT_PREEMPTED
 
 HOSTFILE = "/etc/mpi/hostfile"
 USER_HOME = "/home/mpiuser"
@@ -40,41 +42,85 @@ JOB_LABEL = "dstrain/job"
 CUDA_CACHE = "/var/cache/cuda"
 """CUDA_CACHE_PATH in the image: the kernels the driver JIT-compiles on Hopper."""
 
+RANKS = "[b]in/dstrain train"
+"""The ranks' command lines, as a regular expression that does not match itself: the script that holds it (the
+pod's first process) must not count as a rank."""
 # The worker's command. sshd is the container's main process and gets the pod's SIGTERM; the ranks are its sessions'
 # children and would only see the SIGKILL after the grace period. Forward the request to them as SIGUSR1 (dstrain's
-# stop signal): they checkpoint and exit 75 within the grace period. The host key is made here, at each start of the
-# container: an image that carried one would give every pod of every job, and everyone who pulls it, the same key.
-WORKER_SCRIPT = f"""trap 'pkill -USR1 -f "bin/dstrain train"; wait' TERM
+# stop signal): they checkpoint together and exit 75; once none is left, sshd and the pod go, within seconds of the
+# save instead of at the end of the grace period. The host key is made here, at each start of the container: an
+# image that carried one would give every pod of every job, and everyone who pulls it, the same key.
+WORKER_SCRIPT = f"""stop() {{
+  pkill -USR1 -f "{RANKS}"
+  while pgrep -f "{RANKS}" >/dev/null; do sleep 1; done
+  kill "$sshd" 2>/dev/null
+  wait "$sshd"
+  exit 0
+}}
+trap stop TERM
 rm -f {HOST_KEY} {HOST_KEY}.pub
 ssh-keygen -q -t ed25519 -N '' -f {HOST_KEY} || exit 1
-/usr/sbin/sshd -De -f {USER_HOME}/.sshd_config & wait
+/usr/sbin/sshd -De -f {USER_HOME}/.sshd_config &
+sshd=$!
+wait "$sshd"
 """
 
+FIRST_KEY_WAIT_S = 120
+"""How long the launcher waits for each worker's sshd at the job's start (the operator started the launcher once the
+workers were up)."""
+RERUN_KEY_WAIT_S = 1800
+"""...and before a rerun, when a worker pod may have been replaced and be waiting for a node."""
+
 # The launcher's command runs this, then the tested `dstrain launch` command ("$@"). It learns the host key of each
-# worker in the operator's hostfile, inside the job's own pod network, once the workers are up (the operator's
-# WaitForWorkersReady; sshd may still be starting, hence the retries), and logs its fingerprint; mpirun's and the
-# pre-flight check's ssh then accept those keys and no others (StrictHostKeyChecking=yes: a changed or unknown key is
-# refused, not learned). OMPI_MCA_plm_rsh_args is set here, not in the pod's env: the operator appends its own
-# OMPI_MCA_plm_rsh_args (-o ConnectionAttempts=10) after the container's env, and the last one wins.
+# worker in the operator's hostfile, inside the job's own pod network (sshd may still be starting, hence the retries),
+# and logs its fingerprint; mpirun's and the pre-flight check's ssh then accept those keys and no others
+# (StrictHostKeyChecking=yes: a changed or unknown key is refused, not learned). OMPI_MCA_plm_rsh_args is set here,
+# not in the pod's env: the operator appends its own OMPI_MCA_plm_rsh_args (-o ConnectionAttempts=10) after the
+# container's env, and the last one wins.
+# A job that exits 75 (a stop request: a worker pod deleted, its ranks checkpointed) or 76 (a rank lost) runs again
+# here, as SLURM requeues it: the MPIJob API has no pod failure policy, and its backoffLimit would count these. The
+# keys are collected again first (a replaced worker has a new one). The launcher pod's own SIGTERM goes to the job,
+# which checkpoints and exits 75, and the script exits with it.
 LAUNCHER_SCRIPT = f"""set -eu
-: > {KNOWN_HOSTS}
-while read -r host _ || [ -n "$host" ]; do
-  case $host in ''|'#'*) continue ;; esac
-  tries=0
-  until key=$(ssh-keyscan -T 5 -p {SSH_PORT} -t ed25519 "$host" 2>/dev/null) && [ -n "$key" ]; do
-    tries=$((tries + 1))
-    if [ "$tries" -ge 60 ]; then
-      echo "dstrain launcher: error: no ssh host key from $host port {SSH_PORT} within 2 minutes" >&2
-      exit 1
-    fi
-    sleep 2
-  done
-  printf '%s\\n' "$key" >> {KNOWN_HOSTS}
-  echo "dstrain launcher: host key of $host: $(printf '%s\\n' "$key" | ssh-keygen -lf - | cut -d' ' -f2)"
-done < {HOSTFILE}
-export OMPI_MCA_plm_rsh_args="-p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={KNOWN_HOSTS} \
+collect_host_keys() {{
+  : > {KNOWN_HOSTS}
+  while read -r host _ || [ -n "$host" ]; do
+    case $host in ''|'#'*) continue ;; esac
+    tries=0
+    until key=$(ssh-keyscan -T 5 -p {SSH_PORT} -t ed25519 "$host" 2>/dev/null) && [ -n "$key" ]; do
+      tries=$((tries + 1))
+      if [ "$tries" -ge $(($1 / 2)) ]; then
+        echo "dstrain launcher: error: no ssh host key from $host port {SSH_PORT} within $1 s" >&2
+        exit 1
+      fi
+      sleep 2
+    done
+    printf '%s\\n' "$key" >> {KNOWN_HOSTS}
+    echo "dstrain launcher: host key of $host: $(printf '%s\\n' "$key" | ssh-keygen -lf - | cut -d' ' -f2)"
+  done < {HOSTFILE}
+}}
+export OMPI_MCA_plm_rsh_args="-p {SSH_PORT} -o StrictHostKeyChecking=yes -o UserKnownHostsFile={KNOWN_HOSTS} \\
 -o GlobalKnownHostsFile=/dev/null -o ConnectionAttempts=10"
-exec "$@"
+stopping=0 job=
+trap 'stopping=1; [ -z "$job" ] || kill -TERM "$job" 2>/dev/null || true' TERM
+wait_s={FIRST_KEY_WAIT_S}
+runs=0
+while :; do
+  collect_host_keys "$wait_s"
+  [ "$stopping" = 0 ] || exit 143
+  "$@" &
+  job=$!
+  # (a wait the trap interrupted returns 143 while the job is still there: wait again)
+  until status=0; wait "$job" || status=$?; [ "$status" -le 128 ] || ! kill -0 "$job" 2>/dev/null; do :; done
+  runs=$((runs + 1))
+  case $status:$stopping in
+    {EXIT_PREEMPTED}:0|{EXIT_PEER_LOST}:0)
+      echo "dstrain launcher: the job exited $status (stopped to be resumed, or a rank lost), run $runs:" \\
+        "running it again once every worker answers" >&2 ;;
+    *) exit "$status" ;;
+  esac
+  wait_s={RERUN_KEY_WAIT_S}
+done
 """
 
 
@@ -325,7 +371,19 @@ def preprocess_job(cfg: K8sConfig) -> dict:
         "spec": {
             # A failed pod is retried; finished chunks are kept, so a retry only does what is left.
             "backoffLimit": cfg.backoff_limit,
-            "template": _pod(f"{cfg.name}-preprocess", [container], [_data_volume(cfg)], restartPolicy="OnFailure"),
+            # ...and a pod stopped to be resumed (exit 75: its SIGTERM) or disrupted (preempted, evicted, its node
+            # drained) is replaced without counting against backoffLimit, as SLURM requeues. (A pod failure policy
+            # needs restartPolicy Never: each retry is a new pod.)
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onExitCodes": {"containerName": "preprocess", "operator": "In", "values": [EXIT_PREEMPTED]},
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                ]
+            },
+            "template": _pod(f"{cfg.name}-preprocess", [container], [_data_volume(cfg)], restartPolicy="Never"),
         },
     }
 
