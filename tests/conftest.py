@@ -187,12 +187,6 @@ def synthetic_store(
     return str(path)
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """The multi-process runs first (stable otherwise): with `make test`'s two workers, the long tests then start
-    while the short ones are left to even out the end, instead of one worker finishing a long test alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def pytest_sessionfinish(session, exitstatus):
     """Fails the run if a cluster in a box (tests/cluster.py) left a namespace, link, sshd or rank behind."""
     import cluster

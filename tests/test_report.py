@@ -246,6 +246,7 @@ def test_the_run_record_is_tabled(tmp_path):
         requested_by=[0],
         exit_code=75,
         checkpoint="c",
+        weights_sha256=["a", "a"],
     )
     record.write("resume", step=13, epoch=1, checkpoint="c", epoch_step=3)
     record.write("epoch", step=20, epoch=2, number=2, loss=2.5, **dict(epoch, resumed_at_step=3))
