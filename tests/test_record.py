@@ -98,3 +98,55 @@ def test_the_epoch_line_and_tensorboard_come_from_the_record():
     assert line.startswith("epoch 2/3 train loss 1.5000 (10 steps, 2.0 s, 20.0 utt/s, 2000 frames/s, padding 12.5%")
     assert "after resuming at step 4" in line and line.endswith("dev loss 1.2500 WER 0.500 CER 0.250 (best)")
     assert set(EPOCH_SCALARS) <= set(EPOCH) | {"dev_loss", "dev_wer", "dev_cer"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_torn_line_between_epochs_leaves_the_run_report_and_average_going(tmp_path, caplog):
+    """A kill (or a full disk) cut an append short between two epochs: the resumed run appends on a new line, and
+    everything that reads the record (the run's own resume, ``dstrain report``, ``dstrain average --best``) goes on,
+    the damaged line skipped with a warning naming it."""
+    import subprocess
+    import sys
+
+    from cluster import rank_env, train_argv
+    from conftest import synthetic_store
+
+    store = synthetic_store(tmp_path / "s", 12, frames=(40, 80), seed=3)
+    run_dir = tmp_path / "run"
+
+    def dstrain(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dstrain.cli", *argv],
+            env=rank_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=240,
+        )
+
+    def train(epochs: int) -> None:
+        proc = dstrain(*train_argv(store, run_dir, "--dev_files", store, epochs=epochs)[1:])
+        assert proc.returncode == 0, proc.stdout[-3000:]
+
+    train(2)
+    metrics = run_dir / "metrics.jsonl"
+    torn_at = len(metrics.read_text().splitlines()) + 1
+    with open(metrics, "a") as f:
+        f.write('{"event": "epoch", "time": 1.0, "step": 12, "epo')  # cut short: no end, no newline
+    train(3)
+    with caplog.at_level("WARNING", logger="dstrain.record"):
+        record = read_record(str(metrics))
+    assert [r["number"] for r in events(record, "epoch")] == [1, 2, 3]
+    assert len(events(record, "resume")) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{metrics}:{torn_at}: a damaged line of the run record, skipped"
+    ]
+    report = dstrain("report", str(run_dir), "--output", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stdout[-3000:]
+    average = dstrain("average", str(run_dir), "--best", "2", "--output", str(tmp_path / "best2"))
+    assert average.returncode == 0, average.stdout[-3000:]
+    from dstrain.rundir import RunDir
+
+    with open(RunDir(str(tmp_path / "best2")).config_path, encoding="utf-8") as f:
+        assert json.load(f)["averaged"]["select"] == "best"
