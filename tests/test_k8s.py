@@ -214,7 +214,7 @@ class LauncherHere:
         )
         self.env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
 
-    def popen(self, *command: str) -> subprocess.Popen:
+    def start(self, command: list[str]) -> subprocess.Popen:
         return subprocess.Popen(
             ["sh", "-c", self.script, "launcher", *command],
             stdout=subprocess.PIPE,
@@ -223,8 +223,8 @@ class LauncherHere:
             env=self.env,
         )
 
-    def run(self, *command: str) -> subprocess.CompletedProcess:
-        proc = self.popen(*command)
+    def run(self, command: list[str]) -> subprocess.CompletedProcess:
+        proc = self.start(command)
         out, err = proc.communicate(timeout=60)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -233,7 +233,7 @@ class LauncherHere:
 def test_launcher_script_collects_each_workers_key_then_runs_the_command(tmp_path):
     # The command it runs prints the ssh arguments mpirun will use.
     here = LauncherHere(tmp_path)
-    proc = here.run("sh", "-c", 'echo "ssh $OMPI_MCA_plm_rsh_args"')
+    proc = here.run(["sh", "-c", 'echo "ssh $OMPI_MCA_plm_rsh_args"'])
     assert proc.returncode == 0, proc.stderr
     known = here.known_hosts.read_text().splitlines()
     assert [line.split()[0] for line in known] == [f"[w-0.svc]:{SSH_PORT}", f"[w-1.svc]:{SSH_PORT}"]
@@ -257,7 +257,7 @@ def test_launcher_runs_a_stopped_or_broken_job_again_and_passes_other_failures_o
     here = LauncherHere(tmp_path)
     runs = tmp_path / "runs"
     job = f'echo run >> {runs}; n=$(wc -l < {runs}); [ "$n" = 1 ] && exit 75; [ "$n" = 2 ] && exit 76; exit 0'
-    proc = here.run("sh", "-c", job)
+    proc = here.run(["sh", "-c", job])
     assert proc.returncode == 0, proc.stderr
     assert runs.read_text() == "run\n" * 3
     assert proc.stdout.count("dstrain launcher: host key of w-0.svc") == 3
@@ -267,7 +267,7 @@ def test_launcher_runs_a_stopped_or_broken_job_again_and_passes_other_failures_o
         "dstrain launcher: the job exited 76 (stopped to be resumed, or a rank lost), run 2: running it again",
     )
     runs.unlink()
-    failed = here.run("sh", "-c", f"echo run >> {runs}; exit 3")
+    failed = here.run(["sh", "-c", f"echo run >> {runs}; exit 3"])
     assert failed.returncode == 3 and runs.read_text() == "run\n", failed.stderr
 
 
@@ -277,7 +277,7 @@ def test_the_launcher_pods_sigterm_stops_the_job_which_is_not_run_again(tmp_path
     here = LauncherHere(tmp_path)
     started, saved = tmp_path / "started", tmp_path / "saved"
     job = f"trap 'touch {saved}; exit 75' TERM; touch {started}; while :; do sleep 0.1; done"
-    proc = here.popen("sh", "-c", job)
+    proc = here.start(["sh", "-c", job])
     try:
         wait_for(lambda: started.exists() or proc.poll() is not None, 60, "the job to start")
         proc.send_signal(signal.SIGTERM)
