@@ -75,7 +75,7 @@ def probe(listener: Listener, kind: str, rng: random.Random) -> socket.socket | 
         return None
     if kind == "bytes":
         try:
-            sock.sendall(bytes(rng.getrandbits(8) for _ in range(4096)))
+            sock.sendall(rng.randbytes(4096))
         except OSError:  # the listener may close at once: that is its right
             pass
         sock.close()

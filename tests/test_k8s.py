@@ -195,7 +195,7 @@ class LauncherHere:
     workers (w-1's sshd is not up at the first try), the hostfile and known_hosts are files of the test."""
 
     def __init__(self, tmp_path):
-        self.tmp, self.keys, stubs = tmp_path, tmp_path / "keys", tmp_path / "bin"
+        self.keys, stubs = tmp_path / "keys", tmp_path / "bin"
         self.keys.mkdir()
         stubs.mkdir()
         for host in ("w-0.svc", "w-1.svc"):
